@@ -1,0 +1,767 @@
+//! The mixnet client used by `nym-client` and the tests.
+//!
+//! A client is one task that owns its gateway session:
+//! - messages are split into fragments, each sent in its own Sphinx packet through a fresh
+//!   random route (one mix per layer, then the recipient's gateway);
+//! - each packet carries a SURB-ACK; the recipient's gateway sends it back once the payload
+//!   is stored, and a fragment whose ack does not arrive within its expected round trip
+//!   (the delays the client itself drew, plus `ack_slack`) is sent again through a new
+//!   route, at most `max_retransmissions` times, after which the message is reported failed;
+//! - with cover traffic on, packets leave at Poisson-distributed times (`cover_rate` per
+//!   second) and a loop cover packet goes out whenever no real packet is waiting, so an
+//!   observer cannot tell when the client talks;
+//! - received fragments are reassembled (duplicates from retransmission dropped) and the
+//!   gateway is told each payload was received so it can delete it;
+//! - a lost session is re-established with backoff; the gateway redelivers what was not
+//!   acknowledged.
+
+pub mod chunking;
+pub mod connection;
+pub mod packet;
+pub mod probe;
+pub mod route;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rand_distr::{Distribution, Exp};
+use sphinx_packet::SurbReplyRecovery;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::protocol::ClientMessage;
+use crate::gateway::protocol::ServerMessage;
+use crate::keys::{Identity, KeyBytes, NodeId, random_bytes};
+use crate::message::Envelope;
+use crate::mixnet::delay::DelayQueue;
+use crate::mixnet::sphinx::{IDENTIFIER_SIZE, PacketBytes};
+use crate::topology::{self, Topology, TopologyHandle, TopologySource};
+use chunking::{Message, MessageId, Reassembler};
+
+/// Size of a serialised SURB-ACK for a route of three mixes and a gateway.
+pub const SURB_ACK_SIZE: usize = 348 + 32 + 16;
+
+/// Where a client can be reached: its identity at its gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientAddress {
+    pub identity: KeyBytes,
+    pub gateway: NodeId,
+}
+
+impl fmt::Display for ClientAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.identity, self.gateway)
+    }
+}
+
+impl FromStr for ClientAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (identity, gateway) = s
+            .split_once('@')
+            .ok_or_else(|| "expected IDENTITY@GATEWAY".to_string())?;
+        Ok(ClientAddress {
+            identity: identity.parse()?,
+            gateway: gateway.parse()?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub topology: String,
+    /// The gateway to use; a random serving one when `None`.
+    pub gateway: Option<NodeId>,
+    /// Mean of the exponential per-hop delay.
+    pub mean_delay: Duration,
+    /// Poisson rate of outgoing packets (real or cover) per second; 0 sends at once, no cover.
+    pub cover_rate: f64,
+    /// Send SURB-ACKs and retransmit what is not acknowledged.
+    pub acks: bool,
+    /// Added to a packet's expected round trip before it is retransmitted.
+    pub ack_slack: Duration,
+    pub max_retransmissions: u32,
+    pub topology_refresh: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            topology: String::new(),
+            gateway: None,
+            mean_delay: Duration::from_millis(50),
+            cover_rate: 20.0,
+            acks: true,
+            ack_slack: Duration::from_millis(1500),
+            max_retransmissions: 6,
+            topology_refresh: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error(transparent)]
+    Route(#[from] route::RouteError),
+    #[error(transparent)]
+    Packet(#[from] packet::PacketError),
+    #[error(transparent)]
+    Connection(#[from] connection::ConnectionError),
+    #[error(transparent)]
+    Chunk(#[from] chunking::ChunkError),
+    #[error("gateway {0} has no client address in the topology")]
+    NoClientAddress(NodeId),
+    #[error("no randomness: {0}")]
+    Random(String),
+    #[error("the client has stopped")]
+    Stopped,
+}
+
+/// What the client reports.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A whole message arrived.
+    Received {
+        id: MessageId,
+        body: Vec<u8>,
+        /// SURBs the sender attached; pass them to [`MixClient::reply`] to answer anonymously.
+        reply_surbs: Vec<Vec<u8>>,
+    },
+    /// Every fragment of a message we sent was acknowledged.
+    Delivered { id: MessageId },
+    /// A fragment of a message was not acknowledged after every retransmission.
+    Failed { id: MessageId },
+}
+
+/// Counters of what the client did.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub packets_sent: AtomicU64,
+    pub retransmissions: AtomicU64,
+    pub cover_sent: AtomicU64,
+    pub acks_received: AtomicU64,
+    pub duplicates_dropped: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+enum Command {
+    Send {
+        to: ClientAddress,
+        body: Vec<u8>,
+        reply_surbs: usize,
+        id: MessageId,
+    },
+    Reply {
+        surbs: Vec<Vec<u8>>,
+        body: Vec<u8>,
+        id: MessageId,
+    },
+}
+
+/// A running client.
+pub struct MixClient {
+    commands: mpsc::Sender<Command>,
+    events: mpsc::Receiver<Event>,
+    address: ClientAddress,
+    stats: Arc<ClientStats>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MixClient {
+    /// Loads the topology, connects to the gateway and starts the client task.
+    pub async fn start(config: ClientConfig, identity: Identity) -> Result<MixClient, ClientError> {
+        let source = TopologySource::parse(&config.topology);
+        let first = source.load().await?;
+        let topology = TopologyHandle::with(first);
+        let stop = CancellationToken::new();
+        tokio::spawn(topology::refresh_loop(
+            source,
+            topology.clone(),
+            config.topology_refresh,
+            None,
+            stop.clone(),
+        ));
+        let current = topology.current().ok_or(ClientError::Stopped)?;
+        let gateway = match config.gateway {
+            Some(g) => g,
+            None => route::choose_gateway(&current)?.identity_key,
+        };
+        let address = ClientAddress {
+            identity: identity.public(),
+            gateway,
+        };
+        let (sender, receiver) = open_session(&current, &gateway, &identity).await?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+        let (ev_tx, ev_rx) = mpsc::channel(4096);
+        let stats = Arc::new(ClientStats::default());
+        let actor = Actor {
+            config,
+            identity,
+            address,
+            topology,
+            session: Some((sender, receiver)),
+            commands: cmd_rx,
+            events: ev_tx,
+            stats: stats.clone(),
+            outbox: VecDeque::new(),
+            fragments: HashMap::new(),
+            by_identifier: HashMap::new(),
+            deadlines: DelayQueue::new(),
+            messages: HashMap::new(),
+            replies: HashMap::new(),
+            reassembler: Reassembler::new(1024, 65_536),
+            to_ack: Vec::new(),
+            stop: stop.clone(),
+        };
+        let task = tokio::spawn(actor.run());
+        Ok(MixClient {
+            commands: cmd_tx,
+            events: ev_rx,
+            address,
+            stats,
+            stop,
+            task,
+        })
+    }
+
+    pub fn address(&self) -> ClientAddress {
+        self.address
+    }
+
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    /// Queues a message for `to`, with `reply_surbs` SURBs attached for its answer.
+    pub async fn send(
+        &self,
+        to: ClientAddress,
+        body: Vec<u8>,
+        reply_surbs: usize,
+    ) -> Result<MessageId, ClientError> {
+        let id = new_id()?;
+        self.commands
+            .send(Command::Send {
+                to,
+                body,
+                reply_surbs,
+                id,
+            })
+            .await
+            .map_err(|_| ClientError::Stopped)?;
+        Ok(id)
+    }
+
+    /// Answers a message through the SURBs its sender attached (one SURB per fragment).
+    pub async fn reply(&self, surbs: Vec<Vec<u8>>, body: Vec<u8>) -> Result<MessageId, ClientError> {
+        let id = new_id()?;
+        self.commands
+            .send(Command::Reply { surbs, body, id })
+            .await
+            .map_err(|_| ClientError::Stopped)?;
+        Ok(id)
+    }
+
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Stops the client and closes its session.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn new_id() -> Result<MessageId, ClientError> {
+    let b = random_bytes().map_err(|e| ClientError::Random(e.to_string()))?;
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&b[..16]);
+    Ok(id)
+}
+
+fn new_identifier() -> Result<[u8; IDENTIFIER_SIZE], ClientError> {
+    // Non-zero: an all-zero identifier means "not a SURB" at the gateway.
+    loop {
+        let id = new_id()?;
+        if id != [0u8; IDENTIFIER_SIZE] {
+            return Ok(id);
+        }
+    }
+}
+
+async fn open_session(
+    topology: &Topology,
+    gateway: &NodeId,
+    identity: &Identity,
+) -> Result<(connection::Sender, connection::Receiver), ClientError> {
+    let address = topology
+        .node(gateway)
+        .and_then(|n| n.client_address.clone())
+        .ok_or(ClientError::NoClientAddress(*gateway))?;
+    Ok(connection::connect(&address, gateway, identity, Duration::from_secs(10)).await?)
+}
+
+/// A packet ready to leave.
+struct Ready {
+    first_hop: NodeId,
+    packet: PacketBytes,
+    /// The fragment it carries and how long its round trip should take, if acknowledged.
+    tracked: Option<(FragmentKey, [u8; IDENTIFIER_SIZE], Duration)>,
+}
+
+type FragmentKey = (MessageId, u16);
+
+struct Fragment {
+    to: ClientAddress,
+    /// The fragment as sent (header + data), or the reply SURB it must go through.
+    bytes: Vec<u8>,
+    attempts: u32,
+    identifiers: Vec<[u8; IDENTIFIER_SIZE]>,
+}
+
+struct Outgoing {
+    remaining: usize,
+    failed: bool,
+}
+
+struct Actor {
+    config: ClientConfig,
+    identity: Identity,
+    address: ClientAddress,
+    topology: TopologyHandle,
+    session: Option<(connection::Sender, connection::Receiver)>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    stats: Arc<ClientStats>,
+    outbox: VecDeque<Ready>,
+    fragments: HashMap<FragmentKey, Fragment>,
+    by_identifier: HashMap<[u8; IDENTIFIER_SIZE], FragmentKey>,
+    deadlines: DelayQueue<([u8; IDENTIFIER_SIZE], FragmentKey)>,
+    messages: HashMap<MessageId, Outgoing>,
+    /// Recovery material for replies that may come back through SURBs we handed out.
+    replies: HashMap<[u8; IDENTIFIER_SIZE], SurbReplyRecovery>,
+    reassembler: Reassembler,
+    to_ack: Vec<u64>,
+    stop: CancellationToken,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        let mut next_slot = self.next_slot();
+        let mut reconnect_at: Option<Instant> = None;
+        let mut reconnect_wait = Duration::from_millis(200);
+        loop {
+            let deadline = self.deadlines.next_due();
+            let connected = self.session.is_some();
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.handle_command(cmd),
+                    None => break,
+                },
+                msg = recv(&mut self.session), if connected => match msg {
+                    Ok(msg) => self.handle_server(msg).await,
+                    Err(e) => {
+                        tracing::info!(error = %e, "gateway session lost; reconnecting");
+                        self.session = None;
+                        reconnect_at = Some(Instant::now());
+                    }
+                },
+                _ = sleep_until_opt(deadline) => self.retransmit_due(),
+                _ = sleep_until_opt(next_slot), if connected => {
+                    self.send_slot().await;
+                    next_slot = self.next_slot();
+                }
+                _ = sleep_until_opt(reconnect_at), if !connected => {
+                    match self.reconnect().await {
+                        Ok(()) => {
+                            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                            reconnect_at = None;
+                            reconnect_wait = Duration::from_millis(200);
+                            next_slot = self.next_slot();
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "reconnect failed");
+                            reconnect_wait = (reconnect_wait * 2).min(Duration::from_secs(5));
+                            reconnect_at = Some(Instant::now() + reconnect_wait);
+                        }
+                    }
+                }
+            }
+            if self.config.cover_rate <= 0.0 && self.session.is_some() {
+                self.flush_outbox().await;
+            }
+            self.flush_acks().await;
+        }
+        if let Some((sender, _)) = self.session.take() {
+            sender.close().await;
+        }
+    }
+
+    async fn reconnect(&mut self) -> Result<(), ClientError> {
+        let topology = self.topology.current().ok_or(ClientError::Stopped)?;
+        self.session = Some(open_session(&topology, &self.address.gateway, &self.identity).await?);
+        Ok(())
+    }
+
+    /// When the next Poisson slot is; `None` when sending at once (no cover traffic).
+    fn next_slot(&self) -> Option<Instant> {
+        if self.config.cover_rate <= 0.0 {
+            return None;
+        }
+        let gap = Exp::new(self.config.cover_rate)
+            .map(|e| e.sample(&mut rand::rng()))
+            .unwrap_or(1.0);
+        Some(Instant::now() + Duration::from_secs_f64(gap))
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        let result = match cmd {
+            Command::Send {
+                to,
+                body,
+                reply_surbs,
+                id,
+            } => self.queue_message(to, body, reply_surbs, id),
+            Command::Reply { surbs, body, id } => self.queue_reply(surbs, body, id),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot send message");
+        }
+    }
+
+    fn queue_message(
+        &mut self,
+        to: ClientAddress,
+        body: Vec<u8>,
+        reply_surbs: usize,
+        id: MessageId,
+    ) -> Result<(), ClientError> {
+        let topology = self.topology.current().ok_or(ClientError::Stopped)?;
+        let mut surbs = Vec::with_capacity(reply_surbs);
+        for _ in 0..reply_surbs {
+            let identifier = new_identifier()?;
+            let route = route::choose(&topology, &self.address.gateway)?;
+            let delays = packet::sample_delays(route.len(), self.config.mean_delay);
+            let (surb, recovery) =
+                packet::build_surb(&route, &self.address.identity, identifier, &delays)?;
+            self.replies.insert(identifier, recovery);
+            surbs.push(surb);
+        }
+        let message = Message {
+            body,
+            reply_surbs: surbs,
+        }
+        .encode();
+        let ack_len = if self.config.acks { SURB_ACK_SIZE } else { 0 };
+        let fragments = chunking::split(id, &message, Envelope::fragment_capacity(ack_len))?;
+        self.messages.insert(
+            id,
+            Outgoing {
+                remaining: fragments.len(),
+                failed: false,
+            },
+        );
+        for (i, bytes) in fragments.into_iter().enumerate() {
+            let key = (id, i as u16);
+            self.fragments.insert(
+                key,
+                Fragment {
+                    to,
+                    bytes,
+                    attempts: 0,
+                    identifiers: Vec::new(),
+                },
+            );
+            self.prepare(key)?;
+        }
+        Ok(())
+    }
+
+    /// Replies go through the sender's SURBs: no route choice and no ack (the SURB's
+    /// route is fixed and ends at the sender).
+    fn queue_reply(&mut self, surbs: Vec<Vec<u8>>, body: Vec<u8>, id: MessageId) -> Result<(), ClientError> {
+        let message = Message {
+            body,
+            reply_surbs: Vec::new(),
+        }
+        .encode();
+        let fragments = chunking::split(id, &message, Envelope::fragment_capacity(0))?;
+        if fragments.len() > surbs.len() {
+            return Err(ClientError::Packet(packet::PacketError::from_message(format!(
+                "reply needs {} SURBs, the sender attached {}",
+                fragments.len(),
+                surbs.len()
+            ))));
+        }
+        for (fragment, surb) in fragments.into_iter().zip(surbs) {
+            let envelope = Envelope::Data {
+                ack: None,
+                fragment,
+            }
+            .encode()
+            .map_err(|e| packet::PacketError::from_message(e.to_string()))?;
+            let (first_hop, packet) = packet::use_surb(&surb, &envelope)?;
+            self.outbox.push_back(Ready {
+                first_hop,
+                packet,
+                tracked: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Builds a packet (with a fresh route and SURB-ACK) for a fragment and queues it.
+    fn prepare(&mut self, key: FragmentKey) -> Result<(), ClientError> {
+        let topology = self.topology.current().ok_or(ClientError::Stopped)?;
+        let Some(fragment) = self.fragments.get_mut(&key) else {
+            return Ok(());
+        };
+        let route = route::choose(&topology, &fragment.to.gateway)?;
+        let delays = packet::sample_delays(route.len(), self.config.mean_delay);
+        let (ack, tracked) = if self.config.acks {
+            let identifier = new_identifier()?;
+            let ack_route = route::choose(&topology, &self.address.gateway)?;
+            let ack_delays = packet::sample_delays(ack_route.len(), self.config.mean_delay);
+            let (surb, _recovery) =
+                packet::build_surb(&ack_route, &self.address.identity, identifier, &ack_delays)?;
+            let expected: Duration = delays.iter().chain(ack_delays.iter()).sum();
+            fragment.identifiers.push(identifier);
+            self.by_identifier.insert(identifier, key);
+            (Some(surb), Some((key, identifier, expected)))
+        } else {
+            (None, None)
+        };
+        let envelope = Envelope::Data {
+            ack,
+            fragment: fragment.bytes.clone(),
+        }
+        .encode()
+        .map_err(|e| packet::PacketError::from_message(e.to_string()))?;
+        let (first_hop, packet) =
+            packet::build_forward(&route, &fragment.to.identity, &envelope, &delays)?;
+        self.outbox.push_back(Ready {
+            first_hop,
+            packet,
+            tracked,
+        });
+        Ok(())
+    }
+
+    async fn send_slot(&mut self) {
+        if let Some(ready) = self.outbox.pop_front() {
+            self.transmit(ready).await;
+            return;
+        }
+        match self.cover_packet() {
+            Ok(ready) => {
+                if self.transmit(ready).await {
+                    self.stats.cover_sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot build a cover packet"),
+        }
+    }
+
+    /// A loop cover packet: through the mixnet and back to our own gateway, which drops it.
+    fn cover_packet(&self) -> Result<Ready, ClientError> {
+        let topology = self.topology.current().ok_or(ClientError::Stopped)?;
+        let route = route::choose(&topology, &self.address.gateway)?;
+        let delays = packet::sample_delays(route.len(), self.config.mean_delay);
+        let envelope = Envelope::Cover
+            .encode()
+            .map_err(|e| packet::PacketError::from_message(e.to_string()))?;
+        let (first_hop, packet) =
+            packet::build_forward(&route, &self.address.identity, &envelope, &delays)?;
+        Ok(Ready {
+            first_hop,
+            packet,
+            tracked: None,
+        })
+    }
+
+    async fn flush_outbox(&mut self) {
+        while let Some(ready) = self.outbox.pop_front() {
+            if !self.transmit(ready).await {
+                break;
+            }
+        }
+    }
+
+    /// Writes one packet to the gateway; false (and the packet requeued) if the session failed.
+    async fn transmit(&mut self, ready: Ready) -> bool {
+        let Some((sender, _)) = self.session.as_mut() else {
+            self.outbox.push_front(ready);
+            return false;
+        };
+        let msg = ClientMessage::Send {
+            first_hop: ready.first_hop,
+            packet: ready.packet.clone(),
+        };
+        if sender.send(&msg).await.is_err() {
+            self.session = None;
+            self.outbox.push_front(ready);
+            return false;
+        }
+        self.stats.packets_sent.fetch_add(1, Ordering::Relaxed);
+        if let Some((key, identifier, expected)) = ready.tracked {
+            self.deadlines
+                .push(Instant::now() + expected + self.config.ack_slack, (identifier, key));
+        }
+        true
+    }
+
+    fn retransmit_due(&mut self) {
+        let now = Instant::now();
+        while let Some((_, (identifier, key))) = self.deadlines.pop_due(now) {
+            // Only the newest copy's deadline counts; older copies were already replaced.
+            let Some(fragment) = self.fragments.get_mut(&key) else {
+                continue;
+            };
+            if fragment.identifiers.last() != Some(&identifier) {
+                continue;
+            }
+            fragment.attempts += 1;
+            if fragment.attempts > self.config.max_retransmissions {
+                self.fail_message(key.0);
+                continue;
+            }
+            self.stats.retransmissions.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.prepare(key) {
+                tracing::warn!(error = %e, "cannot retransmit; will retry");
+                self.deadlines
+                    .push(now + self.config.ack_slack, (identifier, key));
+            }
+        }
+    }
+
+    fn fail_message(&mut self, id: MessageId) {
+        let keys: Vec<FragmentKey> = self
+            .fragments
+            .keys()
+            .filter(|k| k.0 == id)
+            .copied()
+            .collect();
+        for key in keys {
+            if let Some(f) = self.fragments.remove(&key) {
+                for i in f.identifiers {
+                    self.by_identifier.remove(&i);
+                }
+            }
+        }
+        if let Some(m) = self.messages.get_mut(&id)
+            && !m.failed {
+                m.failed = true;
+                let _ = self.events.try_send(Event::Failed { id });
+            }
+        self.messages.remove(&id);
+    }
+
+    async fn handle_server(&mut self, msg: ServerMessage) {
+        let ServerMessage::Deliver {
+            id,
+            identifier,
+            body,
+        } = msg
+        else {
+            return;
+        };
+        self.to_ack.push(id);
+        if identifier == [0u8; IDENTIFIER_SIZE] {
+            self.receive_fragment(&body).await;
+            return;
+        }
+        if let Some(key) = self.by_identifier.remove(&identifier) {
+            self.stats.acks_received.fetch_add(1, Ordering::Relaxed);
+            if let Some(fragment) = self.fragments.remove(&key) {
+                for i in fragment.identifiers {
+                    self.by_identifier.remove(&i);
+                }
+                if let Some(m) = self.messages.get_mut(&key.0) {
+                    m.remaining = m.remaining.saturating_sub(1);
+                    if m.remaining == 0 {
+                        self.messages.remove(&key.0);
+                        let _ = self.events.send(Event::Delivered { id: key.0 }).await;
+                    }
+                }
+            }
+            return;
+        }
+        if let Some(recovery) = self.replies.remove(&identifier) {
+            match packet::open_reply(&recovery, &body) {
+                Ok(plaintext) => match Envelope::decode(&plaintext) {
+                    Ok(Envelope::Data { fragment, .. }) => self.receive_fragment(&fragment).await,
+                    _ => tracing::debug!("reply with an unexpected envelope"),
+                },
+                Err(e) => tracing::debug!(error = %e, "cannot open a reply"),
+            }
+            return;
+        }
+        // A late ack for a copy we had already given up on or that was acked already.
+        self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn receive_fragment(&mut self, fragment: &[u8]) {
+        let before = self.reassembler.duplicates;
+        match self.reassembler.add(fragment) {
+            Ok(Some((id, bytes))) => match Message::decode(&bytes) {
+                Ok(message) => {
+                    let _ = self
+                        .events
+                        .send(Event::Received {
+                            id,
+                            body: message.body,
+                            reply_surbs: message.reply_surbs,
+                        })
+                        .await;
+                }
+                Err(e) => tracing::debug!(error = %e, "malformed message"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "malformed fragment"),
+        }
+        let dup = self.reassembler.duplicates - before;
+        self.stats
+            .duplicates_dropped
+            .fetch_add(dup, Ordering::Relaxed);
+    }
+
+    /// Tells the gateway which payloads we have, so it deletes them.
+    async fn flush_acks(&mut self) {
+        if self.to_ack.is_empty() {
+            return;
+        }
+        let Some((sender, _)) = self.session.as_mut() else {
+            return;
+        };
+        let ids = std::mem::take(&mut self.to_ack);
+        if sender.send(&ClientMessage::Ack { ids }).await.is_err() {
+            self.session = None;
+        }
+    }
+}
+
+async fn recv(
+    session: &mut Option<(connection::Sender, connection::Receiver)>,
+) -> Result<ServerMessage, connection::ConnectionError> {
+    match session {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,117 @@
+//! Route choice: one serving mix node per layer, chosen at random, then the gateway the
+//! packet is for.
+
+use rand::seq::IndexedRandom;
+
+use crate::keys::{KeyBytes, NodeId};
+use crate::topology::{MIX_LAYERS, NodeEntry, Topology};
+
+/// One hop of a route: who it is and the key its layer is encrypted to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    pub identity: NodeId,
+    pub sphinx_key: KeyBytes,
+}
+
+impl From<&NodeEntry> for Hop {
+    fn from(n: &NodeEntry) -> Self {
+        Hop {
+            identity: n.identity_key,
+            sphinx_key: n.sphinx_key,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error("no serving mix node in layer {0}")]
+    EmptyLayer(u8),
+    #[error("gateway {0} is not in the topology")]
+    UnknownGateway(NodeId),
+    #[error("no serving gateway in the topology")]
+    NoGateway,
+}
+
+/// A route through every mix layer ending at `gateway`.
+pub fn choose(topology: &Topology, gateway: &NodeId) -> Result<Vec<Hop>, RouteError> {
+    let mut rng = rand::rng();
+    let mut route = Vec::with_capacity(MIX_LAYERS as usize + 1);
+    for layer in 1..=MIX_LAYERS {
+        let candidates: Vec<&NodeEntry> = topology.serving_layer(layer).collect();
+        let node = candidates
+            .choose(&mut rng)
+            .ok_or(RouteError::EmptyLayer(layer))?;
+        route.push(Hop::from(*node));
+    }
+    let gw = topology
+        .node(gateway)
+        .filter(|n| n.mode.is_gateway())
+        .ok_or(RouteError::UnknownGateway(*gateway))?;
+    route.push(Hop::from(gw));
+    Ok(route)
+}
+
+/// A random serving gateway, for a client that was not told which one to use.
+pub fn choose_gateway(topology: &Topology) -> Result<&NodeEntry, RouteError> {
+    let gateways: Vec<&NodeEntry> = topology.serving_gateways().collect();
+    gateways
+        .choose(&mut rand::rng())
+        .copied()
+        .ok_or(RouteError::NoGateway)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+    use crate::topology::TopologyDocument;
+
+    fn entry(seed: u8, mode: Mode, layer: Option<u8>, serving: bool) -> NodeEntry {
+        NodeEntry {
+            name: format!("n{seed}"),
+            identity_key: KeyBytes([seed; 32]),
+            sphinx_key: KeyBytes([seed; 32]),
+            noise_key: KeyBytes([seed.wrapping_add(100); 32]),
+            mode,
+            layer,
+            mixnet_address: "127.0.0.1:1".parse().unwrap(),
+            client_address: None,
+            http_address: None,
+            serving,
+        }
+    }
+
+    #[test]
+    fn one_serving_node_per_layer_then_the_gateway() {
+        let t = Topology::from_document(TopologyDocument {
+            schema: 1,
+            revision: 1,
+            nodes: vec![
+                entry(1, Mode::Mixnode, Some(1), true),
+                entry(2, Mode::Mixnode, Some(1), false),
+                entry(3, Mode::Mixnode, Some(2), true),
+                entry(4, Mode::Mixnode, Some(3), true),
+                entry(5, Mode::EntryGateway, None, true),
+            ],
+        })
+        .unwrap();
+        for _ in 0..50 {
+            let r = choose(&t, &KeyBytes([5; 32])).unwrap();
+            let ids: Vec<u8> = r.iter().map(|h| h.identity.0[0]).collect();
+            assert_eq!(ids, vec![1, 3, 4, 5], "the draining node 2 is never chosen");
+        }
+        assert_eq!(choose(&t, &KeyBytes([1; 32])), Err(RouteError::UnknownGateway(KeyBytes([1; 32]))));
+        assert_eq!(choose_gateway(&t).unwrap().name, "n5");
+    }
+
+    #[test]
+    fn empty_layer_is_an_error() {
+        let t = Topology::from_document(TopologyDocument {
+            schema: 1,
+            revision: 1,
+            nodes: vec![entry(1, Mode::Mixnode, Some(1), true), entry(5, Mode::EntryGateway, None, true)],
+        })
+        .unwrap();
+        assert_eq!(choose(&t, &KeyBytes([5; 32])), Err(RouteError::EmptyLayer(2)));
+    }
+}

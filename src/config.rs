@@ -1,0 +1,626 @@
+//! Every knob the node reads, defined once.
+//!
+//! Each knob is one line of the [`knobs!`] table below: its field name (the environment
+//! variable is `NYM_NODE_` + the name in upper case), its type, its default and its doc
+//! comment. That one definition feeds the environment parsing (`envy` + `serde`), the
+//! README table and the Helm values (`nym-node config-docs`), so they cannot drift apart.
+//!
+//! Parsing goes through [`KnobValue`], so a bad value fails with one line naming the
+//! variable and the form it expects; the binary turns that into exit code 64 (`EX_USAGE`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Prefix shared by every variable the node reads.
+pub const ENV_PREFIX: &str = "NYM_NODE_";
+
+/// A configuration error: always names the variable and what it expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}: {message}")]
+    Invalid { var: String, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A type a knob can hold: how it is parsed from the environment and how it is described.
+pub trait KnobValue: Sized {
+    /// The accepted form, in words, for error messages and the docs.
+    const EXPECTED: &'static str;
+    fn parse_knob(raw: &str) -> Result<Self, String>;
+}
+
+macro_rules! knobs {
+    ($( $(#[doc = $doc:literal])+ $field:ident : $ty:ty = $default:literal; )+) => {
+        /// The node's whole configuration, parsed once at start.
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(default)]
+        pub struct Config {
+            $(
+                $(#[doc = $doc])+
+                #[serde(deserialize_with = "knob_parse")]
+                pub $field: $ty,
+            )+
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Self {
+                    $(
+                        $field: match <$ty as KnobValue>::parse_knob($default) {
+                            Ok(value) => value,
+                            // A default is a literal in this file; the unit tests parse every one.
+                            Err(e) => panic!("default of {} does not parse: {e}", stringify!($field)),
+                        },
+                    )+
+                }
+            }
+        }
+
+        /// Every knob: variable name, default, accepted form and doc, in table order.
+        pub fn knobs() -> Vec<Knob> {
+            vec![$(
+                Knob {
+                    field: stringify!($field),
+                    env: env_name(stringify!($field)),
+                    default: $default,
+                    expected: <$ty as KnobValue>::EXPECTED,
+                    doc: concat!($($doc, "\n"),+).lines().map(str::trim).collect::<Vec<_>>().join(" ").trim().to_string(),
+                },
+            )+]
+        }
+    };
+}
+
+knobs! {
+    /// Name of this node, used in logs, traces and the localnet.
+    id: String = "nym-node";
+    /// Duties of this node: `mixnode`, `entry-gateway` or `exit-gateway`.
+    mode: Mode = "mixnode";
+    /// Topology document: a file path or an http(s) URL. Required.
+    topology: String = "";
+    /// How often the topology document is re-read; a bad document keeps the last good one.
+    topology_refresh: DurationKnob = "30s";
+    /// Directory holding the node's key files (created by `nym-node keygen`).
+    keys_dir: PathBuf = "./nym-node-data/keys";
+    /// Directory for the node's durable state (the gateway mailbox).
+    data_dir: PathBuf = "./nym-node-data";
+    /// Address the Noise mixnet listener binds.
+    mixnet_bind: SocketAddr = "0.0.0.0:1789";
+    /// Address the HTTP server (health, readiness, metrics, description) binds.
+    http_bind: SocketAddr = "0.0.0.0:8080";
+    /// Address the gateway client API (WebSocket) binds; unused by mix nodes.
+    client_bind: SocketAddr = "0.0.0.0:9000";
+    /// Largest per-hop delay a packet may ask for; packets asking for more are dropped.
+    max_packet_delay: DurationKnob = "10s";
+    /// Threads unwrapping Sphinx packets; `0` uses one per available core.
+    sphinx_workers: usize = "0";
+    /// Packets waiting for a Sphinx worker, across all connections; beyond it packets are shed before unwrap (`overload`).
+    sphinx_queue: usize = "4096";
+    /// Packets one ingress connection may have waiting for a Sphinx worker; beyond it that connection's packets are shed (`overload`).
+    sphinx_queue_per_connection: usize = "512";
+    /// Unwrapped packets waiting for the forwarder (workers block when it is full, which backs up into the Sphinx queue).
+    forwarder_queue: usize = "8192";
+    /// Packets queued for one egress peer; beyond it packets to that peer are dropped (`queue_full`).
+    egress_queue: usize = "2048";
+    /// Replay tags remembered per generation; two generations are kept, so a replay is caught while the original is among the last 1-2x this many packets (about 20 bytes of memory per tag).
+    replay_filter_capacity: usize = "2000000";
+    /// Close ingress/egress mixnet connections with no traffic for this long; `0` disables.
+    connection_idle_timeout: DurationKnob = "5m";
+    /// Give up on an egress batch whose flush takes longer than this (the connection survives two in a row); `0` disables.
+    connection_write_timeout: DurationKnob = "500ms";
+    /// Deadline for a TCP connect to a peer.
+    connect_timeout: DurationKnob = "3s";
+    /// Deadline for a whole Noise handshake, either side.
+    handshake_timeout: DurationKnob = "5s";
+    /// Deadline for the rest of a frame once its first byte has arrived.
+    frame_read_timeout: DurationKnob = "10s";
+    /// Concurrent ingress mixnet connections; more are refused and counted.
+    max_ingress_connections: usize = "1024";
+    /// First reconnect delay after a failed connection to a peer; doubles per failure.
+    reconnect_backoff_initial: DurationKnob = "200ms";
+    /// Cap of the reconnect delay (each delay gets +-20% jitter).
+    reconnect_backoff_max: DurationKnob = "30s";
+    /// After SIGTERM, how long peers' packets are still accepted before held packets are released and the node exits.
+    drain_grace: DurationKnob = "5s";
+    /// Name servers for peer host names, comma-separated `ip` or `ip:port`; empty uses the system resolver configuration.
+    dns_servers: DnsServers = "";
+    /// Longest time a resolved peer address is cached, whatever the record's TTL says.
+    dns_max_ttl: DurationKnob = "60s";
+    /// How long a name that does not exist is remembered as missing.
+    dns_negative_ttl: DurationKnob = "5s";
+    /// Deadline for one DNS lookup.
+    dns_timeout: DurationKnob = "2s";
+    /// Gateways: how long an unacknowledged payload is kept for an absent client.
+    mailbox_retention: DurationKnob = "24h";
+    /// Gateways: bytes one client may have stored; newer payloads beyond it are refused (and not acknowledged, so senders retry).
+    mailbox_quota_bytes: u64 = "67108864";
+    /// Gateways: packets per second one client session may send on average.
+    client_rate: u32 = "500";
+    /// Gateways: packets one client session may send in a burst above its rate.
+    client_burst: u32 = "1000";
+    /// Bearer token required on `GET /metrics`; empty serves metrics without one.
+    metrics_token: String = "";
+    /// OTLP/HTTP endpoint for traces (e.g. `http://otel-collector:4318`); empty falls back to `OTEL_EXPORTER_OTLP_ENDPOINT`, and traces are off when both are empty.
+    otlp_endpoint: String = "";
+    /// Log format: `text` or `json`.
+    log_format: LogFormat = "text";
+    /// Log filter in `tracing` syntax (`RUST_LOG` overrides it when set).
+    log_level: String = "info";
+}
+
+/// Metadata of one knob, for docs and tests.
+#[derive(Debug, Clone)]
+pub struct Knob {
+    pub field: &'static str,
+    pub env: String,
+    pub default: &'static str,
+    pub expected: &'static str,
+    pub doc: String,
+}
+
+fn env_name(field: &str) -> String {
+    format!("{ENV_PREFIX}{}", field.to_ascii_uppercase())
+}
+
+impl Config {
+    /// Parses the process environment.
+    pub fn from_env() -> Result<(Self, Vec<String>), ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Parses any source of variables (tests feed a map instead of the real environment).
+    /// Returns the config and the `NYM_NODE_*` variables that no knob reads.
+    pub fn from_vars<I>(vars: I) -> Result<(Self, Vec<String>), ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let ours: BTreeMap<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        let known: Vec<String> = knobs().into_iter().map(|k| k.env).collect();
+        let unknown = ours.keys().filter(|k| !known.contains(k)).cloned().collect();
+        let tracked: Tracked = envy::prefixed(ENV_PREFIX)
+            .from_iter(ours)
+            .map_err(|e| ConfigError::Other(e.to_string()))?;
+        let config = tracked.0?;
+        config.validate()?;
+        Ok((config, unknown))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                var: env_name(field),
+                message: message.to_string(),
+            })
+        };
+        if self.topology.trim().is_empty() {
+            return invalid(
+                "topology",
+                "required: a topology file path or http(s) URL (generate one with `nym-node localnet`)",
+            );
+        }
+        if self.sphinx_queue == 0 {
+            return invalid("sphinx_queue", "must be at least 1");
+        }
+        if self.sphinx_queue_per_connection == 0 {
+            return invalid("sphinx_queue_per_connection", "must be at least 1");
+        }
+        if self.forwarder_queue == 0 {
+            return invalid("forwarder_queue", "must be at least 1");
+        }
+        if self.egress_queue == 0 {
+            return invalid("egress_queue", "must be at least 1");
+        }
+        if self.client_rate == 0 {
+            return invalid("client_rate", "must be at least 1");
+        }
+        if self.dns_max_ttl.0.is_zero() {
+            return invalid("dns_max_ttl", "must be greater than 0");
+        }
+        if self.dns_timeout.0.is_zero() {
+            return invalid("dns_timeout", "must be greater than 0");
+        }
+        if self.mailbox_retention.0.is_zero() {
+            return invalid("mailbox_retention", "must be greater than 0");
+        }
+        if self.max_ingress_connections == 0 {
+            return invalid("max_ingress_connections", "must be at least 1");
+        }
+        if self.replay_filter_capacity < 1024 {
+            return invalid("replay_filter_capacity", "must be at least 1024");
+        }
+        if self.reconnect_backoff_initial.0 > self.reconnect_backoff_max.0 {
+            return invalid(
+                "reconnect_backoff_initial",
+                "must not exceed NYM_NODE_RECONNECT_BACKOFF_MAX",
+            );
+        }
+        if self.handshake_timeout.0.is_zero() {
+            return invalid("handshake_timeout", "must be greater than 0");
+        }
+        if self.connect_timeout.0.is_zero() {
+            return invalid("connect_timeout", "must be greater than 0");
+        }
+        if self.frame_read_timeout.0.is_zero() {
+            return invalid("frame_read_timeout", "must be greater than 0");
+        }
+        if self.topology_refresh.0.is_zero() {
+            return invalid("topology_refresh", "must be greater than 0");
+        }
+        Ok(())
+    }
+
+    /// Number of Sphinx worker threads after resolving `0` to the core count.
+    pub fn sphinx_worker_count(&self) -> usize {
+        if self.sphinx_workers > 0 {
+            return self.sphinx_workers;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// `None` where a duration knob uses `0` to mean "disabled".
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.connection_idle_timeout.enabled()
+    }
+
+    pub fn write_timeout(&self) -> Option<Duration> {
+        self.connection_write_timeout.enabled()
+    }
+}
+
+/// Wraps the derive so a failure names the variable (the path tells which field failed).
+struct Tracked(Result<Config, ConfigError>);
+
+impl<'de> Deserialize<'de> for Tracked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Tracked(serde_path_to_error::deserialize(d).map_err(|e| {
+            let field = e.path().to_string();
+            ConfigError::Invalid {
+                var: env_name(&field),
+                message: e.into_inner().to_string(),
+            }
+        })))
+    }
+}
+
+fn knob_parse<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: KnobValue,
+{
+    let raw = String::deserialize(d)?;
+    T::parse_knob(raw.trim()).map_err(|reason| {
+        serde::de::Error::custom(format!(
+            "expected {} (got '{raw}'){}",
+            T::EXPECTED,
+            if reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {reason}")
+            }
+        ))
+    })
+}
+
+/// The node's duties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Mixnode,
+    EntryGateway,
+    ExitGateway,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Mixnode => "mixnode",
+            Mode::EntryGateway => "entry-gateway",
+            Mode::ExitGateway => "exit-gateway",
+        }
+    }
+
+    /// Gateways accept clients and deliver final-hop payloads.
+    pub fn is_gateway(self) -> bool {
+        !matches!(self, Mode::Mixnode)
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mixnode" => Ok(Mode::Mixnode),
+            "entry-gateway" => Ok(Mode::EntryGateway),
+            "exit-gateway" => Ok(Mode::ExitGateway),
+            _ => Err(String::new()),
+        }
+    }
+}
+
+impl KnobValue for Mode {
+    const EXPECTED: &'static str = "one of mixnode, entry-gateway, exit-gateway";
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        raw.parse()
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl KnobValue for LogFormat {
+    const EXPECTED: &'static str = "text or json";
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        match raw {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(String::new()),
+        }
+    }
+}
+
+/// A duration written `500ms`, `5s`, `5m` or `1h`; `0` is allowed where it means "disabled".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationKnob(pub Duration);
+
+impl DurationKnob {
+    pub fn get(self) -> Duration {
+        self.0
+    }
+
+    pub fn enabled(self) -> Option<Duration> {
+        (!self.0.is_zero()).then_some(self.0)
+    }
+}
+
+impl KnobValue for DurationKnob {
+    const EXPECTED: &'static str = "a duration such as 500ms, 5s, 5m or 1h (0 where it disables)";
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        parse_duration(raw).map(DurationKnob)
+    }
+}
+
+/// Parses `<integer><unit>` with unit `ms`, `s`, `m` or `h`; a bare `0` is zero.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    if raw == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = raw
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| "missing unit (ms, s, m or h)".to_string())?;
+    let (digits, unit) = raw.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| "missing number".to_string())?;
+    let secs = |mult: u64| {
+        n.checked_mul(mult)
+            .map(Duration::from_secs)
+            .ok_or_else(|| "too large".to_string())
+    };
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        _ => Err(format!("unknown unit '{unit}'")),
+    }
+}
+
+/// Renders a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0".into()
+    } else if ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+impl KnobValue for String {
+    const EXPECTED: &'static str = "a string";
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        Ok(raw.to_string())
+    }
+}
+
+impl KnobValue for PathBuf {
+    const EXPECTED: &'static str = "a filesystem path";
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        if raw.is_empty() {
+            return Err("empty".into());
+        }
+        Ok(PathBuf::from(raw))
+    }
+}
+
+impl KnobValue for usize {
+    const EXPECTED: &'static str = "a non-negative integer";
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        raw.parse().map_err(|_| String::new())
+    }
+}
+
+impl KnobValue for u64 {
+    const EXPECTED: &'static str = "a non-negative integer";
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        raw.parse().map_err(|_| String::new())
+    }
+}
+
+impl KnobValue for u32 {
+    const EXPECTED: &'static str = "a non-negative integer below 2^32";
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        raw.parse().map_err(|_| String::new())
+    }
+}
+
+/// Name servers as `ip` or `ip:port` (port 53 by default), comma-separated.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DnsServers(pub Vec<SocketAddr>);
+
+impl KnobValue for DnsServers {
+    const EXPECTED: &'static str = "comma-separated name servers such as 10.0.0.10 or 127.0.0.1:5353 (empty for the system's)";
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let addr = part
+                .parse::<SocketAddr>()
+                .or_else(|_| part.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| format!("'{part}' is not an IP address"))?;
+            out.push(addr);
+        }
+        Ok(DnsServers(out))
+    }
+}
+
+impl KnobValue for SocketAddr {
+    const EXPECTED: &'static str = "an IP:port socket address such as 0.0.0.0:1789";
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        raw.parse().map_err(|_| String::new())
+    }
+}
+
+/// Markdown table of every knob, as README.md carries it.
+pub fn knobs_markdown() -> String {
+    let mut out = String::from("| Variable | Default | Meaning |\n|---|---|---|\n");
+    for k in knobs() {
+        let default = if k.default.is_empty() {
+            "(required)".to_string()
+        } else {
+            format!("`{}`", k.default)
+        };
+        out.push_str(&format!("| `{}` | {} | {} |\n", k.env, default, k.doc));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn every_default_parses_and_names_are_unique() {
+        let config = Config::default();
+        assert_eq!(config.mode, Mode::Mixnode);
+        assert_eq!(config.connection_write_timeout.0, Duration::from_millis(500));
+        assert_eq!(config.connection_idle_timeout.0, Duration::from_secs(300));
+        let names: Vec<String> = knobs().into_iter().map(|k| k.env).collect();
+        let mut dedup = names.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(names.len(), dedup.len());
+        assert!(names.iter().all(|n| n.starts_with("NYM_NODE_")));
+        assert!(knobs().iter().all(|k| !k.doc.is_empty()));
+    }
+
+    #[test]
+    fn minimal_environment_runs_with_defaults() {
+        let (config, unknown) =
+            Config::from_vars(vars(&[("NYM_NODE_TOPOLOGY", "/tmp/t.json"), ("NYM_NODE_ID", "mix1")]))
+                .expect("minimal config");
+        assert!(unknown.is_empty());
+        assert_eq!(config.id, "mix1");
+        assert_eq!(config.mixnet_bind, "0.0.0.0:1789".parse().unwrap());
+        assert_eq!(config.max_packet_delay.0, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn bad_value_names_the_variable_and_the_form() {
+        let err = Config::from_vars(vars(&[
+            ("NYM_NODE_TOPOLOGY", "t.json"),
+            ("NYM_NODE_CONNECTION_WRITE_TIMEOUT", "fast"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("NYM_NODE_CONNECTION_WRITE_TIMEOUT: expected a duration"), "{err}");
+        assert!(err.contains("'fast'"), "{err}");
+
+        let err = Config::from_vars(vars(&[("NYM_NODE_TOPOLOGY", "t"), ("NYM_NODE_MODE", "router")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("NYM_NODE_MODE: expected one of mixnode"), "{err}");
+
+        let err = Config::from_vars(vars(&[("NYM_NODE_TOPOLOGY", "t"), ("NYM_NODE_SPHINX_QUEUE", "-3")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("NYM_NODE_SPHINX_QUEUE: expected a non-negative integer"), "{err}");
+    }
+
+    #[test]
+    fn missing_topology_is_a_clear_error() {
+        let err = Config::from_vars(vars(&[])).unwrap_err().to_string();
+        assert!(err.starts_with("NYM_NODE_TOPOLOGY: required"), "{err}");
+    }
+
+    #[test]
+    fn unknown_variables_are_reported_not_fatal() {
+        let (_, unknown) = Config::from_vars(vars(&[
+            ("NYM_NODE_TOPOLOGY", "t"),
+            ("NYM_NODE_MIXNET_BINDD", "x"),
+            ("OTHER", "y"),
+        ]))
+        .unwrap();
+        assert_eq!(unknown, vec!["NYM_NODE_MIXNET_BINDD".to_string()]);
+    }
+
+    #[test]
+    fn zero_disables_idle_and_write_timeouts() {
+        let (config, _) = Config::from_vars(vars(&[
+            ("NYM_NODE_TOPOLOGY", "t"),
+            ("NYM_NODE_CONNECTION_IDLE_TIMEOUT", "0"),
+            ("NYM_NODE_CONNECTION_WRITE_TIMEOUT", "0"),
+        ]))
+        .unwrap();
+        assert_eq!(config.idle_timeout(), None);
+        assert_eq!(config.write_timeout(), None);
+    }
+
+    #[test]
+    fn dns_servers_parse_with_and_without_port() {
+        let d = DnsServers::parse_knob("10.0.0.10, 127.0.0.1:5353").unwrap();
+        assert_eq!(d.0, vec!["10.0.0.10:53".parse().unwrap(), "127.0.0.1:5353".parse().unwrap()]);
+        assert!(DnsServers::parse_knob("").unwrap().0.is_empty());
+        assert!(DnsServers::parse_knob("dns.local").is_err());
+    }
+
+    #[test]
+    fn durations_round_trip() {
+        for raw in ["500ms", "5s", "5m", "1h", "0", "1500ms"] {
+            assert_eq!(format_duration(parse_duration(raw).unwrap()), raw);
+        }
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+    }
+}

@@ -1,0 +1,277 @@
+//! Peer host names → addresses, with the caching rules a moving cluster needs.
+//!
+//! - Positive answers are kept at most `NYM_NODE_DNS_MAX_TTL` (default 60 s) whatever the
+//!   record says, so a pod that moved is found again within a minute even when its record
+//!   carries a TTL of an hour; negative answers (no such name, no records) are kept
+//!   `NYM_NODE_DNS_NEGATIVE_TTL` (default 5 s) so a missing peer is not queried per packet.
+//! - Every lookup returns the addresses in a fresh random order and [`Resolver::connect`]
+//!   walks them in that order, so retries spread over every address of a name.
+//! - A hard connection failure (refused, unreachable, timed out) on every address of a
+//!   name evicts its entry, so the next attempt resolves again instead of waiting out the cap.
+//!
+//! The cache is ours (hickory's own is disabled) and runs on tokio's clock, so its expiry is
+//! testable with paused time.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::TokioResolver;
+use parking_lot::Mutex;
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use rand::seq::SliceRandom;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::topology::PeerAddress;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DnsError {
+    #[error("{host}: no such name or no address records")]
+    NotFound { host: String },
+    #[error("{host}: lookup timed out")]
+    Timeout { host: String },
+    #[error("{host}: lookup failed: {message}")]
+    Failed { host: String, message: String },
+}
+
+impl DnsError {
+    fn reason(&self) -> &'static str {
+        match self {
+            DnsError::NotFound { .. } => "not_found",
+            DnsError::Timeout { .. } => "timeout",
+            DnsError::Failed { .. } => "error",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+    #[error("connecting to {peer}: {message}")]
+    Connect { peer: String, message: String },
+}
+
+/// Resolver settings (from the `NYM_NODE_DNS_*` knobs).
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    /// Name servers (`ip` or `ip:port`); empty uses the system configuration.
+    pub servers: Vec<SocketAddr>,
+    pub max_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            servers: Vec::new(),
+            max_ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+struct Entry {
+    answer: Result<Vec<IpAddr>, DnsError>,
+    expires: Instant,
+}
+
+struct DnsMetrics {
+    cache_hits: IntCounter,
+    queries: IntCounter,
+    failures: IntCounterVec,
+    evictions: IntCounter,
+}
+
+pub struct Resolver {
+    inner: TokioResolver,
+    settings: DnsSettings,
+    cache: Mutex<HashMap<String, Entry>>,
+    metrics: DnsMetrics,
+}
+
+impl Resolver {
+    /// Builds a resolver and registers its counters in `registry`.
+    pub fn new(settings: DnsSettings, registry: &Registry) -> Result<Arc<Self>, DnsError> {
+        let fail = |e: &dyn std::fmt::Display| DnsError::Failed {
+            host: "(resolver)".into(),
+            message: e.to_string(),
+        };
+        let mut builder = if settings.servers.is_empty() {
+            TokioResolver::builder_tokio().map_err(|e| fail(&e))?
+        } else {
+            let servers = settings
+                .servers
+                .iter()
+                .map(|addr| {
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = addr.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = addr.port();
+                    NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(servers),
+                TokioRuntimeProvider::default(),
+            )
+        };
+        let opts = builder.options_mut();
+        opts.cache_size = 0;
+        opts.timeout = settings.timeout;
+        opts.attempts = 1;
+        let inner = builder.build().map_err(|e| fail(&e))?;
+
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(format!("nym_node_dns_{name}"), help).map_err(|e| fail(&e))?;
+            registry.register(Box::new(c.clone())).map_err(|e| fail(&e))?;
+            Ok::<_, DnsError>(c)
+        };
+        let failures = IntCounterVec::new(
+            Opts::new("nym_node_dns_failures_total", "Failed DNS lookups, by reason."),
+            &["reason"],
+        )
+        .map_err(|e| fail(&e))?;
+        registry
+            .register(Box::new(failures.clone()))
+            .map_err(|e| fail(&e))?;
+        let metrics = DnsMetrics {
+            cache_hits: counter(
+                "cache_hits_total",
+                "Peer name lookups answered from the cache.",
+            )?,
+            queries: counter(
+                "queries_total",
+                "Peer name lookups sent to a name server.",
+            )?,
+            failures,
+            evictions: counter(
+                "evictions_total",
+                "Cache entries evicted after a hard connection failure.",
+            )?,
+        };
+        Ok(Arc::new(Resolver {
+            inner,
+            settings,
+            cache: Mutex::new(HashMap::new()),
+            metrics,
+        }))
+    }
+
+    /// The addresses of `host`, in a fresh random order. IP literals need no lookup.
+    pub async fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        let cached = {
+            let cache = self.cache.lock();
+            cache
+                .get(host)
+                .filter(|e| e.expires > Instant::now())
+                .map(|e| e.answer.clone())
+        };
+        let answer = match cached {
+            Some(answer) => {
+                self.metrics.cache_hits.inc();
+                answer
+            }
+            None => self.query(host).await,
+        };
+        let mut addrs = answer?;
+        addrs.shuffle(&mut rand::rng());
+        Ok(addrs)
+    }
+
+    async fn query(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        self.metrics.queries.inc();
+        let lookup = tokio::time::timeout(self.settings.timeout, self.inner.lookup_ip(host)).await;
+        let (answer, ttl) = match lookup {
+            Err(_) => (
+                Err(DnsError::Timeout {
+                    host: host.to_string(),
+                }),
+                None,
+            ),
+            Ok(Err(e)) if e.is_nx_domain() || e.is_no_records_found() => (
+                Err(DnsError::NotFound {
+                    host: host.to_string(),
+                }),
+                Some(self.settings.negative_ttl),
+            ),
+            Ok(Err(e)) => (
+                Err(DnsError::Failed {
+                    host: host.to_string(),
+                    message: e.to_string(),
+                }),
+                None,
+            ),
+            Ok(Ok(ips)) => {
+                let record_ttl = ips
+                    .valid_until()
+                    .saturating_duration_since(std::time::Instant::now());
+                let addrs: Vec<IpAddr> = ips.iter().collect();
+                if addrs.is_empty() {
+                    (
+                        Err(DnsError::NotFound {
+                            host: host.to_string(),
+                        }),
+                        Some(self.settings.negative_ttl),
+                    )
+                } else {
+                    (Ok(addrs), Some(record_ttl.min(self.settings.max_ttl)))
+                }
+            }
+        };
+        if let Err(e) = &answer {
+            self.metrics.failures.with_label_values(&[e.reason()]).inc();
+        }
+        // Timeouts and server errors are not cached: the next attempt asks again.
+        if let Some(ttl) = ttl.filter(|t| !t.is_zero()) {
+            self.cache.lock().insert(
+                host.to_string(),
+                Entry {
+                    answer: answer.clone(),
+                    expires: Instant::now() + ttl,
+                },
+            );
+        }
+        answer
+    }
+
+    /// Forgets what is cached for `host`; the next lookup asks a name server.
+    pub fn invalidate(&self, host: &str) {
+        if self.cache.lock().remove(host).is_some() {
+            self.metrics.evictions.inc();
+        }
+    }
+
+    /// Connects to `peer`, trying its addresses in random order until one accepts within
+    /// `timeout`. If none does, the name's cache entry is evicted.
+    pub async fn connect(
+        &self,
+        peer: &PeerAddress,
+        timeout: Duration,
+    ) -> Result<TcpStream, ConnectError> {
+        let addrs = self.resolve(&peer.host).await?;
+        let mut last = String::from("no addresses");
+        for ip in addrs {
+            let addr = SocketAddr::new(ip, peer.port);
+            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: timed out"),
+            }
+        }
+        self.invalidate(&peer.host);
+        Err(ConnectError::Connect {
+            peer: peer.to_string(),
+            message: last,
+        })
+    }
+}

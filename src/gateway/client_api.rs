@@ -1,0 +1,248 @@
+//! The client API: a WebSocket per client session on `NYM_NODE_CLIENT_BIND`.
+//!
+//! A session starts with a challenge the client signs with its ed25519 identity; after
+//! that it sends Sphinx packets (forwarded to their first hop at once) and receives the
+//! payloads stored for it, which it acknowledges so the mailbox can delete them. What was
+//! not acknowledged is delivered again on the next session.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::response::Response;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::gateway::mailbox::Mailbox;
+use crate::gateway::protocol::{self, ClientMessage, ServerMessage, close};
+use crate::gateway::rate_limit::TokenBucket;
+use crate::gateway::sessions::{Session, Sessions};
+use crate::keys::{NodeId, random_bytes, verify_signature};
+use crate::metrics::{DropReason, Metrics};
+use crate::mixnet::intake::ForwardItem;
+use crate::shutdown::Shutdown;
+
+/// Time a client has to answer the challenge.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Stored payloads pushed per mailbox read.
+const PUSH_BATCH: usize = 64;
+
+pub struct ClientApi {
+    pub gateway: NodeId,
+    pub forward: mpsc::Sender<ForwardItem>,
+    pub mailbox: Arc<Mailbox>,
+    pub sessions: Arc<Sessions>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Shutdown,
+    pub rate: u32,
+    pub burst: u32,
+}
+
+/// Serves the client API until the node stops.
+pub async fn serve(listener: TcpListener, api: Arc<ClientApi>) -> std::io::Result<()> {
+    let shutdown = api.shutdown.clone();
+    let app = Router::new()
+        .route("/v1/client", get(upgrade))
+        .with_state(api);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.stopping().await })
+    .await
+}
+
+async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(api): State<Arc<ClientApi>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+) -> Response {
+    ws.max_message_size(protocol::MAX_CLIENT_FRAME)
+        .max_frame_size(protocol::MAX_CLIENT_FRAME)
+        .on_upgrade(move |socket| {
+            run_session(socket, api).instrument(tracing::info_span!("client_session", %remote))
+        })
+}
+
+async fn close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+async fn send(socket: &mut WebSocket, msg: ServerMessage) -> bool {
+    socket
+        .send(Message::Binary(msg.encode().into()))
+        .await
+        .is_ok()
+}
+
+async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>) {
+    if api.shutdown.is_draining() {
+        close_with(&mut socket, close::GOING_AWAY, "gateway is shutting down").await;
+        return;
+    }
+    let Some(session) = authenticate(&mut socket, &api).await else {
+        return;
+    };
+    tracing::debug!(client = %session.client.short(), "client session opened");
+    let mut bucket = TokenBucket::new(api.rate, api.burst);
+    let mut cursor = 0u64;
+    // Anything stored while the client was away goes out first.
+    session.notify.notify_one();
+    loop {
+        tokio::select! {
+            _ = session.replaced.cancelled() => {
+                close_with(&mut socket, close::REPLACED, "replaced by a newer session").await;
+                break;
+            }
+            _ = api.shutdown.stopping() => {
+                close_with(&mut socket, close::GOING_AWAY, "gateway is shutting down").await;
+                break;
+            }
+            _ = session.notify.notified() => {
+                if !push_stored(&mut socket, &api, &session, &mut cursor).await {
+                    break;
+                }
+            }
+            msg = socket.recv() => {
+                let Some(Ok(msg)) = msg else { break };
+                let bytes = match msg {
+                    Message::Binary(b) => b,
+                    Message::Close(_) => break,
+                    Message::Ping(_) | Message::Pong(_) => continue,
+                    Message::Text(_) => {
+                        api.metrics.client_messages_refused.inc();
+                        close_with(&mut socket, close::PROTOCOL, "binary messages only").await;
+                        break;
+                    }
+                };
+                match ClientMessage::decode(&bytes) {
+                    Ok(ClientMessage::Send { first_hop, packet }) => {
+                        if api.shutdown.is_draining() {
+                            api.metrics.dropped(DropReason::Shutdown);
+                            continue;
+                        }
+                        if !bucket.take() {
+                            api.metrics.dropped(DropReason::RateLimited);
+                            continue;
+                        }
+                        api.metrics.packets_received.inc();
+                        let item = ForwardItem { next_hop: first_hop, delay: Duration::ZERO, packet };
+                        if api.forward.send(item).await.is_err() {
+                            api.metrics.dropped(DropReason::Shutdown);
+                        }
+                    }
+                    Ok(ClientMessage::Ack { ids }) => {
+                        let mailbox = api.mailbox.clone();
+                        let client = session.client;
+                        let removed = tokio::task::spawn_blocking(move || mailbox.ack(&client, &ids)).await;
+                        if let Ok(Ok(n)) = removed {
+                            api.metrics.mailbox_payloads.sub(n as i64);
+                        }
+                    }
+                    Ok(ClientMessage::Auth { .. }) | Err(_) => {
+                        api.metrics.client_messages_refused.inc();
+                        tracing::info!("closing client session: unexpected or malformed message");
+                        close_with(&mut socket, close::PROTOCOL, "malformed or unexpected message").await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    tracing::debug!(client = %session.client.short(), "client session closed");
+}
+
+/// Challenge–response: the client signs a fresh nonce bound to this gateway's identity.
+async fn authenticate(socket: &mut WebSocket, api: &ClientApi) -> Option<Session> {
+    let Ok(nonce) = random_bytes() else {
+        return None;
+    };
+    if !send(
+        socket,
+        ServerMessage::Challenge {
+            nonce,
+            gateway: api.gateway,
+        },
+    )
+    .await
+    {
+        return None;
+    }
+    let reply = tokio::time::timeout(AUTH_TIMEOUT, socket.recv()).await;
+    let identity = match reply {
+        Ok(Some(Ok(Message::Binary(b)))) => match ClientMessage::decode(&b) {
+            Ok(ClientMessage::Auth {
+                identity,
+                signature,
+            }) if verify_signature(
+                &identity,
+                &protocol::auth_message(&api.gateway, &nonce),
+                &signature,
+            ) =>
+            {
+                Some(identity)
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    let Some(identity) = identity else {
+        api.metrics.client_messages_refused.inc();
+        tracing::info!("refusing client: authentication failed");
+        close_with(socket, close::AUTH_FAILED, "authentication failed").await;
+        return None;
+    };
+    let session = api.sessions.attach(identity);
+    if !send(socket, ServerMessage::AuthOk).await {
+        return None;
+    }
+    Some(session)
+}
+
+/// Sends every stored payload after `cursor`; false if the socket failed.
+async fn push_stored(
+    socket: &mut WebSocket,
+    api: &ClientApi,
+    session: &Session,
+    cursor: &mut u64,
+) -> bool {
+    loop {
+        let mailbox = api.mailbox.clone();
+        let (client, after) = (session.client, *cursor);
+        let fetched =
+            tokio::task::spawn_blocking(move || mailbox.fetch_after(&client, after, PUSH_BATCH))
+                .await;
+        let items = match fetched {
+            Ok(Ok(items)) => items,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "mailbox read failed");
+                return true;
+            }
+            Err(_) => return true,
+        };
+        if items.is_empty() {
+            return true;
+        }
+        for item in items {
+            *cursor = item.id;
+            let msg = ServerMessage::Deliver {
+                id: item.id,
+                identifier: item.identifier,
+                body: item.body,
+            };
+            if !send(socket, msg).await {
+                return false;
+            }
+        }
+    }
+}

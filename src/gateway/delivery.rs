@@ -1,0 +1,154 @@
+//! Final-hop delivery: payloads the Sphinx workers unwrapped for a client of this gateway.
+//!
+//! Each batch is stored in the mailbox in one transaction first; only then is the
+//! SURB-ACK sent back through the mixnet (an acknowledgement means "stored durably") and
+//! the client's session woken. Loop cover is discarded here, counted. A payload the
+//! mailbox refuses (quota) gets no acknowledgement, so its sender retransmits it later.
+
+use std::sync::Arc;
+
+use sphinx_packet::SURB;
+use sphinx_packet::payload::Payload;
+use tokio::sync::mpsc;
+
+use crate::gateway::mailbox::{Incoming, Mailbox};
+use crate::gateway::sessions::Sessions;
+use crate::keys::KeyBytes;
+use crate::message::Envelope;
+use crate::metrics::{DropReason, Metrics};
+use crate::mixnet::intake::ForwardItem;
+use crate::mixnet::sphinx::{FinalHop, IDENTIFIER_SIZE, PACKET_SIZE, PAYLOAD_SIZE};
+use crate::telemetry::Throttle;
+
+const BATCH: usize = 256;
+
+pub struct Delivery {
+    pub rx: mpsc::Receiver<FinalHop>,
+    pub forward: mpsc::Sender<ForwardItem>,
+    pub mailbox: Arc<Mailbox>,
+    pub sessions: Arc<Sessions>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A payload taken apart: what to store and which ack to send once it is stored.
+struct Parsed {
+    incoming: Incoming,
+    ack: Option<Vec<u8>>,
+}
+
+impl Delivery {
+    pub async fn run(mut self) {
+        let mut batch = Vec::with_capacity(BATCH);
+        let failure_log = Throttle::new(std::time::Duration::from_secs(30));
+        while self.rx.recv_many(&mut batch, BATCH).await > 0 {
+            let parsed: Vec<Parsed> = batch.drain(..).filter_map(|hop| self.parse(hop)).collect();
+            if parsed.is_empty() {
+                continue;
+            }
+            let (incoming, acks): (Vec<Incoming>, Vec<Option<Vec<u8>>>) =
+                parsed.into_iter().map(|p| (p.incoming, p.ack)).unzip();
+            let mailbox = self.mailbox.clone();
+            let stored = tokio::task::spawn_blocking(move || {
+                let ids = mailbox.store(&incoming);
+                (ids, incoming)
+            })
+            .await;
+            let (ids, incoming) = match stored {
+                Ok((Ok(ids), incoming)) => (ids, incoming),
+                Ok((Err(e), incoming)) => {
+                    // Not stored, so not acknowledged: the senders will retransmit.
+                    self.metrics
+                        .dropped_n(DropReason::MailboxFull, incoming.len() as u64);
+                    if failure_log.allow() {
+                        tracing::error!(error = %e, "mailbox write failed");
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "mailbox task failed");
+                    continue;
+                }
+            };
+            let mut woken: Vec<KeyBytes> = Vec::new();
+            for ((id, item), ack) in ids.into_iter().zip(incoming).zip(acks) {
+                if id.is_none() {
+                    self.metrics.dropped(DropReason::MailboxFull);
+                    continue;
+                }
+                self.metrics.packets_delivered.inc();
+                self.metrics.mailbox_payloads.inc();
+                if let Some(ack) = ack {
+                    self.send_ack(&ack).await;
+                }
+                if !woken.contains(&item.client) {
+                    woken.push(item.client);
+                }
+            }
+            for client in woken {
+                self.sessions.notify(&client);
+            }
+        }
+    }
+
+    fn parse(&self, hop: FinalHop) -> Option<Parsed> {
+        if hop.identifier != [0u8; IDENTIFIER_SIZE] {
+            // A reply or an acknowledgement sent with a SURB: only its client can open it.
+            return Some(Parsed {
+                incoming: Incoming {
+                    client: hop.destination,
+                    identifier: hop.identifier,
+                    body: hop.payload,
+                },
+                ack: None,
+            });
+        }
+        let plaintext = Payload::from_bytes(&hop.payload).and_then(|p| p.recover_plaintext());
+        let envelope = match plaintext {
+            Ok(p) => Envelope::decode(&p),
+            Err(_) => {
+                self.metrics.dropped(DropReason::MalformedPacket);
+                return None;
+            }
+        };
+        match envelope {
+            Ok(Envelope::Cover) => {
+                self.metrics.cover_packets_received.inc();
+                None
+            }
+            Ok(Envelope::Data { ack, fragment }) => Some(Parsed {
+                incoming: Incoming {
+                    client: hop.destination,
+                    identifier: hop.identifier,
+                    body: fragment,
+                },
+                ack,
+            }),
+            Err(_) => {
+                self.metrics.dropped(DropReason::MalformedPacket);
+                None
+            }
+        }
+    }
+
+    /// Sends a SURB-ACK: the SURB carries its own route and delays; its payload is empty.
+    async fn send_ack(&self, surb: &[u8]) {
+        let built = SURB::from_bytes(surb).and_then(|s| s.use_surb(&[], PAYLOAD_SIZE));
+        let Ok((packet, first_hop)) = built else {
+            tracing::debug!("ignoring an unusable SURB-ACK");
+            return;
+        };
+        let bytes = packet.to_bytes();
+        let Ok(packet) = <[u8; PACKET_SIZE]>::try_from(bytes.as_slice()) else {
+            tracing::debug!("ignoring a SURB-ACK of the wrong size");
+            return;
+        };
+        let item = ForwardItem {
+            next_hop: KeyBytes(first_hop.to_bytes()),
+            delay: std::time::Duration::ZERO,
+            packet: Box::new(packet),
+        };
+        if self.forward.send(item).await.is_ok() {
+            self.metrics.acks_sent.inc();
+        }
+    }
+}

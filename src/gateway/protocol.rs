@@ -1,0 +1,229 @@
+//! The client API's messages (binary WebSocket frames; see `docs/protocol.md`).
+//!
+//! ```text
+//! server → client  0x01 Challenge  [nonce: 32][gateway identity: 32]
+//! client → server  0x02 Auth       [client identity: 32][ed25519 signature: 64]
+//! server → client  0x03 AuthOk
+//! client → server  0x10 Send       [first hop identity: 32][Sphinx packet]
+//! server → client  0x20 Deliver    [id: u64 BE][SURB identifier: 16][body ...]
+//! client → server  0x21 Ack        [id: u64 BE]*
+//! ```
+//! The signature covers [`AUTH_CONTEXT`] ‖ gateway identity ‖ nonce, so a signature made for
+//! one gateway or one challenge cannot be replayed to another.
+
+use crate::keys::{KeyBytes, NodeId};
+use crate::mixnet::sphinx::{IDENTIFIER_SIZE, PACKET_SIZE, PacketBytes};
+
+/// Domain separation for the authentication signature.
+pub const AUTH_CONTEXT: &[u8] = b"nym-node-rs/client-auth/1";
+
+/// WebSocket close codes the gateway uses.
+pub mod close {
+    /// A message the gateway cannot parse or did not expect.
+    pub const PROTOCOL: u16 = 4000;
+    /// The challenge signature did not verify (or never came).
+    pub const AUTH_FAILED: u16 = 4001;
+    /// The same client opened a newer session.
+    pub const REPLACED: u16 = 4002;
+    /// The client sent faster than its rate limit allows, for too long.
+    pub const RATE_LIMITED: u16 = 4003;
+    /// The gateway is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+}
+
+const CHALLENGE: u8 = 0x01;
+const AUTH: u8 = 0x02;
+const AUTH_OK: u8 = 0x03;
+const SEND: u8 = 0x10;
+const DELIVER: u8 = 0x20;
+const ACK: u8 = 0x21;
+
+/// Largest frame a client may send (a Send message).
+pub const MAX_CLIENT_FRAME: usize = 1 + 32 + PACKET_SIZE;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerMessage {
+    Challenge { nonce: [u8; 32], gateway: NodeId },
+    AuthOk,
+    Deliver {
+        id: u64,
+        identifier: [u8; IDENTIFIER_SIZE],
+        body: Vec<u8>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    Auth {
+        identity: KeyBytes,
+        signature: [u8; 64],
+    },
+    Send {
+        first_hop: NodeId,
+        packet: PacketBytes,
+    },
+    Ack {
+        ids: Vec<u64>,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("empty message")]
+    Empty,
+    #[error("unknown message type {0:#04x}")]
+    UnknownType(u8),
+    #[error("message of type {0:#04x} has the wrong length {1}")]
+    BadLength(u8, usize),
+}
+
+/// What the client signs to prove its identity.
+pub fn auth_message(gateway: &NodeId, nonce: &[u8; 32]) -> Vec<u8> {
+    [AUTH_CONTEXT, gateway.as_bytes(), nonce].concat()
+}
+
+fn key(bytes: &[u8]) -> KeyBytes {
+    let mut k = [0u8; 32];
+    k.copy_from_slice(&bytes[..32]);
+    KeyBytes(k)
+}
+
+impl ServerMessage {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            ServerMessage::Challenge { nonce, gateway } => {
+                [&[CHALLENGE][..], nonce, gateway.as_bytes()].concat()
+            }
+            ServerMessage::AuthOk => vec![AUTH_OK],
+            ServerMessage::Deliver {
+                id,
+                identifier,
+                body,
+            } => [&[DELIVER][..], &id.to_be_bytes(), identifier, body].concat(),
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        let (&t, rest) = bytes.split_first().ok_or(ProtocolError::Empty)?;
+        match t {
+            CHALLENGE if rest.len() == 64 => {
+                let mut nonce = [0u8; 32];
+                nonce.copy_from_slice(&rest[..32]);
+                Ok(ServerMessage::Challenge {
+                    nonce,
+                    gateway: key(&rest[32..]),
+                })
+            }
+            AUTH_OK if rest.is_empty() => Ok(ServerMessage::AuthOk),
+            DELIVER if rest.len() >= 8 + IDENTIFIER_SIZE => {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&rest[..8]);
+                let mut identifier = [0u8; IDENTIFIER_SIZE];
+                identifier.copy_from_slice(&rest[8..8 + IDENTIFIER_SIZE]);
+                Ok(ServerMessage::Deliver {
+                    id: u64::from_be_bytes(id),
+                    identifier,
+                    body: rest[8 + IDENTIFIER_SIZE..].to_vec(),
+                })
+            }
+            CHALLENGE | AUTH_OK | DELIVER => Err(ProtocolError::BadLength(t, bytes.len())),
+            other => Err(ProtocolError::UnknownType(other)),
+        }
+    }
+}
+
+impl ClientMessage {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            ClientMessage::Auth {
+                identity,
+                signature,
+            } => [&[AUTH][..], identity.as_bytes(), signature].concat(),
+            ClientMessage::Send { first_hop, packet } => {
+                [&[SEND][..], first_hop.as_bytes(), &packet[..]].concat()
+            }
+            ClientMessage::Ack { ids } => {
+                let mut out = Vec::with_capacity(1 + 8 * ids.len());
+                out.push(ACK);
+                for id in ids {
+                    out.extend_from_slice(&id.to_be_bytes());
+                }
+                out
+            }
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        let (&t, rest) = bytes.split_first().ok_or(ProtocolError::Empty)?;
+        match t {
+            AUTH if rest.len() == 96 => {
+                let mut signature = [0u8; 64];
+                signature.copy_from_slice(&rest[32..]);
+                Ok(ClientMessage::Auth {
+                    identity: key(rest),
+                    signature,
+                })
+            }
+            SEND if rest.len() == 32 + PACKET_SIZE => {
+                let mut packet = Box::new([0u8; PACKET_SIZE]);
+                packet.copy_from_slice(&rest[32..]);
+                Ok(ClientMessage::Send {
+                    first_hop: key(rest),
+                    packet,
+                })
+            }
+            ACK if rest.len() % 8 == 0 && !rest.is_empty() => Ok(ClientMessage::Ack {
+                ids: rest
+                    .chunks_exact(8)
+                    .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect(),
+            }),
+            AUTH | SEND | ACK => Err(ProtocolError::BadLength(t, bytes.len())),
+            other => Err(ProtocolError::UnknownType(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let server = [
+            ServerMessage::Challenge { nonce: [3; 32], gateway: KeyBytes([4; 32]) },
+            ServerMessage::AuthOk,
+            ServerMessage::Deliver { id: 9, identifier: [1; 16], body: vec![5; 300] },
+        ];
+        for m in server {
+            assert_eq!(ServerMessage::decode(&m.encode()).unwrap(), m);
+        }
+        let client = [
+            ClientMessage::Auth { identity: KeyBytes([1; 32]), signature: [2; 64] },
+            ClientMessage::Send { first_hop: KeyBytes([3; 32]), packet: Box::new([4; PACKET_SIZE]) },
+            ClientMessage::Ack { ids: vec![1, 2, u64::MAX] },
+        ];
+        for m in client {
+            let bytes = m.encode();
+            assert!(bytes.len() <= MAX_CLIENT_FRAME);
+            assert_eq!(ClientMessage::decode(&bytes).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn wrong_lengths_and_types_are_errors() {
+        assert_eq!(ClientMessage::decode(&[]), Err(ProtocolError::Empty));
+        assert_eq!(ClientMessage::decode(&[0x7f]), Err(ProtocolError::UnknownType(0x7f)));
+        assert!(matches!(ClientMessage::decode(&[SEND, 1, 2]), Err(ProtocolError::BadLength(..))));
+        assert!(matches!(ClientMessage::decode(&[ACK]), Err(ProtocolError::BadLength(..))));
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_are_total(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let _ = ClientMessage::decode(&bytes);
+            let _ = ServerMessage::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The node's public description, signed with its identity key so anyone holding the
+//! identity (from the topology) can check that the node itself published it.
+//!
+//! The signature covers the compact JSON text of `description` with its fields in the
+//! order of [`Description`] (the order they are served in). See `docs/protocol.md`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Mode;
+use crate::keys::{Identity, KeyBytes, PublicKeys, verify_signature};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Description {
+    pub name: String,
+    pub mode: Mode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<u8>,
+    pub identity_key: KeyBytes,
+    pub sphinx_key: KeyBytes,
+    pub noise_key: KeyBytes,
+    pub mixnet_address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_address: Option<String>,
+    pub http_address: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SignedDescription {
+    pub description: Description,
+    /// base58 ed25519 signature over the compact JSON of `description`.
+    pub signature: String,
+}
+
+impl Description {
+    pub fn new(
+        name: &str,
+        mode: Mode,
+        layer: Option<u8>,
+        keys: PublicKeys,
+        mixnet_address: String,
+        client_address: Option<String>,
+        http_address: String,
+    ) -> Self {
+        Description {
+            name: name.to_string(),
+            mode,
+            layer,
+            identity_key: keys.identity_key,
+            sphinx_key: keys.sphinx_key,
+            noise_key: keys.noise_key,
+            mixnet_address,
+            client_address,
+            http_address,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    fn signed_bytes(&self) -> Vec<u8> {
+        // Serialising a struct of strings and keys cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn sign(self, identity: &Identity) -> SignedDescription {
+        let signature = identity.sign(&self.signed_bytes());
+        SignedDescription {
+            description: self,
+            signature: bs58::encode(signature).into_string(),
+        }
+    }
+}
+
+impl SignedDescription {
+    /// True when the signature is the described identity's, over this exact description.
+    pub fn verify(&self) -> bool {
+        let Ok(sig) = bs58::decode(&self.signature).into_vec() else {
+            return false;
+        };
+        let Ok(sig): Result<[u8; 64], _> = sig.try_into() else {
+            return false;
+        };
+        verify_signature(
+            &self.description.identity_key,
+            &self.description.signed_bytes(),
+            &sig,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::NodeKeys;
+
+    #[test]
+    fn signature_verifies_and_breaks_when_changed() {
+        let keys = NodeKeys::generate().unwrap();
+        let d = Description::new(
+            "mix1",
+            Mode::Mixnode,
+            Some(1),
+            keys.public(),
+            "127.0.0.1:1789".into(),
+            None,
+            "127.0.0.1:8080".into(),
+        );
+        let signed = d.sign(&keys.identity);
+        assert!(signed.verify());
+        let json = serde_json::to_string(&signed).unwrap();
+        let back: SignedDescription = serde_json::from_str(&json).unwrap();
+        assert!(back.verify());
+        let mut tampered = signed.clone();
+        tampered.description.layer = Some(2);
+        assert!(!tampered.verify());
+        let mut other_key = signed;
+        other_key.description.identity_key = NodeKeys::generate().unwrap().public().identity_key;
+        assert!(!other_key.verify());
+    }
+}

@@ -1,0 +1,24 @@
+//! nym-node: a Sphinx mixnet node (mix node, entry gateway, exit gateway) and its client.
+//!
+//! Data flows one way: `mixnet::ingress` → `mixnet::intake` (Sphinx workers) →
+//! `mixnet::forward` (delay queue) → `mixnet::egress`, with `gateway` taking final-hop
+//! payloads for its clients. See `docs/protocol.md` for the wire formats.
+
+pub mod client;
+pub mod config;
+pub mod dns;
+pub mod gateway;
+pub mod health;
+pub mod http;
+pub mod keys;
+pub mod localnet;
+pub mod message;
+pub mod metrics;
+pub mod mixnet;
+pub mod node;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;
+
+/// Commit this binary was built from (see `build.rs`).
+pub const BUILD_COMMIT: &str = env!("NYM_BUILD_COMMIT");

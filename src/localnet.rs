@@ -1,0 +1,373 @@
+//! `nym-node localnet`: a whole mixnet on one machine.
+//!
+//! Every node is its own child process running this same binary, configured only through
+//! its environment, exactly as in production: a node that crashes or is SIGTERMed affects
+//! only itself, each has its own metrics endpoint and log file, and the drain on shutdown
+//! is the real one. Keys persist in `DIR/<node>/keys`, so restarting the localnet keeps
+//! the same identities.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::client::{ClientConfig, Event, MixClient};
+use crate::config::Mode;
+use crate::keys::{Identity, NodeKeys};
+use crate::topology::{NodeEntry, TopologyDocument, SCHEMA_VERSION};
+
+#[derive(Debug, Clone)]
+pub struct LocalnetOptions {
+    pub dir: PathBuf,
+    pub base_port: u16,
+    pub traffic: bool,
+    pub mean_delay: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalnetError {
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
+    #[error("port {0} is in use; pick another --base-port")]
+    PortInUse(u16),
+    #[error("node {0} did not become ready; see {1}")]
+    NotReady(String, String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One node of the testnet.
+#[derive(Debug, Clone)]
+pub struct LocalNode {
+    pub name: String,
+    pub mode: Mode,
+    pub layer: Option<u8>,
+    pub mixnet: SocketAddr,
+    pub http: SocketAddr,
+    pub client: SocketAddr,
+    pub dir: PathBuf,
+}
+
+/// The eight nodes of the standard testnet: two per mix layer and two gateways.
+pub fn plan(dir: &Path, base_port: u16) -> Vec<LocalNode> {
+    let specs: [(&str, Mode, Option<u8>); 8] = [
+        ("mix-1a", Mode::Mixnode, Some(1)),
+        ("mix-1b", Mode::Mixnode, Some(1)),
+        ("mix-2a", Mode::Mixnode, Some(2)),
+        ("mix-2b", Mode::Mixnode, Some(2)),
+        ("mix-3a", Mode::Mixnode, Some(3)),
+        ("mix-3b", Mode::Mixnode, Some(3)),
+        ("entry-gw", Mode::EntryGateway, None),
+        ("exit-gw", Mode::ExitGateway, None),
+    ];
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, (name, mode, layer))| {
+            let port = |k: u16| SocketAddr::from(([127, 0, 0, 1], base_port + 10 * i as u16 + k));
+            LocalNode {
+                name: (*name).to_string(),
+                mode: *mode,
+                layer: *layer,
+                mixnet: port(0),
+                http: port(1),
+                client: port(2),
+                dir: dir.join(name),
+            }
+        })
+        .collect()
+}
+
+/// Creates (or reuses) each node's keys and writes `DIR/topology.json`.
+pub fn prepare(nodes: &[LocalNode], dir: &Path) -> Result<PathBuf, LocalnetError> {
+    let io = |what: &Path| {
+        let what = what.display().to_string();
+        move |e| LocalnetError::Io(what, e)
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut entries = Vec::new();
+    for node in nodes {
+        let keys_dir = node.dir.join("keys");
+        let keys = if NodeKeys::exist_in(&keys_dir) {
+            NodeKeys::load(&keys_dir)?
+        } else {
+            let k = NodeKeys::generate()?;
+            k.write(&keys_dir)?;
+            k
+        };
+        let public = keys.public();
+        entries.push(NodeEntry {
+            name: node.name.clone(),
+            identity_key: public.identity_key,
+            sphinx_key: public.sphinx_key,
+            noise_key: public.noise_key,
+            mode: node.mode,
+            layer: node.layer,
+            mixnet_address: node.mixnet.to_string().parse().map_err(LocalnetError::Other)?,
+            client_address: if node.mode.is_gateway() {
+                Some(node.client.to_string().parse().map_err(LocalnetError::Other)?)
+            } else {
+                None
+            },
+            http_address: Some(node.http.to_string().parse().map_err(LocalnetError::Other)?),
+            serving: true,
+        });
+    }
+    let doc = TopologyDocument {
+        schema: SCHEMA_VERSION,
+        revision: 1,
+        nodes: entries,
+    };
+    let path = dir.join("topology.json");
+    let json = serde_json::to_vec_pretty(&doc).map_err(|e| LocalnetError::Other(e.to_string()))?;
+    std::fs::write(&path, json).map_err(io(&path))?;
+    Ok(path)
+}
+
+/// The environment that runs `node` as a child process.
+pub fn node_env(node: &LocalNode, topology: &Path) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("NYM_NODE_ID", node.name.clone()),
+        ("NYM_NODE_MODE", node.mode.as_str().to_string()),
+        ("NYM_NODE_TOPOLOGY", topology.display().to_string()),
+        ("NYM_NODE_TOPOLOGY_REFRESH", "2s".into()),
+        ("NYM_NODE_KEYS_DIR", node.dir.join("keys").display().to_string()),
+        ("NYM_NODE_DATA_DIR", node.dir.join("data").display().to_string()),
+        ("NYM_NODE_MIXNET_BIND", node.mixnet.to_string()),
+        ("NYM_NODE_HTTP_BIND", node.http.to_string()),
+        ("NYM_NODE_CLIENT_BIND", node.client.to_string()),
+        ("NYM_NODE_DRAIN_GRACE", "2s".into()),
+    ];
+    // Two cores shared by eight nodes: one Sphinx worker each is plenty.
+    env.push(("NYM_NODE_SPHINX_WORKERS", "1".into()));
+    env.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// Starts `node` as a child process of `exe`, logging to `DIR/<node>/node.log`.
+pub fn spawn_node(exe: &Path, node: &LocalNode, topology: &Path) -> Result<Child, LocalnetError> {
+    std::fs::create_dir_all(&node.dir).map_err(|e| LocalnetError::Io(node.dir.display().to_string(), e))?;
+    let log_path = node.dir.join("node.log");
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| LocalnetError::Io(log_path.display().to_string(), e))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| LocalnetError::Io(log_path.display().to_string(), e))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("run")
+        .env_clear()
+        .envs(node_env(node, topology))
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .kill_on_drop(true);
+    // SAFETY: prctl only changes this child's own death signal; it is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .map_err(|e| LocalnetError::Io(exe.display().to_string(), e))
+}
+
+/// Plain HTTP GET of a path on a loopback port; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// Waits until every node answers `/readyz` with 200.
+pub async fn wait_ready(nodes: &[LocalNode], timeout: Duration) -> Result<(), LocalnetError> {
+    let deadline = Instant::now() + timeout;
+    for node in nodes {
+        loop {
+            if let Some((200, _)) = http_get(node.http, "/readyz").await {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(LocalnetError::NotReady(
+                    node.name.clone(),
+                    node.dir.join("node.log").display().to_string(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Sums one counter (all label sets) over every node's `/metrics`.
+pub async fn sum_metric(nodes: &[LocalNode], name: &str) -> u64 {
+    let mut total = 0.0;
+    for node in nodes {
+        if let Some((200, body)) = http_get(node.http, "/metrics").await {
+            total += body
+                .lines()
+                .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+    }
+    total as u64
+}
+
+fn check_ports_free(nodes: &[LocalNode]) -> Result<(), LocalnetError> {
+    for n in nodes {
+        for addr in [n.mixnet, n.http, n.client] {
+            TcpListener::bind(addr).map_err(|_| LocalnetError::PortInUse(addr.port()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the testnet until SIGINT or SIGTERM.
+pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetError> {
+    let nodes = plan(&options.dir, options.base_port);
+    check_ports_free(&nodes)?;
+    let topology = prepare(&nodes, &options.dir)?;
+    let mut children = Vec::new();
+    for node in &nodes {
+        children.push((node.name.clone(), spawn_node(&exe, node, &topology)?));
+    }
+    wait_ready(&nodes, Duration::from_secs(30)).await?;
+    let topology_abs = std::fs::canonicalize(&topology).unwrap_or(topology.clone());
+    println!("localnet: {} nodes running (3 mix layers x 2, entry-gw, exit-gw)", nodes.len());
+    println!("localnet: topology   {}", topology_abs.display());
+    println!("localnet: logs       {}/<node>/node.log", options.dir.display());
+    for n in &nodes {
+        println!("localnet:   {:<9} mixnet {}  http http://{}", n.name, n.mixnet, n.http);
+    }
+    println!(
+        "localnet: try        nym-client --topology {} probe --count 20",
+        topology_abs.display()
+    );
+    println!("localnet: Ctrl-C stops every node (each drains before it exits)");
+
+    let traffic = if options.traffic {
+        let config = ClientConfig {
+            topology: topology.display().to_string(),
+            mean_delay: options.mean_delay,
+            cover_rate: 0.0,
+            ..ClientConfig::default()
+        };
+        let identity = Identity::generate()?;
+        let client = MixClient::start(config, identity)
+            .await
+            .map_err(|e| LocalnetError::Other(format!("traffic client: {e}")))?;
+        Some(tokio::spawn(traffic_loop(client, nodes.clone())))
+    } else {
+        None
+    };
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| LocalnetError::Io("signal handler".into(), e))?;
+    let exited = async {
+        loop {
+            for (name, child) in children.iter_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return (name.clone(), status);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let mut failure = None;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        (name, status) = exited => {
+            failure = Some(format!("node {name} exited unexpectedly ({status}); see {}/{name}/node.log", options.dir.display()));
+        }
+    }
+    if let Some(t) = traffic {
+        t.abort();
+    }
+    println!("localnet: stopping nodes");
+    for (_, child) in &children {
+        if let Some(pid) = child.id() {
+            // SAFETY: signalling our own child by its pid.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+    }
+    for (name, child) in children.iter_mut() {
+        match tokio::time::timeout(Duration::from_secs(15), child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                eprintln!("localnet: {name} did not stop in time; killing it");
+                let _ = child.kill().await;
+            }
+        }
+    }
+    match failure {
+        Some(f) => Err(LocalnetError::Other(f)),
+        None => Ok(()),
+    }
+}
+
+/// Sends a message to itself every 200 ms and prints a progress line every 5 s.
+async fn traffic_loop(mut client: MixClient, nodes: Vec<LocalNode>) {
+    let me = client.address();
+    let mut sent = 0u64;
+    let mut delivered = 0u64;
+    let mut latencies: Vec<Duration> = Vec::new();
+    let mut sent_at = std::collections::HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut report = tokio::time::interval(Duration::from_secs(5));
+    report.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let body = sent.to_be_bytes().to_vec();
+                sent_at.insert(sent, Instant::now());
+                if client.send(me, body, 0).await.is_ok() {
+                    sent += 1;
+                }
+            }
+            ev = client.next_event() => match ev {
+                Some(Event::Received { body, .. }) if body.len() == 8 => {
+                    let seq = u64::from_be_bytes(body[..8].try_into().unwrap_or_default());
+                    if let Some(t) = sent_at.remove(&seq) {
+                        delivered += 1;
+                        latencies.push(t.elapsed());
+                    }
+                }
+                Some(_) => {}
+                None => return,
+            },
+            _ = report.tick() => {
+                latencies.sort();
+                let pct = |p: f64| latencies.get(((latencies.len().max(1) - 1) as f64 * p) as usize).copied().unwrap_or_default();
+                let drops = sum_metric(&nodes, "nym_node_packets_dropped_total").await;
+                println!(
+                    "traffic: sent={sent} delivered={delivered} p50={:.0}ms p99={:.0}ms retransmissions={} node_drops={drops}",
+                    pct(0.5).as_secs_f64() * 1000.0,
+                    pct(0.99).as_secs_f64() * 1000.0,
+                    client.stats().retransmissions.load(std::sync::atomic::Ordering::Relaxed),
+                );
+                latencies.clear();
+            }
+        }
+    }
+}

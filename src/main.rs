@@ -1,0 +1,212 @@
+//! `nym-node`: runs a mixnet node (configured by `NYM_NODE_*` variables), generates keys,
+//! describes a node, or starts a whole local testnet.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use nym_node::config::{self, Config};
+use nym_node::keys::NodeKeys;
+use nym_node::localnet::{self, LocalnetOptions};
+use nym_node::node::{self, Listeners, TestHooks};
+use nym_node::{shutdown, telemetry};
+
+/// Exit code for a bad configuration (sysexits' EX_USAGE).
+const EX_USAGE: u8 = 64;
+/// Exit code for unusable keys (sysexits' EX_CONFIG).
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "nym-node", version, about = "A Sphinx mixnet node: mix node, entry gateway or exit gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node (the default). Configured only by NYM_NODE_* environment variables.
+    Run,
+    /// Generate the node's keys (mode 0600) and print the public halves as JSON.
+    Keygen {
+        /// Where to write them; defaults to NYM_NODE_KEYS_DIR or ./nym-node-data/keys.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Print the public keys of existing keys as JSON.
+    Describe {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Start a local testnet: 3 mix layers x 2 nodes, an entry and an exit gateway, and a traffic client.
+    Localnet {
+        /// Where keys, logs and topology.json go.
+        #[arg(long, default_value = "./localnet")]
+        dir: PathBuf,
+        /// First port; each node takes ten from here.
+        #[arg(long, default_value_t = 21000)]
+        base_port: u16,
+        /// Do not run the built-in traffic client.
+        #[arg(long)]
+        no_traffic: bool,
+        /// Mean per-hop delay of the traffic client's packets.
+        #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+        mean_delay: Duration,
+    },
+    /// Print every configuration knob (the README table, or Helm values).
+    ConfigDocs {
+        #[arg(long, value_enum, default_value_t = DocsFormat::Markdown)]
+        format: DocsFormat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DocsFormat {
+    Markdown,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run_node(),
+        Command::Keygen { dir } => keygen(dir),
+        Command::Describe { dir } => describe(dir),
+        Command::Localnet {
+            dir,
+            base_port,
+            no_traffic,
+            mean_delay,
+        } => run_localnet(LocalnetOptions {
+            dir,
+            base_port,
+            traffic: !no_traffic,
+            mean_delay,
+        }),
+        Command::ConfigDocs { format } => {
+            match format {
+                DocsFormat::Markdown => print!("{}", config::knobs_markdown()),
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn keys_dir(dir: Option<PathBuf>) -> PathBuf {
+    dir.or_else(|| std::env::var_os("NYM_NODE_KEYS_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| Config::default().keys_dir)
+}
+
+fn keygen(dir: Option<PathBuf>) -> ExitCode {
+    let dir = keys_dir(dir);
+    let result = NodeKeys::generate().and_then(|k| k.write(&dir).map(|_| k));
+    match result {
+        Ok(keys) => {
+            println!("{}", serde_json::to_string_pretty(&keys.public()).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nym-node keygen: {e}");
+            ExitCode::from(EX_CONFIG)
+        }
+    }
+}
+
+fn describe(dir: Option<PathBuf>) -> ExitCode {
+    match NodeKeys::load(&keys_dir(dir)) {
+        Ok(keys) => {
+            println!("{}", serde_json::to_string_pretty(&keys.public()).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nym-node describe: {e}");
+            ExitCode::from(EX_CONFIG)
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("nym-node")
+        .build()
+}
+
+fn run_node() -> ExitCode {
+    let (config, unknown) = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nym-node: configuration error: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    telemetry::init_logging(config.log_format, &config.log_level);
+    for var in unknown {
+        tracing::warn!(variable = %var, "ignoring unknown NYM_NODE_ variable (a typo?)");
+    }
+    let keys = match NodeKeys::load(&config.keys_dir) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot load keys (generate them with `nym-node keygen`)");
+            eprintln!("nym-node: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nym-node: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let grace = config.drain_grace.get();
+    let result = rt.block_on(async move {
+        let listeners = Listeners::bind(&config).await?;
+        let node = node::start(config, keys, listeners, TestHooks::from_env()).await?;
+        tokio::spawn(shutdown::on_signals(node.shutdown.clone(), grace));
+        node.wait().await;
+        Ok::<(), node::NodeError>(())
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("node stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "node failed");
+            eprintln!("nym-node: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_localnet(options: LocalnetOptions) -> ExitCode {
+    telemetry::init_logging(config::LogFormat::Text, "warn,nym_node::localnet=info");
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("nym-node localnet: cannot find my own binary: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nym-node localnet: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(localnet::run(options, exe)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nym-node localnet: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+

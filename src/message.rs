@@ -1,0 +1,120 @@
+//! The plaintext a forward Sphinx packet carries to its final hop (see `docs/protocol.md`).
+//!
+//! The final-hop gateway reads only this envelope: whether the packet is loop cover (dropped
+//! there, counted), and the SURB-ACK to send back to the sender. The fragment inside is the
+//! client's business and is passed on untouched.
+//!
+//! ```text
+//! kind = 1 (data):  [1][ack_len: u16 BE][SURB-ACK: ack_len bytes][fragment ...]
+//! kind = 2 (cover): [2][anything]
+//! ```
+
+use crate::mixnet::sphinx::PAYLOAD_SIZE;
+
+/// Sphinx's own overhead inside a payload (16 zero bytes and a padding marker).
+pub const SPHINX_PAYLOAD_OVERHEAD: usize = 17;
+/// Largest plaintext one packet can carry.
+pub const MAX_PLAINTEXT: usize = PAYLOAD_SIZE - SPHINX_PAYLOAD_OVERHEAD;
+
+const KIND_DATA: u8 = 1;
+const KIND_COVER: u8 = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Envelope {
+    /// A fragment of a client message, with the SURB-ACK (if any) the final hop must send back.
+    Data { ack: Option<Vec<u8>>, fragment: Vec<u8> },
+    /// Loop cover traffic: discarded by the final hop.
+    Cover,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    #[error("empty plaintext")]
+    Empty,
+    #[error("unknown envelope kind {0}")]
+    UnknownKind(u8),
+    #[error("truncated envelope")]
+    Truncated,
+    #[error("envelope of {0} bytes exceeds {MAX_PLAINTEXT}")]
+    TooLarge(usize),
+}
+
+impl Envelope {
+    pub fn encode(&self) -> Result<Vec<u8>, EnvelopeError> {
+        let out = match self {
+            Envelope::Cover => vec![KIND_COVER],
+            Envelope::Data { ack, fragment } => {
+                let ack = ack.as_deref().unwrap_or(&[]);
+                let mut out = Vec::with_capacity(3 + ack.len() + fragment.len());
+                out.push(KIND_DATA);
+                out.extend_from_slice(&(ack.len() as u16).to_be_bytes());
+                out.extend_from_slice(ack);
+                out.extend_from_slice(fragment);
+                out
+            }
+        };
+        if out.len() > MAX_PLAINTEXT {
+            return Err(EnvelopeError::TooLarge(out.len()));
+        }
+        Ok(out)
+    }
+
+    pub fn decode(plaintext: &[u8]) -> Result<Envelope, EnvelopeError> {
+        let (&kind, rest) = plaintext.split_first().ok_or(EnvelopeError::Empty)?;
+        match kind {
+            KIND_COVER => Ok(Envelope::Cover),
+            KIND_DATA => {
+                let len = rest.get(..2).ok_or(EnvelopeError::Truncated)?;
+                let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+                let ack = rest.get(2..2 + len).ok_or(EnvelopeError::Truncated)?;
+                let fragment = rest[2 + len..].to_vec();
+                Ok(Envelope::Data {
+                    ack: (len > 0).then(|| ack.to_vec()),
+                    fragment,
+                })
+            }
+            other => Err(EnvelopeError::UnknownKind(other)),
+        }
+    }
+
+    /// Room left for the fragment when the envelope carries an ack of `ack_len` bytes.
+    pub fn fragment_capacity(ack_len: usize) -> usize {
+        MAX_PLAINTEXT - 3 - ack_len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trips() {
+        for e in [
+            Envelope::Cover,
+            Envelope::Data { ack: None, fragment: b"abc".to_vec() },
+            Envelope::Data { ack: Some(vec![7; 396]), fragment: vec![1; 100] },
+        ] {
+            assert_eq!(Envelope::decode(&e.encode().unwrap()).unwrap(), e);
+        }
+        let too_big = Envelope::Data { ack: None, fragment: vec![0; MAX_PLAINTEXT] };
+        assert!(too_big.encode().is_err());
+        let exact = Envelope::Data { ack: None, fragment: vec![0; Envelope::fragment_capacity(0)] };
+        assert_eq!(exact.encode().unwrap().len(), MAX_PLAINTEXT);
+    }
+
+    #[test]
+    fn bad_envelopes_are_errors() {
+        assert_eq!(Envelope::decode(&[]), Err(EnvelopeError::Empty));
+        assert_eq!(Envelope::decode(&[9]), Err(EnvelopeError::UnknownKind(9)));
+        assert_eq!(Envelope::decode(&[1, 0]), Err(EnvelopeError::Truncated));
+        assert_eq!(Envelope::decode(&[1, 0, 5, 1]), Err(EnvelopeError::Truncated));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let _ = Envelope::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,558 @@
+//! The node's one metrics registry. Every metric is defined here, once, with the
+//! `nym_node_` prefix; hot paths hold pre-resolved label children so counting a packet
+//! is one atomic add, never a label lookup.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Why a packet was dropped. Every drop site counts exactly one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A frame whose length or layout is wrong (the connection is closed).
+    MalformedFrame,
+    /// A frame longer than the protocol allows (the connection is closed).
+    OversizedFrame,
+    /// A frame whose version byte this node does not speak (the connection is closed).
+    BadVersion,
+    /// A frame that failed Noise authentication (the connection is closed).
+    DecryptFailed,
+    /// A Sphinx packet whose header or payload does not verify or parse.
+    MalformedPacket,
+    /// A Sphinx packet this node has already processed.
+    Replay,
+    /// A packet asking to be held longer than `NYM_NODE_MAX_PACKET_DELAY`.
+    ExcessiveDelay,
+    /// A next hop that is not in the topology.
+    UnknownPeer,
+    /// A packet this node cannot route: a final hop at a mix node, or a peer without a usable address.
+    NoRoute,
+    /// Shed before unwrapping because the Sphinx workers are saturated.
+    Overload,
+    /// The queue towards one egress peer is full.
+    QueueFull,
+    /// Abandoned because a flush to the peer exceeded `NYM_NODE_CONNECTION_WRITE_TIMEOUT`.
+    WriteTimeout,
+    /// The peer is backing off after failed connection attempts.
+    Backoff,
+    /// The connection to the peer failed or broke while the packet was on its way out.
+    Unreachable,
+    /// Still queued when the node exited and the peer could not take it.
+    Shutdown,
+    /// A final-hop payload refused because its client's mailbox is over quota.
+    MailboxFull,
+    /// A client packet beyond the client's rate limit.
+    RateLimited,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 17] = [
+        DropReason::MalformedFrame,
+        DropReason::OversizedFrame,
+        DropReason::BadVersion,
+        DropReason::DecryptFailed,
+        DropReason::MalformedPacket,
+        DropReason::Replay,
+        DropReason::ExcessiveDelay,
+        DropReason::UnknownPeer,
+        DropReason::NoRoute,
+        DropReason::Overload,
+        DropReason::QueueFull,
+        DropReason::WriteTimeout,
+        DropReason::Backoff,
+        DropReason::Unreachable,
+        DropReason::Shutdown,
+        DropReason::MailboxFull,
+        DropReason::RateLimited,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::MalformedFrame => "malformed_frame",
+            DropReason::OversizedFrame => "oversized_frame",
+            DropReason::BadVersion => "bad_version",
+            DropReason::DecryptFailed => "decrypt_failed",
+            DropReason::MalformedPacket => "malformed_packet",
+            DropReason::Replay => "replay",
+            DropReason::ExcessiveDelay => "excessive_delay",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::NoRoute => "no_route",
+            DropReason::Overload => "overload",
+            DropReason::QueueFull => "queue_full",
+            DropReason::WriteTimeout => "write_timeout",
+            DropReason::Backoff => "backoff",
+            DropReason::Unreachable => "unreachable",
+            DropReason::Shutdown => "shutdown",
+            DropReason::MailboxFull => "mailbox_full",
+            DropReason::RateLimited => "rate_limited",
+        }
+    }
+
+    /// Position in [`DropReason::ALL`].
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Where a packet waits on its way through the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// From decryption at ingress to the end of Sphinx unwrapping (queue wait + unwrap).
+    ForwarderQueue,
+    /// How late a held packet leaves compared to its due time.
+    DelayOverrun,
+    /// From release by the forwarder to being handed to the peer's socket.
+    EgressQueue,
+    /// Time to flush one batch to the peer's socket.
+    SocketWrite,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [
+        Stage::ForwarderQueue,
+        Stage::DelayOverrun,
+        Stage::EgressQueue,
+        Stage::SocketWrite,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::ForwarderQueue => "forwarder_queue",
+            Stage::DelayOverrun => "delay_overrun",
+            Stage::EgressQueue => "egress_queue",
+            Stage::SocketWrite => "socket_write",
+        }
+    }
+}
+
+/// Why a Noise handshake failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    Timeout,
+    UnknownKey,
+    Protocol,
+    Io,
+}
+
+impl HandshakeFailure {
+    pub const ALL: [HandshakeFailure; 4] = [
+        HandshakeFailure::Timeout,
+        HandshakeFailure::UnknownKey,
+        HandshakeFailure::Protocol,
+        HandshakeFailure::Io,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::UnknownKey => "unknown_key",
+            HandshakeFailure::Protocol => "protocol",
+            HandshakeFailure::Io => "io",
+        }
+    }
+}
+
+/// Why an ingress connection was refused before its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    Capacity,
+    Draining,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::Capacity => "capacity",
+            RefusalReason::Draining => "draining",
+        }
+    }
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+];
+const HELD_DELAY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Keeps a gauge exact whatever way a connection ends: +1 now, -1 on drop.
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// All metrics of one node. Cheap to share: clone the `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    pub packets_received: IntCounter,
+    pub packets_forwarded: IntCounter,
+    pub packets_delivered: IntCounter,
+    pub cover_packets_received: IntCounter,
+    pub packets_released_early: IntCounter,
+    drops: Vec<IntCounter>,
+    pub delay_queue_packets: IntGauge,
+    pub held_delay: Histogram,
+    stages: Vec<Histogram>,
+    pub active_ingress: IntGauge,
+    pub active_egress: IntGauge,
+    pub idle_closed_ingress: IntCounter,
+    pub idle_closed_egress: IntCounter,
+    pub write_timeouts: IntCounter,
+    pub egress_reconnects: IntCounter,
+    handshake_failures: Vec<IntCounter>,
+    refused_capacity: IntCounter,
+    refused_draining: IntCounter,
+    pub topology_reloads_ok: IntCounter,
+    pub topology_reloads_failed: IntCounter,
+    pub topology_nodes: IntGauge,
+    pub clients_connected: IntGauge,
+    pub mailbox_payloads: IntGauge,
+    pub client_messages_refused: IntCounter,
+    pub acks_sent: IntCounter,
+    pub tokio_workers: IntGauge,
+    pub tokio_alive_tasks: IntGauge,
+    pub tokio_global_queue_depth: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(format!("nym_node_{name}"), help).expect("valid metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(format!("nym_node_{name}"), help).expect("valid metric definition");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(format!("nym_node_{name}"), help), labels)
+        .expect("valid metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(format!("nym_node_{name}"), help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric definition");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+impl Metrics {
+    /// Builds the registry. `mode` labels the packet counters so one dashboard can show all kinds of nodes.
+    pub fn new(mode: &str) -> Arc<Self> {
+        let registry = Registry::new();
+        let r = &registry;
+
+        let by_mode = |name: &str, help: &str| {
+            counter_vec(r, name, help, &["mode"]).with_label_values(&[mode])
+        };
+        let packets_received = by_mode(
+            "packets_received_total",
+            "Sphinx packets accepted from peers (after link decryption) and from clients.",
+        );
+        let packets_forwarded = by_mode(
+            "packets_forwarded_total",
+            "Sphinx packets handed to an egress peer's socket.",
+        );
+        let packets_delivered = by_mode(
+            "packets_delivered_total",
+            "Final-hop payloads handed to a client or queued for it.",
+        );
+        let drops_vec = counter_vec(
+            r,
+            "packets_dropped_total",
+            "Packets dropped, by reason.",
+            &["reason"],
+        );
+        let drops = DropReason::ALL
+            .iter()
+            .map(|reason| drops_vec.with_label_values(&[reason.as_str()]))
+            .collect();
+        let stage_vec = histogram_vec(
+            r,
+            "packet_stage_seconds",
+            "Where packets wait: forwarder_queue (ingress decrypt to unwrapped), delay_overrun (release minus due time), egress_queue (release to socket), socket_write (one batch flush).",
+            &["stage"],
+            LATENCY_BUCKETS,
+        );
+        let stages = Stage::ALL
+            .iter()
+            .map(|s| stage_vec.with_label_values(&[s.as_str()]))
+            .collect();
+        let held = histogram_vec(
+            r,
+            "packet_held_delay_seconds",
+            "Per-hop delay that packets asked this node to hold them for.",
+            &[],
+            HELD_DELAY_BUCKETS,
+        );
+        let handshake_vec = counter_vec(
+            r,
+            "network_handshake_failures_total",
+            "Noise handshakes that failed, by reason.",
+            &["direction", "reason"],
+        );
+        let handshake_failures = ["ingress", "egress"]
+            .iter()
+            .flat_map(|dir| {
+                HandshakeFailure::ALL
+                    .iter()
+                    .map(|reason| handshake_vec.with_label_values(&[*dir, reason.as_str()]))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let refused = counter_vec(
+            r,
+            "network_refused_ingress_mixnet_connections_total",
+            "Ingress mixnet connections refused before the handshake, by reason.",
+            &["reason"],
+        );
+        let reloads = counter_vec(
+            r,
+            "topology_reloads_total",
+            "Topology reload attempts, by result (a failed reload keeps the last good document).",
+            &["result"],
+        );
+
+        let build_info = IntGaugeVec::new(
+            Opts::new("nym_node_build_info", "Build of this node; always 1."),
+            &["version", "commit"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("metric registered once");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::BUILD_COMMIT])
+            .set(1);
+        let _ = registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
+
+        Arc::new(Metrics {
+            packets_received,
+            packets_forwarded,
+            packets_delivered,
+            cover_packets_received: counter(
+                r,
+                "cover_packets_received_total",
+                "Loop cover packets that reached this node as their final hop and were discarded.",
+            ),
+            packets_released_early: counter(
+                r,
+                "packets_released_early_total",
+                "Held packets released before their due time because the node was shutting down.",
+            ),
+            drops,
+            delay_queue_packets: gauge(
+                r,
+                "delay_queue_packets",
+                "Packets currently held in the delay queue.",
+            ),
+            held_delay: held.with_label_values(&[] as &[&str]),
+            stages,
+            active_ingress: gauge(
+                r,
+                "network_active_ingress_mixnet_connections",
+                "Open ingress mixnet connections (after the handshake).",
+            ),
+            active_egress: gauge(
+                r,
+                "network_active_egress_mixnet_connections",
+                "Open egress mixnet connections (after the handshake).",
+            ),
+            idle_closed_ingress: counter(
+                r,
+                "network_idle_closed_ingress_mixnet_connections_total",
+                "Ingress mixnet connections closed for having no traffic for the idle timeout.",
+            ),
+            idle_closed_egress: counter(
+                r,
+                "network_idle_closed_egress_mixnet_connections_total",
+                "Egress mixnet connections closed for having no traffic for the idle timeout.",
+            ),
+            write_timeouts: counter(
+                r,
+                "network_egress_write_timeouts_total",
+                "Egress batch flushes that exceeded the write timeout.",
+            ),
+            egress_reconnects: counter(
+                r,
+                "network_egress_reconnects_total",
+                "Egress connections re-established to a peer after a previous connection closed or failed.",
+            ),
+            handshake_failures,
+            refused_capacity: refused.with_label_values(&[RefusalReason::Capacity.as_str()]),
+            refused_draining: refused.with_label_values(&[RefusalReason::Draining.as_str()]),
+            topology_reloads_ok: reloads.with_label_values(&["ok"]),
+            topology_reloads_failed: reloads.with_label_values(&["error"]),
+            topology_nodes: gauge(r, "topology_nodes", "Nodes in the current topology document."),
+            clients_connected: gauge(
+                r,
+                "gateway_clients_connected",
+                "Clients with an authenticated session on this gateway.",
+            ),
+            mailbox_payloads: gauge(
+                r,
+                "gateway_mailbox_payloads",
+                "Final-hop payloads stored in the mailbox, waiting for their client's acknowledgement.",
+            ),
+            client_messages_refused: counter(
+                r,
+                "gateway_client_messages_refused_total",
+                "Client API connections closed for a bad message or failed authentication.",
+            ),
+            acks_sent: counter(
+                r,
+                "gateway_acks_sent_total",
+                "SURB-ACKs sent back into the mixnet for payloads delivered here.",
+            ),
+            tokio_workers: gauge(r, "tokio_workers", "Worker threads of the async runtime."),
+            tokio_alive_tasks: gauge(
+                r,
+                "tokio_alive_tasks",
+                "Tasks alive in the async runtime.",
+            ),
+            tokio_global_queue_depth: gauge(
+                r,
+                "tokio_global_queue_depth",
+                "Tasks waiting in the runtime's global queue.",
+            ),
+            registry,
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn dropped(&self, reason: DropReason) {
+        self.drops[reason.index()].inc();
+    }
+
+    pub fn dropped_n(&self, reason: DropReason, n: u64) {
+        self.drops[reason.index()].inc_by(n);
+    }
+
+    pub fn drop_count(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()].get()
+    }
+
+    pub fn stage(&self, stage: Stage) -> &Histogram {
+        &self.stages[Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0)]
+    }
+
+    pub fn handshake_failed(&self, ingress: bool, reason: HandshakeFailure) {
+        let dir = if ingress { 0 } else { HandshakeFailure::ALL.len() };
+        let idx = HandshakeFailure::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.handshake_failures[dir + idx].inc();
+    }
+
+    pub fn handshake_failures(&self, ingress: bool, reason: HandshakeFailure) -> u64 {
+        let dir = if ingress { 0 } else { HandshakeFailure::ALL.len() };
+        let idx = HandshakeFailure::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.handshake_failures[dir + idx].get()
+    }
+
+    pub fn refused(&self, reason: RefusalReason) {
+        match reason {
+            RefusalReason::Capacity => self.refused_capacity.inc(),
+            RefusalReason::Draining => self.refused_draining.inc(),
+        }
+    }
+
+    pub fn refused_count(&self, reason: RefusalReason) -> u64 {
+        match reason {
+            RefusalReason::Capacity => self.refused_capacity.get(),
+            RefusalReason::Draining => self.refused_draining.get(),
+        }
+    }
+
+    /// Samples the async runtime's gauges; called at scrape time.
+    pub fn sample_runtime(&self) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let m = handle.metrics();
+            self.tokio_workers.set(m.num_workers() as i64);
+            self.tokio_alive_tasks.set(m.num_alive_tasks() as i64);
+            self.tokio_global_queue_depth
+                .set(m.global_queue_depth() as i64);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.sample_runtime();
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if encoder.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_drop_reason_has_its_own_series() {
+        let m = Metrics::new("mixnode");
+        m.dropped(DropReason::Replay);
+        m.dropped_n(DropReason::Overload, 3);
+        assert_eq!(m.drop_count(DropReason::Replay), 1);
+        assert_eq!(m.drop_count(DropReason::Overload), 3);
+        assert_eq!(m.drop_count(DropReason::QueueFull), 0);
+        let text = m.render();
+        assert!(text.contains(r#"nym_node_packets_dropped_total{reason="overload"} 3"#), "{text}");
+        assert!(text.contains("nym_node_build_info{"));
+    }
+
+    #[test]
+    fn drop_reason_labels_are_unique() {
+        let mut labels: Vec<_> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), DropReason::ALL.len());
+    }
+}

@@ -1,0 +1,242 @@
+//! Ingress: the mixnet listener and one read loop per peer connection.
+//!
+//! - At most `NYM_NODE_MAX_INGRESS_CONNECTIONS` connections at once (a permit travels with
+//!   each connection); beyond it a connection is closed at once and counted.
+//! - The Noise handshake must finish within `NYM_NODE_HANDSHAKE_TIMEOUT`, and the initiator
+//!   must be a node of the topology.
+//! - Reads are batched: many frames per syscall, decoded from one buffer. A frame whose
+//!   length, version or authentication is wrong closes the connection (the stream cannot
+//!   be trusted after it) and is counted; other connections are untouched.
+//! - A connection idle for `NYM_NODE_CONNECTION_IDLE_TIMEOUT` is closed and counted; one that
+//!   starts a frame and does not finish it within `NYM_NODE_FRAME_READ_TIMEOUT` is closed.
+//! - Decrypted packets go to the intake, which sheds them if the workers are saturated.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::health::Health;
+use crate::metrics::{DropReason, GaugeGuard, HandshakeFailure, Metrics, RefusalReason};
+use crate::mixnet::framing::{self, FRAME_CIPHERTEXT_LEN, FRAME_PLAINTEXT_LEN, FrameError, WIRE_FRAME_LEN};
+use crate::mixnet::intake::Intake;
+use crate::mixnet::noise;
+use crate::mixnet::sphinx::PACKET_SIZE;
+use crate::telemetry::Throttle;
+use crate::topology::TopologyHandle;
+
+/// Read buffer per connection: room for many frames per syscall.
+const READ_BUFFER: usize = 32 * WIRE_FRAME_LEN;
+
+#[derive(Debug, Clone)]
+pub struct IngressSettings {
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub frame_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+pub struct IngressContext {
+    pub settings: IngressSettings,
+    pub noise_secret: [u8; 32],
+    pub topology: TopologyHandle,
+    pub intake: Intake,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+/// Accepts connections until `stop` fires. Every connection task watches `stop` too, so
+/// when this returns and the tasks end, the last `Intake` handle is dropped.
+pub async fn run(
+    listener: TcpListener,
+    ctx: Arc<IngressContext>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let _alive = ctx.health.accept_loop_guard();
+    let permits = Arc::new(Semaphore::new(ctx.settings.max_connections));
+    let refusal_log = Throttle::new(Duration::from_secs(30));
+    let unknown_key_log = Arc::new(Throttle::new(Duration::from_secs(30)));
+    let mut accept_backoff = Duration::from_millis(1);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, remote) = match accepted {
+            Ok(x) => {
+                accept_backoff = Duration::from_millis(1);
+                x
+            }
+            Err(e) => {
+                // Usually out of file descriptors: wait and try again rather than die.
+                tracing::warn!(error = %e, "accept failed; retrying");
+                tokio::time::sleep(accept_backoff).await;
+                accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            ctx.metrics.refused(RefusalReason::Capacity);
+            if refusal_log.allow() {
+                tracing::warn!(
+                    %remote,
+                    limit = ctx.settings.max_connections,
+                    "refusing ingress connection: at capacity (counted; logged at most every 30s)"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        let unknown_key_log = unknown_key_log.clone();
+        tracker.spawn(async move {
+            handle(stream, remote, ctx, stop, permit, unknown_key_log).await;
+        });
+    }
+    tracing::info!("mixnet listener closed");
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    remote: SocketAddr,
+    ctx: Arc<IngressContext>,
+    stop: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+    unknown_key_log: Arc<Throttle>,
+) {
+    let _ = stream.set_nodelay(true);
+    let topology = ctx.topology.clone();
+    let handshake = tracing::info_span!("handshake", direction = "ingress", %remote);
+    let result = tokio::select! {
+        _ = stop.cancelled() => return,
+        r = noise::respond(&mut stream, &ctx.noise_secret, ctx.settings.handshake_timeout, |key| {
+            topology.current().is_some_and(|t| t.node_by_noise_key(key).is_some())
+        }).instrument(handshake.clone()) => r,
+    };
+    let (mut receiver, key) = match result {
+        Ok(ok) => ok,
+        Err(e) => {
+            let reason = e.reason();
+            ctx.metrics.handshake_failed(true, reason);
+            if reason == HandshakeFailure::UnknownKey {
+                if unknown_key_log.allow() {
+                    tracing::warn!(parent: &handshake, error = %e, "refused ingress link from a key outside the topology (counted; logged at most every 30s)");
+                }
+            } else {
+                tracing::debug!(parent: &handshake, error = %e, "ingress handshake failed");
+            }
+            return;
+        }
+    };
+    let peer = ctx
+        .topology
+        .current()
+        .and_then(|t| t.node_by_noise_key(&key).map(|n| n.name.clone()))
+        .unwrap_or_default();
+    let span = tracing::info_span!("ingress_connection", %peer, %remote);
+    async move {
+        let _active = GaugeGuard::new(&ctx.metrics.active_ingress);
+        tracing::debug!("ingress connection established");
+        let budget = ctx.intake.connection_budget();
+        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        let mut plain = Box::new([0u8; FRAME_PLAINTEXT_LEN]);
+        let metrics = &ctx.metrics;
+        loop {
+            // Take every complete frame already buffered.
+            loop {
+                let body = match framing::next_frame(&buf, FRAME_CIPHERTEXT_LEN, true) {
+                    Ok(Some(body)) => body,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let reason = match e {
+                            FrameError::Oversized(_) => DropReason::OversizedFrame,
+                            _ => DropReason::MalformedFrame,
+                        };
+                        metrics.dropped(reason);
+                        tracing::warn!(error = %e, "closing ingress connection: bad frame");
+                        return;
+                    }
+                };
+                if receiver.decrypt(body, &mut plain).is_err() {
+                    metrics.dropped(DropReason::DecryptFailed);
+                    tracing::warn!("closing ingress connection: frame failed authentication");
+                    return;
+                }
+                let packet = match framing::decode_packet(&plain[..]) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let reason = match e {
+                            FrameError::BadVersion(_) => DropReason::BadVersion,
+                            _ => DropReason::MalformedFrame,
+                        };
+                        metrics.dropped(reason);
+                        tracing::warn!(error = %e, "closing ingress connection: bad frame header");
+                        return;
+                    }
+                };
+                let mut boxed = Box::new([0u8; PACKET_SIZE]);
+                boxed.copy_from_slice(packet);
+                metrics.packets_received.inc();
+                ctx.intake.submit(&budget, boxed, std::time::Instant::now());
+                buf.advance(WIRE_FRAME_LEN);
+            }
+            if buf.capacity() - buf.len() < WIRE_FRAME_LEN {
+                buf.reserve(READ_BUFFER);
+            }
+            let wait = if buf.is_empty() {
+                ctx.settings.idle_timeout
+            } else {
+                Some(ctx.settings.frame_read_timeout)
+            };
+            let read = async {
+                match wait {
+                    Some(t) => tokio::time::timeout(t, stream.read_buf(&mut buf)).await,
+                    None => Ok(stream.read_buf(&mut buf).await),
+                }
+            };
+            let read = tokio::select! {
+                _ = stop.cancelled() => {
+                    tracing::debug!(exit_reason = "shutdown", "closing ingress connection");
+                    return;
+                }
+                r = read => r,
+            };
+            match read {
+                Ok(Ok(0)) => {
+                    if !buf.is_empty() {
+                        metrics.dropped(DropReason::MalformedFrame);
+                        tracing::debug!("peer closed the connection in the middle of a frame");
+                    }
+                    tracing::debug!(exit_reason = "peer_closed", "ingress connection closed by the peer");
+                    return;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(exit_reason = "io_error", error = %e, "ingress connection broke");
+                    return;
+                }
+                Err(_) if buf.is_empty() => {
+                    metrics.idle_closed_ingress.inc();
+                    tracing::info!(exit_reason = "idle_timeout", "closing idle ingress connection");
+                    return;
+                }
+                Err(_) => {
+                    metrics.dropped(DropReason::MalformedFrame);
+                    tracing::warn!(exit_reason = "frame_read_timeout", "closing ingress connection: frame not completed in time");
+                    return;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}

@@ -1,0 +1,207 @@
+//! Intake: the bounded queue between ingress and the Sphinx workers, and the workers.
+//!
+//! Unwrapping is ~95% of the cost of a packet, so this is where overload is shed: a packet
+//! that cannot be queued is dropped *before* it is unwrapped (reason `overload`), so the
+//! work the node does is work that gets forwarded. Fairness between peers is a
+//! per-connection budget: each ingress connection may have at most
+//! `NYM_NODE_SPHINX_QUEUE_PER_CONNECTION` packets waiting, so one flooding peer fills its
+//! own budget and sheds its own packets while the others keep their share of the queue.
+//!
+//! The workers are plain threads (one per core by default), not async tasks: unwrapping is
+//! CPU-bound and would otherwise stall the runtime's I/O. They push results downstream
+//! with a blocking send, which backs up into this queue (and so into `overload` drops)
+//! rather than dropping unwrapped work.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tokio::sync::mpsc;
+
+use crate::keys::NodeId;
+use crate::metrics::{DropReason, Metrics, Stage};
+use crate::mixnet::sphinx::{FinalHop, PacketBytes, Processed, SphinxProcessor};
+use crate::telemetry::Throttle;
+
+/// A packet waiting to be unwrapped.
+struct Job {
+    packet: PacketBytes,
+    received_at: Instant,
+    budget: Arc<AtomicUsize>,
+}
+
+/// An unwrapped packet on its way to the forwarder.
+pub struct ForwardItem {
+    pub next_hop: NodeId,
+    /// Per-hop delay the packet asked for (already checked against the cap).
+    pub delay: Duration,
+    pub packet: PacketBytes,
+}
+
+/// Where the workers send their results.
+pub struct Downstream {
+    pub forward: mpsc::Sender<ForwardItem>,
+    /// Final-hop payloads; `None` on a mix node, which cannot deliver to clients.
+    pub deliver: Option<mpsc::Sender<FinalHop>>,
+}
+
+/// The submitting side, cloned into every ingress connection.
+#[derive(Clone)]
+pub struct Intake {
+    tx: Sender<Job>,
+    per_connection: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// One connection's share of the queue.
+pub struct ConnectionBudget(Arc<AtomicUsize>);
+
+/// Hook for tests: extra work per packet, to make a node slower than its peers.
+pub type SlowUnwrap = Option<Duration>;
+
+impl Intake {
+    /// Starts `workers` Sphinx threads; they stop once every `Intake` clone is dropped and
+    /// the queue is empty. Returns the submitting side and the threads' handles.
+    pub fn start(
+        processor: Arc<SphinxProcessor>,
+        workers: usize,
+        capacity: usize,
+        per_connection: usize,
+        downstream: Downstream,
+        metrics: Arc<Metrics>,
+        slow_unwrap: SlowUnwrap,
+    ) -> std::io::Result<(Intake, Vec<std::thread::JoinHandle<()>>)> {
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        // One throttle per drop reason, so a flood of one kind does not hide another.
+        let throttles: Arc<Vec<Throttle>> = Arc::new(
+            DropReason::ALL
+                .iter()
+                .map(|_| Throttle::new(Duration::from_secs(30)))
+                .collect(),
+        );
+        let mut handles = Vec::with_capacity(workers);
+        for i in 0..workers.max(1) {
+            let worker = Worker {
+                rx: rx.clone(),
+                processor: processor.clone(),
+                forward: downstream.forward.clone(),
+                deliver: downstream.deliver.clone(),
+                metrics: metrics.clone(),
+                throttles: throttles.clone(),
+                slow_unwrap,
+            };
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("sphinx-{i}"))
+                    .spawn(move || worker.run())?,
+            );
+        }
+        Ok((
+            Intake {
+                tx,
+                per_connection,
+                metrics,
+            },
+            handles,
+        ))
+    }
+
+    pub fn connection_budget(&self) -> ConnectionBudget {
+        ConnectionBudget(Arc::new(AtomicUsize::new(0)))
+    }
+
+    /// Queues a packet for unwrapping, or sheds it (counted as `overload`) if this
+    /// connection's budget or the whole queue is full. Never blocks.
+    pub fn submit(&self, budget: &ConnectionBudget, packet: PacketBytes, received_at: Instant) -> bool {
+        if budget.0.fetch_add(1, Ordering::Relaxed) >= self.per_connection {
+            budget.0.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.dropped(DropReason::Overload);
+            return false;
+        }
+        let job = Job {
+            packet,
+            received_at,
+            budget: budget.0.clone(),
+        };
+        match self.tx.try_send(job) {
+            Ok(()) => true,
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                job.budget.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.dropped(DropReason::Overload);
+                false
+            }
+        }
+    }
+
+    /// Packets waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+}
+
+struct Worker {
+    rx: Receiver<Job>,
+    processor: Arc<SphinxProcessor>,
+    forward: mpsc::Sender<ForwardItem>,
+    deliver: Option<mpsc::Sender<FinalHop>>,
+    metrics: Arc<Metrics>,
+    throttles: Arc<Vec<Throttle>>,
+    slow_unwrap: SlowUnwrap,
+}
+
+impl Worker {
+    fn run(self) {
+        while let Ok(job) = self.rx.recv() {
+            job.budget.fetch_sub(1, Ordering::Relaxed);
+            if let Some(extra) = self.slow_unwrap {
+                std::thread::sleep(extra);
+            }
+            let result = self.processor.process(&job.packet);
+            self.metrics
+                .stage(Stage::ForwarderQueue)
+                .observe(job.received_at.elapsed().as_secs_f64());
+            match result {
+                Ok(Processed::Forward {
+                    next_hop,
+                    delay,
+                    packet,
+                }) => {
+                    self.metrics.held_delay.observe(delay.as_secs_f64());
+                    let item = ForwardItem {
+                        next_hop,
+                        delay,
+                        packet,
+                    };
+                    if self.forward.blocking_send(item).is_err() {
+                        self.metrics.dropped(DropReason::Shutdown);
+                    }
+                }
+                Ok(Processed::Final(hop)) => match &self.deliver {
+                    Some(tx) => {
+                        if tx.blocking_send(hop).is_err() {
+                            self.metrics.dropped(DropReason::Shutdown);
+                        }
+                    }
+                    None => {
+                        self.metrics.dropped(DropReason::NoRoute);
+                        if self.throttles[DropReason::NoRoute.index()].allow() {
+                            tracing::warn!("dropping a final-hop packet: a mix node cannot deliver to clients");
+                        }
+                    }
+                },
+                Err(rejection) => {
+                    let reason = rejection.drop_reason();
+                    self.metrics.dropped(reason);
+                    // Replays and bad packets come from whoever built them, not from the
+                    // authenticated peer that relayed them: count each, log rarely.
+                    if self.throttles[reason.index()].allow() {
+                        tracing::warn!(reason = reason.as_str(), error = %rejection, "dropping packet (drops are counted; this is logged at most every 30s)");
+                    } else {
+                        tracing::debug!(reason = reason.as_str(), error = %rejection, "dropping packet");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! The mixnet data path, in the order packets flow through it:
+//! `ingress` (Noise links in, framing) → `intake` (overload shedding, Sphinx workers running
+//! `sphinx` with its `replay` filter) → `forward` (the `delay` queue) → `egress` (Noise links out).
+
+pub mod delay;
+pub mod egress;
+pub mod forward;
+pub mod framing;
+pub mod ingress;
+pub mod intake;
+pub mod noise;
+pub mod replay;
+pub mod sphinx;

@@ -1,0 +1,256 @@
+//! Sphinx processing: unwrap one layer, reject replays, and decide where the packet goes.
+//! Pure: no sockets, no clocks; the Sphinx workers in `intake.rs` call [`SphinxProcessor::process`].
+
+use std::time::Duration;
+
+use sphinx_packet::header::HEADER_SIZE;
+use sphinx_packet::header::SphinxHeader;
+use sphinx_packet::{ProcessedPacketData, SphinxPacket};
+use x25519_dalek::StaticSecret;
+
+use crate::keys::{KeyBytes, NodeId};
+use crate::metrics::DropReason;
+use crate::mixnet::replay::ReplayFilter;
+
+/// Bytes of a Sphinx payload: fixed by the protocol so every packet has the same size.
+pub const PAYLOAD_SIZE: usize = 2048;
+/// Bytes of a whole Sphinx packet (header + payload).
+pub const PACKET_SIZE: usize = HEADER_SIZE + PAYLOAD_SIZE;
+/// Bytes of a SURB identifier delivered to the final hop.
+pub const IDENTIFIER_SIZE: usize = 16;
+
+/// One packet's bytes, boxed so moving it through channels copies a pointer.
+pub type PacketBytes = Box<[u8; PACKET_SIZE]>;
+
+/// What unwrapping decided.
+pub enum Processed {
+    /// Hold for `delay`, then send `packet` to `next_hop`.
+    Forward {
+        next_hop: NodeId,
+        delay: Duration,
+        packet: PacketBytes,
+    },
+    /// This node is the last hop: hand the payload to `destination`.
+    Final(FinalHop),
+}
+
+/// A payload that reached its last hop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinalHop {
+    /// The client the payload is for (its identity key).
+    pub destination: KeyBytes,
+    /// All zero for a forward message; a SURB's identifier for a reply or an acknowledgement.
+    pub identifier: [u8; IDENTIFIER_SIZE],
+    /// The payload with this node's layer removed ([`PAYLOAD_SIZE`] bytes).
+    pub payload: Vec<u8>,
+}
+
+/// Why a packet was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    #[error("malformed packet: {0}")]
+    Malformed(String),
+    #[error("replayed packet")]
+    Replay,
+    #[error("delay {0:?} exceeds the cap")]
+    ExcessiveDelay(Duration),
+}
+
+impl Rejection {
+    pub fn drop_reason(&self) -> DropReason {
+        match self {
+            Rejection::Malformed(_) => DropReason::MalformedPacket,
+            Rejection::Replay => DropReason::Replay,
+            Rejection::ExcessiveDelay(_) => DropReason::ExcessiveDelay,
+        }
+    }
+}
+
+/// Unwraps packets with this node's Sphinx key. Shared by all workers.
+pub struct SphinxProcessor {
+    secret: StaticSecret,
+    replay: ReplayFilter,
+    max_delay: Duration,
+    /// Replay tag produced by an all-zero Diffie-Hellman output: every low-order group
+    /// element gives it, and such a packet must not be processed (the crate does not check).
+    low_order_tag: [u8; 32],
+}
+
+impl SphinxProcessor {
+    pub fn new(secret: StaticSecret, max_delay: Duration, replay_capacity: usize) -> Self {
+        // u = 0 is a low-order point: x25519 with it yields the all-zero output.
+        let low_order_tag = SphinxHeader::from_bytes(&[0u8; HEADER_SIZE])
+            .map(|h| *h.compute_expanded_shared_secret(&secret).replay_tag())
+            .unwrap_or([0u8; 32]);
+        SphinxProcessor {
+            secret,
+            replay: ReplayFilter::new(replay_capacity),
+            max_delay,
+            low_order_tag,
+        }
+    }
+
+    /// Unwraps one packet. The Diffie-Hellman is done once: its expansion gives the replay
+    /// tag, the header is authenticated before the tag is recorded (so garbage cannot fill
+    /// the filter), and only then is the rest of the packet processed.
+    pub fn process(&self, bytes: &[u8; PACKET_SIZE]) -> Result<Processed, Rejection> {
+        let packet = SphinxPacket::from_bytes(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        let secret = packet.header.compute_expanded_shared_secret(&self.secret);
+        if *secret.replay_tag() == self.low_order_tag {
+            return Err(Rejection::Malformed("low-order group element".into()));
+        }
+        packet
+            .header
+            .ensure_header_integrity(&secret)
+            .map_err(|e| Rejection::Malformed(e.to_string()))?;
+        if !self.replay.check_and_insert(secret.replay_tag()) {
+            return Err(Rejection::Replay);
+        }
+        let processed = packet
+            .process_with_expanded_secret(&secret)
+            .map_err(|e| Rejection::Malformed(e.to_string()))?;
+        match processed.data {
+            ProcessedPacketData::ForwardHop {
+                next_hop_packet,
+                next_hop_address,
+                delay,
+            } => {
+                let delay = Duration::from_nanos(delay.to_nanos());
+                if delay > self.max_delay {
+                    return Err(Rejection::ExcessiveDelay(delay));
+                }
+                let mut out: PacketBytes = Box::new([0u8; PACKET_SIZE]);
+                let header = next_hop_packet.header.to_bytes();
+                let payload = next_hop_packet.payload.as_bytes();
+                if header.len() + payload.len() != PACKET_SIZE {
+                    return Err(Rejection::Malformed("unexpected packet size".into()));
+                }
+                out[..HEADER_SIZE].copy_from_slice(&header);
+                out[HEADER_SIZE..].copy_from_slice(payload);
+                Ok(Processed::Forward {
+                    next_hop: KeyBytes(next_hop_address.to_bytes()),
+                    delay,
+                    packet: out,
+                })
+            }
+            ProcessedPacketData::FinalHop {
+                destination,
+                identifier,
+                payload,
+            } => Ok(Processed::Final(FinalHop {
+                destination: KeyBytes(destination.as_bytes()),
+                identifier,
+                payload: payload.into_bytes(),
+            })),
+        }
+    }
+
+    pub fn replay_entries(&self) -> usize {
+        self.replay.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::X25519;
+    use proptest::prelude::*;
+    use sphinx_packet::header::delays::Delay;
+    use sphinx_packet::route::{Destination, DestinationAddressBytes, Node, NodeAddressBytes};
+    use sphinx_packet::SphinxPacketBuilder;
+
+    fn build(route: &[(&X25519, [u8; 32])], delays_ms: &[u64], message: &[u8]) -> PacketBytes {
+        let nodes: Vec<Node> = route
+            .iter()
+            .map(|(k, id)| {
+                Node::new(
+                    NodeAddressBytes::from_bytes(*id),
+                    x25519_dalek::PublicKey::from(k.public().0),
+                )
+            })
+            .collect();
+        let delays: Vec<Delay> = delays_ms.iter().map(|d| Delay::new_from_millis(*d)).collect();
+        let dest = Destination::new(DestinationAddressBytes::from_bytes([9u8; 32]), [0u8; 16]);
+        let packet = SphinxPacketBuilder::new()
+            .with_payload_size(PAYLOAD_SIZE)
+            .build_packet(message, &nodes, &dest, &delays)
+            .unwrap();
+        let bytes = packet.to_bytes();
+        Box::new(bytes.try_into().unwrap())
+    }
+
+    #[test]
+    fn forward_then_final_then_replay() {
+        let (k1, k2) = (X25519::generate().unwrap(), X25519::generate().unwrap());
+        let p1 = SphinxProcessor::new(k1.secret().clone(), Duration::from_secs(10), 10_000);
+        let p2 = SphinxProcessor::new(k2.secret().clone(), Duration::from_secs(10), 10_000);
+        let packet = build(&[(&k1, [1; 32]), (&k2, [2; 32])], &[25, 0], b"hello mixnet");
+
+        let Processed::Forward { next_hop, delay, packet: next } = p1.process(&packet).unwrap() else {
+            panic!("expected a forward hop");
+        };
+        assert_eq!(next_hop, KeyBytes([2; 32]));
+        assert_eq!(delay, Duration::from_millis(25));
+        let Processed::Final(fin) = p2.process(&next).unwrap() else {
+            panic!("expected the final hop");
+        };
+        assert_eq!(fin.destination, KeyBytes([9; 32]));
+        assert_eq!(fin.payload.len(), PAYLOAD_SIZE);
+        let plain = sphinx_packet::payload::Payload::from_bytes(&fin.payload)
+            .unwrap()
+            .recover_plaintext()
+            .unwrap();
+        assert_eq!(plain, b"hello mixnet");
+
+        assert!(matches!(p1.process(&packet), Err(Rejection::Replay)));
+    }
+
+    #[test]
+    fn excessive_delay_is_rejected() {
+        let (k1, k2) = (X25519::generate().unwrap(), X25519::generate().unwrap());
+        let p1 = SphinxProcessor::new(k1.secret().clone(), Duration::from_secs(1), 10_000);
+        let packet = build(&[(&k1, [1; 32]), (&k2, [2; 32])], &[5_000, 0], b"x");
+        assert!(matches!(p1.process(&packet), Err(Rejection::ExcessiveDelay(_))));
+    }
+
+    #[test]
+    fn corrupted_header_and_low_order_points_are_malformed() {
+        let (k1, k2) = (X25519::generate().unwrap(), X25519::generate().unwrap());
+        let p1 = SphinxProcessor::new(k1.secret().clone(), Duration::from_secs(1), 10_000);
+        let mut packet = build(&[(&k1, [1; 32]), (&k2, [2; 32])], &[1, 0], b"x");
+        packet[40] ^= 0x80;
+        assert!(matches!(p1.process(&packet), Err(Rejection::Malformed(_))));
+        let mut low = packet.clone();
+        low[..32].copy_from_slice(&[0u8; 32]);
+        assert!(matches!(p1.process(&low), Err(Rejection::Malformed(_))));
+        low[0] = 1;
+        assert!(matches!(p1.process(&low), Err(Rejection::Malformed(_))));
+    }
+
+    fn fixture() -> (SphinxProcessor, PacketBytes) {
+        let (k1, k2) = (X25519::generate().unwrap(), X25519::generate().unwrap());
+        let p = SphinxProcessor::new(k1.secret().clone(), Duration::from_secs(10), 100_000);
+        let packet = build(&[(&k1, [1; 32]), (&k2, [2; 32])], &[1, 0], b"fuzz");
+        (p, packet)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        // Mutated packets never panic; each is either processed or rejected with a reason.
+        #[test]
+        fn mutated_packets_never_panic(flips in proptest::collection::vec((0usize..PACKET_SIZE, any::<u8>()), 1..8)) {
+            let (p, mut packet) = fixture();
+            for (i, b) in flips {
+                packet[i] ^= b | 1;
+            }
+            let _ = p.process(&packet);
+        }
+
+        #[test]
+        fn random_packets_are_rejected(bytes in proptest::collection::vec(any::<u8>(), PACKET_SIZE)) {
+            let (p, _) = fixture();
+            let packet: PacketBytes = Box::new(bytes.try_into().unwrap());
+            prop_assert!(p.process(&packet).is_err());
+        }
+    }
+}

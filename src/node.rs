@@ -1,0 +1,388 @@
+//! A running node: binds its listeners, wires the pipeline together in data-flow order,
+//! and, when stopped, lets it empty in the same order (see `shutdown.rs`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::dns::{DnsSettings, Resolver};
+use crate::gateway::{self, client_api::ClientApi, delivery::Delivery, mailbox::Mailbox, sessions::Sessions};
+use crate::health::Health;
+use crate::http::{self, HttpState, description::Description};
+use crate::keys::NodeKeys;
+use crate::metrics::Metrics;
+use crate::mixnet::egress::{Egress, EgressContext, EgressSettings};
+use crate::mixnet::forward::Forwarder;
+use crate::mixnet::ingress::{self, IngressContext, IngressSettings};
+use crate::mixnet::intake::{Downstream, Intake};
+use crate::mixnet::sphinx::SphinxProcessor;
+use crate::shutdown::Shutdown;
+use crate::topology::{self, TopologyHandle, TopologySource};
+
+/// Once ingress has stopped, how long the rest of the pipeline may take to empty.
+const FLUSH_BOUND: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("starting Sphinx workers: {0}")]
+    Workers(std::io::Error),
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
+    #[error(transparent)]
+    Mailbox(#[from] crate::gateway::mailbox::MailboxError),
+}
+
+/// The node's sockets, bound before anything else so a port clash fails fast.
+pub struct Listeners {
+    pub mixnet: TcpListener,
+    pub http: TcpListener,
+    /// Gateways only.
+    pub client: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> Result<Self, NodeError> {
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Bind { what, addr, source })
+        };
+        Ok(Listeners {
+            mixnet: bind("the mixnet listener", config.mixnet_bind).await?,
+            http: bind("the HTTP listener", config.http_bind).await?,
+            client: if config.mode.is_gateway() {
+                Some(bind("the client API listener", config.client_bind).await?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// Knobs for tests only (read from `NYM_TESTHOOK_*`; never set them in production).
+#[derive(Debug, Clone, Default)]
+pub struct TestHooks {
+    /// Extra time spent per unwrap, to make a node slower than its peers.
+    pub slow_unwrap: Option<Duration>,
+    /// Lose every n-th packet this node forwards, as a lossy link would.
+    pub lose_every: Option<u64>,
+}
+
+impl TestHooks {
+    pub fn from_env() -> Self {
+        let num = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+        let hooks = TestHooks {
+            slow_unwrap: num("NYM_TESTHOOK_SLOW_UNWRAP_US").map(Duration::from_micros),
+            lose_every: num("NYM_TESTHOOK_LOSE_EVERY"),
+        };
+        if hooks.slow_unwrap.is_some() || hooks.lose_every.is_some() {
+            tracing::warn!(?hooks, "TEST HOOKS ACTIVE: this node misbehaves on purpose");
+        }
+        hooks
+    }
+}
+
+/// A started node.
+pub struct RunningNode {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub shutdown: Shutdown,
+    pub topology: TopologyHandle,
+    pub mixnet_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub client_addr: Option<SocketAddr>,
+    task: JoinHandle<()>,
+}
+
+impl RunningNode {
+    /// Waits until the node has stopped and emptied its pipeline.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    /// Drains for `grace`, then stops and waits.
+    pub async fn drain_and_wait(self, grace: Duration) {
+        self.shutdown.drain_for(grace).await;
+        self.wait().await;
+    }
+}
+
+/// Starts every part of the node. It runs until `RunningNode::shutdown` is stopped.
+pub async fn start(
+    config: Config,
+    keys: NodeKeys,
+    listeners: Listeners,
+    hooks: TestHooks,
+) -> Result<RunningNode, NodeError> {
+    let metrics = Metrics::new(config.mode.as_str());
+    let shutdown = Shutdown::new();
+    let topology = TopologyHandle::new();
+    let health = Health::new(topology.clone(), shutdown.clone());
+    health.set_keys_loaded();
+    let mixnet_addr = listeners.mixnet.local_addr().map_err(|source| NodeError::Bind {
+        what: "the mixnet listener",
+        addr: config.mixnet_bind,
+        source,
+    })?;
+    let http_addr = listeners.http.local_addr().map_err(|source| NodeError::Bind {
+        what: "the HTTP listener",
+        addr: config.http_bind,
+        source,
+    })?;
+    let client_addr = listeners.client.as_ref().and_then(|l| l.local_addr().ok());
+
+    // Topology and HTTP outlive the pipeline: they stop last.
+    let background = CancellationToken::new();
+    let refresh = tokio::spawn(topology::refresh_loop(
+        TopologySource::parse(&config.topology),
+        topology.clone(),
+        config.topology_refresh.get(),
+        Some(metrics.clone()),
+        background.clone(),
+    ));
+
+    let resolver = Resolver::new(
+        DnsSettings {
+            servers: config.dns_servers.0.clone(),
+            max_ttl: config.dns_max_ttl.get(),
+            negative_ttl: config.dns_negative_ttl.get(),
+            timeout: config.dns_timeout.get(),
+        },
+        metrics.registry(),
+    )?;
+
+    // Downstream first: egress and the forwarder, then the workers feeding it.
+    let links = TaskTracker::new();
+    let egress = Egress::new(Arc::new(EgressContext {
+        settings: EgressSettings {
+            queue: config.egress_queue,
+            idle_timeout: config.idle_timeout(),
+            write_timeout: config.write_timeout(),
+            connect_timeout: config.connect_timeout.get(),
+            handshake_timeout: config.handshake_timeout.get(),
+            backoff_initial: config.reconnect_backoff_initial.get(),
+            backoff_max: config.reconnect_backoff_max.get(),
+        },
+        topology: topology.clone(),
+        noise_secret: keys.noise.secret_bytes(),
+        resolver,
+        metrics: metrics.clone(),
+        tracker: links.clone(),
+    }));
+    let (forward_tx, forward_rx) = mpsc::channel(config.forwarder_queue);
+    let forwarder = tokio::spawn(
+        Forwarder::new(
+            forward_rx,
+            egress,
+            metrics.clone(),
+            health.clone(),
+            hooks.lose_every,
+        )
+        .run(),
+    );
+
+    let (deliver_tx, deliver_rx) = if config.mode.is_gateway() {
+        let (tx, rx) = mpsc::channel(config.forwarder_queue);
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let processor = Arc::new(SphinxProcessor::new(
+        keys.sphinx.secret().clone(),
+        config.max_packet_delay.get(),
+        config.replay_filter_capacity,
+    ));
+    let (intake, workers) = Intake::start(
+        processor,
+        config.sphinx_worker_count(),
+        config.sphinx_queue,
+        config.sphinx_queue_per_connection,
+        Downstream {
+            forward: forward_tx.clone(),
+            deliver: deliver_tx,
+        },
+        metrics.clone(),
+        hooks.slow_unwrap,
+    )
+    .map_err(NodeError::Workers)?;
+
+    let connections = TaskTracker::new();
+    let ingress = tokio::spawn(ingress::run(
+        listeners.mixnet,
+        Arc::new(IngressContext {
+            settings: IngressSettings {
+                handshake_timeout: config.handshake_timeout.get(),
+                idle_timeout: config.idle_timeout(),
+                frame_read_timeout: config.frame_read_timeout.get(),
+                max_connections: config.max_ingress_connections,
+            },
+            noise_secret: keys.noise.secret_bytes(),
+            topology: topology.clone(),
+            intake,
+            metrics: metrics.clone(),
+            health: health.clone(),
+        }),
+        shutdown.stopping_token(),
+        connections.clone(),
+    ));
+
+    let mut gateway_tasks = Vec::new();
+    if let (Some(rx), Some(client_listener)) = (deliver_rx, listeners.client) {
+        let mailbox = Arc::new(Mailbox::open(
+            &config.data_dir.join("mailbox.redb"),
+            config.mailbox_quota_bytes,
+        )?);
+        let sessions = Sessions::new(metrics.clients_connected.clone());
+        gateway_tasks.push(tokio::spawn(
+            Delivery {
+                rx,
+                forward: forward_tx.clone(),
+                mailbox: mailbox.clone(),
+                sessions: sessions.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(),
+        ));
+        let api = Arc::new(ClientApi {
+            gateway: keys.identity.public(),
+            forward: forward_tx.clone(),
+            mailbox: mailbox.clone(),
+            sessions,
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            rate: config.client_rate,
+            burst: config.client_burst,
+        });
+        gateway_tasks.push(tokio::spawn(async move {
+            if let Err(e) = gateway::client_api::serve(client_listener, api).await {
+                tracing::error!(error = %e, "client API server failed");
+            }
+        }));
+        gateway_tasks.push(tokio::spawn(gateway::sweep_mailbox(
+            mailbox,
+            config.mailbox_retention.get(),
+            metrics.clone(),
+            shutdown.clone(),
+        )));
+    }
+    // Every producer holds its own sender now; when they are gone the forwarder drains.
+    drop(forward_tx);
+
+    let describe = describer(&config, &keys, &topology, mixnet_addr, http_addr, client_addr);
+    let http_state = Arc::new(HttpState {
+        health: health.clone(),
+        metrics: metrics.clone(),
+        describe,
+        metrics_token: config.metrics_token.clone(),
+    });
+    let http_stop = background.clone();
+    let http = tokio::spawn(http::serve(listeners.http, http_state, async move {
+        http_stop.cancelled().await
+    }));
+    health.set_listeners_bound();
+    tracing::info!(
+        mode = %config.mode,
+        identity = %keys.identity.public(),
+        mixnet = %mixnet_addr,
+        http = %http_addr,
+        client = ?client_addr,
+        "node started"
+    );
+
+    let stop = shutdown.clone();
+    let task_metrics = metrics.clone();
+    let task = tokio::spawn(async move {
+        stop.stopping().await;
+        let started = std::time::Instant::now();
+        // Ingress first: no new packets enter.
+        let _ = ingress.await;
+        connections.close();
+        connections.wait().await;
+        // Workers finish their queue once the last ingress handle is gone.
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
+        for t in gateway_tasks {
+            let _ = t.await;
+        }
+        // The forwarder releases what it holds and drops egress; links flush and close.
+        let _ = forwarder.await;
+        links.close();
+        if tokio::time::timeout(FLUSH_BOUND, links.wait()).await.is_err() {
+            tracing::warn!("egress links did not finish flushing in time");
+        }
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            forwarded = task_metrics.packets_forwarded.get(),
+            released_early = task_metrics.packets_released_early.get(),
+            "pipeline drained"
+        );
+        background.cancel();
+        let _ = refresh.await;
+        let _ = http.await;
+    });
+
+    Ok(RunningNode {
+        metrics,
+        health,
+        shutdown,
+        topology,
+        mixnet_addr,
+        http_addr,
+        client_addr,
+        task,
+    })
+}
+
+/// The description follows the topology: layer and public addresses come from this node's
+/// entry when it has one, otherwise from the bound sockets.
+fn describer(
+    config: &Config,
+    keys: &NodeKeys,
+    topology: &TopologyHandle,
+    mixnet_addr: SocketAddr,
+    http_addr: SocketAddr,
+    client_addr: Option<SocketAddr>,
+) -> http::Describe {
+    let (name, mode, keys, topology) = (
+        config.id.clone(),
+        config.mode,
+        keys.clone(),
+        topology.clone(),
+    );
+    Arc::new(move || {
+        let public = keys.public();
+        let current = topology.current();
+        let entry = current.as_ref().and_then(|t| t.node(&public.identity_key));
+        Description::new(
+            &name,
+            mode,
+            entry.and_then(|e| e.layer),
+            public,
+            entry.map_or(mixnet_addr.to_string(), |e| e.mixnet_address.to_string()),
+            entry
+                .and_then(|e| e.client_address.as_ref().map(|a| a.to_string()))
+                .or(client_addr.map(|a| a.to_string())),
+            entry
+                .and_then(|e| e.http_address.as_ref().map(|a| a.to_string()))
+                .unwrap_or(http_addr.to_string()),
+        )
+        .sign(&keys.identity)
+    })
+}

@@ -1,0 +1,107 @@
+//! Graceful drain.
+//!
+//! On SIGTERM or SIGINT the node turns `/readyz` false and stops taking client traffic
+//! (phase *draining*), keeps accepting and forwarding peers' packets for
+//! `NYM_NODE_DRAIN_GRACE`, then stops ingress (phase *stopping*). From there the pipeline
+//! empties itself in data-flow order: when ingress is gone the Sphinx workers finish their
+//! queue, the forwarder releases every held packet (those not yet due leave early and are
+//! counted), and each egress link flushes what it holds and closes. A second signal exits
+//! at once.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// The signals that move a node through its drain. Clone freely.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    draining: CancellationToken,
+    stopping: CancellationToken,
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts the drain: readiness false, client intake stops.
+    pub fn start_drain(&self) {
+        self.draining.cancel();
+    }
+
+    /// Ends the grace period: ingress stops and the pipeline empties.
+    pub fn stop(&self) {
+        self.draining.cancel();
+        self.stopping.cancel();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.is_cancelled()
+    }
+
+    pub async fn draining(&self) {
+        self.draining.cancelled().await
+    }
+
+    pub async fn stopping(&self) {
+        self.stopping.cancelled().await
+    }
+
+    pub fn stopping_token(&self) -> CancellationToken {
+        self.stopping.clone()
+    }
+
+    /// Starts the drain and ends it after `grace` (or at once if `stop` is called).
+    pub async fn drain_for(&self, grace: Duration) {
+        self.start_drain();
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => {}
+            _ = self.stopping() => {}
+        }
+        self.stop();
+    }
+}
+
+/// Waits for SIGTERM or SIGINT, drains for `grace`, and exits the process on a second signal.
+pub async fn on_signals(shutdown: Shutdown, grace: Duration) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; the node will not drain on SIGTERM");
+        return;
+    };
+    let first = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    let span = tracing::info_span!("drain", signal = first, grace_ms = grace.as_millis() as u64);
+    tracing::info!(parent: &span, "draining: readiness is false, client intake stopped, peers' packets still accepted");
+    let second = async {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    tokio::select! {
+        _ = shutdown.drain_for(grace) => {
+            tracing::info!(parent: &span, "grace period over: stopping ingress and releasing held packets");
+        }
+        _ = second => {
+            tracing::warn!(parent: &span, "second signal: exiting without finishing the drain");
+            std::process::exit(1);
+        }
+    }
+    // Keep honouring a second signal while the pipeline empties.
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: exiting without finishing the drain");
+    std::process::exit(1);
+}
