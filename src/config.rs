@@ -508,7 +508,7 @@ pub fn knobs_markdown() -> String {
     let mut out = String::from("| Variable | Default | Meaning |\n|---|---|---|\n");
     for k in knobs() {
         let default = if k.default.is_empty() {
-            "(required)".to_string()
+            "(empty)".to_string()
         } else {
             format!("`{}`", k.default)
         };

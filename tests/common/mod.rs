@@ -1,0 +1,366 @@
+//! Shared harness for whole-node tests: real nodes in this process on 127.0.0.1 ports,
+//! real Noise and Sphinx, plus test-driven peers (initiators) and sinks (responders).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use nym_node::client::packet;
+use nym_node::client::route::Hop;
+use nym_node::config::{Config, DurationKnob, Mode};
+use nym_node::keys::{KeyBytes, NodeKeys};
+use nym_node::mixnet::framing::{self, FRAME_CIPHERTEXT_LEN, FRAME_PLAINTEXT_LEN};
+use nym_node::mixnet::noise::{self, LinkSender};
+use nym_node::mixnet::sphinx::{PACKET_SIZE, PacketBytes};
+use nym_node::node::{self, Listeners, RunningNode, TestHooks};
+use nym_node::topology::{NodeEntry, TopologyDocument};
+
+/// What a member of the test network is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Role {
+    /// A real node started in this process.
+    Node(Mode, Option<u8>),
+    /// A topology member the test connects *from* (its address is never dialled).
+    Peer,
+    /// A topology member the test listens as (a responder standing in for a node).
+    Sink(Option<u8>),
+}
+
+pub struct Member {
+    pub name: String,
+    pub role: Role,
+    pub keys: NodeKeys,
+    pub entry: NodeEntry,
+}
+
+impl Member {
+    pub fn hop(&self) -> Hop {
+        Hop {
+            identity: self.entry.identity_key,
+            sphinx_key: self.entry.sphinx_key,
+        }
+    }
+}
+
+pub struct Net {
+    pub dir: TempDir,
+    pub topology_path: PathBuf,
+    pub members: Vec<Member>,
+    pub nodes: HashMap<String, RunningNode>,
+    pub sinks: HashMap<String, TcpListener>,
+}
+
+/// Default test tweaks: fast topology reload, short grace, one worker.
+pub fn base_config(dir: &std::path::Path, name: &str, mode: Mode, topology: &std::path::Path) -> Config {
+    let mut c = Config::default();
+    c.id = name.to_string();
+    c.mode = mode;
+    c.topology = topology.display().to_string();
+    c.topology_refresh = DurationKnob(Duration::from_millis(200));
+    c.data_dir = dir.join(name);
+    c.keys_dir = dir.join(name).join("keys");
+    c.drain_grace = DurationKnob(Duration::from_millis(500));
+    c.sphinx_workers = 1;
+    c
+}
+
+impl Net {
+    /// Builds and starts a network. `tweak` adjusts each node's config.
+    pub async fn start(
+        spec: &[(&str, Role)],
+        tweak: impl Fn(&str, &mut Config),
+        hooks: impl Fn(&str) -> TestHooks,
+    ) -> Net {
+        let dir = tempfile::tempdir().unwrap();
+        let topology_path = dir.path().join("topology.json");
+        let mut members = Vec::new();
+        let mut listeners: HashMap<String, Listeners> = HashMap::new();
+        let mut sinks = HashMap::new();
+        for (name, role) in spec {
+            let keys = NodeKeys::generate().unwrap();
+            let (mode, layer, mixnet_address, client_address, http_address) = match role {
+                Role::Node(mode, layer) => {
+                    let l = Listeners {
+                        mixnet: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+                        http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+                        client: if mode.is_gateway() {
+                            Some(TcpListener::bind("127.0.0.1:0").await.unwrap())
+                        } else {
+                            None
+                        },
+                    };
+                    let m = l.mixnet.local_addr().unwrap();
+                    let h = l.http.local_addr().unwrap();
+                    let c = l.client.as_ref().map(|c| c.local_addr().unwrap());
+                    listeners.insert(name.to_string(), l);
+                    (*mode, *layer, m.to_string(), c.map(|c| c.to_string()), Some(h.to_string()))
+                }
+                Role::Peer => (Mode::Mixnode, Some(1), "127.0.0.1:9".to_string(), None, None),
+                Role::Sink(layer) => {
+                    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                    let a = l.local_addr().unwrap();
+                    sinks.insert(name.to_string(), l);
+                    let mode = if layer.is_some() { Mode::Mixnode } else { Mode::EntryGateway };
+                    (mode, *layer, a.to_string(), None, None)
+                }
+            };
+            let public = keys.public();
+            members.push(Member {
+                name: name.to_string(),
+                role: *role,
+                entry: NodeEntry {
+                    name: name.to_string(),
+                    identity_key: public.identity_key,
+                    sphinx_key: public.sphinx_key,
+                    noise_key: public.noise_key,
+                    mode,
+                    layer,
+                    mixnet_address: mixnet_address.parse().unwrap(),
+                    client_address: client_address.map(|c| c.parse().unwrap()),
+                    http_address: http_address.map(|h| h.parse().unwrap()),
+                    serving: true,
+                },
+                keys,
+            });
+        }
+        let net_members = Net {
+            dir,
+            topology_path,
+            members,
+            nodes: HashMap::new(),
+            sinks,
+        };
+        net_members.write_topology(1);
+        let mut net = net_members;
+        for m in &net.members {
+            if let Role::Node(mode, _) = m.role {
+                let mut config = base_config(net.dir.path(), &m.name, mode, &net.topology_path);
+                tweak(&m.name, &mut config);
+                let l = listeners.remove(&m.name).unwrap();
+                let running = node::start(config, m.keys.clone(), l, hooks(&m.name)).await.unwrap();
+                net.nodes.insert(m.name.clone(), running);
+            }
+        }
+        for (name, n) in &net.nodes {
+            let mut ready = false;
+            for _ in 0..200 {
+                if n.health.readiness().is_ok() {
+                    ready = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(ready, "{name} never became ready: {:?}", n.health.readiness());
+        }
+        net
+    }
+
+    /// Writes the topology document from the members' entries.
+    pub fn write_topology(&self, revision: u64) {
+        let doc = TopologyDocument {
+            schema: 1,
+            revision,
+            nodes: self.members.iter().map(|m| m.entry.clone()).collect(),
+        };
+        std::fs::write(&self.topology_path, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    }
+
+    pub fn member(&self, name: &str) -> &Member {
+        self.members.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("no member {name}"))
+    }
+
+    pub fn member_mut(&mut self, name: &str) -> &mut Member {
+        self.members.iter_mut().find(|m| m.name == name).unwrap()
+    }
+
+    pub fn node(&self, name: &str) -> &RunningNode {
+        &self.nodes[name]
+    }
+
+    pub fn take_sink(&mut self, name: &str) -> Sink {
+        let listener = self.sinks.remove(name).unwrap();
+        let keys = self.member(name).keys.clone();
+        let known: Vec<KeyBytes> = self.members.iter().map(|m| m.entry.noise_key).collect();
+        Sink::start(listener, keys, known)
+    }
+
+    /// Opens a Noise link from `peer` (a topology member) to node `to`.
+    pub async fn link(&self, peer: &str, to: &str) -> Link {
+        let from = self.member(peer);
+        let target = self.member(to);
+        let addr: SocketAddr = target.entry.mixnet_address.to_string().parse().unwrap();
+        Link::connect(addr, &from.keys, &target.entry.noise_key).await.unwrap()
+    }
+
+    /// Builds a packet along `route` (member names) to `destination` with per-hop `delays`.
+    pub fn packet(&self, route: &[&str], destination: KeyBytes, plaintext: &[u8], delays: &[Duration]) -> PacketBytes {
+        let hops: Vec<Hop> = route.iter().map(|n| self.member(n).hop()).collect();
+        packet::build_forward(&hops, &destination, plaintext, delays).unwrap().1
+    }
+
+    /// Stops every node (drain with a short grace) and waits for them.
+    pub async fn stop(mut self) {
+        for (_, n) in self.nodes.drain() {
+            n.shutdown.stop();
+            n.wait().await;
+        }
+    }
+}
+
+/// A test-driven initiator link: sends frames of its choosing.
+pub struct Link {
+    pub stream: TcpStream,
+    pub sender: LinkSender,
+}
+
+impl Link {
+    pub async fn connect(addr: SocketAddr, keys: &NodeKeys, responder: &KeyBytes) -> Result<Link, String> {
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let sender = noise::initiate(&mut stream, &keys.noise.secret_bytes(), responder, Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Link { stream, sender })
+    }
+
+    pub async fn send_packet(&mut self, packet: &[u8; PACKET_SIZE]) -> std::io::Result<()> {
+        let mut plain = [0u8; FRAME_PLAINTEXT_LEN];
+        let mut out = Vec::new();
+        self.sender.encrypt_packet(packet, &mut plain, &mut out).unwrap();
+        self.stream.write_all(&out).await
+    }
+
+    /// Sends an arbitrary plaintext, correctly encrypted, with its length prefix.
+    pub async fn send_plaintext(&mut self, plaintext: &[u8]) -> std::io::Result<()> {
+        let body = self.sender.encrypt_raw(plaintext).unwrap();
+        let mut out = framing::prefix(body.len()).to_vec();
+        out.extend_from_slice(&body);
+        self.stream.write_all(&out).await
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    /// True once the node has closed the connection (reads EOF or an error).
+    pub async fn closed_within(&mut self, t: Duration) -> bool {
+        let mut buf = [0u8; 16];
+        matches!(tokio::time::timeout(t, self.stream.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_)))
+    }
+}
+
+/// A received packet and when it arrived.
+pub struct Arrival {
+    pub packet: Box<[u8; PACKET_SIZE]>,
+    pub at: tokio::time::Instant,
+}
+
+/// A responder standing in for a node: accepts links from topology members and records
+/// every packet it receives.
+pub struct Sink {
+    pub rx: mpsc::UnboundedReceiver<Arrival>,
+    pub addr: SocketAddr,
+    pub keys: NodeKeys,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sink {
+    pub fn start(listener: TcpListener, keys: NodeKeys, known: Vec<KeyBytes>) -> Sink {
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let secret = keys.noise.secret_bytes();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let tx = tx.clone();
+                let known = known.clone();
+                tokio::spawn(async move {
+                    let Ok((mut receiver, _)) =
+                        noise::respond(&mut stream, &secret, Duration::from_secs(5), |k| known.contains(k)).await
+                    else {
+                        return;
+                    };
+                    let mut buf = Vec::new();
+                    let mut chunk = vec![0u8; 65536];
+                    let mut plain = [0u8; FRAME_PLAINTEXT_LEN];
+                    loop {
+                        let n = match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Ok(Some(body)) = framing::next_frame(&buf, FRAME_CIPHERTEXT_LEN, true) {
+                            if receiver.decrypt(body, &mut plain).is_err() {
+                                return;
+                            }
+                            let packet = framing::decode_packet(&plain).unwrap();
+                            let _ = tx.send(Arrival { packet: Box::new(*packet), at: tokio::time::Instant::now() });
+                            buf.drain(..framing::WIRE_FRAME_LEN);
+                        }
+                    }
+                });
+            }
+        });
+        Sink { rx, addr, keys, task }
+    }
+
+    /// Waits for the next packet, up to `t`.
+    pub async fn next(&mut self, t: Duration) -> Option<Arrival> {
+        tokio::time::timeout(t, self.rx.recv()).await.ok().flatten()
+    }
+
+    /// Collects packets until `n` arrived or `t` passed.
+    pub async fn collect(&mut self, n: usize, t: Duration) -> Vec<Arrival> {
+        let deadline = tokio::time::Instant::now() + t;
+        let mut out = Vec::new();
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(a)) => out.push(a),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// Closes the listener and every link (the sink "dies").
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// Polls `f` until it is true or `t` passes; returns its last value.
+pub async fn eventually(t: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + t;
+    loop {
+        if f() {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The standard 3-layer network: two mixes per layer, one gateway.
+pub fn three_layers() -> Vec<(&'static str, Role)> {
+    vec![
+        ("mix-1a", Role::Node(Mode::Mixnode, Some(1))),
+        ("mix-1b", Role::Node(Mode::Mixnode, Some(1))),
+        ("mix-2a", Role::Node(Mode::Mixnode, Some(2))),
+        ("mix-2b", Role::Node(Mode::Mixnode, Some(2))),
+        ("mix-3a", Role::Node(Mode::Mixnode, Some(3))),
+        ("mix-3b", Role::Node(Mode::Mixnode, Some(3))),
+        ("gateway", Role::Node(Mode::EntryGateway, None)),
+    ]
+}
+
+pub fn no_hooks(_: &str) -> TestHooks {
+    TestHooks::default()
+}
