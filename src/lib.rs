@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod health;
 pub mod http;
 pub mod keys;
+pub mod loadgen;
 pub mod localnet;
 pub mod message;
 pub mod metrics;

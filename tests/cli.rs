@@ -1,0 +1,126 @@
+//! The binaries as users run them: the localnet and probe commands of the README, exit
+//! codes for bad configuration and unsafe keys.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NODE: &str = env!("CARGO_BIN_EXE_nym-node");
+const CLIENT: &str = env!("CARGO_BIN_EXE_nym-client");
+
+fn free_base_port() -> u16 {
+    // 80 consecutive free ports, found by trying bases in a high range.
+    for _ in 0..50 {
+        let base = 30000 + (rand::random::<u16>() % 300) * 100;
+        if (base..base + 80).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free port range");
+}
+
+#[test]
+fn localnet_and_probe_deliver_every_message_and_stop_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let mut localnet = Command::new(NODE)
+        .args(["localnet", "--no-traffic", "--base-port", &base.to_string(), "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let topology = dir.path().join("topology.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Ready once a probe goes through (the localnet prints its banner after every node is ready).
+    let mut output = None;
+    while Instant::now() < deadline {
+        if topology.exists() {
+            let out = Command::new(CLIENT)
+                .arg("--topology")
+                .arg(&topology)
+                .args(["--cover-rate", "0", "probe", "--count", "25", "--timeout", "30s"])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                output = Some(out);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = output.expect("probe never succeeded against the localnet");
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(line.contains("sent=25 delivered=25"), "{line}");
+
+    // SIGTERM stops the localnet and every node with it.
+    unsafe {
+        libc::kill(localnet.id() as i32, libc::SIGTERM);
+    }
+    let status = wait_timeout(&mut localnet, Duration::from_secs(30)).expect("localnet stops");
+    assert!(status.success(), "localnet exit status {status}");
+    for i in 0..8u16 {
+        let port = base + 10 * i;
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "node on port {port} still running"
+        );
+    }
+    let log = std::fs::read_to_string(dir.path().join("mix-2a/node.log")).unwrap();
+    assert!(log.contains("pipeline drained"), "each node drains on the way out:\n{log}");
+}
+
+fn wait_timeout(child: &mut std::process::Child, t: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + t;
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    None
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_the_variable() {
+    let out = Command::new(NODE)
+        .arg("run")
+        .env_clear()
+        .env("NYM_NODE_TOPOLOGY", "/nonexistent.json")
+        .env("NYM_NODE_MAX_PACKET_DELAY", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("NYM_NODE_MAX_PACKET_DELAY: expected a duration"), "{err}");
+
+    let out = Command::new(NODE).arg("run").env_clear().output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NYM_NODE_TOPOLOGY"));
+}
+
+#[test]
+fn node_refuses_keys_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let out = Command::new(NODE).args(["keygen", "--dir"]).arg(&keys).output().unwrap();
+    assert!(out.status.success());
+    let public: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(public["identity_key"].is_string());
+    for f in ["identity.key", "sphinx.key", "noise.key"] {
+        let mode = std::fs::metadata(keys.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    std::fs::set_permissions(keys.join("identity.key"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = Command::new(NODE)
+        .arg("run")
+        .env_clear()
+        .env("NYM_NODE_TOPOLOGY", dir.path().join("t.json"))
+        .env("NYM_NODE_KEYS_DIR", &keys)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+}
