@@ -101,6 +101,8 @@ knobs! {
     max_packet_delay: DurationKnob = "10s";
     /// Threads unwrapping Sphinx packets; `0` uses one per available core.
     sphinx_workers: usize = "0";
+    /// Async runtime threads (sockets, Noise, forwarder, HTTP); `0` uses one per four cores, at least one. Unwrapping dominates the CPU, so few are needed, and fewer threads mean fewer cross-thread wake-ups per packet.
+    runtime_threads: usize = "0";
     /// Packets waiting for a Sphinx worker, across all connections; beyond it packets are shed before unwrap (`overload`).
     sphinx_queue: usize = "4096";
     /// Packets one ingress connection may have waiting for a Sphinx worker; beyond it that connection's packets are shed (`overload`).
@@ -265,6 +267,14 @@ impl Config {
             return self.sphinx_workers;
         }
         std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// Number of async runtime threads after resolving `0`.
+    pub fn runtime_thread_count(&self) -> usize {
+        if self.runtime_threads > 0 {
+            return self.runtime_threads;
+        }
+        std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1))
     }
 
     /// `None` where a duration knob uses `0` to mean "disabled".

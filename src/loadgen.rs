@@ -280,6 +280,21 @@ impl NodeProcess {
         cpu_time(self.child.id()).unwrap_or_default()
     }
 
+    /// CPU time of the Sphinx worker threads and of everything else (the async runtime:
+    /// Noise, sockets, forwarder).
+    pub fn cpu_split(&self) -> (Duration, Duration) {
+        let mut workers = Duration::ZERO;
+        let mut rest = Duration::ZERO;
+        for (name, t) in thread_cpu_times(self.child.id()) {
+            if name.starts_with("sphinx-") {
+                workers += t;
+            } else {
+                rest += t;
+            }
+        }
+        (workers, rest)
+    }
+
     /// SIGTERM, then wait (SIGKILL after 10 s).
     pub fn stop(mut self) {
         // SAFETY: signalling our own child.
@@ -300,7 +315,27 @@ impl NodeProcess {
 
 /// utime + stime of a process, from `/proc/<pid>/stat`.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time of a process's threads, summed by thread name (e.g. `sphinx-0`, `nym-node`).
+pub fn thread_cpu_times(pid: u32) -> HashMap<String, Duration> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in dir.flatten() {
+        let path = task.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default().trim().to_string();
+        if let Some(t) = stat_cpu(&path.join("stat").display().to_string()) {
+            *out.entry(name).or_default() += t;
+        }
+    }
+    out
+}
+
+fn stat_cpu(path: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -388,11 +423,10 @@ pub async fn run_sink(
                     stats.received.fetch_add(1, Ordering::Relaxed);
                     let mut alpha = [0u8; 32];
                     alpha.copy_from_slice(&plain[2..34]);
-                    if let Some(i) = expected.get(&alpha) {
-                        if let Some(l) = sent.since(*i) {
+                    if let Some(i) = expected.get(&alpha)
+                        && let Some(l) = sent.since(*i) {
                             stats.latencies.lock().push(l);
                         }
-                    }
                     at += WIRE_FRAME_LEN;
                 }
                 buf.copy_within(at..filled, 0);

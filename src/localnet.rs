@@ -144,6 +144,7 @@ pub fn node_env(node: &LocalNode, topology: &Path) -> Vec<(String, String)> {
     ];
     // Two cores shared by eight nodes: one Sphinx worker each is plenty.
     env.push(("NYM_NODE_SPHINX_WORKERS", "1".into()));
+    env.push(("NYM_NODE_RUNTIME_THREADS", "1".into()));
     env.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 

@@ -130,11 +130,12 @@ fn describe(dir: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("nym-node")
-        .build()
+fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().thread_name("nym-node").build()
 }
 
 fn run_node() -> ExitCode {
@@ -157,7 +158,7 @@ fn run_node() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let rt = match runtime() {
+    let rt = match runtime(Some(config.runtime_thread_count())) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nym-node: cannot start the runtime: {e}");
@@ -194,7 +195,7 @@ fn run_localnet(options: LocalnetOptions) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let rt = match runtime() {
+    let rt = match runtime(None) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nym-node localnet: {e}");

@@ -24,6 +24,9 @@ use crate::metrics::{DropReason, Metrics, Stage};
 use crate::mixnet::sphinx::{FinalHop, PacketBytes, Processed, SphinxProcessor};
 use crate::telemetry::Throttle;
 
+/// Most packets a worker unwraps before handing its results on.
+const WORKER_BATCH: usize = 8;
+
 /// A packet waiting to be unwrapped.
 struct Job {
     packet: PacketBytes,
@@ -152,15 +155,46 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
-        while let Ok(job) = self.rx.recv() {
-            job.budget.fetch_sub(1, Ordering::Relaxed);
-            if let Some(extra) = self.slow_unwrap {
-                std::thread::sleep(extra);
+        let mut forward = Vec::with_capacity(WORKER_BATCH);
+        let mut deliver = Vec::new();
+        while let Ok(first) = self.rx.recv() {
+            // Unwrap what is already queued (up to a small batch) before handing results
+            // on: the forwarder is woken once per batch instead of once per packet. Only
+            // jobs that were already waiting are batched, so an idle node adds no latency.
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(job) = next.take() {
+                self.unwrap(job, &mut forward, &mut deliver);
+                taken += 1;
+                if taken < WORKER_BATCH {
+                    next = self.rx.try_recv().ok();
+                }
             }
-            let result = self.processor.process(&job.packet);
-            self.metrics
-                .stage(Stage::ForwarderQueue)
-                .observe(job.received_at.elapsed().as_secs_f64());
+            for item in forward.drain(..) {
+                if self.forward.blocking_send(item).is_err() {
+                    self.metrics.dropped(DropReason::Shutdown);
+                }
+            }
+            if let Some(tx) = &self.deliver {
+                for hop in deliver.drain(..) {
+                    if tx.blocking_send(hop).is_err() {
+                        self.metrics.dropped(DropReason::Shutdown);
+                    }
+                }
+            }
+        }
+    }
+
+    fn unwrap(&self, job: Job, forward: &mut Vec<ForwardItem>, deliver: &mut Vec<FinalHop>) {
+        job.budget.fetch_sub(1, Ordering::Relaxed);
+        if let Some(extra) = self.slow_unwrap {
+            std::thread::sleep(extra);
+        }
+        let result = self.processor.process(&job.packet);
+        self.metrics
+            .stage(Stage::ForwarderQueue)
+            .observe(job.received_at.elapsed().as_secs_f64());
+        {
             match result {
                 Ok(Processed::Forward {
                     next_hop,
@@ -168,21 +202,14 @@ impl Worker {
                     packet,
                 }) => {
                     self.metrics.held_delay.observe(delay.as_secs_f64());
-                    let item = ForwardItem {
+                    forward.push(ForwardItem {
                         next_hop,
                         delay,
                         packet,
-                    };
-                    if self.forward.blocking_send(item).is_err() {
-                        self.metrics.dropped(DropReason::Shutdown);
-                    }
+                    });
                 }
                 Ok(Processed::Final(hop)) => match &self.deliver {
-                    Some(tx) => {
-                        if tx.blocking_send(hop).is_err() {
-                            self.metrics.dropped(DropReason::Shutdown);
-                        }
-                    }
+                    Some(_) => deliver.push(hop),
                     None => {
                         self.metrics.dropped(DropReason::NoRoute);
                         if self.throttles[DropReason::NoRoute.index()].allow() {

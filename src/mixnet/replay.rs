@@ -63,13 +63,25 @@ impl ReplayFilter {
         ReplayFilter { shards, per_shard }
     }
 
-    /// Records `tag`; returns `true` if it is new and `false` if it was seen before.
-    pub fn check_and_insert(&self, tag: &[u8; 32]) -> bool {
+    fn locate(tag: &[u8; 32]) -> (usize, u64) {
         let fingerprint = u64::from_le_bytes([
             tag[0], tag[1], tag[2], tag[3], tag[4], tag[5], tag[6], tag[7],
         ]);
         // Shard by other bits than the ones the set hashes on.
         let shard = usize::from(u16::from_le_bytes([tag[8], tag[9]])) % SHARDS;
+        (shard, fingerprint)
+    }
+
+    /// True if `tag` was recorded before (without recording it).
+    pub fn contains(&self, tag: &[u8; 32]) -> bool {
+        let (shard, fingerprint) = Self::locate(tag);
+        let s = self.shards[shard].lock();
+        s.current.contains(&fingerprint) || s.previous.contains(&fingerprint)
+    }
+
+    /// Records `tag`; returns `true` if it is new and `false` if it was seen before.
+    pub fn check_and_insert(&self, tag: &[u8; 32]) -> bool {
+        let (shard, fingerprint) = Self::locate(tag);
         let mut s = self.shards[shard].lock();
         if s.previous.contains(&fingerprint) {
             return false;

@@ -91,24 +91,26 @@ impl SphinxProcessor {
     }
 
     /// Unwraps one packet. The Diffie-Hellman is done once: its expansion gives the replay
-    /// tag, the header is authenticated before the tag is recorded (so garbage cannot fill
-    /// the filter), and only then is the rest of the packet processed.
+    /// tag, a packet whose tag was seen is dropped before the rest of the work, and the tag
+    /// is recorded only once the packet has been authenticated and processed, so garbage
+    /// cannot fill the filter. Two copies racing on different workers are settled by the
+    /// final insert: only one of them is forwarded.
     pub fn process(&self, bytes: &[u8; PACKET_SIZE]) -> Result<Processed, Rejection> {
         let packet = SphinxPacket::from_bytes(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
         let secret = packet.header.compute_expanded_shared_secret(&self.secret);
-        if *secret.replay_tag() == self.low_order_tag {
+        let tag = *secret.replay_tag();
+        if tag == self.low_order_tag {
             return Err(Rejection::Malformed("low-order group element".into()));
         }
-        packet
-            .header
-            .ensure_header_integrity(&secret)
-            .map_err(|e| Rejection::Malformed(e.to_string()))?;
-        if !self.replay.check_and_insert(secret.replay_tag()) {
+        if self.replay.contains(&tag) {
             return Err(Rejection::Replay);
         }
         let processed = packet
             .process_with_expanded_secret(&secret)
             .map_err(|e| Rejection::Malformed(e.to_string()))?;
+        if !self.replay.check_and_insert(&tag) {
+            return Err(Rejection::Replay);
+        }
         match processed.data {
             ProcessedPacketData::ForwardHop {
                 next_hop_packet,

@@ -59,16 +59,17 @@ pub struct Net {
 
 /// Default test tweaks: fast topology reload, short grace, one worker.
 pub fn base_config(dir: &std::path::Path, name: &str, mode: Mode, topology: &std::path::Path) -> Config {
-    let mut c = Config::default();
-    c.id = name.to_string();
-    c.mode = mode;
-    c.topology = topology.display().to_string();
-    c.topology_refresh = DurationKnob(Duration::from_millis(200));
-    c.data_dir = dir.join(name);
-    c.keys_dir = dir.join(name).join("keys");
-    c.drain_grace = DurationKnob(Duration::from_millis(500));
-    c.sphinx_workers = 1;
-    c
+    Config {
+        id: name.to_string(),
+        mode,
+        topology: topology.display().to_string(),
+        topology_refresh: DurationKnob(Duration::from_millis(200)),
+        data_dir: dir.join(name),
+        keys_dir: dir.join(name).join("keys"),
+        drain_grace: DurationKnob(Duration::from_millis(500)),
+        sphinx_workers: 1,
+        ..Config::default()
+    }
 }
 
 impl Net {
