@@ -54,16 +54,24 @@ pub struct LocalNode {
 
 /// The eight nodes of the standard testnet: two per mix layer and two gateways.
 pub fn plan(dir: &Path, base_port: u16) -> Vec<LocalNode> {
-    let specs: [(&str, Mode, Option<u8>); 8] = [
-        ("mix-1a", Mode::Mixnode, Some(1)),
-        ("mix-1b", Mode::Mixnode, Some(1)),
-        ("mix-2a", Mode::Mixnode, Some(2)),
-        ("mix-2b", Mode::Mixnode, Some(2)),
-        ("mix-3a", Mode::Mixnode, Some(3)),
-        ("mix-3b", Mode::Mixnode, Some(3)),
-        ("entry-gw", Mode::EntryGateway, None),
-        ("exit-gw", Mode::ExitGateway, None),
-    ];
+    plan_nodes(
+        dir,
+        base_port,
+        &[
+            ("mix-1a", Mode::Mixnode, Some(1)),
+            ("mix-1b", Mode::Mixnode, Some(1)),
+            ("mix-2a", Mode::Mixnode, Some(2)),
+            ("mix-2b", Mode::Mixnode, Some(2)),
+            ("mix-3a", Mode::Mixnode, Some(3)),
+            ("mix-3b", Mode::Mixnode, Some(3)),
+            ("entry-gw", Mode::EntryGateway, None),
+            ("exit-gw", Mode::ExitGateway, None),
+        ],
+    )
+}
+
+/// Any set of nodes; node `i` takes ports `base_port + 10 i` (mixnet), `+1` (HTTP), `+2` (client API).
+pub fn plan_nodes(dir: &Path, base_port: u16, specs: &[(&str, Mode, Option<u8>)]) -> Vec<LocalNode> {
     specs
         .iter()
         .enumerate()
@@ -150,6 +158,16 @@ pub fn node_env(node: &LocalNode, topology: &Path) -> Vec<(String, String)> {
 
 /// Starts `node` as a child process of `exe`, logging to `DIR/<node>/node.log`.
 pub fn spawn_node(exe: &Path, node: &LocalNode, topology: &Path) -> Result<Child, LocalnetError> {
+    spawn_node_with(exe, node, topology, &[])
+}
+
+/// Like [`spawn_node`], with extra environment variables (which override the defaults).
+pub fn spawn_node_with(
+    exe: &Path,
+    node: &LocalNode,
+    topology: &Path,
+    extra: &[(&str, &str)],
+) -> Result<Child, LocalnetError> {
     std::fs::create_dir_all(&node.dir).map_err(|e| LocalnetError::Io(node.dir.display().to_string(), e))?;
     let log_path = node.dir.join("node.log");
     let log = std::fs::File::create(&log_path)
@@ -161,6 +179,7 @@ pub fn spawn_node(exe: &Path, node: &LocalNode, topology: &Path) -> Result<Child
     cmd.arg("run")
         .env_clear()
         .envs(node_env(node, topology))
+        .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
@@ -232,7 +251,7 @@ pub async fn sum_metric(nodes: &[LocalNode], name: &str) -> u64 {
     total as u64
 }
 
-fn check_ports_free(nodes: &[LocalNode]) -> Result<(), LocalnetError> {
+pub fn check_ports_free(nodes: &[LocalNode]) -> Result<(), LocalnetError> {
     for n in nodes {
         for addr in [n.mixnet, n.http, n.client] {
             TcpListener::bind(addr).map_err(|_| LocalnetError::PortInUse(addr.port()))?;

@@ -17,7 +17,7 @@ use crate::gateway::{self, client_api::ClientApi, delivery::Delivery, mailbox::M
 use crate::health::Health;
 use crate::http::{self, HttpState, description::Description};
 use crate::keys::NodeKeys;
-use crate::metrics::Metrics;
+use crate::metrics::{DropReason, Metrics};
 use crate::mixnet::egress::{Egress, EgressContext, EgressSettings};
 use crate::mixnet::forward::Forwarder;
 use crate::mixnet::ingress::{self, IngressContext, IngressSettings};
@@ -327,9 +327,16 @@ pub async fn start(
         if tokio::time::timeout(FLUSH_BOUND, links.wait()).await.is_err() {
             tracing::warn!("egress links did not finish flushing in time");
         }
+        let dropped: u64 = DropReason::ALL
+            .iter()
+            .map(|r| task_metrics.drop_count(*r))
+            .sum();
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
+            received = task_metrics.packets_received.get(),
             forwarded = task_metrics.packets_forwarded.get(),
+            delivered = task_metrics.packets_delivered.get(),
+            dropped,
             released_early = task_metrics.packets_released_early.get(),
             "pipeline drained"
         );

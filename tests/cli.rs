@@ -1,27 +1,19 @@
 //! The binaries as users run them: the localnet and probe commands of the README, exit
 //! codes for bad configuration and unsafe keys.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const NODE: &str = env!("CARGO_BIN_EXE_nym-node");
 const CLIENT: &str = env!("CARGO_BIN_EXE_nym-client");
 
-fn free_base_port() -> u16 {
-    // 80 consecutive free ports, found by trying bases in a high range.
-    for _ in 0..50 {
-        let base = 30000 + (rand::random::<u16>() % 300) * 100;
-        if (base..base + 80).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free port range");
-}
 
 #[test]
 fn localnet_and_probe_deliver_every_message_and_stop_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let base = free_base_port();
+    let base = common::free_base_port(80);
     let mut localnet = Command::new(NODE)
         .args(["localnet", "--no-traffic", "--base-port", &base.to_string(), "--dir"])
         .arg(dir.path())

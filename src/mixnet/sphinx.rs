@@ -237,7 +237,10 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        // Each case is a real unwrap; 64 by default, PROPTEST_CASES to fuzz longer.
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+        ))]
         // Mutated packets never panic; each is either processed or rejected with a reason.
         #[test]
         fn mutated_packets_never_panic(flips in proptest::collection::vec((0usize..PACKET_SIZE, any::<u8>()), 1..8)) {

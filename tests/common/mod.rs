@@ -277,11 +277,13 @@ impl Sink {
         let (tx, rx) = mpsc::unbounded_channel();
         let secret = keys.noise.secret_bytes();
         let task = tokio::spawn(async move {
+            // Connection tasks live in this set, so aborting the sink closes them all.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else { return };
                 let tx = tx.clone();
                 let known = known.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let Ok((mut receiver, _)) =
                         noise::respond(&mut stream, &secret, Duration::from_secs(5), |k| known.contains(k)).await
                     else {
@@ -364,4 +366,67 @@ pub fn three_layers() -> Vec<(&'static str, Role)> {
 
 pub fn no_hooks(_: &str) -> TestHooks {
     TestHooks::default()
+}
+
+/// A responder that completes the handshake and then never reads: a peer that stopped
+/// reading. Its receive buffer is tiny so the sender's writes block quickly.
+pub struct StalledSink {
+    pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StalledSink {
+    pub fn start(listener: TcpListener, keys: NodeKeys, known: Vec<KeyBytes>) -> StalledSink {
+        let _ = socket2::SockRef::from(&listener).set_recv_buffer_size(4096);
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let secret = keys.noise.secret_bytes();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(4096);
+                let known = known.clone();
+                if noise::respond(&mut stream, &secret, Duration::from_secs(5), |k| known.contains(k))
+                    .await
+                    .is_ok()
+                {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    held.push(stream);
+                }
+            }
+        });
+        StalledSink { accepted, task }
+    }
+
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+impl Net {
+    pub fn take_stalled_sink(&mut self, name: &str) -> StalledSink {
+        let listener = self.sinks.remove(name).unwrap();
+        let keys = self.member(name).keys.clone();
+        let known: Vec<KeyBytes> = self.members.iter().map(|m| m.entry.noise_key).collect();
+        StalledSink::start(listener, keys, known)
+    }
+}
+
+/// A base port with `count` consecutive free ports above it (for process-level tests).
+pub fn free_base_port(count: u16) -> u16 {
+    for _ in 0..100 {
+        let base = 30000 + (rand::random::<u16>() % 300) * 100;
+        if (base..base + count).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free port range");
+}
+
+/// Reads `key=value` (a number) from the last log line containing `message`.
+pub fn log_field(log: &str, message: &str, key: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains(message))?;
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    line[start..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }

@@ -1,0 +1,261 @@
+//! Links that survive bad peers: idle reaping, write timeouts, connection floods, peers
+//! that move, and garbage on the wire.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use nym_node::config::{DurationKnob, Mode};
+use nym_node::keys::KeyBytes;
+use nym_node::metrics::{DropReason, RefusalReason};
+use tokio::io::AsyncWriteExt;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn relay(extra: &[(&'static str, Role)]) -> Vec<(&'static str, Role)> {
+    let mut spec = vec![
+        ("peer", Role::Peer),
+        ("peer2", Role::Peer),
+        ("mix", Role::Node(Mode::Mixnode, Some(1))),
+        ("next", Role::Sink(Some(2))),
+    ];
+    spec.extend_from_slice(extra);
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peers_are_reaped_after_the_idle_timeout() {
+    let mut net = Net::start(
+        &relay(&[]),
+        |_, c| c.connection_idle_timeout = DurationKnob(Duration::from_millis(400)),
+        no_hooks,
+    )
+    .await;
+    let mut sink = net.take_sink("next");
+    let m = net.node("mix").metrics.clone();
+    let mut link = net.link("peer", "mix").await;
+    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"hi", &[Duration::ZERO; 2]);
+    link.send_packet(&p).await.unwrap();
+    assert!(sink.next(WAIT).await.is_some());
+    assert_eq!(m.active_ingress.get(), 1);
+    assert_eq!(m.active_egress.get(), 1);
+
+    // Then silence: both the ingress link and the egress link are closed, once each.
+    assert!(link.closed_within(WAIT).await, "silent ingress link is closed");
+    assert!(eventually(WAIT, || m.idle_closed_ingress.get() == 1 && m.idle_closed_egress.get() == 1).await);
+    assert!(eventually(WAIT, || m.active_ingress.get() == 0 && m.active_egress.get() == 0).await);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(m.idle_closed_ingress.get(), 1, "reaped exactly once");
+    assert_eq!(m.idle_closed_egress.get(), 1, "reaped exactly once");
+
+    // The next packet for that peer opens a new egress link.
+    let mut link = net.link("peer", "mix").await;
+    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"again", &[Duration::ZERO; 2]);
+    link.send_packet(&p).await.unwrap();
+    assert!(sink.next(WAIT).await.is_some());
+    assert_eq!(m.active_egress.get(), 1);
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_idle_timeout_never_reaps() {
+    let mut net = Net::start(
+        &relay(&[]),
+        |_, c| c.connection_idle_timeout = DurationKnob(Duration::ZERO),
+        no_hooks,
+    )
+    .await;
+    let mut sink = net.take_sink("next");
+    let m = net.node("mix").metrics.clone();
+    let mut link = net.link("peer", "mix").await;
+    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"hi", &[Duration::ZERO; 2]);
+    link.send_packet(&p).await.unwrap();
+    assert!(sink.next(WAIT).await.is_some());
+    // Longer than every other timeout of the test config (frame read 10 s is not involved: no partial frame).
+    assert!(!link.closed_within(Duration::from_secs(2)).await);
+    assert_eq!((m.idle_closed_ingress.get(), m.idle_closed_egress.get()), (0, 0));
+    assert_eq!((m.active_ingress.get(), m.active_egress.get()), (1, 1));
+    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"still", &[Duration::ZERO; 2]);
+    link.send_packet(&p).await.unwrap();
+    assert!(sink.next(WAIT).await.is_some());
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_times_out_without_slowing_the_others() {
+    let mut net = Net::start(
+        &relay(&[("slow", Role::Sink(Some(2)))]),
+        |_, c| c.connection_write_timeout = DurationKnob(Duration::from_millis(150)),
+        no_hooks,
+    )
+    .await;
+    let mut fast = net.take_sink("next");
+    let slow = net.take_stalled_sink("slow");
+    let m = net.node("mix").metrics.clone();
+    let to_slow: Vec<_> = (0..2500)
+        .map(|i: u32| net.packet(&["mix", "slow"], KeyBytes([1; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]))
+        .collect();
+    let to_fast: Vec<_> = (0..250)
+        .map(|i: u32| net.packet(&["mix", "next"], KeyBytes([1; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]))
+        .collect();
+    let mut link = net.link("peer", "mix").await;
+
+    // Watch the link to the slow peer: (timeouts so far, open egress links).
+    let watch = {
+        let m = m.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..2000 {
+                seen.push((m.write_timeouts.get(), m.active_egress.get()));
+                if m.write_timeouts.get() >= 3 && m.active_egress.get() <= 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            seen
+        })
+    };
+    let mut fast_sent = 0;
+    for (i, p) in to_slow.iter().enumerate() {
+        link.send_packet(p).await.unwrap();
+        if i % 10 == 0 && fast_sent < to_fast.len() {
+            link.send_packet(&to_fast[fast_sent]).await.unwrap();
+            fast_sent += 1;
+        }
+        if i % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let seen = watch.await.unwrap();
+    // Packets to the healthy peer all arrived while the other one was stuck.
+    let arrived = fast.collect(fast_sent, WAIT).await;
+    assert_eq!(arrived.len(), fast_sent, "the healthy peer got every packet");
+
+    assert!(m.write_timeouts.get() >= 3, "timeouts: {}", m.write_timeouts.get());
+    for (timeouts, active) in &seen {
+        if *timeouts == 1 || *timeouts == 2 {
+            assert_eq!(*active, 2, "the link survives its first two timeouts");
+        }
+    }
+    let closed_after_third = seen.iter().any(|(t, a)| *t >= 3 && *a <= 1)
+        || slow.accepted.load(Ordering::SeqCst) >= 2;
+    assert!(closed_after_third, "the third timeout in a row closes the link: {:?}", seen.last());
+    assert!(m.drop_count(DropReason::WriteTimeout) > 0, "abandoned packets are counted");
+    assert_eq!(m.drop_count(DropReason::Overload), 0);
+    slow.abort();
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_is_refused_and_existing_peers_keep_forwarding() {
+    let mut net = Net::start(
+        &relay(&[]),
+        |_, c| c.max_ingress_connections = 4,
+        no_hooks,
+    )
+    .await;
+    let mut sink = net.take_sink("next");
+    let m = net.node("mix").metrics.clone();
+    let mut link = net.link("peer", "mix").await;
+    let addr: std::net::SocketAddr = net.member("mix").entry.mixnet_address.to_string().parse().unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+            flood.push(s);
+        }
+    }
+    // Three fit beside the existing link (they sit in their handshake); the rest are refused.
+    assert!(eventually(WAIT, || m.refused_count(RefusalReason::Capacity) == 37).await,
+        "refused {}", m.refused_count(RefusalReason::Capacity));
+    for i in 0..20u8 {
+        let p = net.packet(&["mix", "next"], KeyBytes([i; 32]), b"during the flood", &[Duration::ZERO; 2]);
+        link.send_packet(&p).await.unwrap();
+    }
+    assert_eq!(sink.collect(20, WAIT).await.len(), 20, "the existing peer is served");
+    // When the flood goes away, its slots free up for real peers.
+    drop(flood);
+    let mut ok = false;
+    for _ in 0..50 {
+        if let Ok(mut l2) = tokio::time::timeout(Duration::from_secs(1), net.link("peer2", "mix")).await {
+            let p = net.packet(&["mix", "next"], KeyBytes([9; 32]), b"after", &[Duration::ZERO; 2]);
+            l2.send_packet(&p).await.unwrap();
+            ok = sink.next(WAIT).await.is_some();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "a real peer connects once the flood is gone");
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_restarts_on_a_new_port_is_reached_again() {
+    let mut net = Net::start(&relay(&[]), |_, _| {}, no_hooks).await;
+    let sink = net.take_sink("next");
+    let mut link = net.link("peer", "mix").await;
+    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"before", &[Duration::ZERO; 2]);
+    link.send_packet(&p).await.unwrap();
+    let mut sink = sink;
+    assert!(sink.next(WAIT).await.is_some());
+
+    // The peer dies and comes back elsewhere with the same keys; the topology says where.
+    sink.abort();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let new_addr = listener.local_addr().unwrap();
+    net.member_mut("next").entry.mixnet_address = new_addr.to_string().parse().unwrap();
+    net.write_topology(2);
+    let keys = net.member("next").keys.clone();
+    let known: Vec<KeyBytes> = net.members.iter().map(|m| m.entry.noise_key).collect();
+    let mut moved = Sink::start(listener, keys, known);
+    let topo = net.node("mix").topology.clone();
+    assert!(eventually(WAIT, || topo.current().is_some_and(|t| t.revision() == 2)).await);
+
+    let mut arrived = false;
+    for i in 0..100u32 {
+        let p = net.packet(&["mix", "next"], KeyBytes([2; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]);
+        link.send_packet(&p).await.unwrap();
+        if moved.next(Duration::from_millis(200)).await.is_some() {
+            arrived = true;
+            break;
+        }
+    }
+    assert!(arrived, "packets reach the peer at its new address without restarting the sender");
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_wire_never_leaks_a_connection() {
+    let mut net = Net::start(&relay(&[]), |_, _| {}, no_hooks).await;
+    let mut sink = net.take_sink("next");
+    let m = net.node("mix").metrics.clone();
+    let addr: std::net::SocketAddr = net.member("mix").entry.mixnet_address.to_string().parse().unwrap();
+    let cases = std::env::var("WIRE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    for case in 0..cases {
+        let len = 1 + rand::random::<u16>() as usize % 6000;
+        let mut bytes: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+        if case % 2 == 0 {
+            // After a real handshake: random frames, sometimes with the right length prefix.
+            let mut link = net.link("peer", "mix").await;
+            if case % 4 == 0 && bytes.len() > 2 {
+                bytes[..2].copy_from_slice(&(nym_node::mixnet::framing::FRAME_CIPHERTEXT_LEN as u16).to_be_bytes());
+            }
+            let _ = link.send_bytes(&bytes).await;
+            let _ = link.stream.shutdown().await;
+        } else {
+            // Garbage instead of a handshake.
+            if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+                let _ = s.write_all(&bytes).await;
+                let _ = s.shutdown().await;
+            }
+        }
+    }
+    assert!(eventually(WAIT, || m.active_ingress.get() == 0).await, "active {}", m.active_ingress.get());
+    assert_eq!(m.packets_forwarded.get(), 0, "no garbage was forwarded");
+    let mut link = net.link("peer2", "mix").await;
+    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"fine", &[Duration::ZERO; 2]);
+    link.send_packet(&p).await.unwrap();
+    assert!(sink.next(WAIT).await.is_some(), "the node still forwards");
+    net.stop().await;
+}
