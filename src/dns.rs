@@ -21,11 +21,11 @@ use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfi
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 use parking_lot::Mutex;
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use rand::seq::SliceRandom;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::metrics::Metrics;
 use crate::topology::PeerAddress;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -36,16 +36,6 @@ pub enum DnsError {
     Timeout { host: String },
     #[error("{host}: lookup failed: {message}")]
     Failed { host: String, message: String },
-}
-
-impl DnsError {
-    fn reason(&self) -> &'static str {
-        match self {
-            DnsError::NotFound { .. } => "not_found",
-            DnsError::Timeout { .. } => "timeout",
-            DnsError::Failed { .. } => "error",
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,23 +72,16 @@ struct Entry {
     expires: Instant,
 }
 
-struct DnsMetrics {
-    cache_hits: IntCounter,
-    queries: IntCounter,
-    failures: IntCounterVec,
-    evictions: IntCounter,
-}
-
 pub struct Resolver {
     inner: TokioResolver,
     settings: DnsSettings,
     cache: Mutex<HashMap<String, Entry>>,
-    metrics: DnsMetrics,
+    metrics: Arc<Metrics>,
 }
 
 impl Resolver {
-    /// Builds a resolver and registers its counters in `registry`.
-    pub fn new(settings: DnsSettings, registry: &Registry) -> Result<Arc<Self>, DnsError> {
+    /// Builds a resolver counting into `metrics`.
+    pub fn new(settings: DnsSettings, metrics: Arc<Metrics>) -> Result<Arc<Self>, DnsError> {
         let fail = |e: &dyn std::fmt::Display| DnsError::Failed {
             host: "(resolver)".into(),
             message: e.to_string(),
@@ -127,35 +110,6 @@ impl Resolver {
         opts.timeout = settings.timeout;
         opts.attempts = 1;
         let inner = builder.build().map_err(|e| fail(&e))?;
-
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(format!("nym_node_dns_{name}"), help).map_err(|e| fail(&e))?;
-            registry.register(Box::new(c.clone())).map_err(|e| fail(&e))?;
-            Ok::<_, DnsError>(c)
-        };
-        let failures = IntCounterVec::new(
-            Opts::new("nym_node_dns_failures_total", "Failed DNS lookups, by reason."),
-            &["reason"],
-        )
-        .map_err(|e| fail(&e))?;
-        registry
-            .register(Box::new(failures.clone()))
-            .map_err(|e| fail(&e))?;
-        let metrics = DnsMetrics {
-            cache_hits: counter(
-                "cache_hits_total",
-                "Peer name lookups answered from the cache.",
-            )?,
-            queries: counter(
-                "queries_total",
-                "Peer name lookups sent to a name server.",
-            )?,
-            failures,
-            evictions: counter(
-                "evictions_total",
-                "Cache entries evicted after a hard connection failure.",
-            )?,
-        };
         Ok(Arc::new(Resolver {
             inner,
             settings,
@@ -178,7 +132,7 @@ impl Resolver {
         };
         let answer = match cached {
             Some(answer) => {
-                self.metrics.cache_hits.inc();
+                self.metrics.dns_cache_hits.inc();
                 answer
             }
             None => self.query(host).await,
@@ -189,7 +143,7 @@ impl Resolver {
     }
 
     async fn query(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
-        self.metrics.queries.inc();
+        self.metrics.dns_queries.inc();
         let lookup = tokio::time::timeout(self.settings.timeout, self.inner.lookup_ip(host)).await;
         let (answer, ttl) = match lookup {
             Err(_) => (
@@ -229,7 +183,11 @@ impl Resolver {
             }
         };
         if let Err(e) = &answer {
-            self.metrics.failures.with_label_values(&[e.reason()]).inc();
+            match e {
+                DnsError::NotFound { .. } => self.metrics.dns_not_found.inc(),
+                DnsError::Timeout { .. } => self.metrics.dns_timeouts.inc(),
+                DnsError::Failed { .. } => self.metrics.dns_errors.inc(),
+            }
         }
         // Timeouts and server errors are not cached: the next attempt asks again.
         if let Some(ttl) = ttl.filter(|t| !t.is_zero()) {
@@ -247,7 +205,7 @@ impl Resolver {
     /// Forgets what is cached for `host`; the next lookup asks a name server.
     pub fn invalidate(&self, host: &str) {
         if self.cache.lock().remove(host).is_some() {
-            self.metrics.evictions.inc();
+            self.metrics.dns_evictions.inc();
         }
     }
 

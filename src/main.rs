@@ -55,7 +55,7 @@ enum Command {
         #[arg(long, default_value = "50ms", value_parser = parse_duration)]
         mean_delay: Duration,
     },
-    /// Print every configuration knob (the README table, or Helm values).
+    /// Print README's generated tables: configuration knobs or metrics.
     ConfigDocs {
         #[arg(long, value_enum, default_value_t = DocsFormat::Markdown)]
         format: DocsFormat,
@@ -64,7 +64,10 @@ enum Command {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DocsFormat {
+    /// README's table of configuration knobs.
     Markdown,
+    /// README's table of metrics.
+    Metrics,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -72,6 +75,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    // rustls (topology over https, trace export) needs its process-wide provider chosen once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run_node(),
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         Command::ConfigDocs { format } => {
             match format {
                 DocsFormat::Markdown => print!("{}", config::knobs_markdown()),
+                DocsFormat::Metrics => print!("{}", nym_node::metrics::metrics_markdown()),
             }
             ExitCode::SUCCESS
         }
@@ -146,7 +152,11 @@ fn run_node() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    telemetry::init_logging(config.log_format, &config.log_level);
+    let _telemetry = telemetry::init(
+        config.log_format,
+        &config.log_level,
+        telemetry::OtlpSettings::resolve(&config.otlp_endpoint, &config.id, config.mode.as_str()),
+    );
     for var in unknown {
         tracing::warn!(variable = %var, "ignoring unknown NYM_NODE_ variable (a typo?)");
     }

@@ -205,6 +205,7 @@ pub struct Metrics {
     pub packets_released_early: IntCounter,
     drops: Vec<IntCounter>,
     pub delay_queue_packets: IntGauge,
+    pub sphinx_queue_packets: IntGauge,
     pub held_delay: Histogram,
     stages: Vec<Histogram>,
     pub active_ingress: IntGauge,
@@ -223,6 +224,12 @@ pub struct Metrics {
     pub mailbox_payloads: IntGauge,
     pub client_messages_refused: IntCounter,
     pub acks_sent: IntCounter,
+    pub dns_cache_hits: IntCounter,
+    pub dns_queries: IntCounter,
+    pub dns_not_found: IntCounter,
+    pub dns_timeouts: IntCounter,
+    pub dns_errors: IntCounter,
+    pub dns_evictions: IntCounter,
     pub tokio_workers: IntGauge,
     pub tokio_alive_tasks: IntGauge,
     pub tokio_global_queue_depth: IntGauge,
@@ -359,9 +366,19 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), crate::BUILD_COMMIT])
             .set(1);
+        // The standard process metrics, under our prefix (nym_node_process_cpu_seconds_total, ...).
         let _ = registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
+            prometheus::process_collector::ProcessCollector::new(
+                std::process::id() as i32,
+                "nym_node",
+            ),
         ));
+        let dns_failures = counter_vec(
+            r,
+            "dns_failures_total",
+            "Failed peer name lookups, by reason (not_found, timeout, error).",
+            &["reason"],
+        );
 
         Arc::new(Metrics {
             packets_received,
@@ -382,6 +399,11 @@ impl Metrics {
                 r,
                 "delay_queue_packets",
                 "Packets currently held in the delay queue.",
+            ),
+            sphinx_queue_packets: gauge(
+                r,
+                "sphinx_queue_packets",
+                "Packets waiting for a Sphinx worker (sampled by the workers); near NYM_NODE_SPHINX_QUEUE means overload shedding.",
             ),
             held_delay: held.with_label_values(&[] as &[&str]),
             stages,
@@ -440,6 +462,24 @@ impl Metrics {
                 r,
                 "gateway_acks_sent_total",
                 "SURB-ACKs sent back into the mixnet for payloads delivered here.",
+            ),
+            dns_cache_hits: counter(
+                r,
+                "dns_cache_hits_total",
+                "Peer name lookups answered from the cache.",
+            ),
+            dns_queries: counter(
+                r,
+                "dns_queries_total",
+                "Peer name lookups sent to a name server.",
+            ),
+            dns_not_found: dns_failures.with_label_values(&["not_found"]),
+            dns_timeouts: dns_failures.with_label_values(&["timeout"]),
+            dns_errors: dns_failures.with_label_values(&["error"]),
+            dns_evictions: counter(
+                r,
+                "dns_evictions_total",
+                "Cached peer addresses evicted after a hard connection failure.",
             ),
             tokio_workers: gauge(r, "tokio_workers", "Worker threads of the async runtime."),
             tokio_alive_tasks: gauge(
@@ -519,6 +559,28 @@ impl Metrics {
         }
     }
 
+    /// Every metric family: (name, type, labels, help), sorted by name. Feeds README's table.
+    pub fn describe(&self) -> Vec<(String, String, Vec<String>, String)> {
+        let mut out: Vec<_> = self
+            .registry
+            .gather()
+            .into_iter()
+            .map(|mf| {
+                let kind = format!("{:?}", mf.get_field_type()).to_lowercase();
+                let mut labels: Vec<String> = mf
+                    .get_metric()
+                    .iter()
+                    .flat_map(|m| m.get_label().iter().map(|l| l.name().to_string()))
+                    .collect();
+                labels.sort();
+                labels.dedup();
+                (mf.name().to_string(), kind, labels, mf.help().to_string())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.sample_runtime();
@@ -529,6 +591,20 @@ impl Metrics {
         }
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// Markdown table of every metric, as README.md carries it.
+pub fn metrics_markdown() -> String {
+    let mut out = String::from("| Metric | Type | Labels | Meaning |\n|---|---|---|---|\n");
+    for (name, kind, labels, help) in Metrics::new("mixnode").describe() {
+        let labels = if labels.is_empty() {
+            "—".to_string()
+        } else {
+            labels.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", ")
+        };
+        out.push_str(&format!("| `{name}` | {kind} | {labels} | {help} |\n"));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::dns::{DnsSettings, Resolver};
@@ -104,6 +105,7 @@ pub struct RunningNode {
     pub mixnet_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub client_addr: Option<SocketAddr>,
+    accept_loop: tokio::task::AbortHandle,
     task: JoinHandle<()>,
 }
 
@@ -111,6 +113,12 @@ impl RunningNode {
     /// Waits until the node has stopped and emptied its pipeline.
     pub async fn wait(self) {
         let _ = self.task.await;
+    }
+
+    /// Test hook: kills the mixnet accept loop, as a bug or a panic would.
+    #[doc(hidden)]
+    pub fn kill_accept_loop(&self) {
+        self.accept_loop.abort();
     }
 
     /// Drains for `grace`, then stops and waits.
@@ -161,7 +169,7 @@ pub async fn start(
             negative_ttl: config.dns_negative_ttl.get(),
             timeout: config.dns_timeout.get(),
         },
-        metrics.registry(),
+        metrics.clone(),
     )?;
 
     // Downstream first: egress and the forwarder, then the workers feeding it.
@@ -239,6 +247,7 @@ pub async fn start(
         connections.clone(),
     ));
 
+    let accept_loop = ingress.abort_handle();
     let mut gateway_tasks = Vec::new();
     if let (Some(rx), Some(client_listener)) = (deliver_rx, listeners.client) {
         let mailbox = Arc::new(Mailbox::open(
@@ -305,41 +314,48 @@ pub async fn start(
     let stop = shutdown.clone();
     let task_metrics = metrics.clone();
     let task = tokio::spawn(async move {
-        stop.stopping().await;
-        let started = std::time::Instant::now();
-        // Ingress first: no new packets enter.
-        let _ = ingress.await;
-        connections.close();
-        connections.wait().await;
-        // Workers finish their queue once the last ingress handle is gone.
-        let _ = tokio::task::spawn_blocking(move || {
-            for w in workers {
-                let _ = w.join();
+        stop.draining().await;
+        // One span from the first signal to the last flushed packet.
+        let drain = tracing::info_span!("drain");
+        async {
+            stop.stopping().await;
+            let started = std::time::Instant::now();
+            // Ingress first: no new packets enter.
+            let _ = ingress.await;
+            connections.close();
+            connections.wait().await;
+            // Workers finish their queue once the last ingress handle is gone.
+            let _ = tokio::task::spawn_blocking(move || {
+                for w in workers {
+                    let _ = w.join();
+                }
+            })
+            .await;
+            for t in gateway_tasks {
+                let _ = t.await;
             }
-        })
+            // The forwarder releases what it holds and drops egress; links flush and close.
+            let _ = forwarder.await;
+            links.close();
+            if tokio::time::timeout(FLUSH_BOUND, links.wait()).await.is_err() {
+                tracing::warn!("egress links did not finish flushing in time");
+            }
+            let dropped: u64 = DropReason::ALL
+                .iter()
+                .map(|r| task_metrics.drop_count(*r))
+                .sum();
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                received = task_metrics.packets_received.get(),
+                forwarded = task_metrics.packets_forwarded.get(),
+                delivered = task_metrics.packets_delivered.get(),
+                dropped,
+                released_early = task_metrics.packets_released_early.get(),
+                "pipeline drained"
+            );
+        }
+        .instrument(drain)
         .await;
-        for t in gateway_tasks {
-            let _ = t.await;
-        }
-        // The forwarder releases what it holds and drops egress; links flush and close.
-        let _ = forwarder.await;
-        links.close();
-        if tokio::time::timeout(FLUSH_BOUND, links.wait()).await.is_err() {
-            tracing::warn!("egress links did not finish flushing in time");
-        }
-        let dropped: u64 = DropReason::ALL
-            .iter()
-            .map(|r| task_metrics.drop_count(*r))
-            .sum();
-        tracing::info!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            received = task_metrics.packets_received.get(),
-            forwarded = task_metrics.packets_forwarded.get(),
-            delivered = task_metrics.packets_delivered.get(),
-            dropped,
-            released_early = task_metrics.packets_released_early.get(),
-            "pipeline drained"
-        );
         background.cancel();
         let _ = refresh.await;
         let _ = http.await;
@@ -353,6 +369,7 @@ pub async fn start(
         mixnet_addr,
         http_addr,
         client_addr,
+        accept_loop,
         task,
     })
 }

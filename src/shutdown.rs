@@ -80,8 +80,11 @@ pub async fn on_signals(shutdown: Shutdown, grace: Duration) {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    let span = tracing::info_span!("drain", signal = first, grace_ms = grace.as_millis() as u64);
-    tracing::info!(parent: &span, "draining: readiness is false, client intake stopped, peers' packets still accepted");
+    tracing::info!(
+        signal = first,
+        grace_ms = grace.as_millis() as u64,
+        "draining: readiness is false, client intake stopped, peers' packets still accepted"
+    );
     let second = async {
         tokio::select! {
             _ = term.recv() => {}
@@ -90,10 +93,10 @@ pub async fn on_signals(shutdown: Shutdown, grace: Duration) {
     };
     tokio::select! {
         _ = shutdown.drain_for(grace) => {
-            tracing::info!(parent: &span, "grace period over: stopping ingress and releasing held packets");
+            tracing::info!("grace period over: stopping ingress and releasing held packets");
         }
         _ = second => {
-            tracing::warn!(parent: &span, "second signal: exiting without finishing the drain");
+            tracing::warn!("second signal: exiting without finishing the drain");
             std::process::exit(1);
         }
     }

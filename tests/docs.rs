@@ -22,3 +22,23 @@ fn readme_gives_the_two_commands() {
     let ci = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/run")).unwrap();
     assert!(ci.contains("scripts/test.sh"), ".ci/run runs README's test command");
 }
+
+#[test]
+fn readme_metric_table_matches_the_registry() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("<!-- metrics:start -->\n").expect("metrics:start marker") + "<!-- metrics:start -->\n".len();
+    let end = readme.find("<!-- metrics:end -->").expect("metrics:end marker");
+    assert_eq!(
+        &readme[start..end],
+        nym_node::metrics::metrics_markdown(),
+        "README's metric table is stale; regenerate it with `nym-node config-docs --format metrics`"
+    );
+}
+
+#[test]
+fn every_drop_reason_is_documented() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for r in nym_node::metrics::DropReason::ALL {
+        assert!(readme.contains(&format!("`{}`", r.as_str())), "README does not mention drop reason {}", r.as_str());
+    }
+}

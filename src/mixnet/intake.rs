@@ -170,6 +170,7 @@ impl Worker {
                     next = self.rx.try_recv().ok();
                 }
             }
+            self.metrics.sphinx_queue_packets.set(self.rx.len() as i64);
             for item in forward.drain(..) {
                 if self.forward.blocking_send(item).is_err() {
                     self.metrics.dropped(DropReason::Shutdown);

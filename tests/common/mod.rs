@@ -430,3 +430,77 @@ pub fn log_field(log: &str, message: &str, key: &str) -> Option<u64> {
     let start = line.find(&format!("{key}="))? + key.len() + 1;
     line[start..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
+
+/// Debian's Prometheus, started by the test on a loopback port, scraping `targets` every second.
+pub struct Prometheus {
+    pub addr: SocketAddr,
+    child: std::process::Child,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    /// `targets`: (address, labels) of each `/metrics` endpoint.
+    pub fn start(targets: &[(SocketAddr, Vec<(&str, &str)>)]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = String::from("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: nym-node\n    static_configs:\n");
+        for (addr, labels) in targets {
+            config.push_str(&format!("      - targets: ['{addr}']\n"));
+            if !labels.is_empty() {
+                config.push_str("        labels:\n");
+                for (k, v) in labels {
+                    config.push_str(&format!("          {k}: '{v}'\n"));
+                }
+            }
+        }
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package `prometheus`; scripts/install-test-deps.sh installs it)");
+        Prometheus { addr, child, _dir: dir }
+    }
+
+    /// Runs an instant query; returns (labels, value) per series, or None if Prometheus is not up.
+    pub async fn query(&self, q: &str) -> Option<Vec<(serde_json::Map<String, serde_json::Value>, f64)>> {
+        let encoded: String = q
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (status, body) = nym_node::localnet::http_get(self.addr, &format!("/api/v1/query?query={encoded}")).await?;
+        if status != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
+        let result = v["data"]["result"].as_array()?;
+        Some(
+            result
+                .iter()
+                .filter_map(|r| {
+                    let labels = r["metric"].as_object()?.clone();
+                    let value = r["value"][1].as_str()?.parse().ok()?;
+                    Some((labels, value))
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
