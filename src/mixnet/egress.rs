@@ -447,6 +447,8 @@ impl Link {
         .await
         .map_err(|e| {
             self.ctx.metrics.handshake_failed(false, e.reason());
+            // Whoever answers there is not our peer (or not any more): resolve afresh next time.
+            self.ctx.resolver.invalidate(&address.host);
             format!("handshake with {address}: {e}")
         })?;
         let (reader, writer) = stream.into_split();

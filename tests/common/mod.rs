@@ -2,6 +2,8 @@
 //! real Noise and Sphinx, plus test-driven peers (initiators) and sinks (responders).
 #![allow(dead_code)]
 
+pub mod dns_server;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
