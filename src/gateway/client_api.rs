@@ -136,7 +136,7 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>) {
                             continue;
                         }
                         api.metrics.packets_received.inc();
-                        let item = ForwardItem { next_hop: first_hop, delay: Duration::ZERO, packet };
+                        let item = ForwardItem { next_hop: first_hop, delay: Duration::ZERO, ready_at: tokio::time::Instant::now(), packet };
                         if api.forward.send(item).await.is_err() {
                             api.metrics.dropped(DropReason::Shutdown);
                         }

@@ -145,6 +145,7 @@ impl Delivery {
         let item = ForwardItem {
             next_hop: KeyBytes(first_hop.to_bytes()),
             delay: std::time::Duration::ZERO,
+            ready_at: tokio::time::Instant::now(),
             packet: Box::new(packet),
         };
         if self.forward.send(item).await.is_ok() {

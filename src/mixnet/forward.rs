@@ -84,11 +84,14 @@ impl Forwarder {
             }
             self.health.forwarder_beat();
             let now = Instant::now();
+            let overrun = self.metrics.stage(Stage::DelayOverrun).clone();
             for item in batch.drain(..) {
-                if item.delay.is_zero() {
+                let due = item.ready_at + item.delay;
+                if due <= now {
+                    overrun.observe(now.saturating_duration_since(due).as_secs_f64());
                     self.release(item.next_hop, item.packet);
                 } else {
-                    self.queue.push(now + item.delay, (item.next_hop, item.packet));
+                    self.queue.push(due, (item.next_hop, item.packet));
                 }
             }
             self.release_due(Instant::now());

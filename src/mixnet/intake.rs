@@ -39,6 +39,9 @@ pub struct ForwardItem {
     pub next_hop: NodeId,
     /// Per-hop delay the packet asked for (already checked against the cap).
     pub delay: Duration,
+    /// When the packet was ready (unwrapped, or handed over by a client): its delay runs
+    /// from here, so time spent waiting for the forwarder counts against it.
+    pub ready_at: tokio::time::Instant,
     pub packet: PacketBytes,
 }
 
@@ -206,6 +209,7 @@ impl Worker {
                     forward.push(ForwardItem {
                         next_hop,
                         delay,
+                        ready_at: tokio::time::Instant::now(),
                         packet,
                     });
                 }
