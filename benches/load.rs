@@ -90,6 +90,7 @@ impl Bench<'_> {
         self.stats.take_latencies();
         let before = self.stats.received.load(Ordering::Relaxed);
         let cpu0 = node.cpu_time();
+        let split0 = node.cpu_split();
         let counter = Arc::new(AtomicU64::new(0));
         let t0 = Instant::now();
         loadgen::send(links, Pace::Rate(rate), self.sent_times.clone(), self.stats.clone(), counter.clone()).await;
@@ -108,9 +109,13 @@ impl Bench<'_> {
         }
         let forwarded = self.stats.received.load(Ordering::Relaxed) - before;
         let cpu = node.cpu_time() - cpu0;
+        let split1 = node.cpu_split();
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / forwarded.max(1) as f64;
         let drops = loadgen::drops(self.setup.node_http);
         let scraped = loadgen::scrape(self.setup.node_http).unwrap_or_default();
         let mut stages = stage_means(&scraped);
+        stages.push(("cpu_workers_us".into(), per(split1.0 - split0.0)));
+        stages.push(("cpu_runtime_us".into(), per(split1.1 - split0.1)));
         for stage in ["forwarder_queue", "delay_overrun"] {
             if let Some(p99) = stage_p99(&scraped, stage) {
                 stages.push((format!("{stage}_p99_le"), p99 * 1000.0));
