@@ -57,11 +57,10 @@ fn stage_means(text: &str) -> Vec<(String, f64)> {
     let mut counts = std::collections::BTreeMap::new();
     for line in text.lines() {
         for (suffix, map) in [("_sum{stage=\"", &mut sums), ("_count{stage=\"", &mut counts)] {
-            if let Some(rest) = line.strip_prefix(&format!("nym_node_packet_stage_seconds{suffix}")) {
-                if let Some((stage, value)) = rest.split_once("\"} ") {
+            if let Some(rest) = line.strip_prefix(&format!("nym_node_packet_stage_seconds{suffix}"))
+                && let Some((stage, value)) = rest.split_once("\"} ") {
                     map.insert(stage.to_string(), value.trim().parse::<f64>().unwrap_or(0.0));
                 }
-            }
         }
     }
     sums.into_iter()

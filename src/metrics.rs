@@ -195,9 +195,13 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// Reads a value that lives elsewhere into a gauge, at scrape time.
+pub type Sampler = Box<dyn Fn(&Metrics) + Send + Sync>;
+
 /// All metrics of one node. Cheap to share: clone the `Arc`.
 pub struct Metrics {
     registry: Registry,
+    samplers: parking_lot::Mutex<Vec<Sampler>>,
     pub packets_received: IntCounter,
     pub packets_forwarded: IntCounter,
     pub packets_delivered: IntCounter,
@@ -493,7 +497,14 @@ impl Metrics {
                 "Tasks waiting in the runtime's global queue.",
             ),
             registry,
+            samplers: parking_lot::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Adds a sampler run before every scrape (for gauges whose truth lives elsewhere,
+    /// like the mailbox's size: sampling it beats keeping two counters in step).
+    pub fn add_sampler(&self, sampler: Sampler) {
+        self.samplers.lock().push(sampler);
     }
 
     pub fn registry(&self) -> &Registry {
@@ -548,8 +559,15 @@ impl Metrics {
         }
     }
 
-    /// Samples the async runtime's gauges; called at scrape time.
-    pub fn sample_runtime(&self) {
+    /// Samples the async runtime's gauges and runs the samplers; called at scrape time.
+    pub fn sample(&self) {
+        for s in self.samplers.lock().iter() {
+            s(self);
+        }
+        self.sample_runtime();
+    }
+
+    fn sample_runtime(&self) {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let m = handle.metrics();
             self.tokio_workers.set(m.num_workers() as i64);
@@ -583,7 +601,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        self.sample_runtime();
+        self.sample();
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();
         if encoder.encode(&self.registry.gather(), &mut buf).is_err() {

@@ -254,6 +254,10 @@ pub async fn start(
             &config.data_dir.join("mailbox.redb"),
             config.mailbox_quota_bytes,
         )?);
+        let stored = mailbox.clone();
+        metrics.add_sampler(Box::new(move |m| {
+            m.mailbox_payloads.set(stored.stored() as i64)
+        }));
         let sessions = Sessions::new(metrics.clients_connected.clone());
         gateway_tasks.push(tokio::spawn(
             Delivery {
@@ -283,7 +287,6 @@ pub async fn start(
         gateway_tasks.push(tokio::spawn(gateway::sweep_mailbox(
             mailbox,
             config.mailbox_retention.get(),
-            metrics.clone(),
             shutdown.clone(),
         )));
     }

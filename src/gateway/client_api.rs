@@ -144,10 +144,7 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>) {
                     Ok(ClientMessage::Ack { ids }) => {
                         let mailbox = api.mailbox.clone();
                         let client = session.client;
-                        let removed = tokio::task::spawn_blocking(move || mailbox.ack(&client, &ids)).await;
-                        if let Ok(Ok(n)) = removed {
-                            api.metrics.mailbox_payloads.sub(n as i64);
-                        }
+                        let _ = tokio::task::spawn_blocking(move || mailbox.ack(&client, &ids)).await;
                     }
                     Ok(ClientMessage::Auth { .. }) | Err(_) => {
                         api.metrics.client_messages_refused.inc();

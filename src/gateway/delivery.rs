@@ -76,7 +76,6 @@ impl Delivery {
                     continue;
                 }
                 self.metrics.packets_delivered.inc();
-                self.metrics.mailbox_payloads.inc();
                 if let Some(ack) = ack {
                     self.send_ack(&ack).await;
                 }
