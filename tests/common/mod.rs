@@ -196,10 +196,15 @@ impl Net {
 
     /// Opens a Noise link from `peer` (a topology member) to node `to`.
     pub async fn link(&self, peer: &str, to: &str) -> Link {
+        self.try_link(peer, to).await.unwrap()
+    }
+
+    /// Like [`Net::link`], for tests that expect the node to refuse.
+    pub async fn try_link(&self, peer: &str, to: &str) -> Result<Link, String> {
         let from = self.member(peer);
         let target = self.member(to);
         let addr: SocketAddr = target.entry.mixnet_address.to_string().parse().unwrap();
-        Link::connect(addr, &from.keys, &target.entry.noise_key).await.unwrap()
+        Link::connect(addr, &from.keys, &target.entry.noise_key).await
     }
 
     /// Builds a packet along `route` (member names) to `destination` with per-hop `delays`.
