@@ -92,6 +92,27 @@ pub fn plan_nodes(dir: &Path, base_port: u16, specs: &[(&str, Mode, Option<u8>)]
 
 /// Creates (or reuses) each node's keys and writes `DIR/topology.json`.
 pub fn prepare(nodes: &[LocalNode], dir: &Path) -> Result<PathBuf, LocalnetError> {
+    prepare_with(nodes, dir, |n| Advertised {
+        mixnet: n.mixnet.to_string(),
+        client: n.client.to_string(),
+        http: n.http.to_string(),
+    })
+}
+
+/// Where a node is reached, as the topology says it (host names allowed).
+pub struct Advertised {
+    pub mixnet: String,
+    pub client: String,
+    pub http: String,
+}
+
+/// Like [`prepare`], with the addresses written into the topology chosen by `advertise`
+/// (the compose testnet names nodes by service name).
+pub fn prepare_with(
+    nodes: &[LocalNode],
+    dir: &Path,
+    advertise: impl Fn(&LocalNode) -> Advertised,
+) -> Result<PathBuf, LocalnetError> {
     let io = |what: &Path| {
         let what = what.display().to_string();
         move |e| LocalnetError::Io(what, e)
@@ -108,6 +129,7 @@ pub fn prepare(nodes: &[LocalNode], dir: &Path) -> Result<PathBuf, LocalnetError
             k
         };
         let public = keys.public();
+        let at = advertise(node);
         entries.push(NodeEntry {
             name: node.name.clone(),
             identity_key: public.identity_key,
@@ -115,13 +137,13 @@ pub fn prepare(nodes: &[LocalNode], dir: &Path) -> Result<PathBuf, LocalnetError
             noise_key: public.noise_key,
             mode: node.mode,
             layer: node.layer,
-            mixnet_address: node.mixnet.to_string().parse().map_err(LocalnetError::Other)?,
+            mixnet_address: at.mixnet.parse().map_err(LocalnetError::Other)?,
             client_address: if node.mode.is_gateway() {
-                Some(node.client.to_string().parse().map_err(LocalnetError::Other)?)
+                Some(at.client.parse().map_err(LocalnetError::Other)?)
             } else {
                 None
             },
-            http_address: Some(node.http.to_string().parse().map_err(LocalnetError::Other)?),
+            http_address: Some(at.http.parse().map_err(LocalnetError::Other)?),
             serving: true,
         });
     }
@@ -134,6 +156,17 @@ pub fn prepare(nodes: &[LocalNode], dir: &Path) -> Result<PathBuf, LocalnetError
     let json = serde_json::to_vec_pretty(&doc).map_err(|e| LocalnetError::Other(e.to_string()))?;
     std::fs::write(&path, json).map_err(io(&path))?;
     Ok(path)
+}
+
+/// The compose testnet (`docker-compose.yml`): the standard eight nodes, each a service
+/// named after it, listening on the default ports, found by service name.
+pub fn prepare_compose(dir: &Path) -> Result<PathBuf, LocalnetError> {
+    let nodes = plan(dir, 21000);
+    prepare_with(&nodes, dir, |n| Advertised {
+        mixnet: format!("{}:1789", n.name),
+        client: format!("{}:9000", n.name),
+        http: format!("{}:8080", n.name),
+    })
 }
 
 /// The environment that runs `node` as a child process.
@@ -196,55 +229,12 @@ pub fn spawn_node_with(
         .map_err(|e| LocalnetError::Io(exe.display().to_string(), e))
 }
 
-/// Plain HTTP GET of a path on a loopback port; returns (status, body).
-pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    http_request(addr, path, &[]).await
-}
-
-/// Plain HTTP GET with extra request headers; returns (status, body).
-pub async fn http_request(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
-    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    Some((status, if chunked { dechunk(body) } else { body.to_string() }))
-}
-
-/// Decodes an HTTP/1.1 chunked body.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
 /// Waits until every node answers `/readyz` with 200.
 pub async fn wait_ready(nodes: &[LocalNode], timeout: Duration) -> Result<(), LocalnetError> {
     let deadline = Instant::now() + timeout;
     for node in nodes {
         loop {
-            if let Some((200, _)) = http_get(node.http, "/readyz").await {
+            if let Some((200, _)) = crate::http::probe::get(node.http, "/readyz").await {
                 break;
             }
             if Instant::now() > deadline {
@@ -263,7 +253,7 @@ pub async fn wait_ready(nodes: &[LocalNode], timeout: Duration) -> Result<(), Lo
 pub async fn sum_metric(nodes: &[LocalNode], name: &str) -> u64 {
     let mut total = 0.0;
     for node in nodes {
-        if let Some((200, body)) = http_get(node.http, "/metrics").await {
+        if let Some((200, body)) = crate::http::probe::get(node.http, "/metrics").await {
             total += body
                 .lines()
                 .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))

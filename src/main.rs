@@ -55,6 +55,17 @@ enum Command {
         #[arg(long, default_value = "50ms", value_parser = parse_duration)]
         mean_delay: Duration,
     },
+    /// Exit 0 if this node's HTTP endpoint answers 200 on PATH (for container health checks;
+    /// the port comes from NYM_NODE_HTTP_BIND).
+    Health {
+        #[arg(long, default_value = "/livez")]
+        path: String,
+    },
+    /// Generate keys for the compose testnet's eight nodes and its topology (service names as hosts).
+    TestnetInit {
+        #[arg(long, default_value = "/data")]
+        dir: PathBuf,
+    },
     /// Print README's generated tables: configuration knobs or metrics.
     ConfigDocs {
         #[arg(long, value_enum, default_value_t = DocsFormat::Markdown)]
@@ -93,12 +104,45 @@ fn main() -> ExitCode {
             traffic: !no_traffic,
             mean_delay,
         }),
+        Command::Health { path } => health(&path),
+        Command::TestnetInit { dir } => match localnet::prepare_compose(&dir) {
+            Ok(topology) => {
+                println!("testnet keys and topology written: {}", topology.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("nym-node testnet-init: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::ConfigDocs { format } => {
             match format {
                 DocsFormat::Markdown => print!("{}", config::knobs_markdown()),
                 DocsFormat::Metrics => print!("{}", nym_node::metrics::metrics_markdown()),
             }
             ExitCode::SUCCESS
+        }
+    }
+}
+
+fn health(path: &str) -> ExitCode {
+    let bind = std::env::var("NYM_NODE_HTTP_BIND")
+        .ok()
+        .and_then(|b| b.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| Config::default().http_bind);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], bind.port()));
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        return ExitCode::FAILURE;
+    };
+    match rt.block_on(nym_node::http::probe::get(addr, path)) {
+        Some((200, _)) => ExitCode::SUCCESS,
+        Some((status, body)) => {
+            eprintln!("{path}: {status} {}", body.trim());
+            ExitCode::FAILURE
+        }
+        None => {
+            eprintln!("{path}: no answer on {addr}");
+            ExitCode::FAILURE
         }
     }
 }

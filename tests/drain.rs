@@ -140,7 +140,7 @@ async fn second_signal_exits_at_once_and_readiness_drops_during_the_drain() {
     // Draining: not ready, still alive.
     let mut saw_not_ready = false;
     for _ in 0..50 {
-        if let Some((503, body)) = localnet::http_get(nodes[0].http, "/readyz").await {
+        if let Some((503, body)) = nym_node::http::probe::get(nodes[0].http, "/readyz").await {
             assert!(body.contains("draining"), "{body}");
             saw_not_ready = true;
             break;
@@ -148,7 +148,7 @@ async fn second_signal_exits_at_once_and_readiness_drops_during_the_drain() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(saw_not_ready, "/readyz turns 503 when the drain starts");
-    assert_eq!(localnet::http_get(nodes[0].http, "/livez").await.map(|r| r.0), Some(200));
+    assert_eq!(nym_node::http::probe::get(nodes[0].http, "/livez").await.map(|r| r.0), Some(200));
     assert!(child.try_wait().unwrap().is_none(), "the first signal starts a 60 s drain");
 
     let t = tokio::time::Instant::now();

@@ -11,7 +11,7 @@ use nym_node::client::{ClientConfig, Event, MixClient};
 use nym_node::config::Mode;
 use nym_node::http::description::SignedDescription;
 use nym_node::keys::{Identity, KeyBytes};
-use nym_node::localnet::{http_get, http_request};
+use nym_node::http::probe::{get as http_get, request as http_request};
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -12,6 +12,7 @@
 
 pub mod description;
 mod openapi;
+pub mod probe;
 
 use std::sync::Arc;
 

@@ -486,7 +486,7 @@ impl Prometheus {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let (status, body) = nym_node::localnet::http_get(self.addr, &format!("/api/v1/query?query={encoded}")).await?;
+        let (status, body) = nym_node::http::probe::get(self.addr, &format!("/api/v1/query?query={encoded}")).await?;
         if status != 200 {
             return None;
         }
