@@ -50,5 +50,6 @@ EXPOSE 1789 8080 9000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["nym-node", "health", "--path", "/livez"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["/usr/bin/tini", "--", "nym-node"]
+# -s: stay a subreaper when an outer init (compose's `init: true`) is PID 1.
+ENTRYPOINT ["/usr/bin/tini", "-s", "--", "nym-node"]
 CMD ["run"]
