@@ -158,15 +158,14 @@ impl HandshakeFailure {
 /// Why an ingress connection was refused before its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalReason {
+    /// `NYM_NODE_MAX_INGRESS_CONNECTIONS` connections are open already.
     Capacity,
-    Draining,
 }
 
 impl RefusalReason {
     pub fn as_str(self) -> &'static str {
         match self {
             RefusalReason::Capacity => "capacity",
-            RefusalReason::Draining => "draining",
         }
     }
 }
@@ -220,7 +219,6 @@ pub struct Metrics {
     pub egress_reconnects: IntCounter,
     handshake_failures: Vec<IntCounter>,
     refused_capacity: IntCounter,
-    refused_draining: IntCounter,
     pub topology_reloads_ok: IntCounter,
     pub topology_reloads_failed: IntCounter,
     pub topology_nodes: IntGauge,
@@ -443,7 +441,6 @@ impl Metrics {
             ),
             handshake_failures,
             refused_capacity: refused.with_label_values(&[RefusalReason::Capacity.as_str()]),
-            refused_draining: refused.with_label_values(&[RefusalReason::Draining.as_str()]),
             topology_reloads_ok: reloads.with_label_values(&["ok"]),
             topology_reloads_failed: reloads.with_label_values(&["error"]),
             topology_nodes: gauge(r, "topology_nodes", "Nodes in the current topology document."),
@@ -548,14 +545,12 @@ impl Metrics {
     pub fn refused(&self, reason: RefusalReason) {
         match reason {
             RefusalReason::Capacity => self.refused_capacity.inc(),
-            RefusalReason::Draining => self.refused_draining.inc(),
         }
     }
 
     pub fn refused_count(&self, reason: RefusalReason) -> u64 {
         match reason {
             RefusalReason::Capacity => self.refused_capacity.get(),
-            RefusalReason::Draining => self.refused_draining.get(),
         }
     }
 

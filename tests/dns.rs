@@ -138,20 +138,12 @@ async fn a_mix_node_forwards_to_a_peer_named_by_host_name_and_follows_it() {
     // The peer restarts at another address under the same name.
     sink.abort();
     let listener = tokio::net::TcpListener::bind(("127.0.0.2", port)).await.unwrap();
-    let keys = net.member("next").keys.clone();
-    let known: Vec<KeyBytes> = net.members.iter().map(|m| m.entry.noise_key).collect();
-    let mut moved = Sink::start(listener, keys, known);
+    let mut moved = net.sink_at("next", listener);
     dns.set("next.mixnet.test", &[Ipv4Addr::new(127, 0, 0, 2)], 3600);
-    let mut arrived = false;
-    for i in 0..100u32 {
-        let p = net.packet(&["mix", "next"], KeyBytes([2; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]);
-        link.send_packet(&p).await.unwrap();
-        if moved.next(Duration::from_millis(200)).await.is_some() {
-            arrived = true;
-            break;
-        }
-    }
-    assert!(arrived, "packets follow the name to its new address, long before the 60 s cap");
+    assert!(
+        net.send_until_received(&mut link, "mix", "next", &mut moved).await,
+        "packets follow the name to its new address, long before the 60 s cap"
+    );
     assert!(net.node("mix").metrics.dns_evictions.get() >= 1);
     net.stop().await;
 }

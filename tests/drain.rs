@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{free_base_port, log_field};
+use common::{free_base_port, log_field, one_per_layer};
 use nym_node::client::{ClientConfig, Event, MixClient};
 use nym_node::config::Mode;
 use nym_node::keys::Identity;
@@ -41,16 +41,7 @@ async fn sigterm_mid_stream_loses_no_accepted_packet() {
     let dir = tempfile::tempdir().unwrap();
     let base = free_base_port(40);
     // Layer 2 has a single node, so every packet crosses the node we stop.
-    let nodes = localnet::plan_nodes(
-        dir.path(),
-        base,
-        &[
-            ("mix-1", Mode::Mixnode, Some(1)),
-            ("mix-2", Mode::Mixnode, Some(2)),
-            ("mix-3", Mode::Mixnode, Some(3)),
-            ("gw", Mode::EntryGateway, None),
-        ],
-    );
+    let nodes = one_per_layer(dir.path(), base);
     let topology = localnet::prepare(&nodes, dir.path()).unwrap();
     let mut children = start(dir.path(), &nodes, &topology).await;
 

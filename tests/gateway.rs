@@ -10,7 +10,6 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use nym_node::client::{ClientAddress, ClientConfig, Event, MixClient, connection};
-use nym_node::config::Mode;
 use nym_node::gateway::protocol::{self, ClientMessage, ServerMessage};
 use nym_node::keys::{Identity, random_bytes};
 use nym_node::metrics::DropReason;
@@ -28,20 +27,6 @@ fn config(topology: &Path, gateway: nym_node::keys::NodeId) -> ClientConfig {
         ack_slack: Duration::from_millis(800),
         ..ClientConfig::default()
     }
-}
-
-/// Collects `Received` bodies until `n` arrived or `t` passed (duplicates included).
-async fn receive(c: &mut MixClient, n: usize, t: Duration) -> Vec<Vec<u8>> {
-    let deadline = tokio::time::Instant::now() + t;
-    let mut got = Vec::new();
-    while got.len() < n {
-        match tokio::time::timeout_at(deadline, c.next_event()).await {
-            Ok(Some(Event::Received { body, .. })) => got.push(body),
-            Ok(Some(_)) => {}
-            _ => break,
-        }
-    }
-    got
 }
 
 /// Waits for `Delivered` (acknowledged) events for `n` messages.
@@ -62,16 +47,7 @@ async fn acknowledged(c: &mut MixClient, n: usize, t: Duration) -> usize {
 async fn mailbox_survives_sigkill_and_delivers_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let base = free_base_port(40);
-    let nodes = nym_node::localnet::plan_nodes(
-        dir.path(),
-        base,
-        &[
-            ("mix-1", Mode::Mixnode, Some(1)),
-            ("mix-2", Mode::Mixnode, Some(2)),
-            ("mix-3", Mode::Mixnode, Some(3)),
-            ("gw", Mode::EntryGateway, None),
-        ],
-    );
+    let nodes = one_per_layer(dir.path(), base);
     let topology = nym_node::localnet::prepare(&nodes, dir.path()).unwrap();
     let mut children = Vec::new();
     for n in &nodes {
@@ -314,5 +290,46 @@ async fn cover_traffic_is_dropped_at_the_gateway_and_counted() {
         "the gateway discards the client's loop cover ({} of {cover})", m.cover_packets_received.get());
     assert!(eventually(Duration::from_secs(5), || { m.sample(); m.mailbox_payloads.get() == 0 }).await, "cover is never stored");
     c.stop().await;
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rate_is_limited_and_a_draining_gateway_takes_no_new_packets() {
+    let net = Net::start(
+        &three_layers(),
+        |name, c| {
+            if name == "gateway" {
+                c.client_rate = 10;
+                c.client_burst = 10;
+            }
+        },
+        no_hooks,
+    )
+    .await;
+    let gw = net.member("gateway");
+    let addr = gw.entry.client_address.clone().unwrap();
+    let me = Identity::generate().unwrap();
+    let to = ClientAddress { identity: me.public(), gateway: gw.entry.identity_key };
+    let hops: Vec<_> = ["mix-1a", "mix-2a", "mix-3a", "gateway"].iter().map(|n| net.member(n).hop()).collect();
+    let (mut tx, _rx) = connection::connect(&addr, &gw.entry.identity_key, &me, Duration::from_secs(5)).await.unwrap();
+    let m = net.node("gateway").metrics.clone();
+    for i in 0..50u32 {
+        let envelope = nym_node::message::Envelope::Data { ack: None, fragment: i.to_be_bytes().to_vec() }.encode().unwrap();
+        let (first_hop, packet) =
+            nym_node::client::packet::build_forward(&hops, &to.identity, &envelope, &[Duration::ZERO; 4]).unwrap();
+        tx.send(&ClientMessage::Send { first_hop, packet }).await.unwrap();
+    }
+    assert!(eventually(Duration::from_secs(5), || m.drop_count(DropReason::RateLimited) >= 35).await,
+        "beyond the burst, packets are dropped ({})", m.drop_count(DropReason::RateLimited));
+
+    // Draining: the session stays, but client packets are no longer taken.
+    net.node("gateway").shutdown.start_drain();
+    let before = m.drop_count(DropReason::Shutdown);
+    tokio::time::sleep(Duration::from_secs(1)).await; // let the bucket refill
+    let envelope = nym_node::message::Envelope::Data { ack: None, fragment: b"late".to_vec() }.encode().unwrap();
+    let (first_hop, packet) = nym_node::client::packet::build_forward(&hops, &to.identity, &envelope, &[Duration::ZERO; 4]).unwrap();
+    tx.send(&ClientMessage::Send { first_hop, packet }).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || m.drop_count(DropReason::Shutdown) == before + 1).await,
+        "a draining gateway drops client packets, counted as shutdown");
     net.stop().await;
 }

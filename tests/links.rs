@@ -207,22 +207,13 @@ async fn a_peer_that_restarts_on_a_new_port_is_reached_again() {
     let new_addr = listener.local_addr().unwrap();
     net.member_mut("next").entry.mixnet_address = new_addr.to_string().parse().unwrap();
     net.write_topology(2);
-    let keys = net.member("next").keys.clone();
-    let known: Vec<KeyBytes> = net.members.iter().map(|m| m.entry.noise_key).collect();
-    let mut moved = Sink::start(listener, keys, known);
+    let mut moved = net.sink_at("next", listener);
     let topo = net.node("mix").topology.clone();
     assert!(eventually(WAIT, || topo.current().is_some_and(|t| t.revision() == 2)).await);
-
-    let mut arrived = false;
-    for i in 0..100u32 {
-        let p = net.packet(&["mix", "next"], KeyBytes([2; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]);
-        link.send_packet(&p).await.unwrap();
-        if moved.next(Duration::from_millis(200)).await.is_some() {
-            arrived = true;
-            break;
-        }
-    }
-    assert!(arrived, "packets reach the peer at its new address without restarting the sender");
+    assert!(
+        net.send_until_received(&mut link, "mix", "next", &mut moved).await,
+        "packets reach the peer at its new address without restarting the sender"
+    );
     net.stop().await;
 }
 
@@ -258,5 +249,60 @@ async fn garbage_on_the_wire_never_leaks_a_connection() {
     let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"fine", &[Duration::ZERO; 2]);
     link.send_packet(&p).await.unwrap();
     assert!(sink.next(WAIT).await.is_some(), "the node still forwards");
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_egress_queue_drops_and_counts_without_blocking() {
+    let mut net = Net::start(
+        &relay(&[("slow", Role::Sink(Some(2)))]),
+        |_, c| {
+            c.egress_queue = 8;
+            c.connection_write_timeout = DurationKnob(Duration::ZERO);
+        },
+        no_hooks,
+    )
+    .await;
+    let mut fast = net.take_sink("next");
+    let slow = net.take_stalled_sink("slow");
+    let m = net.node("mix").metrics.clone();
+    let mut link = net.link("peer", "mix").await;
+    for i in 0..3000u32 {
+        let p = net.packet(&["mix", "slow"], KeyBytes([1; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]);
+        link.send_packet(&p).await.unwrap();
+        if i % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert!(eventually(WAIT, || m.drop_count(DropReason::QueueFull) > 0).await, "a full peer queue drops");
+    // The forwarder never waited on the stuck peer: a packet for another peer goes straight through.
+    let p = net.packet(&["mix", "next"], KeyBytes([2; 32]), b"unblocked", &[Duration::ZERO; 2]);
+    link.send_packet(&p).await.unwrap();
+    assert!(fast.next(WAIT).await.is_some());
+    slow.abort();
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_peer_is_backed_off_and_its_packets_counted() {
+    let mut net = Net::start(&relay(&[]), |_, _| {}, no_hooks).await;
+    // Nobody listens where the topology says "next" is.
+    drop(net.sinks.remove("next"));
+    let m = net.node("mix").metrics.clone();
+    let mut link = net.link("peer", "mix").await;
+    for i in 0..20u32 {
+        let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]);
+        link.send_packet(&p).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        eventually(WAIT, || m.drop_count(DropReason::Unreachable) + m.drop_count(DropReason::Backoff) == 20).await,
+        "every packet is counted: unreachable {} backoff {}",
+        m.drop_count(DropReason::Unreachable),
+        m.drop_count(DropReason::Backoff)
+    );
+    assert!(m.drop_count(DropReason::Unreachable) >= 1, "the failed attempt's packets");
+    assert!(m.drop_count(DropReason::Backoff) >= 1, "packets arriving while it backs off are not queued");
+    assert!(m.drop_count(DropReason::Unreachable) < 20, "it does not retry per packet");
     net.stop().await;
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use nym_node::client::{ClientConfig, Event, MixClient};
+use nym_node::client::{ClientConfig, MixClient};
 use nym_node::config::Mode;
 use nym_node::keys::{Identity, KeyBytes, NodeKeys};
 use nym_node::metrics::{DropReason, HandshakeFailure};
@@ -26,19 +26,6 @@ async fn client(net: &Net, gateway: &str) -> MixClient {
     MixClient::start(config, Identity::generate().unwrap()).await.unwrap()
 }
 
-async fn receive_all(c: &mut MixClient, n: usize) -> Vec<Vec<u8>> {
-    let mut got = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while got.len() < n {
-        match tokio::time::timeout_at(deadline, c.next_event()).await {
-            Ok(Some(Event::Received { body, .. })) => got.push(body),
-            Ok(Some(_)) => {}
-            _ => break,
-        }
-    }
-    got
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_layer_network_delivers_every_message_intact() {
     let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
@@ -54,7 +41,7 @@ async fn three_layer_network_delivers_every_message_intact() {
     for body in &sent {
         c.send(me, body.clone(), 0).await.unwrap();
     }
-    let mut got = receive_all(&mut c, sent.len()).await;
+    let mut got = receive(&mut c, sent.len(), Duration::from_secs(60)).await;
     sent.sort();
     got.sort();
     assert_eq!(got.len(), sent.len(), "every message arrives");
@@ -78,7 +65,7 @@ async fn message_bigger_than_a_packet_is_chunked_and_reassembled() {
     let me = c.address();
     let body: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 256) as u8).collect();
     c.send(me, body.clone(), 0).await.unwrap();
-    let got = receive_all(&mut c, 1).await;
+    let got = receive(&mut c, 1, Duration::from_secs(60)).await;
     assert_eq!(got, vec![body]);
     let packets = c.stats().packets_sent.load(std::sync::atomic::Ordering::Relaxed);
     assert!(packets >= 30, "50 kB needs ~31 packets, sent {packets}");

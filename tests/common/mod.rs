@@ -189,9 +189,7 @@ impl Net {
 
     pub fn take_sink(&mut self, name: &str) -> Sink {
         let listener = self.sinks.remove(name).unwrap();
-        let keys = self.member(name).keys.clone();
-        let known: Vec<KeyBytes> = self.members.iter().map(|m| m.entry.noise_key).collect();
-        Sink::start(listener, keys, known)
+        self.sink_at(name, listener)
     }
 
     /// Opens a Noise link from `peer` (a topology member) to node `to`.
@@ -509,5 +507,56 @@ impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Collects `Received` bodies until `n` arrived or `t` passed (duplicates included).
+pub async fn receive(c: &mut nym_node::client::MixClient, n: usize, t: Duration) -> Vec<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + t;
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout_at(deadline, c.next_event()).await {
+            Ok(Some(nym_node::client::Event::Received { body, .. })) => got.push(body),
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    got
+}
+
+/// The smallest full route as child processes' plan: one mix per layer and a gateway.
+pub fn one_per_layer(dir: &std::path::Path, base: u16) -> Vec<nym_node::localnet::LocalNode> {
+    nym_node::localnet::plan_nodes(
+        dir,
+        base,
+        &[
+            ("mix-1", Mode::Mixnode, Some(1)),
+            ("mix-2", Mode::Mixnode, Some(2)),
+            ("mix-3", Mode::Mixnode, Some(3)),
+            ("gw", Mode::EntryGateway, None),
+        ],
+    )
+}
+
+impl Net {
+    /// A sink standing in for member `name` (same keys) on a listener of the test's choosing.
+    pub fn sink_at(&self, name: &str, listener: TcpListener) -> Sink {
+        let keys = self.member(name).keys.clone();
+        let known: Vec<KeyBytes> = self.members.iter().map(|m| m.entry.noise_key).collect();
+        Sink::start(listener, keys, known)
+    }
+
+    /// Sends fresh packets `mix` → `to` on `link` until one reaches `sink` (at most 100).
+    pub async fn send_until_received(&self, link: &mut Link, mix: &str, to: &str, sink: &mut Sink) -> bool {
+        for i in 0..100u32 {
+            let p = self.packet(&[mix, to], KeyBytes([2; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]);
+            if link.send_packet(&p).await.is_err() {
+                return false;
+            }
+            if sink.next(Duration::from_millis(200)).await.is_some() {
+                return true;
+            }
+        }
+        false
     }
 }
