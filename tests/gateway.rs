@@ -319,8 +319,12 @@ async fn a_client_over_its_rate_is_limited_and_a_draining_gateway_takes_no_new_p
             nym_node::client::packet::build_forward(&hops, &to.identity, &envelope, &[Duration::ZERO; 4]).unwrap();
         tx.send(&ClientMessage::Send { first_hop, packet }).await.unwrap();
     }
-    assert!(eventually(Duration::from_secs(5), || m.drop_count(DropReason::RateLimited) >= 35).await,
-        "beyond the burst, packets are dropped ({})", m.drop_count(DropReason::RateLimited));
+    // Every packet was either taken (and forwarded to its first hop) or dropped for the rate.
+    assert!(
+        eventually(Duration::from_secs(10), || m.drop_count(DropReason::RateLimited) + m.packets_forwarded.get() == 50).await,
+        "limited {} + forwarded {} != 50", m.drop_count(DropReason::RateLimited), m.packets_forwarded.get()
+    );
+    assert!(m.drop_count(DropReason::RateLimited) >= 35, "beyond the burst, packets are dropped ({})", m.drop_count(DropReason::RateLimited));
 
     // Draining: the session stays, but client packets are no longer taken.
     net.node("gateway").shutdown.start_drain();
