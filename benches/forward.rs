@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nym_node::loadgen::{self, Pace, SendTimes, SinkStats, Setup};
+use nym_node::loadgen::{self, Pace, SendTimes, Setup, SinkStats};
 
 const PACKETS: usize = 60_000;
 const WARMUP: usize = 4_000;
@@ -22,17 +22,38 @@ const WARMUP: usize = 4_000;
 const WINDOW: u64 = 256;
 
 fn main() {
-    let exe = loadgen::node_binary().expect("nym-node binary next to the bench (cargo bench builds it)");
+    let exe =
+        loadgen::node_binary().expect("nym-node binary next to the bench (cargo bench builds it)");
     let dir = tempfile::tempdir().unwrap();
     let mut setup = Setup::new(dir.path(), 4).unwrap();
     let build_start = Instant::now();
     let packets = setup.build_packets(PACKETS, 2);
-    println!("built {} packets in {:.1}s", packets.len(), build_start.elapsed().as_secs_f64());
+    println!(
+        "built {} packets in {:.1}s",
+        packets.len(),
+        build_start.elapsed().as_secs_f64()
+    );
     let (floor_before, expected) = setup.unwrap_floor(&packets);
 
-    let extra: Vec<(&str, String)> = std::env::var("BENCH_NODE_ENV").ok().map(|v| v.split(",").filter_map(|kv| kv.split_once("=")).map(|(k, v)| (Box::leak(k.to_string().into_boxed_str()) as &str, v.to_string())).collect()).unwrap_or_default();
+    let extra: Vec<(&str, String)> = std::env::var("BENCH_NODE_ENV")
+        .ok()
+        .map(|v| {
+            v.split(",")
+                .filter_map(|kv| kv.split_once("="))
+                .map(|(k, v)| {
+                    (
+                        Box::leak(k.to_string().into_boxed_str()) as &str,
+                        v.to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let node = setup.spawn_node(&exe, &extra).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let result = rt.block_on(async {
         let sent_times = SendTimes::new(packets.len());
         let stats = Arc::new(SinkStats::default());
@@ -48,23 +69,51 @@ fn main() {
         ));
         let counter = Arc::new(AtomicU64::new(0));
         // Warm up: links open, caches fill.
-        let warm = loadgen::prepare_links(&setup, &packets, 0..WARMUP).await.unwrap();
-        loadgen::send(warm, Pace::Window(WINDOW), sent_times.clone(), stats.clone(), counter.clone()).await;
+        let warm = loadgen::prepare_links(&setup, &packets, 0..WARMUP)
+            .await
+            .unwrap();
+        loadgen::send(
+            warm,
+            Pace::Window(WINDOW),
+            sent_times.clone(),
+            stats.clone(),
+            counter.clone(),
+        )
+        .await;
         wait_for(&stats, WARMUP as u64, Duration::from_secs(20)).await;
         stats.take_latencies();
 
-        let links = loadgen::prepare_links(&setup, &packets, WARMUP..packets.len()).await.unwrap();
+        let links = loadgen::prepare_links(&setup, &packets, WARMUP..packets.len())
+            .await
+            .unwrap();
         let cpu0 = node.cpu_time();
         let split0 = node.cpu_split();
         let t0 = Instant::now();
         let before = stats.received.load(Ordering::Relaxed);
-        loadgen::send(links, Pace::Window(WINDOW), sent_times.clone(), stats.clone(), counter.clone()).await;
-        wait_for(&stats, before + (packets.len() - WARMUP) as u64, Duration::from_secs(30)).await;
+        loadgen::send(
+            links,
+            Pace::Window(WINDOW),
+            sent_times.clone(),
+            stats.clone(),
+            counter.clone(),
+        )
+        .await;
+        wait_for(
+            &stats,
+            before + (packets.len() - WARMUP) as u64,
+            Duration::from_secs(30),
+        )
+        .await;
         let wall = t0.elapsed();
         let cpu = node.cpu_time() - cpu0;
         let split1 = node.cpu_split();
         let forwarded = stats.received.load(Ordering::Relaxed) - before;
-        (forwarded, wall, cpu, (split1.0 - split0.0, split1.1 - split0.1))
+        (
+            forwarded,
+            wall,
+            cpu,
+            (split1.0 - split0.0, split1.1 - split0.1),
+        )
     });
     let drops = loadgen::drops(setup.node_http);
     node.stop();

@@ -44,11 +44,17 @@ fn stage_p99(text: &str, stage: &str) -> Option<f64> {
         .filter_map(|l| {
             let rest = l.strip_prefix(prefix.as_str())?;
             let (le, count) = rest.split_once("\"} ")?;
-            Some((le.parse().unwrap_or(f64::INFINITY), count.trim().parse().ok()?))
+            Some((
+                le.parse().unwrap_or(f64::INFINITY),
+                count.trim().parse().ok()?,
+            ))
         })
         .collect();
     let total = buckets.last()?.1;
-    buckets.iter().find(|(_, c)| *c >= total * 0.99).map(|(le, _)| *le * 1e3)
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= total * 0.99)
+        .map(|(le, _)| *le * 1e3)
 }
 
 /// Mean of each `nym_node_packet_stage_seconds` series, from a scrape.
@@ -56,11 +62,18 @@ fn stage_means(text: &str) -> Vec<(String, f64)> {
     let mut sums = std::collections::BTreeMap::new();
     let mut counts = std::collections::BTreeMap::new();
     for line in text.lines() {
-        for (suffix, map) in [("_sum{stage=\"", &mut sums), ("_count{stage=\"", &mut counts)] {
+        for (suffix, map) in [
+            ("_sum{stage=\"", &mut sums),
+            ("_count{stage=\"", &mut counts),
+        ] {
             if let Some(rest) = line.strip_prefix(&format!("nym_node_packet_stage_seconds{suffix}"))
-                && let Some((stage, value)) = rest.split_once("\"} ") {
-                    map.insert(stage.to_string(), value.trim().parse::<f64>().unwrap_or(0.0));
-                }
+                && let Some((stage, value)) = rest.split_once("\"} ")
+            {
+                map.insert(
+                    stage.to_string(),
+                    value.trim().parse::<f64>().unwrap_or(0.0),
+                );
+            }
         }
     }
     sums.into_iter()
@@ -84,15 +97,27 @@ struct Bench<'a> {
 impl Bench<'_> {
     async fn step(&self, rate: f64) -> Step {
         let n = ((rate * STEP.as_secs_f64()) as usize).min(self.packets.len());
-        let node = self.setup.spawn_node(&self.exe, &self.node_env).expect("node under test starts");
-        let links = loadgen::prepare_links(self.setup, self.packets, 0..n).await.expect("links");
+        let node = self
+            .setup
+            .spawn_node(&self.exe, &self.node_env)
+            .expect("node under test starts");
+        let links = loadgen::prepare_links(self.setup, self.packets, 0..n)
+            .await
+            .expect("links");
         self.stats.take_latencies();
         let before = self.stats.received.load(Ordering::Relaxed);
         let cpu0 = node.cpu_time();
         let split0 = node.cpu_split();
         let counter = Arc::new(AtomicU64::new(0));
         let t0 = Instant::now();
-        loadgen::send(links, Pace::Rate(rate), self.sent_times.clone(), self.stats.clone(), counter.clone()).await;
+        loadgen::send(
+            links,
+            Pace::Rate(rate),
+            self.sent_times.clone(),
+            self.stats.clone(),
+            counter.clone(),
+        )
+        .await;
         let window = t0.elapsed();
         let in_window = self.stats.received.load(Ordering::Relaxed) - before;
         // Stragglers: wait until nothing arrives for 300 ms (or everything did).
@@ -137,7 +162,11 @@ impl Bench<'_> {
 }
 
 fn print(s: &Step) {
-    let stages: Vec<String> = s.stages.iter().map(|(k, v)| format!("{k}={v:.0}µs")).collect();
+    let stages: Vec<String> = s
+        .stages
+        .iter()
+        .map(|(k, v)| format!("{k}={v:.0}µs"))
+        .collect();
     println!(
         "| {:>8.0} | {:>9.0} | {:>7.3}% | {:>7.1} | {:>7.2} | {:>7.2} | {:?} {}",
         s.offered,
@@ -152,16 +181,24 @@ fn print(s: &Step) {
 }
 
 fn main() {
-    let exe = loadgen::node_binary().expect("nym-node binary next to the bench (cargo bench builds it)");
+    let exe =
+        loadgen::node_binary().expect("nym-node binary next to the bench (cargo bench builds it)");
     let dir = tempfile::tempdir().unwrap();
     let mut setup = Setup::new(dir.path(), 4).unwrap();
     let max_rate = 48_000.0;
     let t = Instant::now();
     let packets = setup.build_packets((max_rate * STEP.as_secs_f64()) as usize, 2);
-    println!("built {} packets in {:.1}s", packets.len(), t.elapsed().as_secs_f64());
+    println!(
+        "built {} packets in {:.1}s",
+        packets.len(),
+        t.elapsed().as_secs_f64()
+    );
     let (floor_before, expected) = setup.unwrap_floor(&packets);
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let listener = {
         let _runtime = rt.enter();
         setup.sink_listener().unwrap()
@@ -183,19 +220,31 @@ fn main() {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (&*Box::leak(k.to_string().into_boxed_str()), v.to_string()))
             .collect();
-        let bench = Bench { setup: &setup, packets: &packets, exe, stats, sent_times, node_env };
+        let bench = Bench {
+            setup: &setup,
+            packets: &packets,
+            exe,
+            stats,
+            sent_times,
+            node_env,
+        };
         println!("| offered/s | forwarded/s | loss | cpu µs/pkt | p50 ms | p99 ms | node drops");
         println!("|---|---|---|---|---|---|---|");
         let mut lossless = 0.0f64;
         let mut lossy = max_rate;
         // LOAD_RATES=4000,9000 runs just those steps (for profiling), skipping the search.
         if let Ok(rates) = std::env::var("LOAD_RATES") {
-            for r in rates.split(',').filter_map(|r| r.trim().parse::<f64>().ok()) {
+            for r in rates
+                .split(',')
+                .filter_map(|r| r.trim().parse::<f64>().ok())
+            {
                 print(&bench.step(r).await);
             }
             std::process::exit(0);
         }
-        for rate in [4_000.0, 8_000.0, 12_000.0, 16_000.0, 20_000.0, 24_000.0, 28_000.0, 32_000.0, 40_000.0] {
+        for rate in [
+            4_000.0, 8_000.0, 12_000.0, 16_000.0, 20_000.0, 24_000.0, 28_000.0, 32_000.0, 40_000.0,
+        ] {
             let s = bench.step(rate).await;
             print(&s);
             if s.loss <= LOSSLESS {
@@ -236,12 +285,22 @@ fn main() {
     println!("floor_unwrap_us={:.1}", floor.as_secs_f64() * 1e6);
     println!("lossless_pps={lossless:.0}");
     println!("cpu_us_per_packet={:.1}", at_lossless.cpu_us);
-    println!("cpu_vs_floor={:.3}", at_lossless.cpu_us / (floor.as_secs_f64() * 1e6));
-    println!("goodput_at_2x_ratio={:.3}", double.goodput / lossless.max(1.0));
+    println!(
+        "cpu_vs_floor={:.3}",
+        at_lossless.cpu_us / (floor.as_secs_f64() * 1e6)
+    );
+    println!(
+        "goodput_at_2x_ratio={:.3}",
+        double.goodput / lossless.max(1.0)
+    );
     println!(
         "latency_at_half_lossless p50_ms={:.2} p99_ms={:.2}",
         half.p50.as_secs_f64() * 1e3,
         half.p99.as_secs_f64() * 1e3
     );
-    println!("latency_at_lossless p50_ms={:.2} p99_ms={:.2}", at_lossless.p50.as_secs_f64() * 1e3, at_lossless.p99.as_secs_f64() * 1e3);
+    println!(
+        "latency_at_lossless p50_ms={:.2} p99_ms={:.2}",
+        at_lossless.p50.as_secs_f64() * 1e3,
+        at_lossless.p99.as_secs_f64() * 1e3
+    );
 }

@@ -12,6 +12,9 @@ scripts/install-test-deps.sh
 export DOCKER_CONFIG="${NYM_TOOLS_DIR:-$HOME/.cache/nym-node-tools}/docker-config"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+# Style and lints are part of the suite: formatting, clippy (with clippy.toml's rules).
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked "$@"
 
 if [ "${NYM_SKIP_CONTAINERS:-}" = 1 ]; then

@@ -188,7 +188,11 @@ impl Config {
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
             .collect();
         let known: Vec<String> = knobs().into_iter().map(|k| k.env).collect();
-        let unknown = ours.keys().filter(|k| !known.contains(k)).cloned().collect();
+        let unknown = ours
+            .keys()
+            .filter(|k| !known.contains(k))
+            .cloned()
+            .collect();
         let tracked: Tracked = envy::prefixed(ENV_PREFIX)
             .from_iter(ours)
             .map_err(|e| ConfigError::Other(e.to_string()))?;
@@ -492,13 +496,17 @@ impl KnobValue for u32 {
 pub struct DnsServers(pub Vec<SocketAddr>);
 
 impl KnobValue for DnsServers {
-    const EXPECTED: &'static str = "comma-separated name servers such as 10.0.0.10 or 127.0.0.1:5353 (empty for the system's)";
+    const EXPECTED: &'static str =
+        "comma-separated name servers such as 10.0.0.10 or 127.0.0.1:5353 (empty for the system's)";
     fn parse_knob(raw: &str) -> Result<Self, String> {
         let mut out = Vec::new();
         for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let addr = part
                 .parse::<SocketAddr>()
-                .or_else(|_| part.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .or_else(|_| {
+                    part.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                })
                 .map_err(|_| format!("'{part}' is not an IP address"))?;
             out.push(addr);
         }
@@ -542,7 +550,10 @@ mod tests {
     fn every_default_parses_and_names_are_unique() {
         let config = Config::default();
         assert_eq!(config.mode, Mode::Mixnode);
-        assert_eq!(config.connection_write_timeout.0, Duration::from_millis(500));
+        assert_eq!(
+            config.connection_write_timeout.0,
+            Duration::from_millis(500)
+        );
         assert_eq!(config.connection_idle_timeout.0, Duration::from_secs(300));
         let names: Vec<String> = knobs().into_iter().map(|k| k.env).collect();
         let mut dedup = names.clone();
@@ -555,9 +566,11 @@ mod tests {
 
     #[test]
     fn minimal_environment_runs_with_defaults() {
-        let (config, unknown) =
-            Config::from_vars(vars(&[("NYM_NODE_TOPOLOGY", "/tmp/t.json"), ("NYM_NODE_ID", "mix1")]))
-                .expect("minimal config");
+        let (config, unknown) = Config::from_vars(vars(&[
+            ("NYM_NODE_TOPOLOGY", "/tmp/t.json"),
+            ("NYM_NODE_ID", "mix1"),
+        ]))
+        .expect("minimal config");
         assert!(unknown.is_empty());
         assert_eq!(config.id, "mix1");
         assert_eq!(config.mixnet_bind, "0.0.0.0:1789".parse().unwrap());
@@ -572,18 +585,33 @@ mod tests {
         ]))
         .unwrap_err()
         .to_string();
-        assert!(err.starts_with("NYM_NODE_CONNECTION_WRITE_TIMEOUT: expected a duration"), "{err}");
+        assert!(
+            err.starts_with("NYM_NODE_CONNECTION_WRITE_TIMEOUT: expected a duration"),
+            "{err}"
+        );
         assert!(err.contains("'fast'"), "{err}");
 
-        let err = Config::from_vars(vars(&[("NYM_NODE_TOPOLOGY", "t"), ("NYM_NODE_MODE", "router")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("NYM_NODE_MODE: expected one of mixnode"), "{err}");
+        let err = Config::from_vars(vars(&[
+            ("NYM_NODE_TOPOLOGY", "t"),
+            ("NYM_NODE_MODE", "router"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("NYM_NODE_MODE: expected one of mixnode"),
+            "{err}"
+        );
 
-        let err = Config::from_vars(vars(&[("NYM_NODE_TOPOLOGY", "t"), ("NYM_NODE_SPHINX_QUEUE", "-3")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("NYM_NODE_SPHINX_QUEUE: expected a non-negative integer"), "{err}");
+        let err = Config::from_vars(vars(&[
+            ("NYM_NODE_TOPOLOGY", "t"),
+            ("NYM_NODE_SPHINX_QUEUE", "-3"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("NYM_NODE_SPHINX_QUEUE: expected a non-negative integer"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -618,7 +646,13 @@ mod tests {
     #[test]
     fn dns_servers_parse_with_and_without_port() {
         let d = DnsServers::parse_knob("10.0.0.10, 127.0.0.1:5353").unwrap();
-        assert_eq!(d.0, vec!["10.0.0.10:53".parse().unwrap(), "127.0.0.1:5353".parse().unwrap()]);
+        assert_eq!(
+            d.0,
+            vec![
+                "10.0.0.10:53".parse().unwrap(),
+                "127.0.0.1:5353".parse().unwrap()
+            ]
+        );
         assert!(DnsServers::parse_knob("").unwrap().0.is_empty());
         assert!(DnsServers::parse_knob("dns.local").is_err());
     }

@@ -293,7 +293,11 @@ mod tests {
         let keys = NodeKeys::generate().unwrap();
         keys.write(dir.path()).unwrap();
         for f in [IDENTITY_FILE, SPHINX_FILE, NOISE_FILE] {
-            let mode = fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+            let mode = fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
             assert_eq!(mode, 0o600, "{f}");
         }
         let loaded = NodeKeys::load(dir.path()).unwrap();
@@ -307,7 +311,10 @@ mod tests {
         let path = dir.path().join(SPHINX_FILE);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = NodeKeys::load(dir.path()).err().expect("must refuse");
-        assert!(matches!(err, KeyError::Permissions { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, KeyError::Permissions { mode: 0o644, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -95,7 +95,12 @@ impl Setup {
         ];
         for (i, p) in peers.iter().enumerate() {
             // Peers only dial; their address is never used.
-            nodes.push(entry(&format!("peer-{i}"), p, 1, "127.0.0.1:9".parse().map_err(err)?)?);
+            nodes.push(entry(
+                &format!("peer-{i}"),
+                p,
+                1,
+                "127.0.0.1:9".parse().map_err(err)?,
+            )?);
         }
         let topology = dir.join("topology.json");
         let doc = TopologyDocument {
@@ -175,8 +180,9 @@ impl Setup {
             };
             if let Ok(processed) = packet.process(&secret) {
                 done += 1;
-                if let sphinx_packet::ProcessedPacketData::ForwardHop { next_hop_packet, .. } =
-                    processed.data
+                if let sphinx_packet::ProcessedPacketData::ForwardHop {
+                    next_hop_packet, ..
+                } = processed.data
                 {
                     expected.insert(*next_hop_packet.header.shared_secret.as_bytes(), i);
                 }
@@ -187,7 +193,11 @@ impl Setup {
     }
 
     /// Starts the node under test as a child process and waits until it is ready.
-    pub fn spawn_node(&self, exe: &Path, extra_env: &[(&str, String)]) -> Result<NodeProcess, LoadError> {
+    pub fn spawn_node(
+        &self,
+        exe: &Path,
+        extra_env: &[(&str, String)],
+    ) -> Result<NodeProcess, LoadError> {
         let log = std::fs::File::create(self.dir.join("node.log")).map_err(err)?;
         let mut cmd = Command::new(exe);
         cmd.arg("run")
@@ -233,7 +243,11 @@ fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     buf.split_whitespace().nth(1)?.parse().ok()
@@ -244,7 +258,11 @@ pub fn scrape(addr: SocketAddr) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     Some(buf.split_once("\r\n\r\n")?.1.to_string())
@@ -326,7 +344,10 @@ pub fn thread_cpu_times(pid: u32) -> HashMap<String, Duration> {
     };
     for task in dir.flatten() {
         let path = task.path();
-        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default().trim().to_string();
+        let name = std::fs::read_to_string(path.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         if let Some(t) = stat_cpu(&path.join("stat").display().to_string()) {
             *out.entry(name).or_default() += t;
         }
@@ -375,13 +396,20 @@ impl SendTimes {
 
     fn mark(&self, i: usize) {
         if let Some(t) = self.times.get(i) {
-            t.store(self.epoch.elapsed().as_nanos() as u64 + 1, Ordering::Relaxed);
+            t.store(
+                self.epoch.elapsed().as_nanos() as u64 + 1,
+                Ordering::Relaxed,
+            );
         }
     }
 
     fn since(&self, i: usize) -> Option<Duration> {
         let t = self.times.get(i)?.load(Ordering::Relaxed);
-        (t != 0).then(|| self.epoch.elapsed().saturating_sub(Duration::from_nanos(t - 1)))
+        (t != 0).then(|| {
+            self.epoch
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(t - 1))
+        })
     }
 }
 
@@ -399,10 +427,14 @@ pub async fn run_sink(
         let Ok((mut stream, _)) = listener.accept().await else {
             return;
         };
-        let (known, expected, sent, stats) = (known.clone(), expected.clone(), sent.clone(), stats.clone());
+        let (known, expected, sent, stats) =
+            (known.clone(), expected.clone(), sent.clone(), stats.clone());
         tokio::spawn(async move {
             let Ok((mut rx, _)) =
-                noise::respond(&mut stream, &secret, Duration::from_secs(5), |k| known.contains(k)).await
+                noise::respond(&mut stream, &secret, Duration::from_secs(5), |k| {
+                    known.contains(k)
+                })
+                .await
             else {
                 return;
             };
@@ -416,7 +448,9 @@ pub async fn run_sink(
                 };
                 filled += n;
                 let mut at = 0;
-                while let Ok(Some(body)) = framing::next_frame(&buf[at..filled], FRAME_CIPHERTEXT_LEN, true) {
+                while let Ok(Some(body)) =
+                    framing::next_frame(&buf[at..filled], FRAME_CIPHERTEXT_LEN, true)
+                {
                     if rx.decrypt(body, &mut plain).is_err() {
                         return;
                     }
@@ -424,9 +458,10 @@ pub async fn run_sink(
                     let mut alpha = [0u8; 32];
                     alpha.copy_from_slice(&plain[2..34]);
                     if let Some(i) = expected.get(&alpha)
-                        && let Some(l) = sent.since(*i) {
-                            stats.latencies.lock().push(l);
-                        }
+                        && let Some(l) = sent.since(*i)
+                    {
+                        stats.latencies.lock().push(l);
+                    }
                     at += WIRE_FRAME_LEN;
                 }
                 buf.copy_within(at..filled, 0);
@@ -475,7 +510,11 @@ pub async fn prepare_links(
     }
     Ok(links
         .into_iter()
-        .map(|(stream, _, wire, indices)| PreparedLink { stream, wire, indices })
+        .map(|(stream, _, wire, indices)| PreparedLink {
+            stream,
+            wire,
+            indices,
+        })
         .collect())
 }
 
@@ -490,11 +529,18 @@ pub enum Pace {
 }
 
 /// Sends every prepared frame; returns when all are written.
-pub async fn send(links: Vec<PreparedLink>, pace: Pace, sent: Arc<SendTimes>, sink: Arc<SinkStats>, counter: Arc<AtomicU64>) {
+pub async fn send(
+    links: Vec<PreparedLink>,
+    pace: Pace,
+    sent: Arc<SendTimes>,
+    sink: Arc<SinkStats>,
+    counter: Arc<AtomicU64>,
+) {
     match pace {
         Pace::Rate(rate) => {
             // tokio's timers tick in milliseconds; a thread of its own paces to the microsecond.
-            let _ = tokio::task::spawn_blocking(move || send_paced(links, rate, &sent, &counter)).await;
+            let _ =
+                tokio::task::spawn_blocking(move || send_paced(links, rate, &sent, &counter)).await;
         }
         Pace::Window(window) => send_windowed(links, window, sent, sink, counter).await,
     }
@@ -504,7 +550,9 @@ fn send_paced(links: Vec<PreparedLink>, rate: f64, sent: &SendTimes, counter: &A
     use std::io::Write;
     let mut streams = Vec::new();
     for link in links {
-        let Ok(std_stream) = link.stream.into_std() else { return };
+        let Ok(std_stream) = link.stream.into_std() else {
+            return;
+        };
         if std_stream.set_nonblocking(false).is_err() {
             return;
         }
@@ -526,7 +574,9 @@ fn send_paced(links: Vec<PreparedLink>, rate: f64, sent: &SendTimes, counter: &A
             let n = streams.len();
             let (stream, wire, indices, done) = &mut streams[k % n];
             k += 1;
-            let Some(i) = indices.get(*done) else { continue };
+            let Some(i) = indices.get(*done) else {
+                continue;
+            };
             if i % LATENCY_SAMPLE == 0 {
                 sent.mark(*i);
             }
@@ -542,7 +592,13 @@ fn send_paced(links: Vec<PreparedLink>, rate: f64, sent: &SendTimes, counter: &A
     }
 }
 
-async fn send_windowed(links: Vec<PreparedLink>, window: u64, sent: Arc<SendTimes>, sink: Arc<SinkStats>, counter: Arc<AtomicU64>) {
+async fn send_windowed(
+    links: Vec<PreparedLink>,
+    window: u64,
+    sent: Arc<SendTimes>,
+    sink: Arc<SinkStats>,
+    counter: Arc<AtomicU64>,
+) {
     let mut tasks = Vec::new();
     for mut link in links {
         let (sent, sink, counter) = (sent.clone(), sink.clone(), counter.clone());
@@ -550,7 +606,9 @@ async fn send_windowed(links: Vec<PreparedLink>, window: u64, sent: Arc<SendTime
             let frames = link.indices.len();
             let mut done = 0usize;
             while done < frames {
-                let in_flight = counter.load(Ordering::Relaxed).saturating_sub(sink.received.load(Ordering::Relaxed));
+                let in_flight = counter
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(sink.received.load(Ordering::Relaxed));
                 if in_flight >= window {
                     tokio::time::sleep(Duration::from_micros(500)).await;
                     continue;

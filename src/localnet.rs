@@ -16,7 +16,7 @@ use tokio::process::{Child, Command};
 use crate::client::{ClientConfig, Event, MixClient};
 use crate::config::Mode;
 use crate::keys::{Identity, NodeKeys};
-use crate::topology::{NodeEntry, TopologyDocument, SCHEMA_VERSION};
+use crate::topology::{NodeEntry, SCHEMA_VERSION, TopologyDocument};
 
 #[derive(Debug, Clone)]
 pub struct LocalnetOptions {
@@ -71,7 +71,11 @@ pub fn plan(dir: &Path, base_port: u16) -> Vec<LocalNode> {
 }
 
 /// Any set of nodes; node `i` takes ports `base_port + 10 i` (mixnet), `+1` (HTTP), `+2` (client API).
-pub fn plan_nodes(dir: &Path, base_port: u16, specs: &[(&str, Mode, Option<u8>)]) -> Vec<LocalNode> {
+pub fn plan_nodes(
+    dir: &Path,
+    base_port: u16,
+    specs: &[(&str, Mode, Option<u8>)],
+) -> Vec<LocalNode> {
     specs
         .iter()
         .enumerate()
@@ -176,8 +180,14 @@ pub fn node_env(node: &LocalNode, topology: &Path) -> Vec<(String, String)> {
         ("NYM_NODE_MODE", node.mode.as_str().to_string()),
         ("NYM_NODE_TOPOLOGY", topology.display().to_string()),
         ("NYM_NODE_TOPOLOGY_REFRESH", "2s".into()),
-        ("NYM_NODE_KEYS_DIR", node.dir.join("keys").display().to_string()),
-        ("NYM_NODE_DATA_DIR", node.dir.join("data").display().to_string()),
+        (
+            "NYM_NODE_KEYS_DIR",
+            node.dir.join("keys").display().to_string(),
+        ),
+        (
+            "NYM_NODE_DATA_DIR",
+            node.dir.join("data").display().to_string(),
+        ),
         ("NYM_NODE_MIXNET_BIND", node.mixnet.to_string()),
         ("NYM_NODE_HTTP_BIND", node.http.to_string()),
         ("NYM_NODE_CLIENT_BIND", node.client.to_string()),
@@ -201,7 +211,8 @@ pub fn spawn_node_with(
     topology: &Path,
     extra: &[(&str, &str)],
 ) -> Result<Child, LocalnetError> {
-    std::fs::create_dir_all(&node.dir).map_err(|e| LocalnetError::Io(node.dir.display().to_string(), e))?;
+    std::fs::create_dir_all(&node.dir)
+        .map_err(|e| LocalnetError::Io(node.dir.display().to_string(), e))?;
     let log_path = node.dir.join("node.log");
     let log = std::fs::File::create(&log_path)
         .map_err(|e| LocalnetError::Io(log_path.display().to_string(), e))?;
@@ -256,7 +267,10 @@ pub async fn sum_metric(nodes: &[LocalNode], name: &str) -> u64 {
         if let Some((200, body)) = crate::http::probe::get(node.http, "/metrics").await {
             total += body
                 .lines()
-                .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+                .filter(|l| {
+                    l.starts_with(name)
+                        && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+                })
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>();
         }
@@ -284,11 +298,20 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
     }
     wait_ready(&nodes, Duration::from_secs(30)).await?;
     let topology_abs = std::fs::canonicalize(&topology).unwrap_or(topology.clone());
-    println!("localnet: {} nodes running (3 mix layers x 2, entry-gw, exit-gw)", nodes.len());
+    println!(
+        "localnet: {} nodes running (3 mix layers x 2, entry-gw, exit-gw)",
+        nodes.len()
+    );
     println!("localnet: topology   {}", topology_abs.display());
-    println!("localnet: logs       {}/<node>/node.log", options.dir.display());
+    println!(
+        "localnet: logs       {}/<node>/node.log",
+        options.dir.display()
+    );
     for n in &nodes {
-        println!("localnet:   {:<9} mixnet {}  http http://{}", n.name, n.mixnet, n.http);
+        println!(
+            "localnet:   {:<9} mixnet {}  http http://{}",
+            n.name, n.mixnet, n.http
+        );
     }
     println!(
         "localnet: try        nym-client --topology {} probe --count 20",

@@ -19,7 +19,11 @@ const EX_USAGE: u8 = 64;
 const EX_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(name = "nym-node", version, about = "A Sphinx mixnet node: mix node, entry gateway or exit gateway")]
+#[command(
+    name = "nym-node",
+    version,
+    about = "A Sphinx mixnet node: mix node, entry gateway or exit gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -131,7 +135,10 @@ fn health(path: &str) -> ExitCode {
         .and_then(|b| b.parse::<std::net::SocketAddr>().ok())
         .unwrap_or_else(|| Config::default().http_bind);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], bind.port()));
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
         return ExitCode::FAILURE;
     };
     match rt.block_on(nym_node::http::probe::get(addr, path)) {
@@ -157,7 +164,10 @@ fn keygen(dir: Option<PathBuf>) -> ExitCode {
     let result = NodeKeys::generate().and_then(|k| k.write(&dir).map(|_| k));
     match result {
         Ok(keys) => {
-            println!("{}", serde_json::to_string_pretty(&keys.public()).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&keys.public()).unwrap_or_default()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -170,7 +180,10 @@ fn keygen(dir: Option<PathBuf>) -> ExitCode {
 fn describe(dir: Option<PathBuf>) -> ExitCode {
     match NodeKeys::load(&keys_dir(dir)) {
         Ok(keys) => {
-            println!("{}", serde_json::to_string_pretty(&keys.public()).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&keys.public()).unwrap_or_default()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -264,4 +277,3 @@ fn run_localnet(options: LocalnetOptions) -> ExitCode {
         }
     }
 }
-

@@ -22,7 +22,10 @@ const KIND_COVER: u8 = 2;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Envelope {
     /// A fragment of a client message, with the SURB-ACK (if any) the final hop must send back.
-    Data { ack: Option<Vec<u8>>, fragment: Vec<u8> },
+    Data {
+        ack: Option<Vec<u8>>,
+        fragment: Vec<u8>,
+    },
     /// Loop cover traffic: discarded by the final hop.
     Cover,
 }
@@ -92,14 +95,26 @@ mod tests {
     fn round_trips() {
         for e in [
             Envelope::Cover,
-            Envelope::Data { ack: None, fragment: b"abc".to_vec() },
-            Envelope::Data { ack: Some(vec![7; 396]), fragment: vec![1; 100] },
+            Envelope::Data {
+                ack: None,
+                fragment: b"abc".to_vec(),
+            },
+            Envelope::Data {
+                ack: Some(vec![7; 396]),
+                fragment: vec![1; 100],
+            },
         ] {
             assert_eq!(Envelope::decode(&e.encode().unwrap()).unwrap(), e);
         }
-        let too_big = Envelope::Data { ack: None, fragment: vec![0; MAX_PLAINTEXT] };
+        let too_big = Envelope::Data {
+            ack: None,
+            fragment: vec![0; MAX_PLAINTEXT],
+        };
         assert!(too_big.encode().is_err());
-        let exact = Envelope::Data { ack: None, fragment: vec![0; Envelope::fragment_capacity(0)] };
+        let exact = Envelope::Data {
+            ack: None,
+            fragment: vec![0; Envelope::fragment_capacity(0)],
+        };
         assert_eq!(exact.encode().unwrap().len(), MAX_PLAINTEXT);
     }
 
@@ -108,7 +123,10 @@ mod tests {
         assert_eq!(Envelope::decode(&[]), Err(EnvelopeError::Empty));
         assert_eq!(Envelope::decode(&[9]), Err(EnvelopeError::UnknownKind(9)));
         assert_eq!(Envelope::decode(&[1, 0]), Err(EnvelopeError::Truncated));
-        assert_eq!(Envelope::decode(&[1, 0, 5, 1]), Err(EnvelopeError::Truncated));
+        assert_eq!(
+            Envelope::decode(&[1, 0, 5, 1]),
+            Err(EnvelopeError::Truncated)
+        );
     }
 
     proptest! {

@@ -171,8 +171,8 @@ impl RefusalReason {
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
 ];
 const HELD_DELAY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -443,7 +443,11 @@ impl Metrics {
             refused_capacity: refused.with_label_values(&[RefusalReason::Capacity.as_str()]),
             topology_reloads_ok: reloads.with_label_values(&["ok"]),
             topology_reloads_failed: reloads.with_label_values(&["error"]),
-            topology_nodes: gauge(r, "topology_nodes", "Nodes in the current topology document."),
+            topology_nodes: gauge(
+                r,
+                "topology_nodes",
+                "Nodes in the current topology document.",
+            ),
             clients_connected: gauge(
                 r,
                 "gateway_clients_connected",
@@ -483,11 +487,7 @@ impl Metrics {
                 "Cached peer addresses evicted after a hard connection failure.",
             ),
             tokio_workers: gauge(r, "tokio_workers", "Worker threads of the async runtime."),
-            tokio_alive_tasks: gauge(
-                r,
-                "tokio_alive_tasks",
-                "Tasks alive in the async runtime.",
-            ),
+            tokio_alive_tasks: gauge(r, "tokio_alive_tasks", "Tasks alive in the async runtime."),
             tokio_global_queue_depth: gauge(
                 r,
                 "tokio_global_queue_depth",
@@ -525,7 +525,11 @@ impl Metrics {
     }
 
     pub fn handshake_failed(&self, ingress: bool, reason: HandshakeFailure) {
-        let dir = if ingress { 0 } else { HandshakeFailure::ALL.len() };
+        let dir = if ingress {
+            0
+        } else {
+            HandshakeFailure::ALL.len()
+        };
         let idx = HandshakeFailure::ALL
             .iter()
             .position(|r| *r == reason)
@@ -534,7 +538,11 @@ impl Metrics {
     }
 
     pub fn handshake_failures(&self, ingress: bool, reason: HandshakeFailure) -> u64 {
-        let dir = if ingress { 0 } else { HandshakeFailure::ALL.len() };
+        let dir = if ingress {
+            0
+        } else {
+            HandshakeFailure::ALL.len()
+        };
         let idx = HandshakeFailure::ALL
             .iter()
             .position(|r| *r == reason)
@@ -613,7 +621,11 @@ pub fn metrics_markdown() -> String {
         let labels = if labels.is_empty() {
             "—".to_string()
         } else {
-            labels.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", ")
+            labels
+                .iter()
+                .map(|l| format!("`{l}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         out.push_str(&format!("| `{name}` | {kind} | {labels} | {help} |\n"));
     }
@@ -633,7 +645,10 @@ mod tests {
         assert_eq!(m.drop_count(DropReason::Overload), 3);
         assert_eq!(m.drop_count(DropReason::QueueFull), 0);
         let text = m.render();
-        assert!(text.contains(r#"nym_node_packets_dropped_total{reason="overload"} 3"#), "{text}");
+        assert!(
+            text.contains(r#"nym_node_packets_dropped_total{reason="overload"} 3"#),
+            "{text}"
+        );
         assert!(text.contains("nym_node_build_info{"));
     }
 

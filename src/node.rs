@@ -14,7 +14,9 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::dns::{DnsSettings, Resolver};
-use crate::gateway::{self, client_api::ClientApi, delivery::Delivery, mailbox::Mailbox, sessions::Sessions};
+use crate::gateway::{
+    self, client_api::ClientApi, delivery::Delivery, mailbox::Mailbox, sessions::Sessions,
+};
 use crate::health::Health;
 use crate::http::{self, HttpState, description::Description};
 use crate::keys::NodeKeys;
@@ -140,16 +142,22 @@ pub async fn start(
     let topology = TopologyHandle::new();
     let health = Health::new(topology.clone(), shutdown.clone());
     health.set_keys_loaded();
-    let mixnet_addr = listeners.mixnet.local_addr().map_err(|source| NodeError::Bind {
-        what: "the mixnet listener",
-        addr: config.mixnet_bind,
-        source,
-    })?;
-    let http_addr = listeners.http.local_addr().map_err(|source| NodeError::Bind {
-        what: "the HTTP listener",
-        addr: config.http_bind,
-        source,
-    })?;
+    let mixnet_addr = listeners
+        .mixnet
+        .local_addr()
+        .map_err(|source| NodeError::Bind {
+            what: "the mixnet listener",
+            addr: config.mixnet_bind,
+            source,
+        })?;
+    let http_addr = listeners
+        .http
+        .local_addr()
+        .map_err(|source| NodeError::Bind {
+            what: "the HTTP listener",
+            addr: config.http_bind,
+            source,
+        })?;
     let client_addr = listeners.client.as_ref().and_then(|l| l.local_addr().ok());
 
     // Topology and HTTP outlive the pipeline: they stop last.
@@ -293,7 +301,14 @@ pub async fn start(
     // Every producer holds its own sender now; when they are gone the forwarder drains.
     drop(forward_tx);
 
-    let describe = describer(&config, &keys, &topology, mixnet_addr, http_addr, client_addr);
+    let describe = describer(
+        &config,
+        &keys,
+        &topology,
+        mixnet_addr,
+        http_addr,
+        client_addr,
+    );
     let http_state = Arc::new(HttpState {
         health: health.clone(),
         metrics: metrics.clone(),
@@ -340,7 +355,10 @@ pub async fn start(
             // The forwarder releases what it holds and drops egress; links flush and close.
             let _ = forwarder.await;
             links.close();
-            if tokio::time::timeout(FLUSH_BOUND, links.wait()).await.is_err() {
+            if tokio::time::timeout(FLUSH_BOUND, links.wait())
+                .await
+                .is_err()
+            {
                 tracing::warn!("egress links did not finish flushing in time");
             }
             let dropped: u64 = DropReason::ALL

@@ -89,13 +89,16 @@ pub struct TelemetryGuard {
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         if let Some(p) = self.provider.take()
-            && let Err(e) = p.shutdown_with_timeout(std::time::Duration::from_secs(5)) {
-                eprintln!("trace export did not flush: {e}");
-            }
+            && let Err(e) = p.shutdown_with_timeout(std::time::Duration::from_secs(5))
+        {
+            eprintln!("trace export did not flush: {e}");
+        }
     }
 }
 
-fn tracer_provider(otlp: &OtlpSettings) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, String> {
+fn tracer_provider(
+    otlp: &OtlpSettings,
+) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, String> {
     use opentelemetry::KeyValue;
     use opentelemetry_otlp::{Protocol, WithExportConfig};
     let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -131,7 +134,10 @@ pub fn init(format: LogFormat, filter: &str, otlp: Option<OtlpSettings>) -> Tele
     let provider = otlp.as_ref().and_then(|o| match tracer_provider(o) {
         Ok(p) => Some(p),
         Err(e) => {
-            eprintln!("traces disabled: cannot build the OTLP exporter for {}: {e}", o.endpoint);
+            eprintln!(
+                "traces disabled: cannot build the OTLP exporter for {}: {e}",
+                o.endpoint
+            );
             None
         }
     });

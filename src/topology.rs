@@ -395,7 +395,10 @@ mod tests {
         let json = serde_json::to_vec(&doc).unwrap();
         let t = Topology::parse(&json).unwrap();
         assert_eq!(t.node(&KeyBytes([1; 32])).unwrap().name, "mix1");
-        assert_eq!(t.node_by_noise_key(&KeyBytes([202; 32])).unwrap().name, "gw");
+        assert_eq!(
+            t.node_by_noise_key(&KeyBytes([202; 32])).unwrap().name,
+            "gw"
+        );
         assert_eq!(t.serving_layer(1).count(), 1);
         assert_eq!(t.serving_gateways().count(), 1);
     }
@@ -407,13 +410,17 @@ mod tests {
             revision: 1,
             nodes: vec![entry("mix1", 1, Mode::Mixnode, None)],
         };
-        let err = Topology::from_document(doc.clone()).unwrap_err().to_string();
+        let err = Topology::from_document(doc.clone())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("needs a layer"), "{err}");
         doc.nodes = vec![
             entry("a", 1, Mode::Mixnode, Some(1)),
             entry("b", 1, Mode::Mixnode, Some(2)),
         ];
-        let err = Topology::from_document(doc.clone()).unwrap_err().to_string();
+        let err = Topology::from_document(doc.clone())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("appears twice"), "{err}");
         doc.schema = 9;
         assert!(Topology::from_document(doc).is_err());

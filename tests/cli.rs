@@ -9,13 +9,18 @@ use std::time::{Duration, Instant};
 const NODE: &str = env!("CARGO_BIN_EXE_nym-node");
 const CLIENT: &str = env!("CARGO_BIN_EXE_nym-client");
 
-
 #[test]
 fn localnet_and_probe_deliver_every_message_and_stop_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let base = common::free_base_port(80);
     let mut localnet = Command::new(NODE)
-        .args(["localnet", "--no-traffic", "--base-port", &base.to_string(), "--dir"])
+        .args([
+            "localnet",
+            "--no-traffic",
+            "--base-port",
+            &base.to_string(),
+            "--dir",
+        ])
         .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -30,7 +35,15 @@ fn localnet_and_probe_deliver_every_message_and_stop_cleanly() {
             let out = Command::new(CLIENT)
                 .arg("--topology")
                 .arg(&topology)
-                .args(["--cover-rate", "0", "probe", "--count", "25", "--timeout", "30s"])
+                .args([
+                    "--cover-rate",
+                    "0",
+                    "probe",
+                    "--count",
+                    "25",
+                    "--timeout",
+                    "30s",
+                ])
                 .output()
                 .unwrap();
             if out.status.success() {
@@ -58,7 +71,10 @@ fn localnet_and_probe_deliver_every_message_and_stop_cleanly() {
         );
     }
     let log = std::fs::read_to_string(dir.path().join("mix-2a/node.log")).unwrap();
-    assert!(log.contains("pipeline drained"), "each node drains on the way out:\n{log}");
+    assert!(
+        log.contains("pipeline drained"),
+        "each node drains on the way out:\n{log}"
+    );
 }
 
 fn wait_timeout(child: &mut std::process::Child, t: Duration) -> Option<std::process::ExitStatus> {
@@ -85,7 +101,10 @@ fn bad_configuration_exits_64_naming_the_variable() {
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.contains("NYM_NODE_MAX_PACKET_DELAY: expected a duration"), "{err}");
+    assert!(
+        err.contains("NYM_NODE_MAX_PACKET_DELAY: expected a duration"),
+        "{err}"
+    );
 
     let out = Command::new(NODE).arg("run").env_clear().output().unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -97,15 +116,27 @@ fn node_refuses_keys_others_can_read() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
-    let out = Command::new(NODE).args(["keygen", "--dir"]).arg(&keys).output().unwrap();
+    let out = Command::new(NODE)
+        .args(["keygen", "--dir"])
+        .arg(&keys)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let public: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(public["identity_key"].is_string());
     for f in ["identity.key", "sphinx.key", "noise.key"] {
-        let mode = std::fs::metadata(keys.join(f)).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(keys.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600, "{f}");
     }
-    std::fs::set_permissions(keys.join("identity.key"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::set_permissions(
+        keys.join("identity.key"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
     let out = Command::new(NODE)
         .arg("run")
         .env_clear()

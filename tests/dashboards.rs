@@ -17,7 +17,10 @@ fn repo(path: &str) -> std::path::PathBuf {
 }
 
 fn dashboard() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(repo("grafana/dashboards/nym-node.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(repo("grafana/dashboards/nym-node.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 /// (panel title, expr) of every query in the dashboard.
@@ -28,9 +31,12 @@ fn queries(d: &serde_json::Value) -> Vec<(String, String)> {
         .iter()
         .flat_map(|p| {
             let title = p["title"].as_str().unwrap_or_default().to_string();
-            p["targets"].as_array().cloned().unwrap_or_default().into_iter().map(move |t| {
-                (title.clone(), t["expr"].as_str().unwrap().to_string())
-            })
+            p["targets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |t| (title.clone(), t["expr"].as_str().unwrap().to_string()))
         })
         .collect()
 }
@@ -38,56 +44,130 @@ fn queries(d: &serde_json::Value) -> Vec<(String, String)> {
 #[test]
 fn dashboard_is_well_formed_and_matches_its_provisioning() {
     let d = dashboard();
-    let ds = std::fs::read_to_string(repo("grafana/provisioning/datasources/prometheus.yml")).unwrap();
-    assert!(ds.contains("uid: prometheus"), "the datasource the panels name is provisioned");
+    let ds =
+        std::fs::read_to_string(repo("grafana/provisioning/datasources/prometheus.yml")).unwrap();
+    assert!(
+        ds.contains("uid: prometheus"),
+        "the datasource the panels name is provisioned"
+    );
     let mut ids = HashSet::new();
     let panels = d["panels"].as_array().unwrap();
     for p in panels {
-        assert!(ids.insert(p["id"].as_i64().unwrap()), "panel ids are unique");
+        assert!(
+            ids.insert(p["id"].as_i64().unwrap()),
+            "panel ids are unique"
+        );
         let pos = &p["gridPos"];
         assert!(pos["w"].as_i64().unwrap() > 0 && pos["h"].as_i64().unwrap() > 0);
         if p["type"] == "row" {
             continue;
         }
         assert_eq!(p["datasource"]["uid"], "prometheus", "{}", p["title"]);
-        assert!(p["fieldConfig"]["defaults"]["unit"].is_string(), "{} has a unit", p["title"]);
+        assert!(
+            p["fieldConfig"]["defaults"]["unit"].is_string(),
+            "{} has a unit",
+            p["title"]
+        );
         let targets = p["targets"].as_array().unwrap();
         assert!(!targets.is_empty(), "{} has queries", p["title"]);
-        let refs: HashSet<_> = targets.iter().map(|t| t["refId"].as_str().unwrap()).collect();
+        let refs: HashSet<_> = targets
+            .iter()
+            .map(|t| t["refId"].as_str().unwrap())
+            .collect();
         assert_eq!(refs.len(), targets.len(), "refIds unique in {}", p["title"]);
     }
     // Every metric the dashboard uses exists; every metric the node exports is on the dashboard.
-    let exported: HashSet<String> = nym_node::metrics::Metrics::new("mixnode").describe().into_iter().map(|m| m.0).collect();
-    let all_exprs: String = queries(&d).into_iter().map(|(_, e)| e).collect::<Vec<_>>().join(" ");
-    for word in all_exprs.split(|c: char| !(c.is_alphanumeric() || c == '_')).filter(|w| w.starts_with("nym_node_")) {
-        let base = word.trim_end_matches("_bucket").trim_end_matches("_count").trim_end_matches("_sum");
-        assert!(exported.contains(base), "dashboard uses unknown metric {word}");
+    let exported: HashSet<String> = nym_node::metrics::Metrics::new("mixnode")
+        .describe()
+        .into_iter()
+        .map(|m| m.0)
+        .collect();
+    let all_exprs: String = queries(&d)
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect::<Vec<_>>()
+        .join(" ");
+    for word in all_exprs
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("nym_node_"))
+    {
+        let base = word
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_count")
+            .trim_end_matches("_sum");
+        assert!(
+            exported.contains(base),
+            "dashboard uses unknown metric {word}"
+        );
     }
-    let not_charted = ["nym_node_process_start_time_seconds", "nym_node_process_threads", "nym_node_process_virtual_memory_bytes"];
+    let not_charted = [
+        "nym_node_process_start_time_seconds",
+        "nym_node_process_threads",
+        "nym_node_process_virtual_memory_bytes",
+    ];
     for m in &exported {
-        assert!(all_exprs.contains(m.as_str()) || not_charted.contains(&m.as_str()), "metric {m} is not on the dashboard");
+        assert!(
+            all_exprs.contains(m.as_str()) || not_charted.contains(&m.as_str()),
+            "metric {m} is not on the dashboard"
+        );
     }
     // The committed JSON is what the generator writes.
-    let out = std::process::Command::new("python3").arg(repo("scripts/gen-dashboard.py")).output().unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(repo("scripts/gen-dashboard.py"))
+        .output()
+        .unwrap();
     assert!(out.status.success());
-    assert_eq!(dashboard(), d, "grafana/dashboards/nym-node.json is stale: run scripts/gen-dashboard.py");
+    assert_eq!(
+        dashboard(),
+        d,
+        "grafana/dashboards/nym-node.json is stale: run scripts/gen-dashboard.py"
+    );
 }
 
 #[test]
 fn alert_rules_and_prometheus_config_pass_promtool() {
-    let out = std::process::Command::new("promtool").args(["check", "rules"]).arg(repo("grafana/alerts.yml")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = std::process::Command::new("promtool").args(["test", "rules"]).arg(repo("tests/alerts.test.yml")).output().unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(repo("grafana/alerts.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(repo("tests/alerts.test.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The compose Prometheus config, with its rule file where this checkout has it.
     let dir = tempfile::tempdir().unwrap();
     let config = std::fs::read_to_string(repo("grafana/prometheus.yml"))
         .unwrap()
-        .replace("/etc/prometheus/alerts.yml", &repo("grafana/alerts.yml").display().to_string());
+        .replace(
+            "/etc/prometheus/alerts.yml",
+            &repo("grafana/alerts.yml").display().to_string(),
+        );
     let path = dir.path().join("prometheus.yml");
     std::fs::write(&path, config).unwrap();
-    let out = std::process::Command::new("promtool").args(["check", "config"]).arg(&path).output().unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("promtool")
+        .args(["check", "config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +182,9 @@ async fn every_dashboard_query_evaluates_against_live_nodes() {
         cover_rate: 20.0,
         ..ClientConfig::default()
     };
-    let mut client = MixClient::start(config, Identity::generate().unwrap()).await.unwrap();
+    let mut client = MixClient::start(config, Identity::generate().unwrap())
+        .await
+        .unwrap();
     let me = client.address();
     // Traffic for a few scrape intervals, so rates and quantiles have samples.
     let until = tokio::time::Instant::now() + Duration::from_secs(6);
@@ -134,7 +216,10 @@ async fn every_dashboard_query_evaluates_against_live_nodes() {
                 _ => tokio::time::sleep(Duration::from_millis(250)).await,
             }
         }
-        assert!(result.is_some(), "panel {title:?}: query returned nothing or failed: {q}");
+        assert!(
+            result.is_some(),
+            "panel {title:?}: query returned nothing or failed: {q}"
+        );
     }
     client.stop().await;
     net.stop().await;

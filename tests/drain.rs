@@ -17,15 +17,27 @@ async fn start(dir: &Path, nodes: &[LocalNode], topology: &Path) -> Vec<tokio::p
     let mut children = Vec::new();
     for n in nodes {
         children.push(
-            localnet::spawn_node_with(Path::new(NODE), n, topology, &[("NYM_NODE_DRAIN_GRACE", "2s")]).unwrap(),
+            localnet::spawn_node_with(
+                Path::new(NODE),
+                n,
+                topology,
+                &[("NYM_NODE_DRAIN_GRACE", "2s")],
+            )
+            .unwrap(),
         );
     }
-    localnet::wait_ready(nodes, Duration::from_secs(30)).await.unwrap_or_else(|e| {
-        for n in nodes {
-            eprintln!("{}:\n{}", n.name, std::fs::read_to_string(dir.join(&n.name).join("node.log")).unwrap_or_default());
-        }
-        panic!("{e}")
-    });
+    localnet::wait_ready(nodes, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| {
+            for n in nodes {
+                eprintln!(
+                    "{}:\n{}",
+                    n.name,
+                    std::fs::read_to_string(dir.join(&n.name).join("node.log")).unwrap_or_default()
+                );
+            }
+            panic!("{e}")
+        });
     children
 }
 
@@ -54,7 +66,9 @@ async fn sigterm_mid_stream_loses_no_accepted_packet() {
         acks: false,
         ..ClientConfig::default()
     };
-    let mut client = MixClient::start(config, Identity::generate().unwrap()).await.unwrap();
+    let mut client = MixClient::start(config, Identity::generate().unwrap())
+        .await
+        .unwrap();
     let me = client.address();
     let mut sent = 0u32;
     let mut received = std::collections::HashSet::new();
@@ -102,11 +116,21 @@ async fn sigterm_mid_stream_loses_no_accepted_packet() {
         "sent={sent} accepted_by_stopped_node={accepted} forwarded={forwarded} dropped={dropped} released_early={early} delivered={}",
         received.len()
     );
-    assert!(accepted > 50, "the node was carrying traffic when stopped ({accepted})");
+    assert!(
+        accepted > 50,
+        "the node was carrying traffic when stopped ({accepted})"
+    );
     assert_eq!(dropped, 0, "the draining node dropped nothing");
     assert_eq!(forwarded, accepted, "every accepted packet left the node");
-    assert_eq!(received.len() as u64, accepted, "every accepted packet reached its destination");
-    assert!(log.contains("grace period over") || log.contains("draining"), "drain was logged");
+    assert_eq!(
+        received.len() as u64,
+        accepted,
+        "every accepted packet reached its destination"
+    );
+    assert!(
+        log.contains("grace period over") || log.contains("draining"),
+        "drain was logged"
+    );
 
     client.stop().await;
     for (i, c) in children.iter_mut().enumerate() {
@@ -123,9 +147,16 @@ async fn second_signal_exits_at_once_and_readiness_drops_during_the_drain() {
     let base = free_base_port(10);
     let nodes = localnet::plan_nodes(dir.path(), base, &[("mix", Mode::Mixnode, Some(1))]);
     let topology = localnet::prepare(&nodes, dir.path()).unwrap();
-    let mut child =
-        localnet::spawn_node_with(Path::new(NODE), &nodes[0], &topology, &[("NYM_NODE_DRAIN_GRACE", "60s")]).unwrap();
-    localnet::wait_ready(&nodes, Duration::from_secs(30)).await.unwrap();
+    let mut child = localnet::spawn_node_with(
+        Path::new(NODE),
+        &nodes[0],
+        &topology,
+        &[("NYM_NODE_DRAIN_GRACE", "60s")],
+    )
+    .unwrap();
+    localnet::wait_ready(&nodes, Duration::from_secs(30))
+        .await
+        .unwrap();
 
     sigterm(&child);
     // Draining: not ready, still alive.
@@ -139,12 +170,23 @@ async fn second_signal_exits_at_once_and_readiness_drops_during_the_drain() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(saw_not_ready, "/readyz turns 503 when the drain starts");
-    assert_eq!(nym_node::http::probe::get(nodes[0].http, "/livez").await.map(|r| r.0), Some(200));
-    assert!(child.try_wait().unwrap().is_none(), "the first signal starts a 60 s drain");
+    assert_eq!(
+        nym_node::http::probe::get(nodes[0].http, "/livez")
+            .await
+            .map(|r| r.0),
+        Some(200)
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first signal starts a 60 s drain"
+    );
 
     let t = tokio::time::Instant::now();
     sigterm(&child);
-    let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await.expect("exits at once").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("exits at once")
+        .unwrap();
     assert_eq!(status.code(), Some(1));
     assert!(t.elapsed() < Duration::from_secs(5));
 }

@@ -53,27 +53,50 @@ async fn mailbox_survives_sigkill_and_delivers_exactly_once() {
     for n in &nodes {
         children.push(nym_node::localnet::spawn_node(Path::new(NODE), n, &topology).unwrap());
     }
-    nym_node::localnet::wait_ready(&nodes, Duration::from_secs(30)).await.unwrap();
-    let gw = nym_node::keys::NodeKeys::load(&nodes[3].dir.join("keys")).unwrap().public().identity_key;
+    nym_node::localnet::wait_ready(&nodes, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let gw = nym_node::keys::NodeKeys::load(&nodes[3].dir.join("keys"))
+        .unwrap()
+        .public()
+        .identity_key;
 
     // The recipient exists but is offline.
     let recipient_secret = random_bytes().unwrap();
-    let recipient = ClientAddress { identity: Identity::from_secret(recipient_secret).public(), gateway: gw };
-    let mut sender = MixClient::start(config(&topology, gw), Identity::generate().unwrap()).await.unwrap();
+    let recipient = ClientAddress {
+        identity: Identity::from_secret(recipient_secret).public(),
+        gateway: gw,
+    };
+    let mut sender = MixClient::start(config(&topology, gw), Identity::generate().unwrap())
+        .await
+        .unwrap();
     for i in 0..100u32 {
-        sender.send(recipient, format!("message {i}").into_bytes(), 0).await.unwrap();
+        sender
+            .send(recipient, format!("message {i}").into_bytes(), 0)
+            .await
+            .unwrap();
     }
     // Every message is acknowledged, i.e. stored durably by the gateway.
-    assert_eq!(acknowledged(&mut sender, 100, Duration::from_secs(60)).await, 100);
+    assert_eq!(
+        acknowledged(&mut sender, 100, Duration::from_secs(60)).await,
+        100
+    );
     sender.stop().await;
 
     // SIGKILL: no drain, no flush. Then the same gateway starts again.
     children[3].start_kill().unwrap();
     children[3].wait().await.unwrap();
     children[3] = nym_node::localnet::spawn_node(Path::new(NODE), &nodes[3], &topology).unwrap();
-    nym_node::localnet::wait_ready(&nodes[3..], Duration::from_secs(30)).await.unwrap();
+    nym_node::localnet::wait_ready(&nodes[3..], Duration::from_secs(30))
+        .await
+        .unwrap();
 
-    let mut back = MixClient::start(config(&topology, gw), Identity::from_secret(recipient_secret)).await.unwrap();
+    let mut back = MixClient::start(
+        config(&topology, gw),
+        Identity::from_secret(recipient_secret),
+    )
+    .await
+    .unwrap();
     let got = receive(&mut back, 100, Duration::from_secs(30)).await;
     // Anything beyond the 100 would be a duplicate: give it time to show up.
     let extra = receive(&mut back, 1, Duration::from_secs(2)).await;
@@ -81,7 +104,11 @@ async fn mailbox_survives_sigkill_and_delivers_exactly_once() {
     for b in got.iter().chain(extra.iter()) {
         *counts.entry(b.clone()).or_default() += 1;
     }
-    println!("delivered after SIGKILL: {} distinct, {} total", counts.len(), got.len() + extra.len());
+    println!(
+        "delivered after SIGKILL: {} distinct, {} total",
+        counts.len(),
+        got.len() + extra.len()
+    );
     assert_eq!(counts.len(), 100, "all 100 delivered");
     assert!(counts.values().all(|c| *c == 1), "each exactly once");
     // Once the client acknowledged them, nothing of the recipient's is left in the store
@@ -93,8 +120,18 @@ async fn mailbox_survives_sigkill_and_delivers_exactly_once() {
         let _ = c.start_kill();
         let _ = c.wait().await;
     }
-    let store = nym_node::gateway::mailbox::Mailbox::open(&nodes[3].dir.join("data").join("mailbox.redb"), 1 << 30).unwrap();
-    assert!(store.fetch_after(&recipient.identity, 0, 10).unwrap().is_empty(), "acknowledged payloads are deleted");
+    let store = nym_node::gateway::mailbox::Mailbox::open(
+        &nodes[3].dir.join("data").join("mailbox.redb"),
+        1 << 30,
+    )
+    .unwrap();
+    assert!(
+        store
+            .fetch_after(&recipient.identity, 0, 10)
+            .unwrap()
+            .is_empty(),
+        "acknowledged payloads are deleted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,31 +140,65 @@ async fn acknowledged_payloads_are_deleted_and_the_rest_redelivered() {
     let gw = net.member("gateway");
     let addr = gw.entry.client_address.clone().unwrap();
     let me = Identity::generate().unwrap();
-    let my_address = ClientAddress { identity: me.public(), gateway: gw.entry.identity_key };
-    let mut sender = MixClient::start(config(&net.topology_path, gw.entry.identity_key), Identity::generate().unwrap()).await.unwrap();
+    let my_address = ClientAddress {
+        identity: me.public(),
+        gateway: gw.entry.identity_key,
+    };
+    let mut sender = MixClient::start(
+        config(&net.topology_path, gw.entry.identity_key),
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
     for i in 0..5u8 {
         sender.send(my_address, vec![i], 0).await.unwrap();
     }
-    assert_eq!(acknowledged(&mut sender, 5, Duration::from_secs(30)).await, 5);
+    assert_eq!(
+        acknowledged(&mut sender, 5, Duration::from_secs(30)).await,
+        5
+    );
 
     // A raw session: take the five, acknowledge three.
-    let (mut tx, mut rx) = connection::connect(&addr, &gw.entry.identity_key, &me, Duration::from_secs(5)).await.unwrap();
+    let (mut tx, mut rx) =
+        connection::connect(&addr, &gw.entry.identity_key, &me, Duration::from_secs(5))
+            .await
+            .unwrap();
     let mut ids = Vec::new();
     for _ in 0..5 {
-        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap() {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             ServerMessage::Deliver { id, .. } => ids.push(id),
             other => panic!("unexpected {other:?}"),
         }
     }
-    tx.send(&ClientMessage::Ack { ids: ids[..3].to_vec() }).await.unwrap();
+    tx.send(&ClientMessage::Ack {
+        ids: ids[..3].to_vec(),
+    })
+    .await
+    .unwrap();
     let metrics = net.node("gateway").metrics.clone();
-    assert!(eventually(Duration::from_secs(5), || { metrics.sample(); metrics.mailbox_payloads.get() == 2 }).await, "three deleted");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            metrics.sample();
+            metrics.mailbox_payloads.get() == 2
+        })
+        .await,
+        "three deleted"
+    );
     tx.close().await;
 
     // The next session gets exactly the two that were not acknowledged.
-    let (_tx, mut rx) = connection::connect(&addr, &gw.entry.identity_key, &me, Duration::from_secs(5)).await.unwrap();
+    let (_tx, mut rx) =
+        connection::connect(&addr, &gw.entry.identity_key, &me, Duration::from_secs(5))
+            .await
+            .unwrap();
     let mut again = Vec::new();
-    while let Ok(Ok(ServerMessage::Deliver { id, .. })) = tokio::time::timeout(Duration::from_millis(700), rx.recv()).await {
+    while let Ok(Ok(ServerMessage::Deliver { id, .. })) =
+        tokio::time::timeout(Duration::from_millis(700), rx.recv()).await
+    {
         again.push(id);
     }
     assert_eq!(again, ids[3..].to_vec());
@@ -146,7 +217,15 @@ async fn retransmission_recovers_every_message_through_a_lossy_mix() {
     const N: usize = 100;
 
     // Without acknowledgements some messages are lost for good: the test can fail.
-    let mut plain = MixClient::start(ClientConfig { acks: false, ..config(&net.topology_path, gw) }, Identity::generate().unwrap()).await.unwrap();
+    let mut plain = MixClient::start(
+        ClientConfig {
+            acks: false,
+            ..config(&net.topology_path, gw)
+        },
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
     let me = plain.address();
     for i in 0..N as u32 {
         plain.send(me, i.to_be_bytes().to_vec(), 0).await.unwrap();
@@ -154,20 +233,41 @@ async fn retransmission_recovers_every_message_through_a_lossy_mix() {
     let without = receive(&mut plain, N, Duration::from_secs(5)).await.len();
     plain.stop().await;
 
-    let mut acked = MixClient::start(config(&net.topology_path, gw), Identity::generate().unwrap()).await.unwrap();
+    let mut acked = MixClient::start(
+        config(&net.topology_path, gw),
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
     let me = acked.address();
     for i in 0..N as u32 {
         acked.send(me, i.to_be_bytes().to_vec(), 0).await.unwrap();
     }
     let got = receive(&mut acked, N, Duration::from_secs(60)).await;
     let extra = receive(&mut acked, 1, Duration::from_secs(2)).await;
-    let retransmissions = acked.stats().retransmissions.load(std::sync::atomic::Ordering::Relaxed);
-    let duplicates = acked.stats().duplicates_dropped.load(std::sync::atomic::Ordering::Relaxed);
-    println!("without acks: {without}/{N}; with acks: {}/{N}, retransmissions={retransmissions}, duplicates dropped={duplicates}", got.len());
-    assert!(without < N, "a lossy mix loses messages when nobody retransmits ({without}/{N})");
+    let retransmissions = acked
+        .stats()
+        .retransmissions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let duplicates = acked
+        .stats()
+        .duplicates_dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "without acks: {without}/{N}; with acks: {}/{N}, retransmissions={retransmissions}, duplicates dropped={duplicates}",
+        got.len()
+    );
+    assert!(
+        without < N,
+        "a lossy mix loses messages when nobody retransmits ({without}/{N})"
+    );
     let distinct: std::collections::HashSet<_> = got.iter().collect();
     assert_eq!(distinct.len(), N, "every message arrives");
-    assert_eq!(got.len() + extra.len(), N, "exactly once: duplicates from retransmission are removed");
+    assert_eq!(
+        got.len() + extra.len(),
+        N,
+        "exactly once: duplicates from retransmission are removed"
+    );
     assert!(retransmissions > 0);
     acked.stop().await;
     net.stop().await;
@@ -177,15 +277,34 @@ async fn retransmission_recovers_every_message_through_a_lossy_mix() {
 async fn a_client_with_a_bad_signature_is_refused() {
     let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
     let gw = net.member("gateway");
-    let url = format!("ws://{}/v1/client", gw.entry.client_address.clone().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
-    let Some(Ok(Message::Binary(challenge))) = ws.next().await else { panic!("no challenge") };
-    let ServerMessage::Challenge { nonce, gateway } = ServerMessage::decode(&challenge).unwrap() else { panic!() };
+    let url = format!(
+        "ws://{}/v1/client",
+        gw.entry.client_address.clone().unwrap()
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let Some(Ok(Message::Binary(challenge))) = ws.next().await else {
+        panic!("no challenge")
+    };
+    let ServerMessage::Challenge { nonce, gateway } = ServerMessage::decode(&challenge).unwrap()
+    else {
+        panic!()
+    };
     let me = Identity::generate().unwrap();
     // Signed by someone else: it does not verify for the claimed identity.
     let mallory = Identity::generate().unwrap();
     let signature = mallory.sign(&protocol::auth_message(&gateway, &nonce));
-    ws.send(Message::Binary(ClientMessage::Auth { identity: me.public(), signature }.encode().into())).await.unwrap();
+    ws.send(Message::Binary(
+        ClientMessage::Auth {
+            identity: me.public(),
+            signature,
+        }
+        .encode()
+        .into(),
+    ))
+    .await
+    .unwrap();
     let closed = loop {
         match ws.next().await {
             Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
@@ -198,10 +317,19 @@ async fn a_client_with_a_bad_signature_is_refused() {
     assert_eq!(net.node("gateway").metrics.clients_connected.get(), 0);
 
     // Garbage after a good handshake gets the protocol close code.
-    let (mut tx, mut rx) = connection::connect(&gw.entry.client_address.clone().unwrap(), &gw.entry.identity_key, &me, Duration::from_secs(5)).await.unwrap();
+    let (mut tx, mut rx) = connection::connect(
+        &gw.entry.client_address.clone().unwrap(),
+        &gw.entry.identity_key,
+        &me,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     tx.send_raw(vec![0x7f, 1, 2, 3]).await.unwrap();
     match rx.recv().await {
-        Err(connection::ConnectionError::Closed { code, .. }) => assert_eq!(code, protocol::close::PROTOCOL),
+        Err(connection::ConnectionError::Closed { code, .. }) => {
+            assert_eq!(code, protocol::close::PROTOCOL)
+        }
         other => panic!("expected a close, got {other:?}"),
     }
     assert_eq!(net.node("gateway").metrics.client_messages_refused.get(), 2);
@@ -211,12 +339,31 @@ async fn a_client_with_a_bad_signature_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_over_quota_gets_drops_and_others_are_unaffected() {
     // Room for about four payloads per client.
-    let net = Net::start(&three_layers(), |_, c| c.mailbox_quota_bytes = 4 * 2100, no_hooks).await;
+    let net = Net::start(
+        &three_layers(),
+        |_, c| c.mailbox_quota_bytes = 4 * 2100,
+        no_hooks,
+    )
+    .await;
     let gw = net.member("gateway").entry.identity_key;
     let (full, fine) = (Identity::generate().unwrap(), Identity::generate().unwrap());
-    let full_addr = ClientAddress { identity: full.public(), gateway: gw };
-    let fine_addr = ClientAddress { identity: fine.public(), gateway: gw };
-    let sender = MixClient::start(ClientConfig { max_retransmissions: 0, ..config(&net.topology_path, gw) }, Identity::generate().unwrap()).await.unwrap();
+    let full_addr = ClientAddress {
+        identity: full.public(),
+        gateway: gw,
+    };
+    let fine_addr = ClientAddress {
+        identity: fine.public(),
+        gateway: gw,
+    };
+    let sender = MixClient::start(
+        ClientConfig {
+            max_retransmissions: 0,
+            ..config(&net.topology_path, gw)
+        },
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
     for i in 0..10u8 {
         sender.send(full_addr, vec![i; 1500], 0).await.unwrap();
     }
@@ -231,15 +378,34 @@ async fn a_client_over_quota_gets_drops_and_others_are_unaffected() {
             m.drop_count(DropReason::MailboxFull) + m.mailbox_payloads.get() as u64 == 13
         })
         .await,
-        "stored {} + dropped {} != 13", m.mailbox_payloads.get(), m.drop_count(DropReason::MailboxFull)
+        "stored {} + dropped {} != 13",
+        m.mailbox_payloads.get(),
+        m.drop_count(DropReason::MailboxFull)
     );
     let dropped = m.drop_count(DropReason::MailboxFull);
-    assert!(dropped >= 4, "payloads beyond the quota are dropped and counted ({dropped})");
-    let mut fine_client = MixClient::start(config(&net.topology_path, gw), fine).await.unwrap();
-    assert_eq!(receive(&mut fine_client, 3, Duration::from_secs(20)).await.len(), 3, "another client is unaffected");
-    let mut full_client = MixClient::start(config(&net.topology_path, gw), full).await.unwrap();
+    assert!(
+        dropped >= 4,
+        "payloads beyond the quota are dropped and counted ({dropped})"
+    );
+    let mut fine_client = MixClient::start(config(&net.topology_path, gw), fine)
+        .await
+        .unwrap();
+    assert_eq!(
+        receive(&mut fine_client, 3, Duration::from_secs(20))
+            .await
+            .len(),
+        3,
+        "another client is unaffected"
+    );
+    let mut full_client = MixClient::start(config(&net.topology_path, gw), full)
+        .await
+        .unwrap();
     let got = receive(&mut full_client, 10, Duration::from_secs(3)).await;
-    assert_eq!(got.len() as u64, 10 - dropped, "the client over quota gets what fitted, nothing more");
+    assert_eq!(
+        got.len() as u64,
+        10 - dropped,
+        "the client over quota gets what fitted, nothing more"
+    );
     sender.stop().await;
     fine_client.stop().await;
     full_client.stop().await;
@@ -250,12 +416,30 @@ async fn a_client_over_quota_gets_drops_and_others_are_unaffected() {
 async fn a_reply_through_a_surb_reaches_the_original_sender() {
     let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
     let gw = net.member("gateway").entry.identity_key;
-    let mut alice = MixClient::start(config(&net.topology_path, gw), Identity::generate().unwrap()).await.unwrap();
-    let mut bob = MixClient::start(config(&net.topology_path, gw), Identity::generate().unwrap()).await.unwrap();
-    alice.send(bob.address(), b"who am I talking to?".to_vec(), 2).await.unwrap();
+    let mut alice = MixClient::start(
+        config(&net.topology_path, gw),
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut bob = MixClient::start(
+        config(&net.topology_path, gw),
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
+    alice
+        .send(bob.address(), b"who am I talking to?".to_vec(), 2)
+        .await
+        .unwrap();
     let surbs = loop {
-        match tokio::time::timeout(Duration::from_secs(20), bob.next_event()).await.unwrap() {
-            Some(Event::Received { body, reply_surbs, .. }) => {
+        match tokio::time::timeout(Duration::from_secs(20), bob.next_event())
+            .await
+            .unwrap()
+        {
+            Some(Event::Received {
+                body, reply_surbs, ..
+            }) => {
                 assert_eq!(body, b"who am I talking to?");
                 break reply_surbs;
             }
@@ -265,7 +449,9 @@ async fn a_reply_through_a_surb_reaches_the_original_sender() {
     };
     assert_eq!(surbs.len(), 2, "the SURBs came with the message");
     // Bob answers without knowing Alice's address.
-    bob.reply(surbs, b"an anonymous friend".to_vec()).await.unwrap();
+    bob.reply(surbs, b"an anonymous friend".to_vec())
+        .await
+        .unwrap();
     let got = receive(&mut alice, 1, Duration::from_secs(20)).await;
     assert_eq!(got, vec![b"an anonymous friend".to_vec()]);
     alice.stop().await;
@@ -277,18 +463,45 @@ async fn a_reply_through_a_surb_reaches_the_original_sender() {
 async fn cover_traffic_is_dropped_at_the_gateway_and_counted() {
     let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
     let gw = net.member("gateway").entry.identity_key;
-    let mut c = MixClient::start(ClientConfig { cover_rate: 50.0, ..config(&net.topology_path, gw) }, Identity::generate().unwrap()).await.unwrap();
+    let mut c = MixClient::start(
+        ClientConfig {
+            cover_rate: 50.0,
+            ..config(&net.topology_path, gw)
+        },
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
     let me = c.address();
     tokio::time::sleep(Duration::from_secs(1)).await;
     c.send(me, b"real".to_vec(), 0).await.unwrap();
     let got = receive(&mut c, 1, Duration::from_secs(10)).await;
-    assert_eq!(got, vec![b"real".to_vec()], "the client only sees its real message");
+    assert_eq!(
+        got,
+        vec![b"real".to_vec()],
+        "the client only sees its real message"
+    );
     let m = net.node("gateway").metrics.clone();
-    let cover = c.stats().cover_sent.load(std::sync::atomic::Ordering::Relaxed);
+    let cover = c
+        .stats()
+        .cover_sent
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(cover >= 20, "about 50 cover packets a second ({cover})");
-    assert!(eventually(Duration::from_secs(10), || m.cover_packets_received.get() >= cover - 5).await,
-        "the gateway discards the client's loop cover ({} of {cover})", m.cover_packets_received.get());
-    assert!(eventually(Duration::from_secs(5), || { m.sample(); m.mailbox_payloads.get() == 0 }).await, "cover is never stored");
+    assert!(
+        eventually(Duration::from_secs(10), || m.cover_packets_received.get()
+            >= cover - 5)
+        .await,
+        "the gateway discards the client's loop cover ({} of {cover})",
+        m.cover_packets_received.get()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            m.sample();
+            m.mailbox_payloads.get() == 0
+        })
+        .await,
+        "cover is never stored"
+    );
     c.stop().await;
     net.stop().await;
 }
@@ -309,31 +522,80 @@ async fn a_client_over_its_rate_is_limited_and_a_draining_gateway_takes_no_new_p
     let gw = net.member("gateway");
     let addr = gw.entry.client_address.clone().unwrap();
     let me = Identity::generate().unwrap();
-    let to = ClientAddress { identity: me.public(), gateway: gw.entry.identity_key };
-    let hops: Vec<_> = ["mix-1a", "mix-2a", "mix-3a", "gateway"].iter().map(|n| net.member(n).hop()).collect();
-    let (mut tx, _rx) = connection::connect(&addr, &gw.entry.identity_key, &me, Duration::from_secs(5)).await.unwrap();
+    let to = ClientAddress {
+        identity: me.public(),
+        gateway: gw.entry.identity_key,
+    };
+    let hops: Vec<_> = ["mix-1a", "mix-2a", "mix-3a", "gateway"]
+        .iter()
+        .map(|n| net.member(n).hop())
+        .collect();
+    let (mut tx, _rx) =
+        connection::connect(&addr, &gw.entry.identity_key, &me, Duration::from_secs(5))
+            .await
+            .unwrap();
     let m = net.node("gateway").metrics.clone();
     for i in 0..50u32 {
-        let envelope = nym_node::message::Envelope::Data { ack: None, fragment: i.to_be_bytes().to_vec() }.encode().unwrap();
-        let (first_hop, packet) =
-            nym_node::client::packet::build_forward(&hops, &to.identity, &envelope, &[Duration::ZERO; 4]).unwrap();
-        tx.send(&ClientMessage::Send { first_hop, packet }).await.unwrap();
+        let envelope = nym_node::message::Envelope::Data {
+            ack: None,
+            fragment: i.to_be_bytes().to_vec(),
+        }
+        .encode()
+        .unwrap();
+        let (first_hop, packet) = nym_node::client::packet::build_forward(
+            &hops,
+            &to.identity,
+            &envelope,
+            &[Duration::ZERO; 4],
+        )
+        .unwrap();
+        tx.send(&ClientMessage::Send { first_hop, packet })
+            .await
+            .unwrap();
     }
     // Every packet was either taken (and forwarded to its first hop) or dropped for the rate.
     assert!(
-        eventually(Duration::from_secs(10), || m.drop_count(DropReason::RateLimited) + m.packets_forwarded.get() == 50).await,
-        "limited {} + forwarded {} != 50", m.drop_count(DropReason::RateLimited), m.packets_forwarded.get()
+        eventually(Duration::from_secs(10), || m
+            .drop_count(DropReason::RateLimited)
+            + m.packets_forwarded.get()
+            == 50)
+        .await,
+        "limited {} + forwarded {} != 50",
+        m.drop_count(DropReason::RateLimited),
+        m.packets_forwarded.get()
     );
-    assert!(m.drop_count(DropReason::RateLimited) >= 35, "beyond the burst, packets are dropped ({})", m.drop_count(DropReason::RateLimited));
+    assert!(
+        m.drop_count(DropReason::RateLimited) >= 35,
+        "beyond the burst, packets are dropped ({})",
+        m.drop_count(DropReason::RateLimited)
+    );
 
     // Draining: the session stays, but client packets are no longer taken.
     net.node("gateway").shutdown.start_drain();
     let before = m.drop_count(DropReason::Shutdown);
     tokio::time::sleep(Duration::from_secs(1)).await; // let the bucket refill
-    let envelope = nym_node::message::Envelope::Data { ack: None, fragment: b"late".to_vec() }.encode().unwrap();
-    let (first_hop, packet) = nym_node::client::packet::build_forward(&hops, &to.identity, &envelope, &[Duration::ZERO; 4]).unwrap();
-    tx.send(&ClientMessage::Send { first_hop, packet }).await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || m.drop_count(DropReason::Shutdown) == before + 1).await,
-        "a draining gateway drops client packets, counted as shutdown");
+    let envelope = nym_node::message::Envelope::Data {
+        ack: None,
+        fragment: b"late".to_vec(),
+    }
+    .encode()
+    .unwrap();
+    let (first_hop, packet) = nym_node::client::packet::build_forward(
+        &hops,
+        &to.identity,
+        &envelope,
+        &[Duration::ZERO; 4],
+    )
+    .unwrap();
+    tx.send(&ClientMessage::Send { first_hop, packet })
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || m
+            .drop_count(DropReason::Shutdown)
+            == before + 1)
+        .await,
+        "a draining gateway drops client packets, counted as shutdown"
+    );
     net.stop().await;
 }

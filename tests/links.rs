@@ -36,23 +36,44 @@ async fn silent_peers_are_reaped_after_the_idle_timeout() {
     let mut sink = net.take_sink("next");
     let m = net.node("mix").metrics.clone();
     let mut link = net.link("peer", "mix").await;
-    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"hi", &[Duration::ZERO; 2]);
+    let p = net.packet(
+        &["mix", "next"],
+        KeyBytes([1; 32]),
+        b"hi",
+        &[Duration::ZERO; 2],
+    );
     link.send_packet(&p).await.unwrap();
     assert!(sink.next(WAIT).await.is_some());
     assert_eq!(m.active_ingress.get(), 1);
     assert_eq!(m.active_egress.get(), 1);
 
     // Then silence: both the ingress link and the egress link are closed, once each.
-    assert!(link.closed_within(WAIT).await, "silent ingress link is closed");
-    assert!(eventually(WAIT, || m.idle_closed_ingress.get() == 1 && m.idle_closed_egress.get() == 1).await);
-    assert!(eventually(WAIT, || m.active_ingress.get() == 0 && m.active_egress.get() == 0).await);
+    assert!(
+        link.closed_within(WAIT).await,
+        "silent ingress link is closed"
+    );
+    assert!(
+        eventually(WAIT, || m.idle_closed_ingress.get() == 1
+            && m.idle_closed_egress.get() == 1)
+        .await
+    );
+    assert!(
+        eventually(WAIT, || m.active_ingress.get() == 0
+            && m.active_egress.get() == 0)
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(m.idle_closed_ingress.get(), 1, "reaped exactly once");
     assert_eq!(m.idle_closed_egress.get(), 1, "reaped exactly once");
 
     // The next packet for that peer opens a new egress link.
     let mut link = net.link("peer", "mix").await;
-    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"again", &[Duration::ZERO; 2]);
+    let p = net.packet(
+        &["mix", "next"],
+        KeyBytes([1; 32]),
+        b"again",
+        &[Duration::ZERO; 2],
+    );
     link.send_packet(&p).await.unwrap();
     assert!(sink.next(WAIT).await.is_some());
     assert_eq!(m.active_egress.get(), 1);
@@ -70,14 +91,27 @@ async fn zero_idle_timeout_never_reaps() {
     let mut sink = net.take_sink("next");
     let m = net.node("mix").metrics.clone();
     let mut link = net.link("peer", "mix").await;
-    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"hi", &[Duration::ZERO; 2]);
+    let p = net.packet(
+        &["mix", "next"],
+        KeyBytes([1; 32]),
+        b"hi",
+        &[Duration::ZERO; 2],
+    );
     link.send_packet(&p).await.unwrap();
     assert!(sink.next(WAIT).await.is_some());
     // Longer than every other timeout of the test config (frame read 10 s is not involved: no partial frame).
     assert!(!link.closed_within(Duration::from_secs(2)).await);
-    assert_eq!((m.idle_closed_ingress.get(), m.idle_closed_egress.get()), (0, 0));
+    assert_eq!(
+        (m.idle_closed_ingress.get(), m.idle_closed_egress.get()),
+        (0, 0)
+    );
     assert_eq!((m.active_ingress.get(), m.active_egress.get()), (1, 1));
-    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"still", &[Duration::ZERO; 2]);
+    let p = net.packet(
+        &["mix", "next"],
+        KeyBytes([1; 32]),
+        b"still",
+        &[Duration::ZERO; 2],
+    );
     link.send_packet(&p).await.unwrap();
     assert!(sink.next(WAIT).await.is_some());
     net.stop().await;
@@ -95,10 +129,24 @@ async fn a_peer_that_stops_reading_times_out_without_slowing_the_others() {
     let slow = net.take_stalled_sink("slow");
     let m = net.node("mix").metrics.clone();
     let to_slow: Vec<_> = (0..2500)
-        .map(|i: u32| net.packet(&["mix", "slow"], KeyBytes([1; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]))
+        .map(|i: u32| {
+            net.packet(
+                &["mix", "slow"],
+                KeyBytes([1; 32]),
+                &i.to_be_bytes(),
+                &[Duration::ZERO; 2],
+            )
+        })
         .collect();
     let to_fast: Vec<_> = (0..250)
-        .map(|i: u32| net.packet(&["mix", "next"], KeyBytes([1; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]))
+        .map(|i: u32| {
+            net.packet(
+                &["mix", "next"],
+                KeyBytes([1; 32]),
+                &i.to_be_bytes(),
+                &[Duration::ZERO; 2],
+            )
+        })
         .collect();
     let mut link = net.link("peer", "mix").await;
 
@@ -131,18 +179,33 @@ async fn a_peer_that_stops_reading_times_out_without_slowing_the_others() {
     let seen = watch.await.unwrap();
     // Packets to the healthy peer all arrived while the other one was stuck.
     let arrived = fast.collect(fast_sent, WAIT).await;
-    assert_eq!(arrived.len(), fast_sent, "the healthy peer got every packet");
+    assert_eq!(
+        arrived.len(),
+        fast_sent,
+        "the healthy peer got every packet"
+    );
 
-    assert!(m.write_timeouts.get() >= 3, "timeouts: {}", m.write_timeouts.get());
+    assert!(
+        m.write_timeouts.get() >= 3,
+        "timeouts: {}",
+        m.write_timeouts.get()
+    );
     for (timeouts, active) in &seen {
         if *timeouts == 1 || *timeouts == 2 {
             assert_eq!(*active, 2, "the link survives its first two timeouts");
         }
     }
-    let closed_after_third = seen.iter().any(|(t, a)| *t >= 3 && *a <= 1)
-        || slow.accepted.load(Ordering::SeqCst) >= 2;
-    assert!(closed_after_third, "the third timeout in a row closes the link: {:?}", seen.last());
-    assert!(m.drop_count(DropReason::WriteTimeout) > 0, "abandoned packets are counted");
+    let closed_after_third =
+        seen.iter().any(|(t, a)| *t >= 3 && *a <= 1) || slow.accepted.load(Ordering::SeqCst) >= 2;
+    assert!(
+        closed_after_third,
+        "the third timeout in a row closes the link: {:?}",
+        seen.last()
+    );
+    assert!(
+        m.drop_count(DropReason::WriteTimeout) > 0,
+        "abandoned packets are counted"
+    );
     assert_eq!(m.drop_count(DropReason::Overload), 0);
     slow.abort();
     net.stop().await;
@@ -150,16 +213,17 @@ async fn a_peer_that_stops_reading_times_out_without_slowing_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_flood_is_refused_and_existing_peers_keep_forwarding() {
-    let mut net = Net::start(
-        &relay(&[]),
-        |_, c| c.max_ingress_connections = 4,
-        no_hooks,
-    )
-    .await;
+    let mut net = Net::start(&relay(&[]), |_, c| c.max_ingress_connections = 4, no_hooks).await;
     let mut sink = net.take_sink("next");
     let m = net.node("mix").metrics.clone();
     let mut link = net.link("peer", "mix").await;
-    let addr: std::net::SocketAddr = net.member("mix").entry.mixnet_address.to_string().parse().unwrap();
+    let addr: std::net::SocketAddr = net
+        .member("mix")
+        .entry
+        .mixnet_address
+        .to_string()
+        .parse()
+        .unwrap();
     let mut flood = Vec::new();
     for _ in 0..40 {
         if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
@@ -167,20 +231,40 @@ async fn a_connection_flood_is_refused_and_existing_peers_keep_forwarding() {
         }
     }
     // Three fit beside the existing link (they sit in their handshake); the rest are refused.
-    assert!(eventually(WAIT, || m.refused_count(RefusalReason::Capacity) == 37).await,
-        "refused {}", m.refused_count(RefusalReason::Capacity));
+    assert!(
+        eventually(WAIT, || m.refused_count(RefusalReason::Capacity) == 37).await,
+        "refused {}",
+        m.refused_count(RefusalReason::Capacity)
+    );
     for i in 0..20u8 {
-        let p = net.packet(&["mix", "next"], KeyBytes([i; 32]), b"during the flood", &[Duration::ZERO; 2]);
+        let p = net.packet(
+            &["mix", "next"],
+            KeyBytes([i; 32]),
+            b"during the flood",
+            &[Duration::ZERO; 2],
+        );
         link.send_packet(&p).await.unwrap();
     }
-    assert_eq!(sink.collect(20, WAIT).await.len(), 20, "the existing peer is served");
+    assert_eq!(
+        sink.collect(20, WAIT).await.len(),
+        20,
+        "the existing peer is served"
+    );
     // When the flood goes away, its slots free up for real peers.
     drop(flood);
     let mut ok = false;
     for _ in 0..50 {
-        if let Ok(Ok(mut l2)) = tokio::time::timeout(Duration::from_secs(1), net.try_link("peer2", "mix")).await {
-            let p = net.packet(&["mix", "next"], KeyBytes([9; 32]), b"after", &[Duration::ZERO; 2]);
-            if l2.send_packet(&p).await.is_ok() && sink.next(Duration::from_secs(2)).await.is_some() {
+        if let Ok(Ok(mut l2)) =
+            tokio::time::timeout(Duration::from_secs(1), net.try_link("peer2", "mix")).await
+        {
+            let p = net.packet(
+                &["mix", "next"],
+                KeyBytes([9; 32]),
+                b"after",
+                &[Duration::ZERO; 2],
+            );
+            if l2.send_packet(&p).await.is_ok() && sink.next(Duration::from_secs(2)).await.is_some()
+            {
                 ok = true;
                 break;
             }
@@ -196,7 +280,12 @@ async fn a_peer_that_restarts_on_a_new_port_is_reached_again() {
     let mut net = Net::start(&relay(&[]), |_, _| {}, no_hooks).await;
     let sink = net.take_sink("next");
     let mut link = net.link("peer", "mix").await;
-    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"before", &[Duration::ZERO; 2]);
+    let p = net.packet(
+        &["mix", "next"],
+        KeyBytes([1; 32]),
+        b"before",
+        &[Duration::ZERO; 2],
+    );
     link.send_packet(&p).await.unwrap();
     let mut sink = sink;
     assert!(sink.next(WAIT).await.is_some());
@@ -211,7 +300,8 @@ async fn a_peer_that_restarts_on_a_new_port_is_reached_again() {
     let topo = net.node("mix").topology.clone();
     assert!(eventually(WAIT, || topo.current().is_some_and(|t| t.revision() == 2)).await);
     assert!(
-        net.send_until_received(&mut link, "mix", "next", &mut moved).await,
+        net.send_until_received(&mut link, "mix", "next", &mut moved)
+            .await,
         "packets reach the peer at its new address without restarting the sender"
     );
     net.stop().await;
@@ -222,8 +312,17 @@ async fn garbage_on_the_wire_never_leaks_a_connection() {
     let mut net = Net::start(&relay(&[]), |_, _| {}, no_hooks).await;
     let mut sink = net.take_sink("next");
     let m = net.node("mix").metrics.clone();
-    let addr: std::net::SocketAddr = net.member("mix").entry.mixnet_address.to_string().parse().unwrap();
-    let cases = std::env::var("WIRE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    let addr: std::net::SocketAddr = net
+        .member("mix")
+        .entry
+        .mixnet_address
+        .to_string()
+        .parse()
+        .unwrap();
+    let cases = std::env::var("WIRE_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
     for case in 0..cases {
         let len = 1 + rand::random::<u16>() as usize % 6000;
         let mut bytes: Vec<u8> = (0..len).map(|_| rand::random()).collect();
@@ -231,7 +330,9 @@ async fn garbage_on_the_wire_never_leaks_a_connection() {
             // After a real handshake: random frames, sometimes with the right length prefix.
             let mut link = net.link("peer", "mix").await;
             if case % 4 == 0 && bytes.len() > 2 {
-                bytes[..2].copy_from_slice(&(nym_node::mixnet::framing::FRAME_CIPHERTEXT_LEN as u16).to_be_bytes());
+                bytes[..2].copy_from_slice(
+                    &(nym_node::mixnet::framing::FRAME_CIPHERTEXT_LEN as u16).to_be_bytes(),
+                );
             }
             let _ = link.send_bytes(&bytes).await;
             let _ = link.stream.shutdown().await;
@@ -243,10 +344,19 @@ async fn garbage_on_the_wire_never_leaks_a_connection() {
             }
         }
     }
-    assert!(eventually(WAIT, || m.active_ingress.get() == 0).await, "active {}", m.active_ingress.get());
+    assert!(
+        eventually(WAIT, || m.active_ingress.get() == 0).await,
+        "active {}",
+        m.active_ingress.get()
+    );
     assert_eq!(m.packets_forwarded.get(), 0, "no garbage was forwarded");
     let mut link = net.link("peer2", "mix").await;
-    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"fine", &[Duration::ZERO; 2]);
+    let p = net.packet(
+        &["mix", "next"],
+        KeyBytes([1; 32]),
+        b"fine",
+        &[Duration::ZERO; 2],
+    );
     link.send_packet(&p).await.unwrap();
     assert!(sink.next(WAIT).await.is_some(), "the node still forwards");
     net.stop().await;
@@ -268,15 +378,28 @@ async fn a_full_egress_queue_drops_and_counts_without_blocking() {
     let m = net.node("mix").metrics.clone();
     let mut link = net.link("peer", "mix").await;
     for i in 0..3000u32 {
-        let p = net.packet(&["mix", "slow"], KeyBytes([1; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]);
+        let p = net.packet(
+            &["mix", "slow"],
+            KeyBytes([1; 32]),
+            &i.to_be_bytes(),
+            &[Duration::ZERO; 2],
+        );
         link.send_packet(&p).await.unwrap();
         if i % 100 == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    assert!(eventually(WAIT, || m.drop_count(DropReason::QueueFull) > 0).await, "a full peer queue drops");
+    assert!(
+        eventually(WAIT, || m.drop_count(DropReason::QueueFull) > 0).await,
+        "a full peer queue drops"
+    );
     // The forwarder never waited on the stuck peer: a packet for another peer goes straight through.
-    let p = net.packet(&["mix", "next"], KeyBytes([2; 32]), b"unblocked", &[Duration::ZERO; 2]);
+    let p = net.packet(
+        &["mix", "next"],
+        KeyBytes([2; 32]),
+        b"unblocked",
+        &[Duration::ZERO; 2],
+    );
     link.send_packet(&p).await.unwrap();
     assert!(fast.next(WAIT).await.is_some());
     slow.abort();
@@ -291,18 +414,35 @@ async fn an_unreachable_peer_is_backed_off_and_its_packets_counted() {
     let m = net.node("mix").metrics.clone();
     let mut link = net.link("peer", "mix").await;
     for i in 0..20u32 {
-        let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]);
+        let p = net.packet(
+            &["mix", "next"],
+            KeyBytes([1; 32]),
+            &i.to_be_bytes(),
+            &[Duration::ZERO; 2],
+        );
         link.send_packet(&p).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(
-        eventually(WAIT, || m.drop_count(DropReason::Unreachable) + m.drop_count(DropReason::Backoff) == 20).await,
+        eventually(WAIT, || m.drop_count(DropReason::Unreachable)
+            + m.drop_count(DropReason::Backoff)
+            == 20)
+        .await,
         "every packet is counted: unreachable {} backoff {}",
         m.drop_count(DropReason::Unreachable),
         m.drop_count(DropReason::Backoff)
     );
-    assert!(m.drop_count(DropReason::Unreachable) >= 1, "the failed attempt's packets");
-    assert!(m.drop_count(DropReason::Backoff) >= 1, "packets arriving while it backs off are not queued");
-    assert!(m.drop_count(DropReason::Unreachable) < 20, "it does not retry per packet");
+    assert!(
+        m.drop_count(DropReason::Unreachable) >= 1,
+        "the failed attempt's packets"
+    );
+    assert!(
+        m.drop_count(DropReason::Backoff) >= 1,
+        "packets arriving while it backs off are not queued"
+    );
+    assert!(
+        m.drop_count(DropReason::Unreachable) < 20,
+        "it does not retry per packet"
+    );
     net.stop().await;
 }

@@ -35,11 +35,22 @@ async fn load_generator_counts_match_the_node() {
         sent_times.clone(),
         stats.clone(),
     ));
-    let links = loadgen::prepare_links(&setup, &packets, 0..N).await.unwrap();
+    let links = loadgen::prepare_links(&setup, &packets, 0..N)
+        .await
+        .unwrap();
     let sent = Arc::new(AtomicU64::new(0));
-    loadgen::send(links, Pace::Rate(1500.0), sent_times, stats.clone(), sent.clone()).await;
+    loadgen::send(
+        links,
+        Pace::Rate(1500.0),
+        sent_times,
+        stats.clone(),
+        sent.clone(),
+    )
+    .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while stats.received.load(Ordering::Relaxed) < N as u64 && tokio::time::Instant::now() < deadline {
+    while stats.received.load(Ordering::Relaxed) < N as u64
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let exposition = loadgen::scrape(setup.node_http).unwrap();
@@ -49,9 +60,24 @@ async fn load_generator_counts_match_the_node() {
     let counted = stats.received.load(Ordering::Relaxed);
     assert_eq!(sent, N as u64, "the generator sent every packet");
     assert!(drops.is_empty(), "a lossless run: {drops:?}");
-    assert_eq!(metric(&exposition, "nym_node_packets_received_total"), sent, "node received = sent");
-    assert_eq!(metric(&exposition, "nym_node_packets_forwarded_total"), sent, "node forwarded = sent");
-    assert_eq!(counted, sent, "sink counted = forwarded + drops (drops = 0)");
+    assert_eq!(
+        metric(&exposition, "nym_node_packets_received_total"),
+        sent,
+        "node received = sent"
+    );
+    assert_eq!(
+        metric(&exposition, "nym_node_packets_forwarded_total"),
+        sent,
+        "node forwarded = sent"
+    );
+    assert_eq!(
+        counted, sent,
+        "sink counted = forwarded + drops (drops = 0)"
+    );
     let latencies = stats.take_latencies();
-    assert_eq!(latencies.len(), N.div_ceil(loadgen::LATENCY_SAMPLE), "every sampled packet was recognised at the sink");
+    assert_eq!(
+        latencies.len(),
+        N.div_ceil(loadgen::LATENCY_SAMPLE),
+        "every sampled packet was recognised at the sink"
+    );
 }

@@ -10,7 +10,9 @@ use nym_node::client::{ClientConfig, MixClient};
 use nym_node::config::Mode;
 use nym_node::keys::{Identity, KeyBytes, NodeKeys};
 use nym_node::metrics::{DropReason, HandshakeFailure};
-use nym_node::mixnet::framing::{FRAME_CIPHERTEXT_LEN, FRAME_PLAINTEXT_LEN, FRAME_VERSION, KIND_PACKET};
+use nym_node::mixnet::framing::{
+    FRAME_CIPHERTEXT_LEN, FRAME_PLAINTEXT_LEN, FRAME_VERSION, KIND_PACKET,
+};
 use nym_node::mixnet::sphinx::{PACKET_SIZE, Processed, SphinxProcessor};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -23,7 +25,9 @@ async fn client(net: &Net, gateway: &str) -> MixClient {
         cover_rate: 0.0,
         ..ClientConfig::default()
     };
-    MixClient::start(config, Identity::generate().unwrap()).await.unwrap()
+    MixClient::start(config, Identity::generate().unwrap())
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,7 +54,12 @@ async fn three_layer_network_delivers_every_message_intact() {
     for layer in ["1", "2", "3"] {
         let forwarded: u64 = ["a", "b"]
             .iter()
-            .map(|s| net.node(&format!("mix-{layer}{s}")).metrics.packets_forwarded.get())
+            .map(|s| {
+                net.node(&format!("mix-{layer}{s}"))
+                    .metrics
+                    .packets_forwarded
+                    .get()
+            })
             .sum();
         assert!(forwarded >= 40, "layer {layer} forwarded {forwarded}");
     }
@@ -67,7 +76,10 @@ async fn message_bigger_than_a_packet_is_chunked_and_reassembled() {
     c.send(me, body.clone(), 0).await.unwrap();
     let got = receive(&mut c, 1, Duration::from_secs(60)).await;
     assert_eq!(got, vec![body]);
-    let packets = c.stats().packets_sent.load(std::sync::atomic::Ordering::Relaxed);
+    let packets = c
+        .stats()
+        .packets_sent
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(packets >= 30, "50 kB needs ~31 packets, sent {packets}");
     c.stop().await;
     net.stop().await;
@@ -86,7 +98,12 @@ fn relay_spec() -> Vec<(&'static str, Role)> {
 async fn replayed_packet_is_dropped_at_the_node_that_saw_it_first() {
     let mut net = Net::start(&relay_spec(), |_, _| {}, no_hooks).await;
     let mut sink = net.take_sink("next");
-    let packet = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"once", &[Duration::ZERO; 2]);
+    let packet = net.packet(
+        &["mix", "next"],
+        KeyBytes([1; 32]),
+        b"once",
+        &[Duration::ZERO; 2],
+    );
     let mut link = net.link("peer", "mix").await;
     link.send_packet(&packet).await.unwrap();
     // The replay comes over another link, as an attacker's would.
@@ -94,8 +111,14 @@ async fn replayed_packet_is_dropped_at_the_node_that_saw_it_first() {
     link2.send_packet(&packet).await.unwrap();
     let metrics = &net.node("mix").metrics;
     assert!(eventually(WAIT, || metrics.drop_count(DropReason::Replay) == 1).await);
-    assert!(sink.next(WAIT).await.is_some(), "the first copy is forwarded");
-    assert!(sink.next(Duration::from_millis(500)).await.is_none(), "the replay is not");
+    assert!(
+        sink.next(WAIT).await.is_some(),
+        "the first copy is forwarded"
+    );
+    assert!(
+        sink.next(Duration::from_millis(500)).await.is_none(),
+        "the replay is not"
+    );
     assert_eq!(metrics.packets_received.get(), 2);
     assert_eq!(metrics.packets_forwarded.get(), 1);
     net.stop().await;
@@ -113,12 +136,29 @@ async fn unknown_noise_key_is_refused_and_other_links_keep_working() {
     // XK completes on the initiator's side before the responder sees its key; the node then closes.
     if let Ok(mut link) = refused {
         let _ = link.send_packet(&[0u8; PACKET_SIZE]).await;
-        assert!(link.closed_within(WAIT).await, "the node closes a stranger's link");
+        assert!(
+            link.closed_within(WAIT).await,
+            "the node closes a stranger's link"
+        );
     }
     let metrics = &net.node("mix").metrics;
-    assert!(eventually(WAIT, || metrics.handshake_failures(true, HandshakeFailure::UnknownKey) == 1).await);
-    assert_eq!(metrics.packets_received.get(), 0, "nothing from the stranger was accepted");
-    let packet = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"still works", &[Duration::ZERO; 2]);
+    assert!(
+        eventually(WAIT, || metrics
+            .handshake_failures(true, HandshakeFailure::UnknownKey)
+            == 1)
+        .await
+    );
+    assert_eq!(
+        metrics.packets_received.get(),
+        0,
+        "nothing from the stranger was accepted"
+    );
+    let packet = net.packet(
+        &["mix", "next"],
+        KeyBytes([1; 32]),
+        b"still works",
+        &[Duration::ZERO; 2],
+    );
     good.send_packet(&packet).await.unwrap();
     assert!(sink.next(WAIT).await.is_some());
     net.stop().await;
@@ -145,11 +185,20 @@ async fn per_hop_delays_are_honoured() {
     let arrivals = sink.collect(delays_ms.len(), WAIT).await;
     assert_eq!(arrivals.len(), delays_ms.len());
     // Identify each packet by unwrapping it at the sink (the final hop).
-    let unwrap = SphinxProcessor::new(next_keys.sphinx.secret().clone(), Duration::from_secs(10), 1024);
+    let unwrap = SphinxProcessor::new(
+        next_keys.sphinx.secret().clone(),
+        Duration::from_secs(10),
+        1024,
+    );
     let mut order = Vec::new();
     for a in &arrivals {
-        let Ok(Processed::Final(hop)) = unwrap.process(&a.packet) else { panic!("final hop expected") };
-        let plain = sphinx_packet::payload::Payload::from_bytes(&hop.payload).unwrap().recover_plaintext().unwrap();
+        let Ok(Processed::Final(hop)) = unwrap.process(&a.packet) else {
+            panic!("final hop expected")
+        };
+        let plain = sphinx_packet::payload::Payload::from_bytes(&hop.payload)
+            .unwrap()
+            .recover_plaintext()
+            .unwrap();
         let i = plain[0] as usize;
         // Never before the delay the header asked for.
         assert!(
@@ -161,7 +210,10 @@ async fn per_hop_delays_are_honoured() {
     }
     let mut by_delay: Vec<usize> = (0..delays_ms.len()).collect();
     by_delay.sort_by_key(|i| delays_ms[*i]);
-    assert_eq!(order, by_delay, "packets leave in the order of their delays");
+    assert_eq!(
+        order, by_delay,
+        "packets leave in the order of their delays"
+    );
     net.stop().await;
 }
 
@@ -181,98 +233,171 @@ async fn bad_input_case(reason: DropReason, closes: bool, bad: impl AsyncFnOnce(
     );
     for r in DropReason::ALL {
         if r != reason {
-            assert_eq!(metrics.drop_count(r), 0, "only {reason:?} is counted, not {r:?}");
+            assert_eq!(
+                metrics.drop_count(r),
+                0,
+                "only {reason:?} is counted, not {r:?}"
+            );
         }
     }
     if closes {
-        assert!(link.closed_within(WAIT).await, "the offending link is closed");
+        assert!(
+            link.closed_within(WAIT).await,
+            "the offending link is closed"
+        );
     } else {
-        let p = net.packet(&["mix", "next"], KeyBytes([2; 32]), b"same link", &[Duration::ZERO; 2]);
+        let p = net.packet(
+            &["mix", "next"],
+            KeyBytes([2; 32]),
+            b"same link",
+            &[Duration::ZERO; 2],
+        );
         link.send_packet(&p).await.unwrap();
         assert!(sink.next(WAIT).await.is_some(), "the link stays usable");
     }
-    let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"other link", &[Duration::ZERO; 2]);
+    let p = net.packet(
+        &["mix", "next"],
+        KeyBytes([1; 32]),
+        b"other link",
+        &[Duration::ZERO; 2],
+    );
     other.send_packet(&p).await.unwrap();
-    assert!(sink.next(WAIT).await.is_some(), "other links are undisturbed");
+    assert!(
+        sink.next(WAIT).await.is_some(),
+        "other links are undisturbed"
+    );
     net.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_with_wrong_length_is_rejected() {
-    bad_input_case(DropReason::MalformedFrame, true, async |l: &mut Link, _: &Net| {
-        l.send_plaintext(&[FRAME_VERSION, KIND_PACKET, 1, 2, 3]).await.unwrap();
-    })
+    bad_input_case(
+        DropReason::MalformedFrame,
+        true,
+        async |l: &mut Link, _: &Net| {
+            l.send_plaintext(&[FRAME_VERSION, KIND_PACKET, 1, 2, 3])
+                .await
+                .unwrap();
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_frame_is_rejected_without_buffering_it() {
-    bad_input_case(DropReason::OversizedFrame, true, async |l: &mut Link, _: &Net| {
-        // Only the length prefix is needed to refuse it.
-        l.send_bytes(&60_000u16.to_be_bytes()).await.unwrap();
-    })
+    bad_input_case(
+        DropReason::OversizedFrame,
+        true,
+        async |l: &mut Link, _: &Net| {
+            // Only the length prefix is needed to refuse it.
+            l.send_bytes(&60_000u16.to_be_bytes()).await.unwrap();
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_with_unknown_version_is_rejected() {
-    bad_input_case(DropReason::BadVersion, true, async |l: &mut Link, _: &Net| {
-        let mut plain = vec![0u8; FRAME_PLAINTEXT_LEN];
-        plain[0] = FRAME_VERSION + 1;
-        l.send_plaintext(&plain).await.unwrap();
-    })
+    bad_input_case(
+        DropReason::BadVersion,
+        true,
+        async |l: &mut Link, _: &Net| {
+            let mut plain = vec![0u8; FRAME_PLAINTEXT_LEN];
+            plain[0] = FRAME_VERSION + 1;
+            l.send_plaintext(&plain).await.unwrap();
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frame_failing_authentication_is_rejected() {
-    bad_input_case(DropReason::DecryptFailed, true, async |l: &mut Link, _: &Net| {
-        let mut bytes = (FRAME_CIPHERTEXT_LEN as u16).to_be_bytes().to_vec();
-        bytes.extend((0..FRAME_CIPHERTEXT_LEN).map(|_| rand::random::<u8>()));
-        l.send_bytes(&bytes).await.unwrap();
-    })
+    bad_input_case(
+        DropReason::DecryptFailed,
+        true,
+        async |l: &mut Link, _: &Net| {
+            let mut bytes = (FRAME_CIPHERTEXT_LEN as u16).to_be_bytes().to_vec();
+            bytes.extend((0..FRAME_CIPHERTEXT_LEN).map(|_| rand::random::<u8>()));
+            l.send_bytes(&bytes).await.unwrap();
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packet_with_bad_sphinx_header_is_dropped_and_the_link_survives() {
-    bad_input_case(DropReason::MalformedPacket, false, async |l: &mut Link, net: &Net| {
-        let mut p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"x", &[Duration::ZERO; 2]);
-        p[100] ^= 0xff;
-        l.send_packet(&p).await.unwrap();
-    })
+    bad_input_case(
+        DropReason::MalformedPacket,
+        false,
+        async |l: &mut Link, net: &Net| {
+            let mut p = net.packet(
+                &["mix", "next"],
+                KeyBytes([1; 32]),
+                b"x",
+                &[Duration::ZERO; 2],
+            );
+            p[100] ^= 0xff;
+            l.send_packet(&p).await.unwrap();
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packet_asking_for_too_long_a_delay_is_dropped() {
-    bad_input_case(DropReason::ExcessiveDelay, false, async |l: &mut Link, net: &Net| {
-        let p = net.packet(&["mix", "next"], KeyBytes([1; 32]), b"x", &[Duration::from_secs(3600), Duration::ZERO]);
-        l.send_packet(&p).await.unwrap();
-    })
+    bad_input_case(
+        DropReason::ExcessiveDelay,
+        false,
+        async |l: &mut Link, net: &Net| {
+            let p = net.packet(
+                &["mix", "next"],
+                KeyBytes([1; 32]),
+                b"x",
+                &[Duration::from_secs(3600), Duration::ZERO],
+            );
+            l.send_packet(&p).await.unwrap();
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packet_for_a_next_hop_outside_the_topology_is_dropped() {
-    bad_input_case(DropReason::UnknownPeer, false, async |l: &mut Link, net: &Net| {
-        let stranger = NodeKeys::generate().unwrap().public();
-        let hops = vec![
-            net.member("mix").hop(),
-            nym_node::client::route::Hop { identity: stranger.identity_key, sphinx_key: stranger.sphinx_key },
-        ];
-        let p = nym_node::client::packet::build_forward(&hops, &KeyBytes([1; 32]), b"x", &[Duration::ZERO; 2]).unwrap().1;
-        l.send_packet(&p).await.unwrap();
-    })
+    bad_input_case(
+        DropReason::UnknownPeer,
+        false,
+        async |l: &mut Link, net: &Net| {
+            let stranger = NodeKeys::generate().unwrap().public();
+            let hops = vec![
+                net.member("mix").hop(),
+                nym_node::client::route::Hop {
+                    identity: stranger.identity_key,
+                    sphinx_key: stranger.sphinx_key,
+                },
+            ];
+            let p = nym_node::client::packet::build_forward(
+                &hops,
+                &KeyBytes([1; 32]),
+                b"x",
+                &[Duration::ZERO; 2],
+            )
+            .unwrap()
+            .1;
+            l.send_packet(&p).await.unwrap();
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn final_hop_packet_at_a_mix_node_is_dropped() {
-    bad_input_case(DropReason::NoRoute, false, async |l: &mut Link, net: &Net| {
-        let p = net.packet(&["mix"], KeyBytes([1; 32]), b"x", &[Duration::ZERO]);
-        l.send_packet(&p).await.unwrap();
-    })
+    bad_input_case(
+        DropReason::NoRoute,
+        false,
+        async |l: &mut Link, net: &Net| {
+            let p = net.packet(&["mix"], KeyBytes([1; 32]), b"x", &[Duration::ZERO]);
+            l.send_packet(&p).await.unwrap();
+        },
+    )
     .await;
 }
-

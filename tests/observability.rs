@@ -10,8 +10,8 @@ use common::*;
 use nym_node::client::{ClientConfig, Event, MixClient};
 use nym_node::config::Mode;
 use nym_node::http::description::SignedDescription;
-use nym_node::keys::{Identity, KeyBytes};
 use nym_node::http::probe::{get as http_get, request as http_request};
+use nym_node::keys::{Identity, KeyBytes};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -46,7 +46,9 @@ async fn prometheus_sees_exactly_the_traffic_the_client_sent() {
         acks: false,
         ..ClientConfig::default()
     };
-    let mut client = MixClient::start(config, Identity::generate().unwrap()).await.unwrap();
+    let mut client = MixClient::start(config, Identity::generate().unwrap())
+        .await
+        .unwrap();
     let me = client.address();
     const N: usize = 60;
     let mut received = 0;
@@ -67,24 +69,49 @@ async fn prometheus_sees_exactly_the_traffic_the_client_sent() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     let mut last = String::new();
     loop {
-        let forwarded = prometheus.query("sum by (layer) (nym_node_packets_forwarded_total)").await;
-        let delivered = prometheus.query("sum(nym_node_packets_delivered_total)").await;
-        let dropped = prometheus.query("sum(nym_node_packets_dropped_total)").await;
+        let forwarded = prometheus
+            .query("sum by (layer) (nym_node_packets_forwarded_total)")
+            .await;
+        let delivered = prometheus
+            .query("sum(nym_node_packets_delivered_total)")
+            .await;
+        let dropped = prometheus
+            .query("sum(nym_node_packets_dropped_total)")
+            .await;
         if let (Some(f), Some(d), Some(x)) = (forwarded, delivered, dropped) {
             let by_layer = |l: &str| {
                 f.iter()
                     .find(|(labels, _)| labels.get("layer").and_then(|v| v.as_str()) == Some(l))
                     .map(|(_, v)| *v)
             };
-            let got = (by_layer("1"), by_layer("2"), by_layer("3"), by_layer("gateway"), d.first().map(|x| x.1), x.first().map(|x| x.1));
+            let got = (
+                by_layer("1"),
+                by_layer("2"),
+                by_layer("3"),
+                by_layer("gateway"),
+                d.first().map(|x| x.1),
+                x.first().map(|x| x.1),
+            );
             last = format!("{got:?}");
             // Each layer forwarded every packet once, the gateway forwarded every client packet
             // into layer 1 and delivered every payload, and nothing was dropped.
-            if got == (Some(expected), Some(expected), Some(expected), Some(expected), Some(expected), Some(0.0)) {
+            if got
+                == (
+                    Some(expected),
+                    Some(expected),
+                    Some(expected),
+                    Some(expected),
+                    Some(expected),
+                    Some(0.0),
+                )
+            {
                 break;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "Prometheus never saw the traffic: {last}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Prometheus never saw the traffic: {last}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // The per-stage histograms saw every packet too.
@@ -92,7 +119,12 @@ async fn prometheus_sees_exactly_the_traffic_the_client_sent() {
         .query("sum by (stage) (nym_node_packet_stage_seconds_count{layer=\"2\"})")
         .await
         .unwrap();
-    let count = |s: &str| stages.iter().find(|(l, _)| l.get("stage").and_then(|v| v.as_str()) == Some(s)).map(|x| x.1);
+    let count = |s: &str| {
+        stages
+            .iter()
+            .find(|(l, _)| l.get("stage").and_then(|v| v.as_str()) == Some(s))
+            .map(|x| x.1)
+    };
     assert_eq!(count("forwarder_queue"), Some(expected));
     assert_eq!(count("delay_overrun"), Some(expected));
     assert_eq!(count("egress_queue"), Some(expected));
@@ -109,10 +141,18 @@ async fn exposition_passes_promtool() {
         cover_rate: 0.0,
         ..ClientConfig::default()
     };
-    let mut client = MixClient::start(config, Identity::generate().unwrap()).await.unwrap();
+    let mut client = MixClient::start(config, Identity::generate().unwrap())
+        .await
+        .unwrap();
     let me = client.address();
-    client.send(me, b"fill the histograms".to_vec(), 0).await.unwrap();
-    while !matches!(tokio::time::timeout(WAIT, client.next_event()).await, Ok(Some(Event::Received { .. })) | Err(_)) {}
+    client
+        .send(me, b"fill the histograms".to_vec(), 0)
+        .await
+        .unwrap();
+    while !matches!(
+        tokio::time::timeout(WAIT, client.next_event()).await,
+        Ok(Some(Event::Received { .. })) | Err(_)
+    ) {}
     for name in ["mix-2a", "gateway"] {
         let (status, body) = http_get(http_addr(&net, name), "/metrics").await.unwrap();
         assert_eq!(status, 200);
@@ -125,7 +165,12 @@ async fn exposition_passes_promtool() {
             .spawn()
             .expect("promtool (Debian package `prometheus`)");
         use std::io::Write;
-        promtool.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
         let out = promtool.wait_with_output().unwrap();
         assert!(
             out.status.success(),
@@ -133,7 +178,10 @@ async fn exposition_passes_promtool() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in body
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             assert!(line.starts_with("nym_node_"), "unprefixed metric: {line}");
         }
     }
@@ -152,11 +200,17 @@ async fn readiness_waits_for_the_topology() {
         http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         client: None,
     };
-    let node = nym_node::node::start(config, keys.clone(), listeners, Default::default()).await.unwrap();
+    let node = nym_node::node::start(config, keys.clone(), listeners, Default::default())
+        .await
+        .unwrap();
     let (status, body) = http_get(node.http_addr, "/readyz").await.unwrap();
     assert_eq!(status, 503);
     assert!(body.contains("topology not loaded"), "{body}");
-    assert_eq!(http_get(node.http_addr, "/livez").await.unwrap().0, 200, "alive while waiting");
+    assert_eq!(
+        http_get(node.http_addr, "/livez").await.unwrap().0,
+        200,
+        "alive while waiting"
+    );
 
     let p = keys.public();
     let doc = nym_node::topology::TopologyDocument {
@@ -194,7 +248,12 @@ async fn readiness_waits_for_the_topology() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn liveness_fails_when_the_accept_loop_dies() {
-    let net = Net::start(&[("mix", Role::Node(Mode::Mixnode, Some(1)))], |_, _| {}, no_hooks).await;
+    let net = Net::start(
+        &[("mix", Role::Node(Mode::Mixnode, Some(1)))],
+        |_, _| {},
+        no_hooks,
+    )
+    .await;
     let node = net.node("mix");
     assert_eq!(http_get(node.http_addr, "/livez").await.unwrap().0, 200);
     node.kill_accept_loop();
@@ -222,12 +281,25 @@ async fn metrics_token_rejects_missing_and_wrong_tokens() {
     )
     .await;
     let addr = net.node("mix").http_addr;
-    for headers in [vec![], vec![("Authorization", "Bearer wrong-token!")], vec![("Authorization", "s3cret-token")]] {
+    for headers in [
+        vec![],
+        vec![("Authorization", "Bearer wrong-token!")],
+        vec![("Authorization", "s3cret-token")],
+    ] {
         let (status, body) = http_request(addr, "/metrics", &headers).await.unwrap();
         assert_eq!(status, 401, "{headers:?}");
-        assert!(!body.contains("nym_node_"), "no metric leaks without the token");
+        assert!(
+            !body.contains("nym_node_"),
+            "no metric leaks without the token"
+        );
     }
-    let (status, body) = http_request(addr, "/metrics", &[("Authorization", "Bearer s3cret-token")]).await.unwrap();
+    let (status, body) = http_request(
+        addr,
+        "/metrics",
+        &[("Authorization", "Bearer s3cret-token")],
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("nym_node_build_info"));
     // Health stays open: probes do not carry the token.
@@ -238,7 +310,9 @@ async fn metrics_token_rejects_missing_and_wrong_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn description_is_signed_by_the_node_identity() {
     let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
-    let (status, body) = http_get(http_addr(&net, "mix-2b"), "/api/v1/description").await.unwrap();
+    let (status, body) = http_get(http_addr(&net, "mix-2b"), "/api/v1/description")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     let signed: SignedDescription = serde_json::from_str(&body).unwrap();
     assert!(signed.verify());
@@ -261,14 +335,25 @@ async fn description_is_signed_by_the_node_identity() {
     other.description.identity_key = KeyBytes(net.member("mix-1a").entry.identity_key.0);
     assert!(!other.verify());
 
-    let (status, body) = http_get(http_addr(&net, "gateway"), "/api/v1/openapi.json").await.unwrap();
+    let (status, body) = http_get(http_addr(&net, "gateway"), "/api/v1/openapi.json")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
-    for route in ["/livez", "/readyz", "/metrics", "/api/v1/description", "/api/v1/build-information", "/api/v1/openapi.json"] {
+    for route in [
+        "/livez",
+        "/readyz",
+        "/metrics",
+        "/api/v1/description",
+        "/api/v1/build-information",
+        "/api/v1/openapi.json",
+    ] {
         assert!(doc["paths"][route]["get"].is_object(), "{route} documented");
     }
-    let (status, body) = http_get(http_addr(&net, "gateway"), "/api/v1/build-information").await.unwrap();
+    let (status, body) = http_get(http_addr(&net, "gateway"), "/api/v1/build-information")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     let build: nym_node::http::BuildInformation = serde_json::from_str(&body).unwrap();
     assert_eq!(build.version, env!("CARGO_PKG_VERSION"));
@@ -276,7 +361,10 @@ async fn description_is_signed_by_the_node_identity() {
 }
 
 /// An OTLP/HTTP receiver on a loopback port: decodes every `ExportTraceServiceRequest`.
-async fn otlp_receiver() -> (SocketAddr, std::sync::Arc<parking_lot::Mutex<Vec<(String, String)>>>) {
+async fn otlp_receiver() -> (
+    SocketAddr,
+    std::sync::Arc<parking_lot::Mutex<Vec<(String, String)>>>,
+) {
     use axum::routing::post;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -327,7 +415,10 @@ async fn traces_reach_an_otlp_receiver_with_the_service_name() {
     let nodes = nym_node::localnet::plan_nodes(
         dir.path(),
         base,
-        &[("mix", Mode::Mixnode, Some(1)), ("peer", Mode::Mixnode, Some(2))],
+        &[
+            ("mix", Mode::Mixnode, Some(1)),
+            ("peer", Mode::Mixnode, Some(2)),
+        ],
     );
     let topology = nym_node::localnet::prepare(&nodes, dir.path()).unwrap();
     let endpoint = format!("http://{receiver}");
@@ -335,29 +426,53 @@ async fn traces_reach_an_otlp_receiver_with_the_service_name() {
         std::path::Path::new(env!("CARGO_BIN_EXE_nym-node")),
         &nodes[0],
         &topology,
-        &[("NYM_NODE_OTLP_ENDPOINT", endpoint.as_str()), ("NYM_NODE_DRAIN_GRACE", "1s")],
+        &[
+            ("NYM_NODE_OTLP_ENDPOINT", endpoint.as_str()),
+            ("NYM_NODE_DRAIN_GRACE", "1s"),
+        ],
     )
     .unwrap();
-    nym_node::localnet::wait_ready(&nodes[..1], WAIT).await.unwrap();
+    nym_node::localnet::wait_ready(&nodes[..1], WAIT)
+        .await
+        .unwrap();
 
     // A peer connects (a handshake and a connection span) and leaves.
     let peer_keys = nym_node::keys::NodeKeys::load(&nodes[1].dir.join("keys")).unwrap();
-    let mix_noise = nym_node::keys::NodeKeys::load(&nodes[0].dir.join("keys")).unwrap().public().noise_key;
-    let link = Link::connect(nodes[0].mixnet, &peer_keys, &mix_noise).await.unwrap();
+    let mix_noise = nym_node::keys::NodeKeys::load(&nodes[0].dir.join("keys"))
+        .unwrap()
+        .public()
+        .noise_key;
+    let link = Link::connect(nodes[0].mixnet, &peer_keys, &mix_noise)
+        .await
+        .unwrap();
     drop(link);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // SIGTERM: the drain span closes and the exporter flushes on exit.
     unsafe {
         libc::kill(child.id().unwrap() as i32, libc::SIGTERM);
     }
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success());
     let got = spans.lock().clone();
     let names: std::collections::HashSet<&str> = got.iter().map(|(_, n)| n.as_str()).collect();
-    for expected in ["handshake", "ingress_connection", "topology_reload", "drain"] {
-        assert!(names.contains(expected), "span {expected} exported; got {names:?}");
+    for expected in [
+        "handshake",
+        "ingress_connection",
+        "topology_reload",
+        "drain",
+    ] {
+        assert!(
+            names.contains(expected),
+            "span {expected} exported; got {names:?}"
+        );
     }
-    assert!(got.iter().all(|(service, _)| service == "nym-node"), "service.name: {got:?}");
+    assert!(
+        got.iter().all(|(service, _)| service == "nym-node"),
+        "service.name: {got:?}"
+    );
     // Lifecycles, not packets: a handful of spans, not thousands.
     assert!(got.len() < 50, "{} spans", got.len());
 }

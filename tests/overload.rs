@@ -25,16 +25,33 @@ async fn a_flood_is_shed_before_unwrap_and_a_quiet_peer_still_gets_through() {
             c.sphinx_queue_per_connection = 32;
         },
         // A node that unwraps at ~500 packets/s: easy to push past capacity.
-        |_| TestHooks { slow_unwrap: Some(Duration::from_millis(2)), ..TestHooks::default() },
+        |_| TestHooks {
+            slow_unwrap: Some(Duration::from_millis(2)),
+            ..TestHooks::default()
+        },
     )
     .await;
     let mut flood_sink = net.take_sink("flood-sink");
     let mut quiet_sink = net.take_sink("quiet-sink");
     let flood: Vec<_> = (0..3000u32)
-        .map(|i| net.packet(&["mix", "flood-sink"], KeyBytes([1; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]))
+        .map(|i| {
+            net.packet(
+                &["mix", "flood-sink"],
+                KeyBytes([1; 32]),
+                &i.to_be_bytes(),
+                &[Duration::ZERO; 2],
+            )
+        })
         .collect();
     let quiet: Vec<_> = (0..40u32)
-        .map(|i| net.packet(&["mix", "quiet-sink"], KeyBytes([2; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]))
+        .map(|i| {
+            net.packet(
+                &["mix", "quiet-sink"],
+                KeyBytes([2; 32]),
+                &i.to_be_bytes(),
+                &[Duration::ZERO; 2],
+            )
+        })
         .collect();
     let mut flood_link = net.link("flooder", "mix").await;
     let mut quiet_link = net.link("quiet", "mix").await;
@@ -50,17 +67,37 @@ async fn a_flood_is_shed_before_unwrap_and_a_quiet_peer_still_gets_through() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let _flood_link = flooding.await.unwrap();
-    assert_eq!(quiet_sink.collect(quiet.len(), Duration::from_secs(20)).await.len(), quiet.len(), "every packet of the quiet peer arrives");
+    assert_eq!(
+        quiet_sink
+            .collect(quiet.len(), Duration::from_secs(20))
+            .await
+            .len(),
+        quiet.len(),
+        "every packet of the quiet peer arrives"
+    );
 
     let m = net.node("mix").metrics.clone();
     let unwrapped = || m.stage(Stage::ForwarderQueue).get_sample_count();
     // Wait until every received packet was either shed or unwrapped.
-    assert!(eventually(Duration::from_secs(20), || m.packets_received.get() == m.drop_count(DropReason::Overload) + unwrapped()).await);
+    assert!(
+        eventually(Duration::from_secs(20), || m.packets_received.get()
+            == m.drop_count(DropReason::Overload) + unwrapped())
+        .await
+    );
     let shed = m.drop_count(DropReason::Overload);
-    println!("received={} shed={shed} unwrapped={} forwarded={}", m.packets_received.get(), unwrapped(), m.packets_forwarded.get());
+    println!(
+        "received={} shed={shed} unwrapped={} forwarded={}",
+        m.packets_received.get(),
+        unwrapped(),
+        m.packets_forwarded.get()
+    );
     assert!(shed > 1000, "the flood is shed ({shed})");
-    assert!(eventually(Duration::from_secs(20), || m.packets_forwarded.get() == unwrapped()).await,
-        "every packet that was unwrapped was forwarded: no work is thrown away after the unwrap");
+    assert!(
+        eventually(Duration::from_secs(20), || m.packets_forwarded.get()
+            == unwrapped())
+        .await,
+        "every packet that was unwrapped was forwarded: no work is thrown away after the unwrap"
+    );
     for r in DropReason::ALL {
         if r != DropReason::Overload {
             assert_eq!(m.drop_count(r), 0, "{r:?}");

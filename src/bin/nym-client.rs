@@ -12,7 +12,11 @@ use nym_node::keys::{Identity, NodeId, random_bytes};
 use nym_node::telemetry;
 
 #[derive(Parser)]
-#[command(name = "nym-client", version, about = "A mixnet client: send, receive, probe")]
+#[command(
+    name = "nym-client",
+    version,
+    about = "A mixnet client: send, receive, probe"
+)]
 struct Cli {
     /// Topology document: a file path or an http(s) URL.
     #[arg(long, env = "NYM_CLIENT_TOPOLOGY")]
@@ -88,7 +92,10 @@ enum Command {
 fn main() -> ExitCode {
     telemetry::init_logging(LogFormat::Text, "warn");
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nym-client: {e}");
@@ -125,13 +132,16 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Init { identity } => {
             let id = Identity::generate().map_err(|e| e.to_string())?;
-            id.write(&identity_file(&identity)).map_err(|e| e.to_string())?;
+            id.write(&identity_file(&identity))
+                .map_err(|e| e.to_string())?;
             println!("{}", id.public());
             Ok(ExitCode::SUCCESS)
         }
         Command::Address { identity } => {
             let id = load_identity(&identity)?;
-            let client = MixClient::start(config, id).await.map_err(|e| e.to_string())?;
+            let client = MixClient::start(config, id)
+                .await
+                .map_err(|e| e.to_string())?;
             println!("{}", client.address());
             client.stop().await;
             Ok(ExitCode::SUCCESS)
@@ -147,7 +157,9 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 Some(dir) => load_identity(&dir)?,
                 None => Identity::generate().map_err(|e| e.to_string())?,
             };
-            let mut client = MixClient::start(config, id).await.map_err(|e| e.to_string())?;
+            let mut client = MixClient::start(config, id)
+                .await
+                .map_err(|e| e.to_string())?;
             let msg_id = client
                 .send(to, message.into_bytes(), reply_surbs)
                 .await
@@ -179,7 +191,9 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             timeout,
         } => {
             let id = load_identity(&identity)?;
-            let mut client = MixClient::start(config, id).await.map_err(|e| e.to_string())?;
+            let mut client = MixClient::start(config, id)
+                .await
+                .map_err(|e| e.to_string())?;
             eprintln!("receiving as {}", client.address());
             let mut got = 0;
             let _ = tokio::time::timeout(timeout, async {
@@ -208,7 +222,9 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             timeout,
         } => {
             let id = Identity::from_secret(random_bytes().map_err(|e| e.to_string())?);
-            let mut client = MixClient::start(config, id).await.map_err(|e| e.to_string())?;
+            let mut client = MixClient::start(config, id)
+                .await
+                .map_err(|e| e.to_string())?;
             let report = probe::run(&mut client, count, size, timeout).await;
             client.stop().await;
             println!("{}", report.summary());

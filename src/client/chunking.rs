@@ -140,9 +140,10 @@ impl Reassembler {
         }
         if !self.partial.contains_key(&id) {
             if self.partial.len() >= self.max_partial
-                && let Some(oldest) = self.partial_order.pop_front() {
-                    self.partial.remove(&oldest);
-                }
+                && let Some(oldest) = self.partial_order.pop_front()
+            {
+                self.partial.remove(&oldest);
+            }
             self.partial.insert(
                 id,
                 Partial {
@@ -174,9 +175,10 @@ impl Reassembler {
         self.completed.insert(id, ());
         self.completed_order.push_back(id);
         if self.completed_order.len() > self.remember_completed
-            && let Some(old) = self.completed_order.pop_front() {
-                self.completed.remove(&old);
-            }
+            && let Some(old) = self.completed_order.pop_front()
+        {
+            self.completed.remove(&old);
+        }
         Ok(done.map(|p| (id, p.parts.into_iter().flatten().flatten().collect())))
     }
 }
@@ -189,7 +191,10 @@ mod tests {
     #[test]
     fn large_message_splits_and_reassembles_in_any_order_with_duplicates() {
         let body: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
-        let msg = Message { body: body.clone(), reply_surbs: vec![vec![1; 396], vec![2; 396]] };
+        let msg = Message {
+            body: body.clone(),
+            reply_surbs: vec![vec![1; 396], vec![2; 396]],
+        };
         let frags = split([7; 16], &msg.encode(), 1000).unwrap();
         assert!(frags.len() > 10);
         let mut r = Reassembler::new(16, 16);

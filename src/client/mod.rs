@@ -261,7 +261,11 @@ impl MixClient {
     }
 
     /// Answers a message through the SURBs its sender attached (one SURB per fragment).
-    pub async fn reply(&self, surbs: Vec<Vec<u8>>, body: Vec<u8>) -> Result<MessageId, ClientError> {
+    pub async fn reply(
+        &self,
+        surbs: Vec<Vec<u8>>,
+        body: Vec<u8>,
+    ) -> Result<MessageId, ClientError> {
         let id = new_id()?;
         self.commands
             .send(Command::Reply { surbs, body, id })
@@ -489,7 +493,12 @@ impl Actor {
 
     /// Replies go through the sender's SURBs: no route choice and no ack (the SURB's
     /// route is fixed and ends at the sender).
-    fn queue_reply(&mut self, surbs: Vec<Vec<u8>>, body: Vec<u8>, id: MessageId) -> Result<(), ClientError> {
+    fn queue_reply(
+        &mut self,
+        surbs: Vec<Vec<u8>>,
+        body: Vec<u8>,
+        id: MessageId,
+    ) -> Result<(), ClientError> {
         let message = Message {
             body,
             reply_surbs: Vec::new(),
@@ -497,11 +506,13 @@ impl Actor {
         .encode();
         let fragments = chunking::split(id, &message, Envelope::fragment_capacity(0))?;
         if fragments.len() > surbs.len() {
-            return Err(ClientError::Packet(packet::PacketError::from_message(format!(
-                "reply needs {} SURBs, the sender attached {}",
-                fragments.len(),
-                surbs.len()
-            ))));
+            return Err(ClientError::Packet(packet::PacketError::from_message(
+                format!(
+                    "reply needs {} SURBs, the sender attached {}",
+                    fragments.len(),
+                    surbs.len()
+                ),
+            )));
         }
         for (fragment, surb) in fragments.into_iter().zip(surbs) {
             let envelope = Envelope::Data {
@@ -614,8 +625,10 @@ impl Actor {
         }
         self.stats.packets_sent.fetch_add(1, Ordering::Relaxed);
         if let Some((key, identifier, expected)) = ready.tracked {
-            self.deadlines
-                .push(Instant::now() + expected + self.config.ack_slack, (identifier, key));
+            self.deadlines.push(
+                Instant::now() + expected + self.config.ack_slack,
+                (identifier, key),
+            );
         }
         true
     }
@@ -659,10 +672,11 @@ impl Actor {
             }
         }
         if let Some(m) = self.messages.get_mut(&id)
-            && !m.failed {
-                m.failed = true;
-                let _ = self.events.try_send(Event::Failed { id });
-            }
+            && !m.failed
+        {
+            m.failed = true;
+            let _ = self.events.try_send(Event::Failed { id });
+        }
         self.messages.remove(&id);
     }
 
@@ -707,7 +721,9 @@ impl Actor {
             return;
         }
         // A late ack for a copy we had already given up on or that was acked already.
-        self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .duplicates_dropped
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     async fn receive_fragment(&mut self, fragment: &[u8]) {

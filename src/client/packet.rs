@@ -97,7 +97,10 @@ pub fn build_surb(
     let material = SURBMaterial::new(
         nodes(route),
         sphinx_delays(delays),
-        Destination::new(DestinationAddressBytes::from_bytes(destination.0), identifier),
+        Destination::new(
+            DestinationAddressBytes::from_bytes(destination.0),
+            identifier,
+        ),
         SINGLE_SEED_SURB_VERSION,
     );
     let (surb, recovery) = material
@@ -143,7 +146,10 @@ mod tests {
             total += d[0] + d[1] + d[2];
         }
         let avg = total / 6000;
-        assert!(avg > Duration::from_millis(40) && avg < Duration::from_millis(60), "{avg:?}");
+        assert!(
+            avg > Duration::from_millis(40) && avg < Duration::from_millis(60),
+            "{avg:?}"
+        );
         assert_eq!(sample_delays(4, Duration::ZERO), vec![Duration::ZERO; 4]);
     }
 }

@@ -59,7 +59,12 @@ impl ProbeReport {
 
 /// Sends `count` messages of `size` bytes to the client itself and waits up to `timeout`
 /// for them.
-pub async fn run(client: &mut MixClient, count: usize, size: usize, timeout: Duration) -> ProbeReport {
+pub async fn run(
+    client: &mut MixClient,
+    count: usize,
+    size: usize,
+    timeout: Duration,
+) -> ProbeReport {
     let start = Instant::now();
     let me = client.address();
     let mut sent_at: HashMap<u64, Instant> = HashMap::with_capacity(count);

@@ -100,7 +100,10 @@ mod tests {
             let ids: Vec<u8> = r.iter().map(|h| h.identity.0[0]).collect();
             assert_eq!(ids, vec![1, 3, 4, 5], "the draining node 2 is never chosen");
         }
-        assert_eq!(choose(&t, &KeyBytes([1; 32])), Err(RouteError::UnknownGateway(KeyBytes([1; 32]))));
+        assert_eq!(
+            choose(&t, &KeyBytes([1; 32])),
+            Err(RouteError::UnknownGateway(KeyBytes([1; 32])))
+        );
         assert_eq!(choose_gateway(&t).unwrap().name, "n5");
     }
 
@@ -109,9 +112,15 @@ mod tests {
         let t = Topology::from_document(TopologyDocument {
             schema: 1,
             revision: 1,
-            nodes: vec![entry(1, Mode::Mixnode, Some(1), true), entry(5, Mode::EntryGateway, None, true)],
+            nodes: vec![
+                entry(1, Mode::Mixnode, Some(1), true),
+                entry(5, Mode::EntryGateway, None, true),
+            ],
         })
         .unwrap();
-        assert_eq!(choose(&t, &KeyBytes([5; 32])), Err(RouteError::EmptyLayer(2)));
+        assert_eq!(
+            choose(&t, &KeyBytes([5; 32])),
+            Err(RouteError::EmptyLayer(2))
+        );
     }
 }

@@ -127,10 +127,7 @@ impl Mailbox {
             let mut by_age = txn.open_table(BY_AGE).map_err(err)?;
             let mut usage = txn.open_table(USAGE).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
-            let mut next_id = meta
-                .get(NEXT_ID)
-                .map_err(err)?
-                .map_or(1, |v| v.value());
+            let mut next_id = meta.get(NEXT_ID).map_err(err)?.map_or(1, |v| v.value());
             for item in items {
                 let used = usage
                     .get(item.client.as_bytes())
@@ -220,7 +217,11 @@ impl Mailbox {
                     let mut stored_at = [0u8; 8];
                     stored_at.copy_from_slice(&value[IDENTIFIER_SIZE..IDENTIFIER_SIZE + 8]);
                     by_age
-                        .remove(&age_key(u64::from_be_bytes(stored_at), client.as_bytes(), *id))
+                        .remove(&age_key(
+                            u64::from_be_bytes(stored_at),
+                            client.as_bytes(),
+                            *id,
+                        ))
                         .map_err(err)?;
                     freed += cost(&value[IDENTIFIER_SIZE + 8..]);
                     removed += 1;
@@ -287,7 +288,6 @@ impl Mailbox {
             .map_err(err)?
             .map_or(0, |v| v.value()))
     }
-
 }
 
 #[cfg(test)]
@@ -308,13 +308,18 @@ mod tests {
         let path = dir.path().join("mailbox.redb");
         {
             let m = Mailbox::open(&path, 1 << 20).unwrap();
-            let ids = m.store(&[incoming(1, b"a"), incoming(1, b"b"), incoming(2, b"c")]).unwrap();
+            let ids = m
+                .store(&[incoming(1, b"a"), incoming(1, b"b"), incoming(2, b"c")])
+                .unwrap();
             assert!(ids.iter().all(Option::is_some));
         }
         let m = Mailbox::open(&path, 1 << 20).unwrap();
         let c1 = KeyBytes([1; 32]);
         let got = m.fetch_after(&c1, 0, 10).unwrap();
-        assert_eq!(got.iter().map(|s| s.body.clone()).collect::<Vec<_>>(), vec![b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(
+            got.iter().map(|s| s.body.clone()).collect::<Vec<_>>(),
+            vec![b"a".to_vec(), b"b".to_vec()]
+        );
         assert_eq!(m.fetch_after(&c1, got[0].id, 10).unwrap().len(), 1);
         assert_eq!(m.ack(&c1, &[got[0].id, 999]).unwrap(), 1);
         let left = m.fetch_after(&c1, 0, 10).unwrap();

@@ -18,11 +18,7 @@ use mailbox::Mailbox;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Deletes mailbox entries older than `retention` every minute until the node stops.
-pub async fn sweep_mailbox(
-    mailbox: Arc<Mailbox>,
-    retention: Duration,
-    shutdown: Shutdown,
-) {
+pub async fn sweep_mailbox(mailbox: Arc<Mailbox>, retention: Duration, shutdown: Shutdown) {
     loop {
         let m = mailbox.clone();
         let result = tokio::task::spawn_blocking(move || m.expire(retention)).await;

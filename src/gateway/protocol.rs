@@ -43,7 +43,10 @@ pub const MAX_CLIENT_FRAME: usize = 1 + 32 + PACKET_SIZE;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerMessage {
-    Challenge { nonce: [u8; 32], gateway: NodeId },
+    Challenge {
+        nonce: [u8; 32],
+        gateway: NodeId,
+    },
     AuthOk,
     Deliver {
         id: u64,
@@ -192,17 +195,32 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let server = [
-            ServerMessage::Challenge { nonce: [3; 32], gateway: KeyBytes([4; 32]) },
+            ServerMessage::Challenge {
+                nonce: [3; 32],
+                gateway: KeyBytes([4; 32]),
+            },
             ServerMessage::AuthOk,
-            ServerMessage::Deliver { id: 9, identifier: [1; 16], body: vec![5; 300] },
+            ServerMessage::Deliver {
+                id: 9,
+                identifier: [1; 16],
+                body: vec![5; 300],
+            },
         ];
         for m in server {
             assert_eq!(ServerMessage::decode(&m.encode()).unwrap(), m);
         }
         let client = [
-            ClientMessage::Auth { identity: KeyBytes([1; 32]), signature: [2; 64] },
-            ClientMessage::Send { first_hop: KeyBytes([3; 32]), packet: Box::new([4; PACKET_SIZE]) },
-            ClientMessage::Ack { ids: vec![1, 2, u64::MAX] },
+            ClientMessage::Auth {
+                identity: KeyBytes([1; 32]),
+                signature: [2; 64],
+            },
+            ClientMessage::Send {
+                first_hop: KeyBytes([3; 32]),
+                packet: Box::new([4; PACKET_SIZE]),
+            },
+            ClientMessage::Ack {
+                ids: vec![1, 2, u64::MAX],
+            },
         ];
         for m in client {
             let bytes = m.encode();
@@ -214,9 +232,18 @@ mod tests {
     #[test]
     fn wrong_lengths_and_types_are_errors() {
         assert_eq!(ClientMessage::decode(&[]), Err(ProtocolError::Empty));
-        assert_eq!(ClientMessage::decode(&[0x7f]), Err(ProtocolError::UnknownType(0x7f)));
-        assert!(matches!(ClientMessage::decode(&[SEND, 1, 2]), Err(ProtocolError::BadLength(..))));
-        assert!(matches!(ClientMessage::decode(&[ACK]), Err(ProtocolError::BadLength(..))));
+        assert_eq!(
+            ClientMessage::decode(&[0x7f]),
+            Err(ProtocolError::UnknownType(0x7f))
+        );
+        assert!(matches!(
+            ClientMessage::decode(&[SEND, 1, 2]),
+            Err(ProtocolError::BadLength(..))
+        ));
+        assert!(matches!(
+            ClientMessage::decode(&[ACK]),
+            Err(ProtocolError::BadLength(..))
+        ));
     }
 
     proptest! {

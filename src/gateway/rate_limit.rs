@@ -47,6 +47,10 @@ mod tests {
         tokio::time::advance(Duration::from_millis(500)).await;
         assert_eq!((0..20).filter(|_| b.take()).count(), 5);
         tokio::time::advance(Duration::from_secs(60)).await;
-        assert_eq!((0..20).filter(|_| b.take()).count(), 5, "never more than the burst");
+        assert_eq!(
+            (0..20).filter(|_| b.take()).count(),
+            5,
+            "never more than the burst"
+        );
     }
 }

@@ -109,7 +109,10 @@ mod tests {
         assert!(!second.replaced.is_cancelled());
         assert_eq!(gauge.get(), 1);
         drop(first);
-        assert!(s.is_attached(&c), "the old session must not detach the new one");
+        assert!(
+            s.is_attached(&c),
+            "the old session must not detach the new one"
+        );
         drop(second);
         assert!(!s.is_attached(&c));
         assert_eq!(gauge.get(), 0);

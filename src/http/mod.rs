@@ -57,7 +57,12 @@ impl BuildInformation {
             version: env!("CARGO_PKG_VERSION").into(),
             commit: crate::BUILD_COMMIT.into(),
             rustc: env!("NYM_BUILD_RUSTC").into(),
-            profile: if cfg!(debug_assertions) { "debug" } else { "release" }.into(),
+            profile: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+            .into(),
         }
     }
 }

@@ -112,7 +112,13 @@ mod tests {
         let out: Vec<_> = std::iter::from_fn(|| q.pop_due(now).map(|(_, x)| x)).collect();
         assert_eq!(out, vec!["a", "a2", "b"]);
         assert_eq!(q.len(), 1);
-        assert_eq!(q.drain_all().into_iter().map(|(_, x)| x).collect::<Vec<_>>(), vec!["c"]);
+        assert_eq!(
+            q.drain_all()
+                .into_iter()
+                .map(|(_, x)| x)
+                .collect::<Vec<_>>(),
+            vec!["c"]
+        );
         assert!(q.is_empty());
     }
 

@@ -142,7 +142,9 @@ struct Connection {
 enum Flush {
     Done,
     /// The write timeout fired; `abandoned` packets of the batch were never encrypted.
-    TimedOut { abandoned: usize },
+    TimedOut {
+        abandoned: usize,
+    },
 }
 
 impl Connection {
@@ -166,10 +168,11 @@ impl Connection {
         let result = 'flush: loop {
             while self.pending.len() - self.start < CHUNK_BYTES && next < batch.len() {
                 // Only fails when the 2^64 nonces of the session are used up.
-                if let Err(e) =
-                    self.sender
-                        .encrypt_packet(&batch[next].packet, &mut self.plain, &mut self.pending)
-                {
+                if let Err(e) = self.sender.encrypt_packet(
+                    &batch[next].packet,
+                    &mut self.plain,
+                    &mut self.pending,
+                ) {
                     break 'flush Err(std::io::Error::other(e));
                 }
                 next += 1;
@@ -293,7 +296,10 @@ impl Link {
                     self.deliver(&mut batch).await;
                 }
                 Event::PeerClosed => {
-                    tracing::info!(exit_reason = "peer_closed", "egress connection closed by the peer");
+                    tracing::info!(
+                        exit_reason = "peer_closed",
+                        "egress connection closed by the peer"
+                    );
                     self.drop_connection(DropReason::Unreachable);
                 }
                 Event::Idle => {
@@ -336,7 +342,10 @@ impl Link {
                 match self.connect().await {
                     Ok(conn) => {
                         if self.failures > 0 {
-                            tracing::info!(after_failures = self.failures, "egress connection re-established");
+                            tracing::info!(
+                                after_failures = self.failures,
+                                "egress connection re-established"
+                            );
                         }
                         if self.connected_before {
                             metrics.egress_reconnects.inc();
@@ -410,9 +419,7 @@ impl Link {
     /// Closes the connection, counting frames it still held under `reason`.
     fn drop_connection(&mut self, reason: DropReason) {
         if let Some(conn) = self.conn.take() {
-            self.ctx
-                .metrics
-                .dropped_n(reason, conn.pending_frames());
+            self.ctx.metrics.dropped_n(reason, conn.pending_frames());
         }
     }
 
@@ -436,7 +443,8 @@ impl Link {
             .map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
         let mut stream = stream;
-        let handshake = tracing::info_span!("handshake", direction = "egress", peer_address = %address);
+        let handshake =
+            tracing::info_span!("handshake", direction = "egress", peer_address = %address);
         let sender = noise::initiate(
             &mut stream,
             &self.ctx.noise_secret,

@@ -58,7 +58,10 @@ impl Forwarder {
 
     fn release(&mut self, peer: NodeId, packet: PacketBytes) {
         self.released += 1;
-        if self.lose_every.is_some_and(|n| n > 0 && self.released.is_multiple_of(n)) {
+        if self
+            .lose_every
+            .is_some_and(|n| n > 0 && self.released.is_multiple_of(n))
+        {
             tracing::trace!("test hook: losing a packet");
             return;
         }
@@ -105,7 +108,9 @@ impl Forwarder {
             overrun.observe(now.saturating_duration_since(due).as_secs_f64());
             self.release(peer, packet);
         }
-        self.metrics.delay_queue_packets.set(self.queue.len() as i64);
+        self.metrics
+            .delay_queue_packets
+            .set(self.queue.len() as i64);
     }
 
     fn release_all(&mut self) {

@@ -113,7 +113,10 @@ mod tests {
             next_frame(&buf, FRAME_CIPHERTEXT_LEN, true),
             Err(FrameError::WrongLength(10))
         );
-        assert_eq!(next_frame(&prefix(0), 10, false), Err(FrameError::WrongLength(0)));
+        assert_eq!(
+            next_frame(&prefix(0), 10, false),
+            Err(FrameError::WrongLength(0))
+        );
     }
 
     #[test]

@@ -25,7 +25,9 @@ use tracing::Instrument;
 
 use crate::health::Health;
 use crate::metrics::{DropReason, GaugeGuard, HandshakeFailure, Metrics, RefusalReason};
-use crate::mixnet::framing::{self, FRAME_CIPHERTEXT_LEN, FRAME_PLAINTEXT_LEN, FrameError, WIRE_FRAME_LEN};
+use crate::mixnet::framing::{
+    self, FRAME_CIPHERTEXT_LEN, FRAME_PLAINTEXT_LEN, FrameError, WIRE_FRAME_LEN,
+};
 use crate::mixnet::intake::Intake;
 use crate::mixnet::noise;
 use crate::mixnet::sphinx::PACKET_SIZE;

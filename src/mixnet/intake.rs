@@ -119,7 +119,12 @@ impl Intake {
 
     /// Queues a packet for unwrapping, or sheds it (counted as `overload`) if this
     /// connection's budget or the whole queue is full. Never blocks.
-    pub fn submit(&self, budget: &ConnectionBudget, packet: PacketBytes, received_at: Instant) -> bool {
+    pub fn submit(
+        &self,
+        budget: &ConnectionBudget,
+        packet: PacketBytes,
+        received_at: Instant,
+    ) -> bool {
         if budget.0.fetch_add(1, Ordering::Relaxed) >= self.per_connection {
             budget.0.fetch_sub(1, Ordering::Relaxed);
             self.metrics.dropped(DropReason::Overload);
@@ -218,7 +223,9 @@ impl Worker {
                     None => {
                         self.metrics.dropped(DropReason::NoRoute);
                         if self.throttles[DropReason::NoRoute.index()].allow() {
-                            tracing::warn!("dropping a final-hop packet: a mix node cannot deliver to clients");
+                            tracing::warn!(
+                                "dropping a final-hop packet: a mix node cannot deliver to clients"
+                            );
                         }
                     }
                 },

@@ -54,7 +54,10 @@ fn builder() -> Builder<'static> {
     Builder::new(NOISE_PARAMS.parse().expect("valid noise parameters"))
 }
 
-async fn write_message<S: AsyncWrite + Unpin>(stream: &mut S, msg: &[u8]) -> Result<(), NoiseError> {
+async fn write_message<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    msg: &[u8],
+) -> Result<(), NoiseError> {
     let mut out = Vec::with_capacity(msg.len() + 2);
     out.extend_from_slice(&framing::prefix(msg.len()));
     out.extend_from_slice(msg);
@@ -217,26 +220,35 @@ mod tests {
         let a_pub = a.public();
         let b_pub = b.public();
         let t = Duration::from_secs(5);
-        let responder = tokio::spawn(async move {
-            respond(&mut sb, &b.secret_bytes(), t, |k| *k == a_pub).await
-        });
-        let mut sender = initiate(&mut sa, &a.secret_bytes(), &b_pub, t).await.unwrap();
+        let responder =
+            tokio::spawn(
+                async move { respond(&mut sb, &b.secret_bytes(), t, |k| *k == a_pub).await },
+            );
+        let mut sender = initiate(&mut sa, &a.secret_bytes(), &b_pub, t)
+            .await
+            .unwrap();
         let (mut receiver, remote) = responder.await.unwrap().unwrap();
         assert_eq!(remote, a_pub);
 
         let packet = [42u8; PACKET_SIZE];
         let mut plain = [0u8; FRAME_PLAINTEXT_LEN];
         let mut wire = Vec::new();
-        sender.encrypt_packet(&packet, &mut plain, &mut wire).unwrap();
+        sender
+            .encrypt_packet(&packet, &mut plain, &mut wire)
+            .unwrap();
         assert_eq!(wire.len(), framing::WIRE_FRAME_LEN);
-        let body = framing::next_frame(&wire, FRAME_CIPHERTEXT_LEN, true).unwrap().unwrap();
+        let body = framing::next_frame(&wire, FRAME_CIPHERTEXT_LEN, true)
+            .unwrap()
+            .unwrap();
         let mut out = [0u8; FRAME_PLAINTEXT_LEN];
         receiver.decrypt(body, &mut out).unwrap();
         assert_eq!(framing::decode_packet(&out).unwrap(), &packet);
 
         // A flipped bit fails authentication.
         let mut wire2 = Vec::new();
-        sender.encrypt_packet(&packet, &mut plain, &mut wire2).unwrap();
+        sender
+            .encrypt_packet(&packet, &mut plain, &mut wire2)
+            .unwrap();
         wire2[100] ^= 1;
         assert!(receiver.decrypt(&wire2[2..], &mut out).is_err());
     }

@@ -159,7 +159,8 @@ mod tests {
             let handles: Vec<_> = (0..4)
                 .map(|_| {
                     let f = f.clone();
-                    scope.spawn(move || (0..10_000).filter(|i| f.check_and_insert(&tag(*i))).count())
+                    scope
+                        .spawn(move || (0..10_000).filter(|i| f.check_and_insert(&tag(*i))).count())
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).sum()

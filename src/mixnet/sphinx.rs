@@ -96,7 +96,8 @@ impl SphinxProcessor {
     /// cannot fill the filter. Two copies racing on different workers are settled by the
     /// final insert: only one of them is forwarded.
     pub fn process(&self, bytes: &[u8; PACKET_SIZE]) -> Result<Processed, Rejection> {
-        let packet = SphinxPacket::from_bytes(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        let packet =
+            SphinxPacket::from_bytes(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
         let secret = packet.header.compute_expanded_shared_secret(&self.secret);
         let tag = *secret.replay_tag();
         if tag == self.low_order_tag {
@@ -157,9 +158,9 @@ mod tests {
     use super::*;
     use crate::keys::X25519;
     use proptest::prelude::*;
+    use sphinx_packet::SphinxPacketBuilder;
     use sphinx_packet::header::delays::Delay;
     use sphinx_packet::route::{Destination, DestinationAddressBytes, Node, NodeAddressBytes};
-    use sphinx_packet::SphinxPacketBuilder;
 
     fn build(route: &[(&X25519, [u8; 32])], delays_ms: &[u64], message: &[u8]) -> PacketBytes {
         let nodes: Vec<Node> = route
@@ -171,7 +172,10 @@ mod tests {
                 )
             })
             .collect();
-        let delays: Vec<Delay> = delays_ms.iter().map(|d| Delay::new_from_millis(*d)).collect();
+        let delays: Vec<Delay> = delays_ms
+            .iter()
+            .map(|d| Delay::new_from_millis(*d))
+            .collect();
         let dest = Destination::new(DestinationAddressBytes::from_bytes([9u8; 32]), [0u8; 16]);
         let packet = SphinxPacketBuilder::new()
             .with_payload_size(PAYLOAD_SIZE)
@@ -188,7 +192,12 @@ mod tests {
         let p2 = SphinxProcessor::new(k2.secret().clone(), Duration::from_secs(10), 10_000);
         let packet = build(&[(&k1, [1; 32]), (&k2, [2; 32])], &[25, 0], b"hello mixnet");
 
-        let Processed::Forward { next_hop, delay, packet: next } = p1.process(&packet).unwrap() else {
+        let Processed::Forward {
+            next_hop,
+            delay,
+            packet: next,
+        } = p1.process(&packet).unwrap()
+        else {
             panic!("expected a forward hop");
         };
         assert_eq!(next_hop, KeyBytes([2; 32]));
@@ -212,7 +221,10 @@ mod tests {
         let (k1, k2) = (X25519::generate().unwrap(), X25519::generate().unwrap());
         let p1 = SphinxProcessor::new(k1.secret().clone(), Duration::from_secs(1), 10_000);
         let packet = build(&[(&k1, [1; 32]), (&k2, [2; 32])], &[5_000, 0], b"x");
-        assert!(matches!(p1.process(&packet), Err(Rejection::ExcessiveDelay(_))));
+        assert!(matches!(
+            p1.process(&packet),
+            Err(Rejection::ExcessiveDelay(_))
+        ));
     }
 
     #[test]

@@ -35,8 +35,12 @@ impl DnsServer {
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             loop {
-                let Ok((n, from)) = socket.recv_from(&mut buf).await else { return };
-                let Ok(request) = Message::from_vec(&buf[..n]) else { continue };
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                let Ok(request) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
                 if request.metadata.message_type != MessageType::Query {
                     continue;
                 }
@@ -54,7 +58,11 @@ impl DnsServer {
                         if query.query_type() == RecordType::A {
                             q.fetch_add(1, Ordering::SeqCst);
                             for ip in ips {
-                                response.add_answer(Record::from_rdata(query.name().clone(), ttl, RData::A(A(ip))));
+                                response.add_answer(Record::from_rdata(
+                                    query.name().clone(),
+                                    ttl,
+                                    RData::A(A(ip)),
+                                ));
                             }
                         }
                     }
@@ -67,7 +75,12 @@ impl DnsServer {
                 }
             }
         });
-        DnsServer { addr, zone, queries, task }
+        DnsServer {
+            addr,
+            zone,
+            queries,
+            task,
+        }
     }
 
     /// Sets the A records of `name`.

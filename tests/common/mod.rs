@@ -60,7 +60,12 @@ pub struct Net {
 }
 
 /// Default test tweaks: fast topology reload, short grace, one worker.
-pub fn base_config(dir: &std::path::Path, name: &str, mode: Mode, topology: &std::path::Path) -> Config {
+pub fn base_config(
+    dir: &std::path::Path,
+    name: &str,
+    mode: Mode,
+    topology: &std::path::Path,
+) -> Config {
     Config {
         id: name.to_string(),
         mode,
@@ -103,14 +108,30 @@ impl Net {
                     let h = l.http.local_addr().unwrap();
                     let c = l.client.as_ref().map(|c| c.local_addr().unwrap());
                     listeners.insert(name.to_string(), l);
-                    (*mode, *layer, m.to_string(), c.map(|c| c.to_string()), Some(h.to_string()))
+                    (
+                        *mode,
+                        *layer,
+                        m.to_string(),
+                        c.map(|c| c.to_string()),
+                        Some(h.to_string()),
+                    )
                 }
-                Role::Peer => (Mode::Mixnode, Some(1), "127.0.0.1:9".to_string(), None, None),
+                Role::Peer => (
+                    Mode::Mixnode,
+                    Some(1),
+                    "127.0.0.1:9".to_string(),
+                    None,
+                    None,
+                ),
                 Role::Sink(layer) => {
                     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
                     let a = l.local_addr().unwrap();
                     sinks.insert(name.to_string(), l);
-                    let mode = if layer.is_some() { Mode::Mixnode } else { Mode::EntryGateway };
+                    let mode = if layer.is_some() {
+                        Mode::Mixnode
+                    } else {
+                        Mode::EntryGateway
+                    };
                     (mode, *layer, a.to_string(), None, None)
                 }
             };
@@ -147,7 +168,9 @@ impl Net {
                 let mut config = base_config(net.dir.path(), &m.name, mode, &net.topology_path);
                 tweak(&m.name, &mut config);
                 let l = listeners.remove(&m.name).unwrap();
-                let running = node::start(config, m.keys.clone(), l, hooks(&m.name)).await.unwrap();
+                let running = node::start(config, m.keys.clone(), l, hooks(&m.name))
+                    .await
+                    .unwrap();
                 net.nodes.insert(m.name.clone(), running);
             }
         }
@@ -160,7 +183,11 @@ impl Net {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            assert!(ready, "{name} never became ready: {:?}", n.health.readiness());
+            assert!(
+                ready,
+                "{name} never became ready: {:?}",
+                n.health.readiness()
+            );
         }
         net
     }
@@ -172,11 +199,18 @@ impl Net {
             revision,
             nodes: self.members.iter().map(|m| m.entry.clone()).collect(),
         };
-        std::fs::write(&self.topology_path, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+        std::fs::write(
+            &self.topology_path,
+            serde_json::to_vec_pretty(&doc).unwrap(),
+        )
+        .unwrap();
     }
 
     pub fn member(&self, name: &str) -> &Member {
-        self.members.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("no member {name}"))
+        self.members
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no member {name}"))
     }
 
     pub fn member_mut(&mut self, name: &str) -> &mut Member {
@@ -206,9 +240,17 @@ impl Net {
     }
 
     /// Builds a packet along `route` (member names) to `destination` with per-hop `delays`.
-    pub fn packet(&self, route: &[&str], destination: KeyBytes, plaintext: &[u8], delays: &[Duration]) -> PacketBytes {
+    pub fn packet(
+        &self,
+        route: &[&str],
+        destination: KeyBytes,
+        plaintext: &[u8],
+        delays: &[Duration],
+    ) -> PacketBytes {
         let hops: Vec<Hop> = route.iter().map(|n| self.member(n).hop()).collect();
-        packet::build_forward(&hops, &destination, plaintext, delays).unwrap().1
+        packet::build_forward(&hops, &destination, plaintext, delays)
+            .unwrap()
+            .1
     }
 
     /// Stops every node (drain with a short grace) and waits for them.
@@ -227,18 +269,29 @@ pub struct Link {
 }
 
 impl Link {
-    pub async fn connect(addr: SocketAddr, keys: &NodeKeys, responder: &KeyBytes) -> Result<Link, String> {
+    pub async fn connect(
+        addr: SocketAddr,
+        keys: &NodeKeys,
+        responder: &KeyBytes,
+    ) -> Result<Link, String> {
         let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let sender = noise::initiate(&mut stream, &keys.noise.secret_bytes(), responder, Duration::from_secs(5))
-            .await
-            .map_err(|e| e.to_string())?;
+        let sender = noise::initiate(
+            &mut stream,
+            &keys.noise.secret_bytes(),
+            responder,
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         Ok(Link { stream, sender })
     }
 
     pub async fn send_packet(&mut self, packet: &[u8; PACKET_SIZE]) -> std::io::Result<()> {
         let mut plain = [0u8; FRAME_PLAINTEXT_LEN];
         let mut out = Vec::new();
-        self.sender.encrypt_packet(packet, &mut plain, &mut out).unwrap();
+        self.sender
+            .encrypt_packet(packet, &mut plain, &mut out)
+            .unwrap();
         self.stream.write_all(&out).await
     }
 
@@ -257,7 +310,10 @@ impl Link {
     /// True once the node has closed the connection (reads EOF or an error).
     pub async fn closed_within(&mut self, t: Duration) -> bool {
         let mut buf = [0u8; 16];
-        matches!(tokio::time::timeout(t, self.stream.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_)))
+        matches!(
+            tokio::time::timeout(t, self.stream.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
     }
 }
 
@@ -285,12 +341,17 @@ impl Sink {
             // Connection tasks live in this set, so aborting the sink closes them all.
             let mut connections = tokio::task::JoinSet::new();
             loop {
-                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let tx = tx.clone();
                 let known = known.clone();
                 connections.spawn(async move {
                     let Ok((mut receiver, _)) =
-                        noise::respond(&mut stream, &secret, Duration::from_secs(5), |k| known.contains(k)).await
+                        noise::respond(&mut stream, &secret, Duration::from_secs(5), |k| {
+                            known.contains(k)
+                        })
+                        .await
                     else {
                         return;
                     };
@@ -303,19 +364,29 @@ impl Sink {
                             Ok(n) => n,
                         };
                         buf.extend_from_slice(&chunk[..n]);
-                        while let Ok(Some(body)) = framing::next_frame(&buf, FRAME_CIPHERTEXT_LEN, true) {
+                        while let Ok(Some(body)) =
+                            framing::next_frame(&buf, FRAME_CIPHERTEXT_LEN, true)
+                        {
                             if receiver.decrypt(body, &mut plain).is_err() {
                                 return;
                             }
                             let packet = framing::decode_packet(&plain).unwrap();
-                            let _ = tx.send(Arrival { packet: Box::new(*packet), at: tokio::time::Instant::now() });
+                            let _ = tx.send(Arrival {
+                                packet: Box::new(*packet),
+                                at: tokio::time::Instant::now(),
+                            });
                             buf.drain(..framing::WIRE_FRAME_LEN);
                         }
                     }
                 });
             }
         });
-        Sink { rx, addr, keys, task }
+        Sink {
+            rx,
+            addr,
+            keys,
+            task,
+        }
     }
 
     /// Waits for the next packet, up to `t`.
@@ -389,12 +460,16 @@ impl StalledSink {
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
             loop {
-                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(4096);
                 let known = known.clone();
-                if noise::respond(&mut stream, &secret, Duration::from_secs(5), |k| known.contains(k))
-                    .await
-                    .is_ok()
+                if noise::respond(&mut stream, &secret, Duration::from_secs(5), |k| {
+                    known.contains(k)
+                })
+                .await
+                .is_ok()
                 {
                     count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     held.push(stream);
@@ -433,7 +508,11 @@ pub fn free_base_port(count: u16) -> u16 {
 pub fn log_field(log: &str, message: &str, key: &str) -> Option<u64> {
     let line = log.lines().rev().find(|l| l.contains(message))?;
     let start = line.find(&format!("{key}="))? + key.len() + 1;
-    line[start..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    line[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Debian's Prometheus, started by the test on a loopback port, scraping `targets` every second.
@@ -447,7 +526,9 @@ impl Prometheus {
     /// `targets`: (address, labels) of each `/metrics` endpoint.
     pub fn start(targets: &[(SocketAddr, Vec<(&str, &str)>)]) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = String::from("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: nym-node\n    static_configs:\n");
+        let mut config = String::from(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: nym-node\n    static_configs:\n",
+        );
         for (addr, labels) in targets {
             config.push_str(&format!("      - targets: ['{addr}']\n"));
             if !labels.is_empty() {
@@ -472,19 +553,30 @@ impl Prometheus {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("prometheus (Debian package `prometheus`; scripts/install-test-deps.sh installs it)");
-        Prometheus { addr, child, _dir: dir }
+        Prometheus {
+            addr,
+            child,
+            _dir: dir,
+        }
     }
 
     /// Runs an instant query; returns (labels, value) per series, or None if Prometheus is not up.
-    pub async fn query(&self, q: &str) -> Option<Vec<(serde_json::Map<String, serde_json::Value>, f64)>> {
+    pub async fn query(
+        &self,
+        q: &str,
+    ) -> Option<Vec<(serde_json::Map<String, serde_json::Value>, f64)>> {
         let encoded: String = q
             .bytes()
             .map(|b| match b {
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => {
+                    (b as char).to_string()
+                }
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let (status, body) = nym_node::http::probe::get(self.addr, &format!("/api/v1/query?query={encoded}")).await?;
+        let (status, body) =
+            nym_node::http::probe::get(self.addr, &format!("/api/v1/query?query={encoded}"))
+                .await?;
         if status != 200 {
             return None;
         }
@@ -547,9 +639,20 @@ impl Net {
     }
 
     /// Sends fresh packets `mix` → `to` on `link` until one reaches `sink` (at most 100).
-    pub async fn send_until_received(&self, link: &mut Link, mix: &str, to: &str, sink: &mut Sink) -> bool {
+    pub async fn send_until_received(
+        &self,
+        link: &mut Link,
+        mix: &str,
+        to: &str,
+        sink: &mut Sink,
+    ) -> bool {
         for i in 0..100u32 {
-            let p = self.packet(&[mix, to], KeyBytes([2; 32]), &i.to_be_bytes(), &[Duration::ZERO; 2]);
+            let p = self.packet(
+                &[mix, to],
+                KeyBytes([2; 32]),
+                &i.to_be_bytes(),
+                &[Duration::ZERO; 2],
+            );
             if link.send_packet(&p).await.is_err() {
                 return false;
             }
