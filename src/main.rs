@@ -161,24 +161,19 @@ fn keys_dir(dir: Option<PathBuf>) -> PathBuf {
 
 fn keygen(dir: Option<PathBuf>) -> ExitCode {
     let dir = keys_dir(dir);
-    let result = NodeKeys::generate().and_then(|k| k.write(&dir).map(|_| k));
-    match result {
-        Ok(keys) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&keys.public()).unwrap_or_default()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("nym-node keygen: {e}");
-            ExitCode::from(EX_CONFIG)
-        }
-    }
+    print_public_keys(
+        "keygen",
+        NodeKeys::generate().and_then(|k| k.write(&dir).map(|_| k)),
+    )
 }
 
 fn describe(dir: Option<PathBuf>) -> ExitCode {
-    match NodeKeys::load(&keys_dir(dir)) {
+    print_public_keys("describe", NodeKeys::load(&keys_dir(dir)))
+}
+
+/// Prints the public halves as JSON, or the key error (exit code 78).
+fn print_public_keys(command: &str, keys: Result<NodeKeys, nym_node::keys::KeyError>) -> ExitCode {
+    match keys {
         Ok(keys) => {
             println!(
                 "{}",
@@ -187,7 +182,7 @@ fn describe(dir: Option<PathBuf>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("nym-node describe: {e}");
+            eprintln!("nym-node {command}: {e}");
             ExitCode::from(EX_CONFIG)
         }
     }

@@ -524,30 +524,25 @@ impl Metrics {
         &self.stages[Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0)]
     }
 
-    pub fn handshake_failed(&self, ingress: bool, reason: HandshakeFailure) {
+    /// Index of a (direction, reason) series: ingress reasons first, then egress.
+    fn handshake_slot(ingress: bool, reason: HandshakeFailure) -> usize {
         let dir = if ingress {
             0
         } else {
             HandshakeFailure::ALL.len()
         };
-        let idx = HandshakeFailure::ALL
+        dir + HandshakeFailure::ALL
             .iter()
             .position(|r| *r == reason)
-            .unwrap_or(0);
-        self.handshake_failures[dir + idx].inc();
+            .unwrap_or(0)
+    }
+
+    pub fn handshake_failed(&self, ingress: bool, reason: HandshakeFailure) {
+        self.handshake_failures[Self::handshake_slot(ingress, reason)].inc();
     }
 
     pub fn handshake_failures(&self, ingress: bool, reason: HandshakeFailure) -> u64 {
-        let dir = if ingress {
-            0
-        } else {
-            HandshakeFailure::ALL.len()
-        };
-        let idx = HandshakeFailure::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(0);
-        self.handshake_failures[dir + idx].get()
+        self.handshake_failures[Self::handshake_slot(ingress, reason)].get()
     }
 
     pub fn refused(&self, reason: RefusalReason) {

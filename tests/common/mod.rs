@@ -638,6 +638,17 @@ impl Net {
         Sink::start(listener, keys, known)
     }
 
+    /// Sends one fresh packet `mix` → `to` on `link`; true once `sink` received a packet.
+    pub async fn forward_one(&self, link: &mut Link, mix: &str, to: &str, sink: &mut Sink) -> bool {
+        let p = self.packet(
+            &[mix, to],
+            KeyBytes(rand::random()),
+            b"one",
+            &[Duration::ZERO; 2],
+        );
+        link.send_packet(&p).await.is_ok() && sink.next(Duration::from_secs(10)).await.is_some()
+    }
+
     /// Sends fresh packets `mix` → `to` on `link` until one reaches `sink` (at most 100).
     pub async fn send_until_received(
         &self,
