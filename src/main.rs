@@ -38,6 +38,10 @@ enum Command {
         /// Where to write them; defaults to NYM_NODE_KEYS_DIR or ./nym-node-data/keys.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Keep keys that already exist (and print their public halves) instead of refusing;
+        /// for a pod's init step, which runs on every start but must generate keys only once.
+        #[arg(long)]
+        if_missing: bool,
     },
     /// Print the public keys of existing keys as JSON.
     Describe {
@@ -95,7 +99,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run_node(),
-        Command::Keygen { dir } => keygen(dir),
+        Command::Keygen { dir, if_missing } => keygen(dir, if_missing),
         Command::Describe { dir } => describe(dir),
         Command::Localnet {
             dir,
@@ -159,8 +163,11 @@ fn keys_dir(dir: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| Config::default().keys_dir)
 }
 
-fn keygen(dir: Option<PathBuf>) -> ExitCode {
+fn keygen(dir: Option<PathBuf>, if_missing: bool) -> ExitCode {
     let dir = keys_dir(dir);
+    if if_missing && NodeKeys::exist_in(&dir) {
+        return print_public_keys("keygen", NodeKeys::load(&dir));
+    }
     print_public_keys(
         "keygen",
         NodeKeys::generate().and_then(|k| k.write(&dir).map(|_| k)),

@@ -142,22 +142,13 @@ pub async fn start(
     let topology = TopologyHandle::new();
     let health = Health::new(topology.clone(), shutdown.clone());
     health.set_keys_loaded();
-    let mixnet_addr = listeners
-        .mixnet
-        .local_addr()
-        .map_err(|source| NodeError::Bind {
-            what: "the mixnet listener",
-            addr: config.mixnet_bind,
-            source,
-        })?;
-    let http_addr = listeners
-        .http
-        .local_addr()
-        .map_err(|source| NodeError::Bind {
-            what: "the HTTP listener",
-            addr: config.http_bind,
-            source,
-        })?;
+    let bound = |what: &'static str, listener: &TcpListener, addr: SocketAddr| {
+        listener
+            .local_addr()
+            .map_err(|source| NodeError::Bind { what, addr, source })
+    };
+    let mixnet_addr = bound("the mixnet listener", &listeners.mixnet, config.mixnet_bind)?;
+    let http_addr = bound("the HTTP listener", &listeners.http, config.http_bind)?;
     let client_addr = listeners.client.as_ref().and_then(|l| l.local_addr().ok());
 
     // Topology and HTTP outlive the pipeline: they stop last.
@@ -428,6 +419,7 @@ fn describer(
                 .and_then(|e| e.http_address.as_ref().map(|a| a.to_string()))
                 .unwrap_or(http_addr.to_string()),
         )
+        .on_topology_revision(current.as_ref().map_or(0, |t| t.revision()))
         .sign(&keys.identity)
     })
 }

@@ -147,3 +147,29 @@ fn node_refuses_keys_others_can_read() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
 }
+
+#[test]
+fn keygen_if_missing_keeps_existing_keys_and_plain_keygen_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let keygen = |extra: &[&str]| {
+        Command::new(NODE)
+            .args(["keygen", "--dir"])
+            .arg(&keys)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // First start of a pod: no keys yet, so they are generated.
+    let first = keygen(&["--if-missing"]);
+    assert!(first.status.success(), "{first:?}");
+    let first: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    // Every later start: the same identity, untouched.
+    let again = keygen(&["--if-missing"]);
+    assert!(again.status.success(), "{again:?}");
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(first, again);
+    // Without the flag an existing identity is never overwritten.
+    let plain = keygen(&[]);
+    assert!(!plain.status.success());
+}

@@ -98,26 +98,8 @@ async fn a_peer_that_stops_reading_times_out_without_slowing_the_others() {
     let mut fast = net.take_sink("next");
     let slow = net.take_stalled_sink("slow");
     let m = net.node("mix").metrics.clone();
-    let to_slow: Vec<_> = (0..2500)
-        .map(|i: u32| {
-            net.packet(
-                &["mix", "slow"],
-                KeyBytes([1; 32]),
-                &i.to_be_bytes(),
-                &[Duration::ZERO; 2],
-            )
-        })
-        .collect();
-    let to_fast: Vec<_> = (0..250)
-        .map(|i: u32| {
-            net.packet(
-                &["mix", "next"],
-                KeyBytes([1; 32]),
-                &i.to_be_bytes(),
-                &[Duration::ZERO; 2],
-            )
-        })
-        .collect();
+    let to_slow = net.packets(&["mix", "slow"], 2500);
+    let to_fast = net.packets(&["mix", "next"], 250);
     let mut link = net.link("peer", "mix").await;
 
     // Watch the link to the slow peer: (timeouts so far, open egress links).

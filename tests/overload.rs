@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use common::*;
 use nym_node::config::Mode;
-use nym_node::keys::KeyBytes;
 use nym_node::metrics::{DropReason, Stage};
 use nym_node::node::TestHooks;
 
@@ -33,26 +32,8 @@ async fn a_flood_is_shed_before_unwrap_and_a_quiet_peer_still_gets_through() {
     .await;
     let mut flood_sink = net.take_sink("flood-sink");
     let mut quiet_sink = net.take_sink("quiet-sink");
-    let flood: Vec<_> = (0..3000u32)
-        .map(|i| {
-            net.packet(
-                &["mix", "flood-sink"],
-                KeyBytes([1; 32]),
-                &i.to_be_bytes(),
-                &[Duration::ZERO; 2],
-            )
-        })
-        .collect();
-    let quiet: Vec<_> = (0..40u32)
-        .map(|i| {
-            net.packet(
-                &["mix", "quiet-sink"],
-                KeyBytes([2; 32]),
-                &i.to_be_bytes(),
-                &[Duration::ZERO; 2],
-            )
-        })
-        .collect();
+    let flood = net.packets(&["mix", "flood-sink"], 3000);
+    let quiet = net.packets(&["mix", "quiet-sink"], 40);
     let mut flood_link = net.link("flooder", "mix").await;
     let mut quiet_link = net.link("quiet", "mix").await;
 

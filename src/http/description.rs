@@ -23,6 +23,10 @@ pub struct Description {
     pub client_address: Option<String>,
     pub http_address: String,
     pub version: String,
+    /// Revision of the topology document this node runs on (0 before one is loaded). An
+    /// operator rolling the network waits until every serving node reports a revision at
+    /// least as new as the one that withdrew a node, before it stops that node.
+    pub topology_revision: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -53,7 +57,14 @@ impl Description {
             client_address,
             http_address,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            topology_revision: 0,
         }
+    }
+
+    /// The revision of the topology document the node runs on.
+    pub fn on_topology_revision(mut self, revision: u64) -> Self {
+        self.topology_revision = revision;
+        self
     }
 
     fn signed_bytes(&self) -> Vec<u8> {
@@ -103,7 +114,8 @@ mod tests {
             "127.0.0.1:1789".into(),
             None,
             "127.0.0.1:8080".into(),
-        );
+        )
+        .on_topology_revision(7);
         let signed = d.sign(&keys.identity);
         assert!(signed.verify());
         let json = serde_json::to_string(&signed).unwrap();
@@ -112,6 +124,9 @@ mod tests {
         let mut tampered = signed.clone();
         tampered.description.layer = Some(2);
         assert!(!tampered.verify());
+        let mut older = signed.clone();
+        older.description.topology_revision = 6;
+        assert!(!older.verify());
         let mut other_key = signed;
         other_key.description.identity_key = NodeKeys::generate().unwrap().public().identity_key;
         assert!(!other_key.verify());

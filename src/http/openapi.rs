@@ -61,7 +61,7 @@ pub fn document() -> Value {
                     "properties": {
                         "description": {
                             "type": "object",
-                            "required": ["name", "mode", "identity_key", "sphinx_key", "noise_key", "mixnet_address", "http_address", "version"],
+                            "required": ["name", "mode", "identity_key", "sphinx_key", "noise_key", "mixnet_address", "http_address", "version", "topology_revision"],
                             "properties": {
                                 "name": { "type": "string" },
                                 "mode": { "type": "string", "enum": ["mixnode", "entry-gateway", "exit-gateway"] },
@@ -72,7 +72,8 @@ pub fn document() -> Value {
                                 "mixnet_address": { "type": "string" },
                                 "client_address": { "type": "string" },
                                 "http_address": { "type": "string" },
-                                "version": { "type": "string" }
+                                "version": { "type": "string" },
+                                "topology_revision": { "type": "integer", "minimum": 0 }
                             }
                         },
                         "signature": { "type": "string", "description": "base58 ed25519 signature over the compact JSON of `description`" }

@@ -253,6 +253,20 @@ impl Net {
             .1
     }
 
+    /// `n` packets along `route`, numbered in their plaintext, with zero delays.
+    pub fn packets(&self, route: &[&str], n: u32) -> Vec<PacketBytes> {
+        (0..n)
+            .map(|i| {
+                self.packet(
+                    route,
+                    KeyBytes([1; 32]),
+                    &i.to_be_bytes(),
+                    &vec![Duration::ZERO; route.len()],
+                )
+            })
+            .collect()
+    }
+
     /// Stops every node (drain with a short grace) and waits for them.
     pub async fn stop(mut self) {
         for (_, n) in self.nodes.drain() {

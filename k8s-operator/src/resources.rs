@@ -1,0 +1,477 @@
+//! Pure builders: every object the operator applies for a `NymNode`, as a function of the
+//! resource and the operator's settings. No API calls here, so each builder is unit-tested
+//! and every object is validated against the Kubernetes schemas without a cluster
+//! (`nym-operator render` prints them).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapEnvSource, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use crate::crd::{NymNode, ServiceType};
+
+/// Label naming the `NymNode` a child object belongs to.
+pub const NYMNODE_LABEL: &str = "mixnet.nym-node.dev/nymnode";
+/// Pod label with the hash of the pod template it was created from; a pod whose hash
+/// differs from its `NymNode`'s current one is due for an upgrade.
+pub const TEMPLATE_HASH_LABEL: &str = "mixnet.nym-node.dev/template-hash";
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "nym-operator");
+/// Where the pod's volume is mounted; keys and the mailbox live under it.
+pub const DATA_MOUNT: &str = "/var/lib/nym-node";
+/// Where the topology ConfigMap is mounted; the node reads `topology.json` from it.
+pub const TOPOLOGY_MOUNT: &str = "/etc/nym-node/topology";
+pub const TOPOLOGY_KEY: &str = "topology.json";
+/// The image's non-root user (Dockerfile); the volume is group-owned by it.
+pub const NODE_UID: i64 = 10001;
+
+/// Operator settings the builders need.
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    /// Name of the namespace's topology ConfigMap.
+    pub topology_configmap: String,
+    /// Cluster DNS domain, for the pods' stable names.
+    pub cluster_domain: String,
+}
+
+impl Default for BuildSettings {
+    fn default() -> Self {
+        BuildSettings {
+            topology_configmap: "nym-topology".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+}
+
+fn namespace(nn: &NymNode) -> String {
+    nn.namespace().unwrap_or_else(|| "default".into())
+}
+
+/// Labels every child object carries; the selector subset is what never changes.
+pub fn selector_labels(nn: &NymNode) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "nym-node".into()),
+        ("app.kubernetes.io/instance".into(), nn.name_any()),
+        (NYMNODE_LABEL.into(), nn.name_any()),
+    ])
+}
+
+pub fn labels(nn: &NymNode) -> BTreeMap<String, String> {
+    let mut l = selector_labels(nn);
+    l.insert(MANAGED_BY.0.into(), MANAGED_BY.1.into());
+    l.insert(
+        "app.kubernetes.io/component".into(),
+        nn.spec.mode.as_str().into(),
+    );
+    if let Some(layer) = nn.spec.layer {
+        l.insert("mixnet.nym-node.dev/layer".into(), layer.to_string());
+    }
+    l
+}
+
+fn owner(nn: &NymNode) -> Vec<OwnerReference> {
+    nn.controller_owner_ref(&()).into_iter().collect()
+}
+
+fn meta(nn: &NymNode, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace(nn)),
+        labels: Some(labels(nn)),
+        owner_references: Some(owner(nn)),
+        ..Default::default()
+    }
+}
+
+pub fn env_configmap_name(nn: &NymNode) -> String {
+    format!("{}-env", nn.name_any())
+}
+
+/// The stable DNS name of a pod behind the headless Service.
+pub fn pod_host(nn: &NymNode, pod: &str, settings: &BuildSettings) -> String {
+    format!(
+        "{pod}.{}.{}.svc.{}",
+        nn.name_any(),
+        namespace(nn),
+        settings.cluster_domain
+    )
+}
+
+/// The node's environment: the operator's own settings, then the spec's overrides.
+pub fn env_configmap(nn: &NymNode) -> ConfigMap {
+    let mut data = BTreeMap::from([
+        (
+            "NYM_NODE_MODE".to_string(),
+            nn.spec.mode.as_str().to_string(),
+        ),
+        (
+            "NYM_NODE_TOPOLOGY".into(),
+            format!("{TOPOLOGY_MOUNT}/{TOPOLOGY_KEY}"),
+        ),
+        ("NYM_NODE_KEYS_DIR".into(), format!("{DATA_MOUNT}/keys")),
+        ("NYM_NODE_DATA_DIR".into(), format!("{DATA_MOUNT}/data")),
+        (
+            "NYM_NODE_MIXNET_BIND".into(),
+            format!("0.0.0.0:{}", nn.spec.exposure.mixnet_port),
+        ),
+        (
+            "NYM_NODE_HTTP_BIND".into(),
+            format!("0.0.0.0:{}", nn.spec.exposure.http_port),
+        ),
+        (
+            "NYM_NODE_CLIENT_BIND".into(),
+            format!("0.0.0.0:{}", nn.spec.exposure.client_port),
+        ),
+        // ConfigMap volumes update within about a minute; re-read often enough that a
+        // withdrawal reaches every node well within the rollout's wait.
+        ("NYM_NODE_TOPOLOGY_REFRESH".into(), "10s".into()),
+        ("NYM_NODE_LOG_FORMAT".into(), "json".into()),
+    ]);
+    data.extend(nn.spec.env.clone());
+    ConfigMap {
+        metadata: meta(nn, env_configmap_name(nn)),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn ports(nn: &NymNode) -> Vec<ServicePort> {
+    let e = &nn.spec.exposure;
+    let port = |name: &str, p: i32| ServicePort {
+        name: Some(name.into()),
+        port: p,
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    let mut ports = vec![port("mixnet", e.mixnet_port), port("http", e.http_port)];
+    if nn.spec.mode.is_gateway() {
+        ports.push(port("client", e.client_port));
+    }
+    ports
+}
+
+/// The headless Service that gives every pod a stable DNS name. Not-ready pods keep their
+/// names (`publishNotReadyAddresses`), so packets already routed to a draining node arrive.
+pub fn headless_service(nn: &NymNode) -> Service {
+    Service {
+        metadata: meta(nn, nn.name_any()),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(nn)),
+            ports: Some(ports(nn)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn replica_service_name(nn: &NymNode, ordinal: i32) -> String {
+    format!("{}-{ordinal}", nn.name_any())
+}
+
+/// One Service per pod for the public ports (mixnet, and the client API of gateways), when
+/// `exposure.type` asks for them.
+pub fn replica_services(nn: &NymNode) -> Vec<Service> {
+    let service_type = match nn.spec.exposure.service_type {
+        ServiceType::None => return Vec::new(),
+        ServiceType::ClusterIP => "ClusterIP",
+        ServiceType::NodePort => "NodePort",
+        ServiceType::LoadBalancer => "LoadBalancer",
+    };
+    (0..nn.spec.replicas.max(0))
+        .map(|i| {
+            let name = replica_service_name(nn, i);
+            let mut metadata = meta(nn, name.clone());
+            if !nn.spec.exposure.annotations.is_empty() {
+                metadata.annotations = Some(nn.spec.exposure.annotations.clone());
+            }
+            let mut selector = selector_labels(nn);
+            selector.insert("statefulset.kubernetes.io/pod-name".into(), name);
+            Service {
+                metadata,
+                spec: Some(ServiceSpec {
+                    type_: Some(service_type.into()),
+                    selector: Some(selector),
+                    ports: Some(
+                        ports(nn)
+                            .into_iter()
+                            .filter(|p| p.name.as_deref() != Some("http"))
+                            .collect(),
+                    ),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+/// Voluntary disruptions (node drains) take at most one pod of this group at a time.
+pub fn pod_disruption_budget(nn: &NymNode) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(nn, nn.name_any()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(nn)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(3),
+        ..Default::default()
+    }
+}
+
+fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The pod template, without its template-hash label (which is computed over it).
+fn pod_template(nn: &NymNode, settings: &BuildSettings) -> PodTemplateSpec {
+    let image = nn.spec.image.clone();
+    let data_mount = VolumeMount {
+        name: "data".into(),
+        mount_path: DATA_MOUNT.into(),
+        ..Default::default()
+    };
+    let e = &nn.spec.exposure;
+    let mut container_ports = vec![
+        ContainerPort {
+            name: Some("mixnet".into()),
+            container_port: e.mixnet_port,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        },
+        ContainerPort {
+            name: Some("http".into()),
+            container_port: e.http_port,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        },
+    ];
+    if nn.spec.mode.is_gateway() {
+        container_ports.push(ContainerPort {
+            name: Some("client".into()),
+            container_port: e.client_port,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        });
+    }
+    // The pod outlives its own drain: SIGTERM, the drain grace, then flushing egress.
+    let drain = nn.spec.node_config().drain_grace.get().as_secs() as i64;
+    let keys_dir = format!("{DATA_MOUNT}/keys");
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(nn)),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            termination_grace_period_seconds: Some(drain + 30),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(NODE_UID),
+                run_as_group: Some(NODE_UID),
+                fs_group: Some(NODE_UID),
+                // Only on a fresh volume: a recursive change on every start would make the
+                // 0600 key files group-readable, and the node refuses such keys.
+                fs_group_change_policy: Some("OnRootMismatch".into()),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            // Keys are generated inside the pod, onto its own volume, only when absent:
+            // private keys never leave the pod.
+            init_containers: Some(vec![Container {
+                name: "keygen".into(),
+                image: Some(image.clone()),
+                args: Some(vec![
+                    "keygen".into(),
+                    "--if-missing".into(),
+                    "--dir".into(),
+                    keys_dir,
+                ]),
+                volume_mounts: Some(vec![data_mount.clone()]),
+                security_context: Some(restricted_container_security()),
+                ..Default::default()
+            }]),
+            containers: vec![Container {
+                name: "nym-node".into(),
+                image: Some(image),
+                args: Some(vec!["run".into()]),
+                env_from: Some(vec![EnvFromSource {
+                    config_map_ref: Some(ConfigMapEnvSource {
+                        name: env_configmap_name(nn),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }]),
+                env: Some(vec![EnvVar {
+                    name: "NYM_NODE_ID".into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "metadata.name".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ports: Some(container_ports),
+                liveness_probe: Some(http_probe("/livez", 10, 3)),
+                readiness_probe: Some(http_probe("/readyz", 5, 1)),
+                resources: nn.spec.resources.clone(),
+                security_context: Some(restricted_container_security()),
+                volume_mounts: Some(vec![
+                    data_mount,
+                    VolumeMount {
+                        name: "topology".into(),
+                        mount_path: TOPOLOGY_MOUNT.into(),
+                        read_only: Some(true),
+                        ..Default::default()
+                    },
+                    VolumeMount {
+                        name: "tmp".into(),
+                        mount_path: "/tmp".into(),
+                        ..Default::default()
+                    },
+                ]),
+                ..Default::default()
+            }],
+            volumes: Some(vec![
+                Volume {
+                    name: "topology".into(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: settings.topology_configmap.clone(),
+                        // The operator writes it on its first pass; until then the node
+                        // simply is not ready.
+                        optional: Some(true),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Volume {
+                    name: "tmp".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Hash of a pod template: what distinguishes an up-to-date pod from one due for upgrade.
+pub fn template_hash(template: &PodTemplateSpec) -> String {
+    let json = serde_json::to_vec(template).unwrap_or_default();
+    let digest = Sha256::digest(&json);
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The StatefulSet. `OnDelete`: the operator, not the StatefulSet controller, decides when
+/// each pod is replaced (after withdrawing it from the topology).
+pub fn statefulset(nn: &NymNode, settings: &BuildSettings) -> StatefulSet {
+    let mut template = pod_template(nn, settings);
+    let hash = template_hash(&template);
+    if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
+        labels.insert(TEMPLATE_HASH_LABEL.into(), hash);
+    }
+    let mut volume_request = BTreeMap::new();
+    volume_request.insert(
+        "storage".to_string(),
+        Quantity(nn.spec.storage.size.clone()),
+    );
+    StatefulSet {
+        metadata: meta(nn, nn.name_any()),
+        spec: StatefulSetSpec {
+            replicas: Some(nn.spec.replicas.max(0)),
+            service_name: Some(nn.name_any()),
+            pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".into()),
+                ..Default::default()
+            }),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(nn)),
+                ..Default::default()
+            },
+            template,
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some("data".into()),
+                    labels: Some(selector_labels(nn)),
+                    ..Default::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".into()]),
+                    storage_class_name: nn.spec.storage.storage_class_name.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(volume_request),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// The template hash pods of this `NymNode` must carry to be up to date.
+pub fn desired_template_hash(nn: &NymNode, settings: &BuildSettings) -> String {
+    template_hash(&pod_template(nn, settings))
+}
+
+/// Every object for one `NymNode`, in the order they are applied.
+pub fn all(nn: &NymNode, settings: &BuildSettings) -> Vec<serde_json::Value> {
+    let mut out = vec![
+        serde_json::to_value(env_configmap(nn)),
+        serde_json::to_value(headless_service(nn)),
+    ];
+    out.extend(replica_services(nn).into_iter().map(serde_json::to_value));
+    out.push(serde_json::to_value(pod_disruption_budget(nn)));
+    out.push(serde_json::to_value(statefulset(nn, settings)));
+    // k8s-openapi writes `apiVersion` and `kind` itself; serialising these cannot fail.
+    out.into_iter().filter_map(Result::ok).collect()
+}
