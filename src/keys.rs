@@ -124,7 +124,7 @@ impl Identity {
         self.0.sign(message).to_bytes()
     }
 
-    fn secret_bytes(&self) -> [u8; 32] {
+    pub(crate) fn secret_bytes(&self) -> [u8; 32] {
         self.0.to_bytes()
     }
 

@@ -63,10 +63,7 @@ async fn mailbox_survives_sigkill_and_delivers_exactly_once() {
 
     // The recipient exists but is offline.
     let recipient_secret = random_bytes().unwrap();
-    let recipient = ClientAddress {
-        identity: Identity::from_secret(recipient_secret).public(),
-        gateway: gw,
-    };
+    let recipient = ClientAddress::of(&Identity::from_secret(recipient_secret), gw);
     let mut sender = MixClient::start(config(&topology, gw), Identity::generate().unwrap())
         .await
         .unwrap();
@@ -140,10 +137,7 @@ async fn acknowledged_payloads_are_deleted_and_the_rest_redelivered() {
     let gw = net.member("gateway");
     let addr = gw.entry.client_address.clone().unwrap();
     let me = Identity::generate().unwrap();
-    let my_address = ClientAddress {
-        identity: me.public(),
-        gateway: gw.entry.identity_key,
-    };
+    let my_address = ClientAddress::of(&me, gw.entry.identity_key);
     let mut sender = MixClient::start(
         config(&net.topology_path, gw.entry.identity_key),
         Identity::generate().unwrap(),
@@ -347,14 +341,8 @@ async fn a_client_over_quota_gets_drops_and_others_are_unaffected() {
     .await;
     let gw = net.member("gateway").entry.identity_key;
     let (full, fine) = (Identity::generate().unwrap(), Identity::generate().unwrap());
-    let full_addr = ClientAddress {
-        identity: full.public(),
-        gateway: gw,
-    };
-    let fine_addr = ClientAddress {
-        identity: fine.public(),
-        gateway: gw,
-    };
+    let full_addr = ClientAddress::of(&full, gw);
+    let fine_addr = ClientAddress::of(&fine, gw);
     let sender = MixClient::start(
         ClientConfig {
             // No acks: their SURB-ACKs would land in the sender's own mailbox on this gateway
@@ -524,10 +512,7 @@ async fn a_client_over_its_rate_is_limited_and_a_draining_gateway_takes_no_new_p
     let gw = net.member("gateway");
     let addr = gw.entry.client_address.clone().unwrap();
     let me = Identity::generate().unwrap();
-    let to = ClientAddress {
-        identity: me.public(),
-        gateway: gw.entry.identity_key,
-    };
+    let to = ClientAddress::of(&me, gw.entry.identity_key);
     let hops: Vec<_> = ["mix-1a", "mix-2a", "mix-3a", "gateway"]
         .iter()
         .map(|n| net.member(n).hop())

@@ -47,7 +47,7 @@ enum Command {
         #[arg(long)]
         identity: PathBuf,
     },
-    /// Print this client's address (IDENTITY@GATEWAY) for the identity in DIR.
+    /// Print this client's address (IDENTITY.ENCRYPTION@GATEWAY) for the identity in DIR.
     Address {
         #[arg(long)]
         identity: PathBuf,
@@ -56,7 +56,7 @@ enum Command {
     Send {
         #[arg(long)]
         identity: Option<PathBuf>,
-        /// Recipient address, IDENTITY@GATEWAY.
+        /// Recipient address, IDENTITY.ENCRYPTION@GATEWAY.
         #[arg(long)]
         to: ClientAddress,
         #[arg(long)]

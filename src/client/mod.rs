@@ -17,6 +17,7 @@
 
 pub mod chunking;
 pub mod connection;
+pub mod e2e;
 pub mod packet;
 pub mod probe;
 pub mod route;
@@ -46,28 +47,49 @@ use chunking::{Message, MessageId, Reassembler};
 /// Size of a serialised SURB-ACK for a route of three mixes and a gateway.
 pub const SURB_ACK_SIZE: usize = 348 + 32 + 16;
 
-/// Where a client can be reached: its identity at its gateway.
+/// Where a client can be reached: its identity, the key its messages are encrypted to, and
+/// its gateway. Written `IDENTITY.ENCRYPTION@GATEWAY` (base58), as Nym writes addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientAddress {
     pub identity: KeyBytes,
+    /// X25519 key every fragment for this client is sealed to (HPKE, see [`e2e`]).
+    pub encryption: KeyBytes,
     pub gateway: NodeId,
+}
+
+impl ClientAddress {
+    /// The address of the client holding `identity`, at `gateway`.
+    pub fn of(identity: &Identity, gateway: NodeId) -> Self {
+        ClientAddress {
+            identity: identity.public(),
+            encryption: e2e::EncryptionKey::derive(identity).public(),
+            gateway,
+        }
+    }
 }
 
 impl fmt::Display for ClientAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.identity, self.gateway)
+        write!(f, "{}.{}@{}", self.identity, self.encryption, self.gateway)
     }
 }
 
 impl FromStr for ClientAddress {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (identity, gateway) = s
-            .split_once('@')
-            .ok_or_else(|| "expected IDENTITY@GATEWAY".to_string())?;
+        const FORM: &str = "expected IDENTITY.ENCRYPTION@GATEWAY (base58 keys)";
+        let (keys, gateway) = s.split_once('@').ok_or_else(|| FORM.to_string())?;
+        let (identity, encryption) = keys.split_once('.').ok_or_else(|| FORM.to_string())?;
         Ok(ClientAddress {
-            identity: identity.parse()?,
-            gateway: gateway.parse()?,
+            identity: identity
+                .parse()
+                .map_err(|e| format!("{FORM}: identity: {e}"))?,
+            encryption: encryption
+                .parse()
+                .map_err(|e| format!("{FORM}: encryption key: {e}"))?,
+            gateway: gateway
+                .parse()
+                .map_err(|e| format!("{FORM}: gateway: {e}"))?,
         })
     }
 }
@@ -118,6 +140,8 @@ pub enum ClientError {
     Chunk(#[from] chunking::ChunkError),
     #[error("gateway {0} has no client address in the topology")]
     NoClientAddress(NodeId),
+    #[error(transparent)]
+    Encryption(#[from] e2e::E2eError),
     #[error("no randomness: {0}")]
     Random(String),
     #[error("the client has stopped")]
@@ -149,6 +173,9 @@ pub struct ClientStats {
     pub acks_received: AtomicU64,
     pub duplicates_dropped: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Delivered fragments that did not decrypt (altered on the way or at the gateway, or
+    /// not for us): dropped, never passed on.
+    pub fragments_rejected: AtomicU64,
 }
 
 enum Command {
@@ -194,10 +221,8 @@ impl MixClient {
             Some(g) => g,
             None => route::choose_gateway(&current)?.identity_key,
         };
-        let address = ClientAddress {
-            identity: identity.public(),
-            gateway,
-        };
+        let address = ClientAddress::of(&identity, gateway);
+        let encryption = e2e::EncryptionKey::derive(&identity);
         let (sender, receiver) = open_session(&current, &gateway, &identity).await?;
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(4096);
@@ -205,6 +230,7 @@ impl MixClient {
         let actor = Actor {
             config,
             identity,
+            encryption,
             address,
             topology,
             session: Some((sender, receiver)),
@@ -340,6 +366,7 @@ struct Outgoing {
 struct Actor {
     config: ClientConfig,
     identity: Identity,
+    encryption: e2e::EncryptionKey,
     address: ClientAddress,
     topology: TopologyHandle,
     session: Option<(connection::Sender, connection::Receiver)>,
@@ -467,7 +494,11 @@ impl Actor {
         }
         .encode();
         let ack_len = if self.config.acks { SURB_ACK_SIZE } else { 0 };
-        let fragments = chunking::split(id, &message, Envelope::fragment_capacity(ack_len))?;
+        let fragments = chunking::split(
+            id,
+            &message,
+            Envelope::fragment_capacity(ack_len) - e2e::OVERHEAD,
+        )?;
         self.messages.insert(
             id,
             Outgoing {
@@ -552,9 +583,11 @@ impl Actor {
         } else {
             (None, None)
         };
+        // Sealed anew for every transmission: the recipient's gateway sees only ciphertext,
+        // and two copies of one fragment do not look alike.
         let envelope = Envelope::Data {
             ack,
-            fragment: fragment.bytes.clone(),
+            fragment: e2e::seal(&fragment.to.encryption, &fragment.bytes)?,
         }
         .encode()
         .map_err(|e| packet::PacketError::from_message(e.to_string()))?;
@@ -691,7 +724,16 @@ impl Actor {
         };
         self.to_ack.push(id);
         if identifier == [0u8; IDENTIFIER_SIZE] {
-            self.receive_fragment(&body).await;
+            match self.encryption.open(&body) {
+                Ok(fragment) => self.receive_fragment(&fragment).await,
+                Err(e) => {
+                    // Acknowledged to the gateway all the same, so it is not redelivered.
+                    self.stats
+                        .fragments_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "delivered fragment rejected");
+                }
+            }
             return;
         }
         if let Some(key) = self.by_identifier.remove(&identifier) {

@@ -1,0 +1,214 @@
+//! End-to-end encryption: the recipient's gateway stores and delivers only ciphertext, and
+//! a payload altered at the gateway never reaches the application.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use nym_node::client::{ClientAddress, ClientConfig, Event, MixClient};
+use nym_node::gateway::mailbox::{Incoming, Mailbox};
+use nym_node::keys::{Identity, NodeKeys, random_bytes};
+
+const NODE: &str = env!("CARGO_BIN_EXE_nym-node");
+
+fn config(topology: &Path, gateway: nym_node::keys::NodeId) -> ClientConfig {
+    ClientConfig {
+        topology: topology.display().to_string(),
+        gateway: Some(gateway),
+        mean_delay: Duration::from_millis(10),
+        cover_rate: 0.0,
+        ack_slack: Duration::from_millis(800),
+        ..ClientConfig::default()
+    }
+}
+
+async fn delivered(c: &mut MixClient, t: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + t;
+    loop {
+        match tokio::time::timeout_at(deadline, c.next_event()).await {
+            Ok(Some(Event::Delivered { .. })) => return true,
+            Ok(Some(_)) => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Every file under `dir`, recursively, as bytes.
+fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.push((path, bytes));
+        }
+    }
+    out
+}
+
+struct Network {
+    _dir: tempfile::TempDir,
+    nodes: Vec<nym_node::localnet::LocalNode>,
+    topology: std::path::PathBuf,
+    children: Vec<tokio::process::Child>,
+    gateway: nym_node::keys::NodeId,
+}
+
+impl Network {
+    async fn start() -> Network {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = one_per_layer(dir.path(), free_base_port(40));
+        let topology = nym_node::localnet::prepare(&nodes, dir.path()).unwrap();
+        let mut children = Vec::new();
+        for n in &nodes {
+            children.push(nym_node::localnet::spawn_node(Path::new(NODE), n, &topology).unwrap());
+        }
+        nym_node::localnet::wait_ready(&nodes, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let gateway = NodeKeys::load(&nodes[3].dir.join("keys"))
+            .unwrap()
+            .public()
+            .identity_key;
+        Network {
+            _dir: dir,
+            nodes,
+            topology,
+            children,
+            gateway,
+        }
+    }
+
+    async fn stop_gateway(&mut self) {
+        let _ = self.children[3].start_kill();
+        let _ = self.children[3].wait().await;
+    }
+
+    async fn start_gateway(&mut self) {
+        self.children[3] =
+            nym_node::localnet::spawn_node(Path::new(NODE), &self.nodes[3], &self.topology)
+                .unwrap();
+        nym_node::localnet::wait_ready(&self.nodes[3..], Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+
+    fn mailbox_path(&self) -> std::path::PathBuf {
+        self.nodes[3].dir.join("data").join("mailbox.redb")
+    }
+
+    async fn stop(mut self) {
+        for c in self.children.iter_mut() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_holds_only_ciphertext_and_the_recipient_reads_it_when_back() {
+    let mut net = Network::start().await;
+    let marker = random_bytes().unwrap();
+    let recipient = Identity::generate().unwrap();
+    let to = ClientAddress::of(&recipient, net.gateway);
+    // Its printed form carries the encryption key, and parses back.
+    assert_eq!(to.to_string().parse::<ClientAddress>().unwrap(), to);
+
+    let mut sender = MixClient::start(
+        config(&net.topology, net.gateway),
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
+    sender.send(to, marker.to_vec(), 0).await.unwrap();
+    assert!(
+        delivered(&mut sender, Duration::from_secs(30)).await,
+        "stored at the gateway"
+    );
+    sender.stop().await;
+
+    // Stopped, so everything it held is on disk: the store, its keys, its log.
+    net.stop_gateway().await;
+    let on_disk = files(&net.nodes[3].dir);
+    assert!(on_disk.iter().any(|(p, _)| p.ends_with("mailbox.redb")));
+    for (path, bytes) in &on_disk {
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker),
+            "the plaintext marker is in {}",
+            path.display()
+        );
+    }
+    // The mailbox holds the fragment, sealed: the payload is there, the marker is not.
+    let store = Mailbox::open(&net.mailbox_path(), 1 << 30).unwrap();
+    let stored = store.fetch_after(&to.identity, 0, 10).unwrap();
+    assert_eq!(stored.len(), 1);
+    drop(store);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(net.mailbox_path())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "mailbox readable by others");
+
+    net.start_gateway().await;
+    let mut back = MixClient::start(config(&net.topology, net.gateway), recipient)
+        .await
+        .unwrap();
+    let got = receive(&mut back, 1, Duration::from_secs(30)).await;
+    assert_eq!(got, vec![marker.to_vec()]);
+    back.stop().await;
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_altered_at_the_gateway_is_rejected_by_the_recipient() {
+    let mut net = Network::start().await;
+    let recipient = Identity::generate().unwrap();
+    let to = ClientAddress::of(&recipient, net.gateway);
+    let mut sender = MixClient::start(
+        config(&net.topology, net.gateway),
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
+    sender
+        .send(to, b"pay 10 to alice".to_vec(), 0)
+        .await
+        .unwrap();
+    assert!(delivered(&mut sender, Duration::from_secs(30)).await);
+    sender.stop().await;
+
+    // A dishonest gateway flips one byte of what it stored.
+    net.stop_gateway().await;
+    let store = Mailbox::open(&net.mailbox_path(), 1 << 30).unwrap();
+    let stored = store.fetch_after(&to.identity, 0, 10).unwrap();
+    assert_eq!(stored.len(), 1);
+    let mut body = stored[0].body.clone();
+    let last = body.len() - 1;
+    body[last] ^= 0x01;
+    store.ack(&to.identity, &[stored[0].id]).unwrap();
+    store
+        .store(&[Incoming {
+            client: to.identity,
+            identifier: stored[0].identifier,
+            body,
+        }])
+        .unwrap();
+    drop(store);
+    net.start_gateway().await;
+
+    let mut back = MixClient::start(config(&net.topology, net.gateway), recipient)
+        .await
+        .unwrap();
+    // Nothing is handed to the application; the altered fragment is counted.
+    let got = receive(&mut back, 1, Duration::from_secs(5)).await;
+    assert!(got.is_empty(), "altered bytes were delivered: {got:?}");
+    assert_eq!(back.stats().fragments_rejected.load(Ordering::Relaxed), 1);
+    back.stop().await;
+    net.stop().await;
+}
