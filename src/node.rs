@@ -269,7 +269,7 @@ pub async fn start(
             .run(),
         ));
         let api = Arc::new(ClientApi {
-            gateway: keys.identity.public(),
+            noise_secret: keys.noise.secret_bytes(),
             forward: forward_tx.clone(),
             mailbox: mailbox.clone(),
             sessions,

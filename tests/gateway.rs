@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use nym_node::client::{ClientAddress, ClientConfig, Event, MixClient, connection};
+use nym_node::gateway::channel;
 use nym_node::gateway::protocol::{self, ClientMessage, ServerMessage};
 use nym_node::keys::{Identity, random_bytes};
 use nym_node::metrics::DropReason;
@@ -154,7 +155,7 @@ async fn acknowledged_payloads_are_deleted_and_the_rest_redelivered() {
 
     // A raw session: take the five, acknowledge three.
     let (mut tx, mut rx) =
-        connection::connect(&addr, &gw.entry.identity_key, &me, Duration::from_secs(5))
+        connection::connect(&addr, &gw.entry.noise_key, &me, Duration::from_secs(5))
             .await
             .unwrap();
     let mut ids = Vec::new();
@@ -186,7 +187,7 @@ async fn acknowledged_payloads_are_deleted_and_the_rest_redelivered() {
 
     // The next session gets exactly the two that were not acknowledged.
     let (_tx, mut rx) =
-        connection::connect(&addr, &gw.entry.identity_key, &me, Duration::from_secs(5))
+        connection::connect(&addr, &gw.entry.noise_key, &me, Duration::from_secs(5))
             .await
             .unwrap();
     let mut again = Vec::new();
@@ -267,6 +268,30 @@ async fn retransmission_recovers_every_message_through_a_lossy_mix() {
     net.stop().await;
 }
 
+/// Waits for the gateway to close `ws`; returns the close code.
+async fn close_code(ws: &mut WsClient) -> Option<u16> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+type WsClient =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_binary(ws: &mut WsClient) -> Vec<u8> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => return b.to_vec(),
+            Some(Ok(_)) => continue,
+            other => panic!("no binary message: {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_with_a_bad_signature_is_refused() {
     let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
@@ -275,45 +300,35 @@ async fn a_client_with_a_bad_signature_is_refused() {
         "ws://{}/v1/client",
         gw.entry.client_address.clone().unwrap()
     );
+    // A genuine channel, but the identity is signed for by someone else.
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
         .unwrap();
-    let Some(Ok(Message::Binary(challenge))) = ws.next().await else {
-        panic!("no challenge")
-    };
-    let ServerMessage::Challenge { nonce, gateway } = ServerMessage::decode(&challenge).unwrap()
-    else {
-        panic!()
-    };
+    let (init, first) = channel::Initiator::start(&gw.entry.noise_key).unwrap();
+    ws.send(Message::Binary(first.into())).await.unwrap();
+    let channel = init.finish(&next_binary(&mut ws).await).unwrap();
     let me = Identity::generate().unwrap();
-    // Signed by someone else: it does not verify for the claimed identity.
     let mallory = Identity::generate().unwrap();
-    let signature = mallory.sign(&protocol::auth_message(&gateway, &nonce));
-    ws.send(Message::Binary(
-        ClientMessage::Auth {
-            identity: me.public(),
-            signature,
-        }
-        .encode()
-        .into(),
-    ))
-    .await
-    .unwrap();
-    let closed = loop {
-        match ws.next().await {
-            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => continue,
-            _ => break None,
-        }
+    let signature = mallory.sign(&channel.auth_message());
+    let (mut tx, _) = channel.split();
+    let auth = ClientMessage::Auth {
+        identity: me.public(),
+        signature,
     };
-    assert_eq!(closed, Some(protocol::close::AUTH_FAILED));
+    ws.send(Message::Binary(tx.seal(&auth.encode()).unwrap().into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        close_code(&mut ws).await,
+        Some(protocol::close::AUTH_FAILED)
+    );
     assert_eq!(net.node("gateway").metrics.client_messages_refused.get(), 1);
     assert_eq!(net.node("gateway").metrics.clients_connected.get(), 0);
 
     // Garbage after a good handshake gets the protocol close code.
     let (mut tx, mut rx) = connection::connect(
         &gw.entry.client_address.clone().unwrap(),
-        &gw.entry.identity_key,
+        &gw.entry.noise_key,
         &me,
         Duration::from_secs(5),
     )
@@ -327,6 +342,113 @@ async fn a_client_with_a_bad_signature_is_refused() {
         other => panic!("expected a close, got {other:?}"),
     }
     assert_eq!(net.node("gateway").metrics.client_messages_refused.get(), 2);
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cannot_take_over_a_session_and_a_fake_gateway_is_refused() {
+    let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
+    let gw = net.member("gateway");
+    let gateway_url = format!(
+        "ws://{}/v1/client",
+        gw.entry.client_address.clone().unwrap()
+    );
+
+    // A relay on the path: it forwards every message between the client and the real
+    // gateway, and keeps what the client sent.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr: nym_node::topology::PeerAddress =
+        relay.local_addr().unwrap().to_string().parse().unwrap();
+    let captured = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<Vec<u8>>::new()));
+    let seen = captured.clone();
+    let upstream = gateway_url.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = relay.accept().await.unwrap();
+        let client = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let (gateway, _) = tokio_tungstenite::connect_async(upstream.as_str())
+            .await
+            .unwrap();
+        let (mut c_tx, mut c_rx) = client.split();
+        let (mut g_tx, mut g_rx) = gateway.split();
+        let up = async {
+            while let Some(Ok(m)) = c_rx.next().await {
+                if let Message::Binary(b) = &m {
+                    seen.lock().push(b.to_vec());
+                }
+                if g_tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let down = async {
+            while let Some(Ok(m)) = g_rx.next().await {
+                if c_tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::join!(up, down);
+    });
+    let me = Identity::generate().unwrap();
+    let (mut tx, mut rx) = connection::connect(
+        &relay_addr,
+        &gw.entry.noise_key,
+        &me,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("a transparent relay does not stop the real gateway's handshake");
+    let frames = captured.lock().clone();
+    assert_eq!(frames.len(), 2, "handshake message and the sealed Auth");
+    assert_eq!(frames[1].len(), channel::FRAME_LEN);
+    assert_eq!(net.node("gateway").metrics.clients_connected.get(), 1);
+
+    // The relay replays the client's handshake message and its Auth frame in a session of
+    // its own: the gateway answers with fresh keys, so the Auth frame does not even open.
+    let (mut ws, _) = tokio_tungstenite::connect_async(gateway_url.as_str())
+        .await
+        .unwrap();
+    ws.send(Message::Binary(frames[0].clone().into()))
+        .await
+        .unwrap();
+    let _answer = next_binary(&mut ws).await;
+    ws.send(Message::Binary(frames[1].clone().into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        close_code(&mut ws).await,
+        Some(protocol::close::AUTH_FAILED)
+    );
+    // The client's own session was not replaced and still works both ways.
+    assert_eq!(net.node("gateway").metrics.clients_connected.get(), 1);
+    tx.send(&ClientMessage::Ack { ids: vec![1] }).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .is_err(),
+        "session still open (nothing to deliver)"
+    );
+
+    // A fake gateway at the right address but without the topology's key is refused.
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_addr: nym_node::topology::PeerAddress =
+        fake.local_addr().unwrap().to_string().parse().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = fake.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let _first = ws.next().await;
+        // Its best answer: a handshake of its own key.
+        let own = nym_node::keys::X25519::generate().unwrap();
+        let (_, own_first) = channel::Initiator::start(&own.public()).unwrap();
+        let (_, answer) = channel::respond(&own.secret_bytes(), &own_first).unwrap();
+        let _ = ws.send(Message::Binary(answer.into())).await;
+        let _ = ws.next().await;
+    });
+    match connection::connect(&fake_addr, &gw.entry.noise_key, &me, Duration::from_secs(5)).await {
+        Err(connection::ConnectionError::WrongGateway(..)) => {}
+        Err(e) => panic!("refused, but for another reason: {e}"),
+        Ok(_) => panic!("a gateway without the topology's key was accepted"),
+    }
     net.stop().await;
 }
 
@@ -518,7 +640,7 @@ async fn a_client_over_its_rate_is_limited_and_a_draining_gateway_takes_no_new_p
         .map(|n| net.member(n).hop())
         .collect();
     let (mut tx, _rx) =
-        connection::connect(&addr, &gw.entry.identity_key, &me, Duration::from_secs(5))
+        connection::connect(&addr, &gw.entry.noise_key, &me, Duration::from_secs(5))
             .await
             .unwrap();
     let m = net.node("gateway").metrics.clone();

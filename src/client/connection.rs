@@ -1,5 +1,7 @@
-//! The client's WebSocket session with its gateway: connect, answer the challenge, then
-//! exchange protocol messages.
+//! The client's WebSocket session with its gateway: connect, run the Noise handshake
+//! against the gateway's key from the topology, prove the client's identity inside the
+//! channel, then exchange protocol messages in fixed-size frames (see
+//! [`crate::gateway::channel`]).
 
 use std::time::Duration;
 
@@ -10,8 +12,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::gateway::protocol::{self, ClientMessage, ServerMessage};
-use crate::keys::{Identity, NodeId};
+use crate::gateway::channel::{self, ChannelHalf, Initiator};
+use crate::gateway::protocol::{ClientMessage, ServerMessage};
+use crate::keys::{Identity, KeyBytes};
 use crate::topology::PeerAddress;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -24,22 +27,32 @@ pub enum ConnectionError {
     Closed { code: u16, reason: String },
     #[error("gateway sent an unexpected message")]
     Unexpected,
-    #[error("gateway at {0} is not the gateway the topology names")]
-    WrongGateway(String),
+    #[error("gateway at {0} did not complete the handshake for the topology's key: {1}")]
+    WrongGateway(String, String),
+    #[error("channel: {0}")]
+    Channel(#[from] channel::ChannelError),
     #[error("timed out")]
     Timeout,
     #[error("websocket: {0}")]
     Ws(String),
 }
 
-pub struct Sender(SplitSink<Ws, Message>);
-pub struct Receiver(SplitStream<Ws>);
+pub struct Sender {
+    sink: SplitSink<Ws, Message>,
+    channel: ChannelHalf,
+}
 
-/// Connects to the gateway at `address`, proving `identity`; `gateway` is the identity the
-/// gateway must sign its challenge for.
+pub struct Receiver {
+    stream: SplitStream<Ws>,
+    channel: ChannelHalf,
+}
+
+/// Connects to the gateway at `address` whose Noise key (from the topology) is
+/// `gateway_noise`, and proves `identity`. A gateway that cannot complete the handshake for
+/// that key is refused.
 pub async fn connect(
     address: &PeerAddress,
-    gateway: &NodeId,
+    gateway_noise: &KeyBytes,
     identity: &Identity,
     timeout: Duration,
 ) -> Result<(Sender, Receiver), ConnectionError> {
@@ -48,24 +61,30 @@ pub async fn connect(
         let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
             .await
             .map_err(|e| ConnectionError::Connect(url.clone(), e.to_string()))?;
-        let (mut tx, mut rx) = ws.split();
-        let nonce = match next_message(&mut rx).await? {
-            ServerMessage::Challenge { nonce, gateway: g } if g == *gateway => nonce,
-            ServerMessage::Challenge { .. } => {
-                return Err(ConnectionError::WrongGateway(address.to_string()));
-            }
-            _ => return Err(ConnectionError::Unexpected),
-        };
-        let signature = identity.sign(&protocol::auth_message(gateway, &nonce));
-        let auth = ClientMessage::Auth {
-            identity: identity.public(),
-            signature,
-        };
-        tx.send(Message::Binary(auth.encode().into()))
+        let (mut sink, mut stream) = ws.split();
+        let (initiator, first) = Initiator::start(gateway_noise)?;
+        sink.send(Message::Binary(first.into()))
             .await
             .map_err(|e| ConnectionError::Ws(e.to_string()))?;
-        match next_message(&mut rx).await? {
-            ServerMessage::AuthOk => Ok((Sender(tx), Receiver(rx))),
+        let answer = next_binary(&mut stream).await?;
+        let channel = initiator
+            .finish(&answer)
+            .map_err(|e| ConnectionError::WrongGateway(address.to_string(), e.to_string()))?;
+        let signature = identity.sign(&channel.auth_message());
+        let (tx, rx) = channel.split();
+        let mut sender = Sender { sink, channel: tx };
+        let mut receiver = Receiver {
+            stream,
+            channel: rx,
+        };
+        sender
+            .send(&ClientMessage::Auth {
+                identity: identity.public(),
+                signature,
+            })
+            .await?;
+        match receiver.recv().await? {
+            ServerMessage::AuthOk => Ok((sender, receiver)),
             _ => Err(ConnectionError::Unexpected),
         }
     };
@@ -74,7 +93,7 @@ pub async fn connect(
         .map_err(|_| ConnectionError::Timeout)?
 }
 
-async fn next_message(rx: &mut SplitStream<Ws>) -> Result<ServerMessage, ConnectionError> {
+async fn next_binary(rx: &mut SplitStream<Ws>) -> Result<Vec<u8>, ConnectionError> {
     loop {
         match rx.next().await {
             None => {
@@ -84,9 +103,7 @@ async fn next_message(rx: &mut SplitStream<Ws>) -> Result<ServerMessage, Connect
                 });
             }
             Some(Err(e)) => return Err(ConnectionError::Ws(e.to_string())),
-            Some(Ok(Message::Binary(b))) => {
-                return ServerMessage::decode(&b).map_err(|_| ConnectionError::Unexpected);
-            }
+            Some(Ok(Message::Binary(b))) => return Ok(b.to_vec()),
             Some(Ok(Message::Close(frame))) => return Err(closed(frame)),
             Some(Ok(_)) => continue,
         }
@@ -108,27 +125,28 @@ fn closed(frame: Option<CloseFrame>) -> ConnectionError {
 
 impl Sender {
     pub async fn send(&mut self, msg: &ClientMessage) -> Result<(), ConnectionError> {
-        self.0
-            .send(Message::Binary(msg.encode().into()))
-            .await
-            .map_err(|e| ConnectionError::Ws(e.to_string()))
+        self.send_raw(msg.encode()).await
     }
 
-    /// Sends raw bytes (tests use it to send malformed messages).
+    /// Sends arbitrary bytes as one message inside the channel (tests use it to send
+    /// malformed messages).
     pub async fn send_raw(&mut self, bytes: Vec<u8>) -> Result<(), ConnectionError> {
-        self.0
-            .send(Message::Binary(bytes.into()))
+        let frame = self.channel.seal(&bytes)?;
+        self.sink
+            .send(Message::Binary(frame.into()))
             .await
             .map_err(|e| ConnectionError::Ws(e.to_string()))
     }
 
     pub async fn close(mut self) {
-        let _ = self.0.close().await;
+        let _ = self.sink.close().await;
     }
 }
 
 impl Receiver {
     pub async fn recv(&mut self) -> Result<ServerMessage, ConnectionError> {
-        next_message(&mut self.0).await
+        let frame = next_binary(&mut self.stream).await?;
+        let bytes = self.channel.open(&frame)?;
+        ServerMessage::decode(&bytes).map_err(|_| ConnectionError::Unexpected)
     }
 }

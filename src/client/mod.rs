@@ -333,11 +333,14 @@ async fn open_session(
     gateway: &NodeId,
     identity: &Identity,
 ) -> Result<(connection::Sender, connection::Receiver), ClientError> {
-    let address = topology
-        .node(gateway)
+    let entry = topology.node(gateway);
+    let address = entry
         .and_then(|n| n.client_address.clone())
         .ok_or(ClientError::NoClientAddress(*gateway))?;
-    Ok(connection::connect(&address, gateway, identity, Duration::from_secs(10)).await?)
+    let noise = entry
+        .map(|n| n.noise_key)
+        .ok_or(ClientError::NoClientAddress(*gateway))?;
+    Ok(connection::connect(&address, &noise, identity, Duration::from_secs(10)).await?)
 }
 
 /// A packet ready to leave.
@@ -802,8 +805,15 @@ impl Actor {
             return;
         };
         let ids = std::mem::take(&mut self.to_ack);
-        if sender.send(&ClientMessage::Ack { ids }).await.is_err() {
-            self.session = None;
+        // One Ack message must fit one frame.
+        for chunk in ids.chunks(crate::gateway::protocol::MAX_ACK_IDS) {
+            let ack = ClientMessage::Ack {
+                ids: chunk.to_vec(),
+            };
+            if sender.send(&ack).await.is_err() {
+                self.session = None;
+                return;
+            }
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The client API: a WebSocket per client session on `NYM_NODE_CLIENT_BIND`.
 //!
-//! A session starts with a challenge the client signs with its ed25519 identity; after
-//! that it sends Sphinx packets (forwarded to their first hop at once) and receives the
-//! payloads stored for it, which it acknowledges so the mailbox can delete them. What was
-//! not acknowledged is delivered again on the next session.
+//! A session starts with a Noise handshake against this gateway's Noise key (see
+//! [`super::channel`]); inside the channel the client proves its ed25519 identity by
+//! signing the handshake hash. After that it sends Sphinx packets (forwarded to their first
+//! hop at once) and receives the payloads stored for it, which it acknowledges so the
+//! mailbox can delete them. What was not acknowledged is delivered again on the next
+//! session. Every frame after the handshake has the same size.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,22 +20,24 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::gateway::channel::{self, ChannelHalf};
 use crate::gateway::mailbox::Mailbox;
-use crate::gateway::protocol::{self, ClientMessage, ServerMessage, close};
+use crate::gateway::protocol::{ClientMessage, ServerMessage, close};
 use crate::gateway::rate_limit::TokenBucket;
 use crate::gateway::sessions::{Session, Sessions};
-use crate::keys::{NodeId, random_bytes, verify_signature};
+use crate::keys::verify_signature;
 use crate::metrics::{DropReason, Metrics};
 use crate::mixnet::intake::ForwardItem;
 use crate::shutdown::Shutdown;
 
-/// Time a client has to answer the challenge.
+/// Time a client has for the handshake and its authentication.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stored payloads pushed per mailbox read.
 const PUSH_BATCH: usize = 64;
 
 pub struct ClientApi {
-    pub gateway: NodeId,
+    /// This gateway's Noise secret (its public half is in the topology).
+    pub noise_secret: [u8; 32],
     pub forward: mpsc::Sender<ForwardItem>,
     pub mailbox: Arc<Mailbox>,
     pub sessions: Arc<Sessions>,
@@ -62,8 +66,8 @@ async fn upgrade(
     State(api): State<Arc<ClientApi>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
 ) -> Response {
-    ws.max_message_size(protocol::MAX_CLIENT_FRAME)
-        .max_frame_size(protocol::MAX_CLIENT_FRAME)
+    ws.max_message_size(channel::FRAME_LEN)
+        .max_frame_size(channel::FRAME_LEN)
         .on_upgrade(move |socket| {
             run_session(socket, api).instrument(tracing::info_span!("client_session", %remote))
         })
@@ -78,11 +82,24 @@ async fn close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
         .await;
 }
 
-async fn send(socket: &mut WebSocket, msg: ServerMessage) -> bool {
-    socket
-        .send(Message::Binary(msg.encode().into()))
-        .await
-        .is_ok()
+/// Seals a message into one fixed-size frame and sends it.
+async fn send(socket: &mut WebSocket, tx: &mut ChannelHalf, msg: ServerMessage) -> bool {
+    let Ok(frame) = tx.seal(&msg.encode()) else {
+        return false;
+    };
+    socket.send(Message::Binary(frame.into())).await.is_ok()
+}
+
+/// The next binary message, skipping pings; `None` when the socket closed or failed.
+async fn next_binary(socket: &mut WebSocket) -> Option<Result<Vec<u8>, ()>> {
+    loop {
+        match socket.recv().await? {
+            Ok(Message::Binary(b)) => return Some(Ok(b.to_vec())),
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Ok(Message::Text(_)) => return Some(Err(())),
+            Ok(Message::Close(_)) | Err(_) => return None,
+        }
+    }
 }
 
 async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>) {
@@ -90,7 +107,7 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>) {
         close_with(&mut socket, close::GOING_AWAY, "gateway is shutting down").await;
         return;
     }
-    let Some(session) = authenticate(&mut socket, &api).await else {
+    let Some((session, mut tx, mut rx)) = authenticate(&mut socket, &api).await else {
         return;
     };
     tracing::debug!(client = %session.client.short(), "client session opened");
@@ -109,17 +126,23 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>) {
                 break;
             }
             _ = session.notify.notified() => {
-                if !push_stored(&mut socket, &api, &session, &mut cursor).await {
+                if !push_stored(&mut socket, &mut tx, &api, &session, &mut cursor).await {
                     break;
                 }
             }
-            msg = socket.recv() => {
-                let Some(Ok(msg)) = msg else { break };
+            msg = next_binary(&mut socket) => {
                 let bytes = match msg {
-                    Message::Binary(b) => b,
-                    Message::Close(_) => break,
-                    Message::Ping(_) | Message::Pong(_) => continue,
-                    Message::Text(_) => {
+                    None => break,
+                    Some(Ok(frame)) => match rx.open(&frame) {
+                        Ok(bytes) => bytes,
+                        Err(e) => {
+                            api.metrics.client_messages_refused.inc();
+                            tracing::info!(error = %e, "closing client session: bad frame");
+                            close_with(&mut socket, close::PROTOCOL, "bad frame").await;
+                            break;
+                        }
+                    },
+                    Some(Err(())) => {
                         api.metrics.client_messages_refused.inc();
                         close_with(&mut socket, close::PROTOCOL, "binary messages only").await;
                         break;
@@ -159,56 +182,48 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>) {
     tracing::debug!(client = %session.client.short(), "client session closed");
 }
 
-/// Challenge–response: the client signs a fresh nonce bound to this gateway's identity.
-async fn authenticate(socket: &mut WebSocket, api: &ClientApi) -> Option<Session> {
-    let Ok(nonce) = random_bytes() else {
-        return None;
-    };
-    if !send(
-        socket,
-        ServerMessage::Challenge {
-            nonce,
-            gateway: api.gateway,
-        },
-    )
-    .await
-    {
-        return None;
-    }
-    let reply = tokio::time::timeout(AUTH_TIMEOUT, socket.recv()).await;
-    let identity = match reply {
-        Ok(Some(Ok(Message::Binary(b)))) => match ClientMessage::decode(&b) {
+/// The Noise handshake, then the client's signature over its hash, within [`AUTH_TIMEOUT`].
+async fn authenticate(
+    socket: &mut WebSocket,
+    api: &ClientApi,
+) -> Option<(Session, ChannelHalf, ChannelHalf)> {
+    let handshake = async {
+        let Some(Ok(first)) = next_binary(socket).await else {
+            return None;
+        };
+        let (channel, answer) = channel::respond(&api.noise_secret, &first).ok()?;
+        socket.send(Message::Binary(answer.into())).await.ok()?;
+        let expected = channel.auth_message();
+        let (tx, mut rx) = channel.split();
+        let Some(Ok(frame)) = next_binary(socket).await else {
+            return None;
+        };
+        match ClientMessage::decode(&rx.open(&frame).ok()?) {
             Ok(ClientMessage::Auth {
                 identity,
                 signature,
-            }) if verify_signature(
-                &identity,
-                &protocol::auth_message(&api.gateway, &nonce),
-                &signature,
-            ) =>
-            {
-                Some(identity)
-            }
+            }) if verify_signature(&identity, &expected, &signature) => Some((identity, tx, rx)),
             _ => None,
-        },
-        _ => None,
+        }
     };
-    let Some(identity) = identity else {
+    let Ok(Some((identity, mut tx, rx))) = tokio::time::timeout(AUTH_TIMEOUT, handshake).await
+    else {
         api.metrics.client_messages_refused.inc();
-        tracing::info!("refusing client: authentication failed");
+        tracing::info!("refusing client: handshake or authentication failed");
         close_with(socket, close::AUTH_FAILED, "authentication failed").await;
         return None;
     };
     let session = api.sessions.attach(identity);
-    if !send(socket, ServerMessage::AuthOk).await {
+    if !send(socket, &mut tx, ServerMessage::AuthOk).await {
         return None;
     }
-    Some(session)
+    Some((session, tx, rx))
 }
 
 /// Sends every stored payload after `cursor`; false if the socket failed.
 async fn push_stored(
     socket: &mut WebSocket,
+    tx: &mut ChannelHalf,
     api: &ClientApi,
     session: &Session,
     cursor: &mut u64,
@@ -237,7 +252,7 @@ async fn push_stored(
                 identifier: item.identifier,
                 body: item.body,
             };
-            if !send(socket, msg).await {
+            if !send(socket, tx, msg).await {
                 return false;
             }
         }

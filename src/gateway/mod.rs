@@ -1,6 +1,7 @@
 //! Gateway duties (entry and exit gateways): the client API, final-hop delivery into a
 //! durable mailbox, and acknowledgements back to senders.
 
+pub mod channel;
 pub mod client_api;
 pub mod delivery;
 pub mod mailbox;

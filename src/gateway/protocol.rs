@@ -1,21 +1,18 @@
-//! The client API's messages (binary WebSocket frames; see `docs/protocol.md`).
+//! The client API's messages, each carried in one fixed-size transport frame of the
+//! client↔gateway channel (see [`super::channel`] and `docs/protocol.md`).
 //!
 //! ```text
-//! server → client  0x01 Challenge  [nonce: 32][gateway identity: 32]
 //! client → server  0x02 Auth       [client identity: 32][ed25519 signature: 64]
 //! server → client  0x03 AuthOk
 //! client → server  0x10 Send       [first hop identity: 32][Sphinx packet]
 //! server → client  0x20 Deliver    [id: u64 BE][SURB identifier: 16][body ...]
-//! client → server  0x21 Ack        [id: u64 BE]*
+//! client → server  0x21 Ack        [id: u64 BE]{1..=MAX_ACK_IDS}
 //! ```
-//! The signature covers [`AUTH_CONTEXT`] ‖ gateway identity ‖ nonce, so a signature made for
-//! one gateway or one challenge cannot be replayed to another.
+//! The signature covers the channel's handshake hash ([`super::channel::Channel::auth_message`]),
+//! so it authenticates that one channel and cannot be replayed on another.
 
 use crate::keys::{KeyBytes, NodeId};
 use crate::mixnet::sphinx::{IDENTIFIER_SIZE, PACKET_SIZE, PacketBytes};
-
-/// Domain separation for the authentication signature.
-pub const AUTH_CONTEXT: &[u8] = b"nym-node-rs/client-auth/1";
 
 /// WebSocket close codes the gateway uses.
 pub mod close {
@@ -31,22 +28,19 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
 }
 
-const CHALLENGE: u8 = 0x01;
 const AUTH: u8 = 0x02;
 const AUTH_OK: u8 = 0x03;
 const SEND: u8 = 0x10;
 const DELIVER: u8 = 0x20;
 const ACK: u8 = 0x21;
 
-/// Largest frame a client may send (a Send message).
-pub const MAX_CLIENT_FRAME: usize = 1 + 32 + PACKET_SIZE;
+/// Largest message a client may send (a Send message).
+pub const MAX_CLIENT_MESSAGE: usize = 1 + 32 + PACKET_SIZE;
+/// Ids one Ack message carries at most (it must fit one frame).
+pub const MAX_ACK_IDS: usize = (MAX_CLIENT_MESSAGE - 1) / 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerMessage {
-    Challenge {
-        nonce: [u8; 32],
-        gateway: NodeId,
-    },
     AuthOk,
     Deliver {
         id: u64,
@@ -81,10 +75,6 @@ pub enum ProtocolError {
 }
 
 /// What the client signs to prove its identity.
-pub fn auth_message(gateway: &NodeId, nonce: &[u8; 32]) -> Vec<u8> {
-    [AUTH_CONTEXT, gateway.as_bytes(), nonce].concat()
-}
-
 fn key(bytes: &[u8]) -> KeyBytes {
     let mut k = [0u8; 32];
     k.copy_from_slice(&bytes[..32]);
@@ -94,9 +84,6 @@ fn key(bytes: &[u8]) -> KeyBytes {
 impl ServerMessage {
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            ServerMessage::Challenge { nonce, gateway } => {
-                [&[CHALLENGE][..], nonce, gateway.as_bytes()].concat()
-            }
             ServerMessage::AuthOk => vec![AUTH_OK],
             ServerMessage::Deliver {
                 id,
@@ -109,14 +96,6 @@ impl ServerMessage {
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
         let (&t, rest) = bytes.split_first().ok_or(ProtocolError::Empty)?;
         match t {
-            CHALLENGE if rest.len() == 64 => {
-                let mut nonce = [0u8; 32];
-                nonce.copy_from_slice(&rest[..32]);
-                Ok(ServerMessage::Challenge {
-                    nonce,
-                    gateway: key(&rest[32..]),
-                })
-            }
             AUTH_OK if rest.is_empty() => Ok(ServerMessage::AuthOk),
             DELIVER if rest.len() >= 8 + IDENTIFIER_SIZE => {
                 let mut id = [0u8; 8];
@@ -129,7 +108,7 @@ impl ServerMessage {
                     body: rest[8 + IDENTIFIER_SIZE..].to_vec(),
                 })
             }
-            CHALLENGE | AUTH_OK | DELIVER => Err(ProtocolError::BadLength(t, bytes.len())),
+            AUTH_OK | DELIVER => Err(ProtocolError::BadLength(t, bytes.len())),
             other => Err(ProtocolError::UnknownType(other)),
         }
     }
@@ -175,12 +154,16 @@ impl ClientMessage {
                     packet,
                 })
             }
-            ACK if rest.len() % 8 == 0 && !rest.is_empty() => Ok(ClientMessage::Ack {
-                ids: rest
-                    .chunks_exact(8)
-                    .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                    .collect(),
-            }),
+            ACK if rest.len() % 8 == 0 && !rest.is_empty() && rest.len() / 8 <= MAX_ACK_IDS => {
+                Ok(ClientMessage::Ack {
+                    ids: rest
+                        .chunks_exact(8)
+                        .map(|c| {
+                            u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+                        })
+                        .collect(),
+                })
+            }
             AUTH | SEND | ACK => Err(ProtocolError::BadLength(t, bytes.len())),
             other => Err(ProtocolError::UnknownType(other)),
         }
@@ -195,10 +178,6 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let server = [
-            ServerMessage::Challenge {
-                nonce: [3; 32],
-                gateway: KeyBytes([4; 32]),
-            },
             ServerMessage::AuthOk,
             ServerMessage::Deliver {
                 id: 9,
@@ -224,7 +203,7 @@ mod tests {
         ];
         for m in client {
             let bytes = m.encode();
-            assert!(bytes.len() <= MAX_CLIENT_FRAME);
+            assert!(bytes.len() <= MAX_CLIENT_MESSAGE);
             assert_eq!(ClientMessage::decode(&bytes).unwrap(), m);
         }
     }
