@@ -25,8 +25,8 @@ PANELS = [
          "Every drop counts one reason; an empty panel is a healthy node."),
         ("Drop ratio", "percentunit", [("{{instance}}", f'sum by (instance) (rate(nym_node_packets_dropped_total{{{SEL}}}[5m])) / clamp_min(sum by (instance) (rate(nym_node_packets_received_total{{{SEL}}}[5m])), 1e-9)')],
          "Dropped / received over 5 minutes."),
-        ("Loop cover discarded", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_cover_packets_received_total{{{SEL}}}[1m]))')],
-         "Clients' loop cover traffic reaching its final hop."),
+        ("SURB-ACKs sent (gateways)", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_gateway_acks_sent_total{{{SEL}}}[1m]))')],
+         "Acknowledgements sent back for stored payloads, messages and loop cover alike."),
     ]),
     ("Where packets wait", [
         ("Stage latency p99", "s", [("{{stage}}", f'histogram_quantile(0.99, sum by (le, stage) (rate(nym_node_packet_stage_seconds_bucket{{{SEL}}}[5m])))')],

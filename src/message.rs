@@ -1,12 +1,12 @@
 //! The plaintext a forward Sphinx packet carries to its final hop (see `docs/protocol.md`).
 //!
-//! The final-hop gateway reads only this envelope: whether the packet is loop cover (dropped
-//! there, counted), and the SURB-ACK to send back to the sender. The fragment inside is the
-//! client's business and is passed on untouched.
+//! The final-hop gateway reads only this envelope: the SURB-ACK to send back to the sender,
+//! and the fragment, sealed end to end, to store for the destination client. Messages and
+//! loop cover look the same here; only the client that opens the fragment can tell them
+//! apart.
 //!
 //! ```text
-//! kind = 1 (data):  [1][ack_len: u16 BE][SURB-ACK: ack_len bytes][fragment ...]
-//! kind = 2 (cover): [2][anything]
+//! kind = 1 (data):  [1][ack_len: u16 BE][SURB-ACK: ack_len bytes][sealed fragment ...]
 //! ```
 
 use crate::mixnet::sphinx::PAYLOAD_SIZE;
@@ -17,17 +17,15 @@ pub const SPHINX_PAYLOAD_OVERHEAD: usize = 17;
 pub const MAX_PLAINTEXT: usize = PAYLOAD_SIZE - SPHINX_PAYLOAD_OVERHEAD;
 
 const KIND_DATA: u8 = 1;
-const KIND_COVER: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Envelope {
-    /// A fragment of a client message, with the SURB-ACK (if any) the final hop must send back.
+    /// A fragment of a client message (or a loop), with the SURB-ACK (if any) the final hop
+    /// must send back.
     Data {
         ack: Option<Vec<u8>>,
         fragment: Vec<u8>,
     },
-    /// Loop cover traffic: discarded by the final hop.
-    Cover,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -45,7 +43,6 @@ pub enum EnvelopeError {
 impl Envelope {
     pub fn encode(&self) -> Result<Vec<u8>, EnvelopeError> {
         let out = match self {
-            Envelope::Cover => vec![KIND_COVER],
             Envelope::Data { ack, fragment } => {
                 let ack = ack.as_deref().unwrap_or(&[]);
                 let mut out = Vec::with_capacity(3 + ack.len() + fragment.len());
@@ -65,7 +62,6 @@ impl Envelope {
     pub fn decode(plaintext: &[u8]) -> Result<Envelope, EnvelopeError> {
         let (&kind, rest) = plaintext.split_first().ok_or(EnvelopeError::Empty)?;
         match kind {
-            KIND_COVER => Ok(Envelope::Cover),
             KIND_DATA => {
                 let len = rest.get(..2).ok_or(EnvelopeError::Truncated)?;
                 let len = u16::from_be_bytes([len[0], len[1]]) as usize;
@@ -94,7 +90,6 @@ mod tests {
     #[test]
     fn round_trips() {
         for e in [
-            Envelope::Cover,
             Envelope::Data {
                 ack: None,
                 fragment: b"abc".to_vec(),
@@ -122,6 +117,8 @@ mod tests {
     fn bad_envelopes_are_errors() {
         assert_eq!(Envelope::decode(&[]), Err(EnvelopeError::Empty));
         assert_eq!(Envelope::decode(&[9]), Err(EnvelopeError::UnknownKind(9)));
+        // The old cover kind is gone: the gateway has no way to tell cover from messages.
+        assert_eq!(Envelope::decode(&[2]), Err(EnvelopeError::UnknownKind(2)));
         assert_eq!(Envelope::decode(&[1, 0]), Err(EnvelopeError::Truncated));
         assert_eq!(
             Envelope::decode(&[1, 0, 5, 1]),

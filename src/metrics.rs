@@ -204,7 +204,6 @@ pub struct Metrics {
     pub packets_received: IntCounter,
     pub packets_forwarded: IntCounter,
     pub packets_delivered: IntCounter,
-    pub cover_packets_received: IntCounter,
     pub packets_released_early: IntCounter,
     drops: Vec<IntCounter>,
     pub delay_queue_packets: IntGauge,
@@ -386,11 +385,6 @@ impl Metrics {
             packets_received,
             packets_forwarded,
             packets_delivered,
-            cover_packets_received: counter(
-                r,
-                "cover_packets_received_total",
-                "Loop cover packets that reached this node as their final hop and were discarded.",
-            ),
             packets_released_early: counter(
                 r,
                 "packets_released_early_total",

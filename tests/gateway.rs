@@ -571,51 +571,187 @@ async fn a_reply_through_a_surb_reaches_the_original_sender() {
     net.stop().await;
 }
 
+/// Payloads stored and acks sent by the gateway while `phase` runs, once both settled.
+async fn gateway_counts<T>(
+    net: &Net,
+    phase: impl std::future::Future<Output = T>,
+) -> (T, u64, u64) {
+    let m = net.node("gateway").metrics.clone();
+    let (d0, a0) = (m.packets_delivered.get(), m.acks_sent.get());
+    let out = phase.await;
+    // Let everything in flight land: the counters stop moving.
+    let mut last = (0, 0);
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = (m.packets_delivered.get() - d0, m.acks_sent.get() - a0);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    (out, last.0, last.1)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cover_traffic_is_dropped_at_the_gateway_and_counted() {
+async fn cover_and_messages_look_the_same_at_the_gateway() {
+    const N: u64 = 1000;
     let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
     let gw = net.member("gateway").entry.identity_key;
-    let mut c = MixClient::start(
+
+    // 1,000 loop cover packets and nothing else.
+    let looping = MixClient::start(
         ClientConfig {
-            cover_rate: 50.0,
+            cover_rate: 200.0,
             ..config(&net.topology_path, gw)
         },
         Identity::generate().unwrap(),
     )
     .await
     .unwrap();
-    let me = c.address();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    c.send(me, b"real".to_vec(), 0).await.unwrap();
-    let got = receive(&mut c, 1, Duration::from_secs(10)).await;
+    let ((), cover_stored, cover_acks) = gateway_counts(&net, async {
+        while looping
+            .stats()
+            .loops_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < N
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        looping.stop().await;
+    })
+    .await;
+
+    // 1,000 one-packet messages to an offline client of the same gateway, at the same
+    // pace (idle slots carry loops, which count the same way).
+    let recipient = Identity::generate().unwrap();
+    let to = ClientAddress::of(&recipient, gw);
+    let mut sender = MixClient::start(
+        ClientConfig {
+            cover_rate: 200.0,
+            ..config(&net.topology_path, gw)
+        },
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
+    let (packets, real_stored, real_acks) = gateway_counts(&net, async {
+        for i in 0..N {
+            sender.send(to, i.to_be_bytes().to_vec(), 0).await.unwrap();
+        }
+        let acked = acknowledged(&mut sender, N as usize, Duration::from_secs(60)).await;
+        let st = sender.stats();
+        assert_eq!(
+            acked,
+            N as usize,
+            "sent {} retransmitted {} acks {}",
+            st.packets_sent.load(std::sync::atomic::Ordering::Relaxed),
+            st.retransmissions
+                .load(std::sync::atomic::Ordering::Relaxed),
+            st.acks_received.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        // Stopped here, so no loop of its own is still on its way when counting ends.
+        let packets = st.packets_sent.load(std::sync::atomic::Ordering::Relaxed);
+        sender.stop().await;
+        packets
+    })
+    .await;
+
+    // Both kinds: every packet stored, acknowledged once, and its ack stored for its sender.
+    println!(
+        "cover: stored {cover_stored} acks {cover_acks}; messages ({packets} packets): stored {real_stored} acks {real_acks}"
+    );
+    assert!(cover_acks >= N, "every loop acknowledged ({cover_acks})");
     assert_eq!(
-        got,
-        vec![b"real".to_vec()],
-        "the client only sees its real message"
+        cover_stored,
+        2 * cover_acks,
+        "a loop and its ack, each stored once"
     );
-    let m = net.node("gateway").metrics.clone();
-    let cover = c
-        .stats()
-        .cover_sent
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert!(cover >= 20, "about 50 cover packets a second ({cover})");
-    assert!(
-        eventually(Duration::from_secs(10), || m.cover_packets_received.get()
-            >= cover - 5)
-        .await,
-        "the gateway discards the client's loop cover ({} of {cover})",
-        m.cover_packets_received.get()
+    assert_eq!(
+        real_acks, packets,
+        "one ack per packet (messages and the loops between them)"
     );
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            m.sample();
-            m.mailbox_payloads.get() == 0
-        })
-        .await,
-        "cover is never stored"
+    assert_eq!(
+        real_stored,
+        2 * real_acks,
+        "a message and its ack, each stored once"
     );
-    c.stop().await;
+
+    // What the gateway holds for the offline recipient: sealed fragments, all one size,
+    // the size a loop's sealed fragment has too (read from the store once the node stopped).
+    let mut net = net;
+    let dir = std::mem::replace(&mut net.dir, tempfile::tempdir().unwrap());
     net.stop().await;
+    let store = nym_node::gateway::mailbox::Mailbox::open(
+        &dir.path().join("gateway").join("mailbox.redb"),
+        1 << 30,
+    )
+    .unwrap();
+    let stored = store.fetch_after(&to.identity, 0, N as usize + 10).unwrap();
+    assert_eq!(stored.len() as u64, N);
+    let sizes: std::collections::BTreeSet<usize> = stored.iter().map(|s| s.body.len()).collect();
+    assert_eq!(
+        sizes.into_iter().collect::<Vec<_>>(),
+        vec![nym_node::message::Envelope::fragment_capacity(
+            nym_node::client::SURB_ACK_SIZE
+        )]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loops_dropped_in_the_network_are_reported_missing() {
+    use std::sync::atomic::Ordering::Relaxed;
+    async fn run(net: &Net) -> (u64, u64, u64) {
+        let gw = net.member("gateway").entry.identity_key;
+        let c = MixClient::start(
+            ClientConfig {
+                cover_rate: 50.0,
+                ..config(&net.topology_path, gw)
+            },
+            Identity::generate().unwrap(),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Stop sending; wait past the last loop's deadline.
+        // Loops keep going; after 2 s more, every loop sent in the first 3 s is settled.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let s = c.stats();
+        let counts = (
+            s.loops_sent.load(Relaxed),
+            s.loops_returned.load(Relaxed),
+            s.loops_missing.load(Relaxed),
+        );
+        c.stop().await;
+        counts
+    }
+    let healthy = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
+    let (sent, returned, missing) = run(&healthy).await;
+    println!("healthy: loops sent {sent} returned {returned} missing {missing}");
+    assert!(sent >= 100, "about 50 loops a second ({sent})");
+    assert!(
+        returned >= sent * 8 / 10,
+        "loops come back ({returned} of {sent})"
+    );
+    assert!(
+        missing <= sent / 20,
+        "a healthy network loses none ({missing} of {sent})"
+    );
+    healthy.stop().await;
+
+    // Layer 2 loses every second packet: about half the loops never come back.
+    let lossy = |name: &str| TestHooks {
+        lose_every: name.starts_with("mix-2").then_some(2),
+        ..TestHooks::default()
+    };
+    let broken = Net::start(&three_layers(), |_, _| {}, lossy).await;
+    let (sent, returned, missing) = run(&broken).await;
+    println!("lossy: loops sent {sent} returned {returned} missing {missing}");
+    assert!(
+        missing >= sent / 4,
+        "lost loops are reported missing ({missing} of {sent})"
+    );
+    assert!(returned > 0);
+    broken.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

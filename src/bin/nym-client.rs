@@ -30,6 +30,10 @@ struct Cli {
     /// Poisson rate (packets/s) of outgoing packets; idle slots carry loop cover. 0 disables cover traffic.
     #[arg(long, default_value_t = 20.0)]
     cover_rate: f64,
+    /// Share (0 to 1) of cover slots that carry drop cover to a made-up client of a random
+    /// gateway instead of a loop back to this client.
+    #[arg(long, default_value_t = 0.0)]
+    drop_cover_ratio: f64,
     /// Do not ask for acknowledgements (and so never retransmit).
     #[arg(long)]
     no_acks: bool,
@@ -125,6 +129,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         gateway: cli.gateway,
         mean_delay: cli.mean_delay,
         cover_rate: cli.cover_rate,
+        drop_cover_ratio: cli.drop_cover_ratio.clamp(0.0, 1.0),
         acks: !cli.no_acks,
         max_retransmissions: cli.max_retransmissions,
         ..ClientConfig::default()

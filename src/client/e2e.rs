@@ -3,7 +3,13 @@
 //!
 //! HPKE (RFC 9180) in base mode with DHKEM(X25519, HKDF-SHA256), HKDF-SHA256 and
 //! ChaCha20-Poly1305, single-shot: each fragment (each transmission of it) gets its own
-//! encapsulated key. A sealed fragment is `enc (32) || ciphertext (plaintext + 16)`.
+//! encapsulated key. The plaintext is padded to a fixed length first, so every sealed
+//! fragment of a client is the same size whatever it carries (a message's last piece, a
+//! loop):
+//!
+//! ```text
+//! sealed = enc (32) || HPKE-seal(len:u16 || fragment || zero padding) (+16)
+//! ```
 //!
 //! A client's encryption key pair is derived from its identity secret (HPKE's own
 //! `DeriveKeyPair` over a domain-separated input), so one identity file holds both keys and
@@ -16,8 +22,8 @@ use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
 
 use crate::keys::{Identity, KeyBytes};
 
-/// Bytes a sealed fragment adds: the encapsulated key and the AEAD tag.
-pub const OVERHEAD: usize = 32 + 16;
+/// Bytes a sealed fragment adds: the encapsulated key, the AEAD tag and the length prefix.
+pub const OVERHEAD: usize = 32 + 16 + 2;
 
 /// HPKE `info`: binds every ciphertext to this protocol and its purpose.
 const INFO: &[u8] = b"nym-node-rs/fragment/1";
@@ -34,6 +40,10 @@ pub enum E2eError {
     BadKey,
     #[error("sealing failed")]
     Seal,
+    #[error("a fragment of {0} bytes does not fit a sealed size of {1}")]
+    TooLarge(usize, usize),
+    #[error("padding announces more than the sealed fragment holds")]
+    BadPadding,
 }
 
 /// A client's encryption key pair.
@@ -68,7 +78,7 @@ impl EncryptionKey {
         let (enc, ciphertext) = sealed.split_at(32);
         let enc = <X25519HkdfSha256 as hpke::Kem>::EncappedKey::from_bytes(enc)
             .map_err(|_| E2eError::Open)?;
-        hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256>(
+        let padded = hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256>(
             &OpModeR::Base,
             &self.secret,
             &enc,
@@ -76,12 +86,27 @@ impl EncryptionKey {
             ciphertext,
             &[],
         )
-        .map_err(|_| E2eError::Open)
+        .map_err(|_| E2eError::Open)?;
+        let [hi, lo, ..] = padded[..] else {
+            return Err(E2eError::BadPadding);
+        };
+        let len = u16::from_be_bytes([hi, lo]) as usize;
+        padded
+            .get(2..2 + len)
+            .map(<[u8]>::to_vec)
+            .ok_or(E2eError::BadPadding)
     }
 }
 
-/// Seals a fragment to a recipient's encryption key.
-pub fn seal(to: &KeyBytes, plaintext: &[u8]) -> Result<Vec<u8>, E2eError> {
+/// Seals a fragment to a recipient's encryption key, padded so the result is exactly
+/// `sealed_len` bytes.
+pub fn seal(to: &KeyBytes, fragment: &[u8], sealed_len: usize) -> Result<Vec<u8>, E2eError> {
+    if fragment.len() + OVERHEAD > sealed_len || sealed_len - OVERHEAD + 2 > u16::MAX as usize {
+        return Err(E2eError::TooLarge(fragment.len(), sealed_len));
+    }
+    let mut plaintext = vec![0u8; sealed_len - OVERHEAD + 2];
+    plaintext[..2].copy_from_slice(&(fragment.len() as u16).to_be_bytes());
+    plaintext[2..2 + fragment.len()].copy_from_slice(fragment);
     let public = <X25519HkdfSha256 as hpke::Kem>::PublicKey::from_bytes(&to.0)
         .map_err(|_| E2eError::BadKey)?;
     let (enc, ciphertext) =
@@ -89,11 +114,11 @@ pub fn seal(to: &KeyBytes, plaintext: &[u8]) -> Result<Vec<u8>, E2eError> {
             &OpModeS::Base,
             &public,
             INFO,
-            plaintext,
+            &plaintext,
             &[],
         )
         .map_err(|_| E2eError::Seal)?;
-    let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
+    let mut out = Vec::with_capacity(sealed_len);
     out.extend_from_slice(&enc.to_bytes());
     out.extend_from_slice(&ciphertext);
     Ok(out)
@@ -109,11 +134,17 @@ mod tests {
         let key = EncryptionKey::derive(&me);
         // Derivation is deterministic: the address can be recomputed from the identity.
         assert_eq!(key.public(), EncryptionKey::derive(&me).public());
-        let sealed = seal(&key.public(), b"a fragment").unwrap();
-        assert_eq!(sealed.len(), b"a fragment".len() + OVERHEAD);
+        let sealed = seal(&key.public(), b"a fragment", 500).unwrap();
+        assert_eq!(sealed.len(), 500, "padded to the fixed size");
         assert_eq!(key.open(&sealed).unwrap(), b"a fragment");
+        assert_eq!(seal(&key.public(), &[7; 450], 500).unwrap().len(), 500);
+        assert_eq!(
+            key.open(&seal(&key.public(), &[], 500).unwrap()).unwrap(),
+            b""
+        );
+        assert!(seal(&key.public(), &[7; 451], 500).is_err());
         // Two seals of the same plaintext differ (fresh encapsulation each time).
-        assert_ne!(sealed, seal(&key.public(), b"a fragment").unwrap());
+        assert_ne!(sealed, seal(&key.public(), b"a fragment", 500).unwrap());
         for i in [0, 31, 32, sealed.len() - 1] {
             let mut bad = sealed.clone();
             bad[i] ^= 1;

@@ -22,7 +22,7 @@ pub mod packet;
 pub mod probe;
 pub mod route;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -103,6 +103,9 @@ pub struct ClientConfig {
     pub mean_delay: Duration,
     /// Poisson rate of outgoing packets (real or cover) per second; 0 sends at once, no cover.
     pub cover_rate: f64,
+    /// Share of cover slots that carry drop cover (to a made-up client of a random gateway)
+    /// instead of a loop back to ourselves.
+    pub drop_cover_ratio: f64,
     /// Send SURB-ACKs and retransmit what is not acknowledged.
     pub acks: bool,
     /// Added to a packet's expected round trip before it is retransmitted.
@@ -118,6 +121,7 @@ impl Default for ClientConfig {
             gateway: None,
             mean_delay: Duration::from_millis(50),
             cover_rate: 20.0,
+            drop_cover_ratio: 0.0,
             acks: true,
             ack_slack: Duration::from_millis(1500),
             max_retransmissions: 6,
@@ -176,6 +180,12 @@ pub struct ClientStats {
     /// Delivered fragments that did not decrypt (altered on the way or at the gateway, or
     /// not for us): dropped, never passed on.
     pub fragments_rejected: AtomicU64,
+    /// Loop cover packets sent, come back, and not back within their expected time.
+    pub loops_sent: AtomicU64,
+    pub loops_returned: AtomicU64,
+    pub loops_missing: AtomicU64,
+    /// Drop cover packets sent (to made-up clients).
+    pub drop_cover_sent: AtomicU64,
 }
 
 enum Command {
@@ -245,6 +255,8 @@ impl MixClient {
             replies: HashMap::new(),
             reassembler: Reassembler::new(1024, 65_536),
             to_ack: Vec::new(),
+            loops: HashSet::new(),
+            cover_acks: HashSet::new(),
             stop: stop.clone(),
         };
         let task = tokio::spawn(actor.run());
@@ -353,6 +365,18 @@ struct Ready {
 
 type FragmentKey = (MessageId, u16);
 
+/// Fragment index under which a loop's deadline is kept (messages never have this many).
+const LOOP_INDEX: u16 = u16::MAX;
+
+/// A data packet ready to go, and what it should take.
+struct Built {
+    ready: Ready,
+    /// Sum of its per-hop delays: when it should reach its destination's mailbox.
+    forward_delay: Duration,
+    /// Its SURB-ACK's identifier and expected round trip, when acks are on.
+    ack: Option<([u8; IDENTIFIER_SIZE], Duration)>,
+}
+
 struct Fragment {
     to: ClientAddress,
     /// The fragment as sent (header + data), or the reply SURB it must go through.
@@ -385,6 +409,10 @@ struct Actor {
     replies: HashMap<[u8; IDENTIFIER_SIZE], SurbReplyRecovery>,
     reassembler: Reassembler,
     to_ack: Vec<u64>,
+    /// Loops out in the mixnet, by their fragment's message id.
+    loops: HashSet<MessageId>,
+    /// SURB-ACK identifiers of cover packets (absorbed when they come back).
+    cover_acks: HashSet<[u8; IDENTIFIER_SIZE]>,
     stop: CancellationToken,
 }
 
@@ -496,12 +524,7 @@ impl Actor {
             reply_surbs: surbs,
         }
         .encode();
-        let ack_len = if self.config.acks { SURB_ACK_SIZE } else { 0 };
-        let fragments = chunking::split(
-            id,
-            &message,
-            Envelope::fragment_capacity(ack_len) - e2e::OVERHEAD,
-        )?;
+        let fragments = chunking::split(id, &message, self.sealed_len() - e2e::OVERHEAD)?;
         self.messages.insert(
             id,
             Outgoing {
@@ -565,24 +588,30 @@ impl Actor {
         Ok(())
     }
 
-    /// Builds a packet (with a fresh route and SURB-ACK) for a fragment and queues it.
-    fn prepare(&mut self, key: FragmentKey) -> Result<(), ClientError> {
-        let topology = self.topology.current().ok_or(ClientError::Stopped)?;
-        let Some(fragment) = self.fragments.get_mut(&key) else {
-            return Ok(());
-        };
-        let route = route::choose(&topology, &fragment.to.gateway)?;
+    /// Every sealed fragment of this client has this size, so a gateway sees no difference
+    /// between a message's pieces and a loop.
+    fn sealed_len(&self) -> usize {
+        Envelope::fragment_capacity(if self.config.acks { SURB_ACK_SIZE } else { 0 })
+    }
+
+    /// Seals `fragment` to `to` and wraps it in a Sphinx packet along a fresh route, with a
+    /// fresh SURB-ACK back to us when acks are on.
+    fn build_data(
+        &self,
+        topology: &Topology,
+        to: &ClientAddress,
+        fragment: &[u8],
+    ) -> Result<Built, ClientError> {
+        let route = route::choose(topology, &to.gateway)?;
         let delays = packet::sample_delays(route.len(), self.config.mean_delay);
         let (ack, tracked) = if self.config.acks {
             let identifier = new_identifier()?;
-            let ack_route = route::choose(&topology, &self.address.gateway)?;
+            let ack_route = route::choose(topology, &self.address.gateway)?;
             let ack_delays = packet::sample_delays(ack_route.len(), self.config.mean_delay);
             let (surb, _recovery) =
                 packet::build_surb(&ack_route, &self.address.identity, identifier, &ack_delays)?;
             let expected: Duration = delays.iter().chain(ack_delays.iter()).sum();
-            fragment.identifiers.push(identifier);
-            self.by_identifier.insert(identifier, key);
-            (Some(surb), Some((key, identifier, expected)))
+            (Some(surb), Some((identifier, expected)))
         } else {
             (None, None)
         };
@@ -590,17 +619,38 @@ impl Actor {
         // and two copies of one fragment do not look alike.
         let envelope = Envelope::Data {
             ack,
-            fragment: e2e::seal(&fragment.to.encryption, &fragment.bytes)?,
+            fragment: e2e::seal(&to.encryption, fragment, self.sealed_len())?,
         }
         .encode()
         .map_err(|e| packet::PacketError::from_message(e.to_string()))?;
-        let (first_hop, packet) =
-            packet::build_forward(&route, &fragment.to.identity, &envelope, &delays)?;
-        self.outbox.push_back(Ready {
-            first_hop,
-            packet,
-            tracked,
-        });
+        let (first_hop, packet) = packet::build_forward(&route, &to.identity, &envelope, &delays)?;
+        Ok(Built {
+            ready: Ready {
+                first_hop,
+                packet,
+                tracked: None,
+            },
+            forward_delay: delays.iter().sum(),
+            ack: tracked,
+        })
+    }
+
+    /// Builds a packet (with a fresh route and SURB-ACK) for a fragment and queues it.
+    fn prepare(&mut self, key: FragmentKey) -> Result<(), ClientError> {
+        let topology = self.topology.current().ok_or(ClientError::Stopped)?;
+        let Some(fragment) = self.fragments.get(&key) else {
+            return Ok(());
+        };
+        let (to, bytes) = (fragment.to, fragment.bytes.clone());
+        let Built { mut ready, ack, .. } = self.build_data(&topology, &to, &bytes)?;
+        if let Some((identifier, expected)) = ack {
+            if let Some(fragment) = self.fragments.get_mut(&key) {
+                fragment.identifiers.push(identifier);
+            }
+            self.by_identifier.insert(identifier, key);
+            ready.tracked = Some((key, identifier, expected));
+        }
+        self.outbox.push_back(ready);
         Ok(())
     }
 
@@ -609,31 +659,74 @@ impl Actor {
             self.transmit(ready).await;
             return;
         }
-        match self.cover_packet() {
-            Ok(ready) => {
-                if self.transmit(ready).await {
-                    self.stats.cover_sent.fetch_add(1, Ordering::Relaxed);
-                }
+        let drop = self.config.drop_cover_ratio > 0.0
+            && rand::random::<f64>() < self.config.drop_cover_ratio;
+        let cover = if drop {
+            self.drop_cover()
+        } else {
+            self.loop_cover()
+        };
+        let (built, loop_id) = match cover {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot build a cover packet");
+                return;
             }
-            Err(e) => tracing::debug!(error = %e, "cannot build a cover packet"),
+        };
+        if !self.transmit(built.ready).await {
+            return;
+        }
+        self.stats.cover_sent.fetch_add(1, Ordering::Relaxed);
+        if let Some((identifier, _)) = built.ack {
+            self.cover_acks.insert(identifier);
+        }
+        match loop_id {
+            Some(id) => {
+                self.stats.loops_sent.fetch_add(1, Ordering::Relaxed);
+                self.loops.insert(id);
+                // Back in our mailbox after its forward delays; the slack covers the rest.
+                self.deadlines.push(
+                    Instant::now() + built.forward_delay + self.config.ack_slack,
+                    ([0; IDENTIFIER_SIZE], (id, LOOP_INDEX)),
+                );
+            }
+            None => {
+                self.stats.drop_cover_sent.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
-    /// A loop cover packet: through the mixnet and back to our own gateway, which drops it.
-    fn cover_packet(&self) -> Result<Ready, ClientError> {
+    /// An empty fragment (one piece of an empty message) under a fresh id.
+    fn empty_fragment(&self) -> Result<(MessageId, Vec<u8>), ClientError> {
+        let id = new_id()?;
+        let fragment = chunking::split(id, &[], self.sealed_len() - e2e::OVERHEAD)?
+            .pop()
+            .unwrap_or_default();
+        Ok((id, fragment))
+    }
+
+    /// Loop cover: a sealed, acknowledged packet to ourselves through the mixnet, like any
+    /// message. Our gateway stores and acknowledges it as it does everything; only we can
+    /// tell it is a loop, once it comes back and opens. One that does not come back in time
+    /// is counted missing: packets are being dropped or delayed somewhere.
+    fn loop_cover(&self) -> Result<(Built, Option<MessageId>), ClientError> {
         let topology = self.topology.current().ok_or(ClientError::Stopped)?;
-        let route = route::choose(&topology, &self.address.gateway)?;
-        let delays = packet::sample_delays(route.len(), self.config.mean_delay);
-        let envelope = Envelope::Cover
-            .encode()
-            .map_err(|e| packet::PacketError::from_message(e.to_string()))?;
-        let (first_hop, packet) =
-            packet::build_forward(&route, &self.address.identity, &envelope, &delays)?;
-        Ok(Ready {
-            first_hop,
-            packet,
-            tracked: None,
-        })
+        let (id, fragment) = self.empty_fragment()?;
+        Ok((
+            self.build_data(&topology, &self.address, &fragment)?,
+            Some(id),
+        ))
+    }
+
+    /// Drop cover: a sealed packet to a made-up client of a random gateway, which keeps it
+    /// under its budget for unknown clients until it expires; nobody can open it.
+    fn drop_cover(&self) -> Result<(Built, Option<MessageId>), ClientError> {
+        let topology = self.topology.current().ok_or(ClientError::Stopped)?;
+        let gateway = route::choose_gateway(&topology)?.identity_key;
+        let nobody = Identity::generate().map_err(|e| ClientError::Random(e.to_string()))?;
+        let (_, fragment) = self.empty_fragment()?;
+        let built = self.build_data(&topology, &ClientAddress::of(&nobody, gateway), &fragment)?;
+        Ok((built, None))
     }
 
     async fn flush_outbox(&mut self) {
@@ -672,6 +765,12 @@ impl Actor {
     fn retransmit_due(&mut self) {
         let now = Instant::now();
         while let Some((_, (identifier, key))) = self.deadlines.pop_due(now) {
+            if key.1 == LOOP_INDEX {
+                if self.loops.remove(&key.0) {
+                    self.stats.loops_missing.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
             // Only the newest copy's deadline counts; older copies were already replaced.
             let Some(fragment) = self.fragments.get_mut(&key) else {
                 continue;
@@ -728,6 +827,9 @@ impl Actor {
         self.to_ack.push(id);
         if identifier == [0u8; IDENTIFIER_SIZE] {
             match self.encryption.open(&body) {
+                Ok(fragment) if self.is_returning_loop(&fragment) => {
+                    self.stats.loops_returned.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(fragment) => self.receive_fragment(&fragment).await,
                 Err(e) => {
                     // Acknowledged to the gateway all the same, so it is not redelivered.
@@ -755,6 +857,9 @@ impl Actor {
             }
             return;
         }
+        if self.cover_acks.remove(&identifier) {
+            return;
+        }
         if let Some(recovery) = self.replies.remove(&identifier) {
             match packet::open_reply(&recovery, &body) {
                 Ok(plaintext) => match Envelope::decode(&plaintext) {
@@ -769,6 +874,17 @@ impl Actor {
         self.stats
             .duplicates_dropped
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// True (and the loop forgotten) when an opened fragment is one of our loops.
+    fn is_returning_loop(&mut self, fragment: &[u8]) -> bool {
+        let Some(id) = fragment.get(..chunking::MESSAGE_ID_SIZE) else {
+            return false;
+        };
+        let Ok(id) = MessageId::try_from(id) else {
+            return false;
+        };
+        self.loops.remove(&id)
     }
 
     async fn receive_fragment(&mut self, fragment: &[u8]) {

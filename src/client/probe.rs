@@ -19,6 +19,10 @@ pub struct ProbeReport {
     pub retransmissions: u64,
     pub packets_sent: u64,
     pub cover_sent: u64,
+    /// Loop cover sent, come back, and not back in time (dropped or late in the network).
+    pub loops_sent: u64,
+    pub loops_returned: u64,
+    pub loops_missing: u64,
     /// End-to-end latency of each delivered message (send call to receipt).
     pub latencies: Vec<Duration>,
     pub elapsed: Duration,
@@ -42,7 +46,7 @@ impl ProbeReport {
     /// One line a script can grep: `sent=N delivered=M ...`.
     pub fn summary(&self) -> String {
         format!(
-            "sent={} delivered={} failed={} duplicates={} retransmissions={} packets_sent={} cover_sent={} p50_ms={:.1} p99_ms={:.1} elapsed_s={:.1}",
+            "sent={} delivered={} failed={} duplicates={} retransmissions={} packets_sent={} cover_sent={} loops_returned={} loops_missing={} p50_ms={:.1} p99_ms={:.1} elapsed_s={:.1}",
             self.sent,
             self.delivered,
             self.failed,
@@ -50,6 +54,8 @@ impl ProbeReport {
             self.retransmissions,
             self.packets_sent,
             self.cover_sent,
+            self.loops_returned,
+            self.loops_missing,
             self.percentile(0.5).as_secs_f64() * 1000.0,
             self.percentile(0.99).as_secs_f64() * 1000.0,
             self.elapsed.as_secs_f64(),
@@ -116,6 +122,9 @@ pub async fn run(
     report.retransmissions = stats.retransmissions.load(Ordering::Relaxed);
     report.packets_sent = stats.packets_sent.load(Ordering::Relaxed);
     report.cover_sent = stats.cover_sent.load(Ordering::Relaxed);
+    report.loops_sent = stats.loops_sent.load(Ordering::Relaxed);
+    report.loops_returned = stats.loops_returned.load(Ordering::Relaxed);
+    report.loops_missing = stats.loops_missing.load(Ordering::Relaxed);
     report.elapsed = start.elapsed();
     report
 }

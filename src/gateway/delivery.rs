@@ -2,8 +2,10 @@
 //!
 //! Each batch is stored in the mailbox in one transaction first; only then is the
 //! SURB-ACK sent back through the mixnet (an acknowledgement means "stored durably") and
-//! the client's session woken. Loop cover is discarded here, counted. A payload the
-//! mailbox refuses (quota) gets no acknowledgement, so its sender retransmits it later.
+//! the client's session woken. Loop cover is stored and acknowledged like everything else:
+//! it is sealed end to end, so the gateway cannot tell it from a message (its client
+//! recognises it after decryption). A payload the mailbox refuses (quota) gets no
+//! acknowledgement, so its sender retransmits it later.
 
 use std::sync::Arc;
 
@@ -110,10 +112,6 @@ impl Delivery {
             }
         };
         match envelope {
-            Ok(Envelope::Cover) => {
-                self.metrics.cover_packets_received.inc();
-                None
-            }
             Ok(Envelope::Data { ack, fragment }) => Some(Parsed {
                 incoming: Incoming {
                     client: hop.destination,
