@@ -143,6 +143,10 @@ knobs! {
     mailbox_retention: DurationKnob = "24h";
     /// Gateways: bytes one client may have stored; newer payloads beyond it are refused (and not acknowledged, so senders retry).
     mailbox_quota_bytes: u64 = "67108864";
+    /// Gateways: bytes all clients' stored payloads may take together, so no mix of destinations can fill the disk; beyond it new payloads are refused.
+    mailbox_max_bytes: u64 = "1073741824";
+    /// Gateways: bytes the payloads for clients that never opened a session here may take together (made-up destinations, drop cover, clients not yet online); they cannot crowd out the gateway's own clients.
+    mailbox_unregistered_bytes: u64 = "16777216";
     /// Gateways: packets per second one client session may send on average.
     client_rate: u32 = "500";
     /// Gateways: packets one client session may send in a burst above its rate.

@@ -249,9 +249,13 @@ pub async fn start(
     let accept_loop = ingress.abort_handle();
     let mut gateway_tasks = Vec::new();
     if let (Some(rx), Some(client_listener)) = (deliver_rx, listeners.client) {
-        let mailbox = Arc::new(Mailbox::open(
+        let mailbox = Arc::new(Mailbox::open_with(
             &config.data_dir.join("mailbox.redb"),
-            config.mailbox_quota_bytes,
+            crate::gateway::mailbox::Limits {
+                per_client: config.mailbox_quota_bytes,
+                total: config.mailbox_max_bytes,
+                unregistered: config.mailbox_unregistered_bytes,
+            },
         )?);
         let stored = mailbox.clone();
         metrics.add_sampler(Box::new(move |m| {

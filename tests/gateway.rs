@@ -571,6 +571,18 @@ async fn a_reply_through_a_surb_reaches_the_original_sender() {
     net.stop().await;
 }
 
+/// The mailbox of a stopped in-process gateway, once its last task let go of the file
+/// (drop every clone of its metrics first: their sampler reads the store).
+async fn open_stopped_mailbox(path: &Path) -> nym_node::gateway::mailbox::Mailbox {
+    for _ in 0..100 {
+        if let Ok(m) = nym_node::gateway::mailbox::Mailbox::open(path, 1 << 30) {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the stopped gateway still holds {}", path.display());
+}
+
 /// Payloads stored and acks sent by the gateway while `phase` runs, once both settled.
 async fn gateway_counts<T>(
     net: &Net,
@@ -681,11 +693,7 @@ async fn cover_and_messages_look_the_same_at_the_gateway() {
     let mut net = net;
     let dir = std::mem::replace(&mut net.dir, tempfile::tempdir().unwrap());
     net.stop().await;
-    let store = nym_node::gateway::mailbox::Mailbox::open(
-        &dir.path().join("gateway").join("mailbox.redb"),
-        1 << 30,
-    )
-    .unwrap();
+    let store = open_stopped_mailbox(&dir.path().join("gateway").join("mailbox.redb")).await;
     let stored = store.fetch_after(&to.identity, 0, N as usize + 10).unwrap();
     assert_eq!(stored.len() as u64, N);
     let sizes: std::collections::BTreeSet<usize> = stored.iter().map(|s| s.body.len()).collect();
@@ -830,4 +838,96 @@ async fn a_client_over_its_rate_is_limited_and_a_draining_gateway_takes_no_new_p
         "a draining gateway drops client packets, counted as shutdown"
     );
     net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_destinations_cannot_fill_the_mailbox() {
+    const FLOOD: u32 = 10_000;
+    let mut spec = three_layers();
+    spec.push(("peer", Role::Peer));
+    let net = Net::start(
+        &spec,
+        |name, c| {
+            if name == "gateway" {
+                c.mailbox_unregistered_bytes = 300_000;
+                c.mailbox_max_bytes = 600_000;
+            }
+        },
+        no_hooks,
+    )
+    .await;
+    let gw = net.member("gateway").entry.identity_key;
+    // A registered client (it has a session) talks to itself throughout.
+    let mut mine = MixClient::start(
+        config(&net.topology_path, gw),
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
+    let me = mine.address();
+
+    // 10,000 final-hop packets for made-up clients, straight into the gateway from a peer.
+    let envelope = nym_node::message::Envelope::Data {
+        ack: None,
+        fragment: vec![0xab; 1600],
+    }
+    .encode()
+    .unwrap();
+    let mut link = net.link("peer", "gateway").await;
+    let m = net.node("gateway").metrics.clone();
+    for chunk in 0..FLOOD / 100 {
+        for i in 0..100u32 {
+            let mut nobody = [0u8; 32];
+            nobody[..4].copy_from_slice(&(chunk * 100 + i).to_be_bytes());
+            nobody[31] = 0x5a;
+            let packet = net.packet(
+                &["gateway"],
+                nym_node::keys::KeyBytes(nobody),
+                &envelope,
+                &[Duration::ZERO],
+            );
+            link.send_packet(&packet).await.unwrap();
+        }
+        if chunk % 10 == 0 {
+            mine.send(me, format!("still here {chunk}").into_bytes(), 0)
+                .await
+                .unwrap();
+        }
+        // Stay within the link's intake share: this test is about the mailbox, not shedding.
+        while m.packets_delivered.get() + m.drop_count(DropReason::MailboxFull)
+            < (chunk as u64 + 1) * 100 - 100
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let got = receive(&mut mine, 10, Duration::from_secs(20)).await;
+    assert_eq!(
+        got.len(),
+        10,
+        "the registered client's messages were stored and delivered"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || m
+            .drop_count(DropReason::MailboxFull)
+            >= 9_000)
+        .await,
+        "the flood reached the mailbox and was refused ({} refused)",
+        m.drop_count(DropReason::MailboxFull)
+    );
+    mine.stop().await;
+    // The metrics' scrape-time sampler holds the store open; let go of both.
+    drop((link, m));
+    let mut net = net;
+    let dir = std::mem::replace(&mut net.dir, tempfile::tempdir().unwrap());
+    net.stop().await;
+    let store = open_stopped_mailbox(&dir.path().join("gateway").join("mailbox.redb")).await;
+    let (total, unregistered) = store.totals().unwrap();
+    println!(
+        "after {FLOOD} made-up destinations: {total} bytes stored, {unregistered} for unregistered clients"
+    );
+    assert!(unregistered <= 300_000 && total <= 600_000);
+    assert!(
+        unregistered > 250_000,
+        "the budget was used, not bypassed ({unregistered})"
+    );
 }

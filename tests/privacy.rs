@@ -212,3 +212,76 @@ async fn a_payload_altered_at_the_gateway_is_rejected_by_the_recipient() {
     back.stop().await;
     net.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragments_stay_at_the_gateway_until_their_message_is_handed_over() {
+    let mut net = Network::start().await;
+    let recipient = Identity::generate().unwrap();
+    let to = ClientAddress::of(&recipient, net.gateway);
+    let body: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    let mut sender = MixClient::start(
+        config(&net.topology, net.gateway),
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
+    sender.send(to, body.clone(), 0).await.unwrap();
+    assert!(delivered(&mut sender, Duration::from_secs(30)).await);
+    sender.stop().await;
+
+    // Hold one fragment back, as if it had not arrived yet.
+    net.stop_gateway().await;
+    let store = Mailbox::open(&net.mailbox_path(), 1 << 30).unwrap();
+    let stored = store.fetch_after(&to.identity, 0, 100).unwrap();
+    assert_eq!(stored.len(), 4, "5000 bytes take four fragments");
+    let held_back = stored[2].clone();
+    store.ack(&to.identity, &[held_back.id]).unwrap();
+    drop(store);
+    net.start_gateway().await;
+
+    // The recipient gets three fragments: no message, so it acknowledges none of them.
+    let mut back = MixClient::start(config(&net.topology, net.gateway), recipient.clone())
+        .await
+        .unwrap();
+    assert!(
+        receive(&mut back, 1, Duration::from_secs(3))
+            .await
+            .is_empty()
+    );
+    back.stop().await;
+    net.stop_gateway().await;
+    let store = Mailbox::open(&net.mailbox_path(), 1 << 30).unwrap();
+    assert_eq!(
+        store.fetch_after(&to.identity, 0, 100).unwrap().len(),
+        3,
+        "still at the gateway"
+    );
+    // The missing fragment arrives after all.
+    store
+        .store(&[Incoming {
+            client: to.identity,
+            identifier: held_back.identifier,
+            body: held_back.body,
+        }])
+        .unwrap();
+    drop(store);
+    net.start_gateway().await;
+
+    let mut back = MixClient::start(config(&net.topology, net.gateway), recipient)
+        .await
+        .unwrap();
+    assert_eq!(
+        receive(&mut back, 1, Duration::from_secs(10)).await,
+        vec![body]
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    back.stop().await;
+    net.stop_gateway().await;
+    let store = Mailbox::open(&net.mailbox_path(), 1 << 30).unwrap();
+    assert!(
+        store.fetch_after(&to.identity, 0, 100).unwrap().is_empty(),
+        "handed over, so all four acknowledged and deleted"
+    );
+    drop(store);
+    net.stop().await;
+}

@@ -6,6 +6,9 @@
 //! receiver answer without learning who sent it.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 pub const MESSAGE_ID_SIZE: usize = 16;
 const FRAGMENT_HEADER: usize = MESSAGE_ID_SIZE + 4;
@@ -100,56 +103,128 @@ pub fn fragment_header(fragment: &[u8]) -> Result<(MessageId, u16, u16), ChunkEr
 
 struct Partial {
     count: u16,
-    parts: Vec<Option<Vec<u8>>>,
-    received: u16,
+    /// Only what arrived: a made-up `count` costs nothing until its fragments do.
+    parts: HashMap<u16, Vec<u8>>,
+    bytes: usize,
+    started: Instant,
 }
 
-/// Collects fragments until messages are complete. Memory is bounded: at most
-/// `max_partial` incomplete messages (the oldest is forgotten first), and the ids of the
-/// last `remember_completed` complete messages are kept to drop late duplicates.
+/// What the reassembler may hold. Senders are anonymous, so the bounds are per message and
+/// in total.
+#[derive(Debug, Clone, Copy)]
+pub struct ReassemblyLimits {
+    /// Incomplete messages held at once (the oldest is forgotten first).
+    pub max_partial: usize,
+    /// Bytes of fragments held across all incomplete messages (the oldest go first).
+    pub max_bytes: usize,
+    /// Fragments one message may have (bounds a message's size).
+    pub max_fragments: u16,
+    /// An incomplete message older than this is forgotten.
+    pub max_age: Duration,
+    /// Ids of completed messages remembered, to drop late duplicates.
+    pub remember_completed: usize,
+}
+
+impl Default for ReassemblyLimits {
+    fn default() -> Self {
+        ReassemblyLimits {
+            max_partial: 1024,
+            max_bytes: 64 << 20,
+            // 16 MiB messages at the smallest fragment size.
+            max_fragments: 16_384,
+            max_age: Duration::from_secs(600),
+            remember_completed: 65_536,
+        }
+    }
+}
+
+/// Collects fragments until messages are complete, within [`ReassemblyLimits`]; the ids of
+/// messages it gave up on are kept for [`Reassembler::take_abandoned`].
 pub struct Reassembler {
     partial: HashMap<MessageId, Partial>,
     partial_order: VecDeque<MessageId>,
     completed: HashMap<MessageId, ()>,
     completed_order: VecDeque<MessageId>,
-    max_partial: usize,
-    remember_completed: usize,
+    limits: ReassemblyLimits,
+    bytes: usize,
+    abandoned: Vec<MessageId>,
     /// Fragments dropped as duplicates so far.
     pub duplicates: u64,
 }
 
 impl Reassembler {
-    pub fn new(max_partial: usize, remember_completed: usize) -> Self {
+    pub fn new(limits: ReassemblyLimits) -> Self {
         Reassembler {
             partial: HashMap::new(),
             partial_order: VecDeque::new(),
             completed: HashMap::new(),
             completed_order: VecDeque::new(),
-            max_partial,
-            remember_completed,
+            limits,
+            bytes: 0,
+            abandoned: Vec::new(),
             duplicates: 0,
         }
     }
 
+    /// Bytes of fragments held for incomplete messages.
+    pub fn bytes_held(&self) -> usize {
+        self.bytes
+    }
+
+    /// Incomplete messages that were forgotten (too old, or to make room) since the last call.
+    pub fn take_abandoned(&mut self) -> Vec<MessageId> {
+        std::mem::take(&mut self.abandoned)
+    }
+
+    fn forget_oldest(&mut self) {
+        if let Some(oldest) = self.partial_order.pop_front()
+            && let Some(p) = self.partial.remove(&oldest)
+        {
+            self.bytes -= p.bytes;
+            self.abandoned.push(oldest);
+        }
+    }
+
+    /// Forgets incomplete messages older than the age limit.
+    pub fn expire(&mut self, now: Instant) {
+        while let Some(oldest) = self.partial_order.front() {
+            let started = self.partial.get(oldest).map(|p| p.started);
+            match started {
+                Some(t) if now.saturating_duration_since(t) > self.limits.max_age => {
+                    self.forget_oldest()
+                }
+                _ => break,
+            }
+        }
+    }
+
     /// Adds a fragment; returns the whole message when this was its last missing part.
-    pub fn add(&mut self, fragment: &[u8]) -> Result<Option<(MessageId, Vec<u8>)>, ChunkError> {
+    pub fn add(
+        &mut self,
+        fragment: &[u8],
+        now: Instant,
+    ) -> Result<Option<(MessageId, Vec<u8>)>, ChunkError> {
+        self.expire(now);
         let (id, index, count) = fragment_header(fragment)?;
+        if count > self.limits.max_fragments {
+            return Err(ChunkError::TooLarge(count as usize));
+        }
         if self.completed.contains_key(&id) {
             self.duplicates += 1;
             return Ok(None);
         }
+        let data = &fragment[FRAGMENT_HEADER..];
         if !self.partial.contains_key(&id) {
-            if self.partial.len() >= self.max_partial
-                && let Some(oldest) = self.partial_order.pop_front()
-            {
-                self.partial.remove(&oldest);
+            if self.partial.len() >= self.limits.max_partial {
+                self.forget_oldest();
             }
             self.partial.insert(
                 id,
                 Partial {
                     count,
-                    parts: vec![None; count as usize],
-                    received: 0,
+                    parts: HashMap::new(),
+                    bytes: 0,
+                    started: now,
                 },
             );
             self.partial_order.push_back(id);
@@ -160,26 +235,45 @@ impl Reassembler {
         if p.count != count {
             return Err(ChunkError::BadIndex(index, count));
         }
-        let slot = &mut p.parts[index as usize];
-        if slot.is_some() {
+        if p.parts.contains_key(&index) {
             self.duplicates += 1;
             return Ok(None);
         }
-        *slot = Some(fragment[FRAGMENT_HEADER..].to_vec());
-        p.received += 1;
-        if p.received < p.count {
+        p.parts.insert(index, data.to_vec());
+        p.bytes += data.len();
+        self.bytes += data.len();
+        if p.parts.len() < p.count as usize {
+            // Over the byte budget: older messages make room (never the one just added to).
+            while self.bytes > self.limits.max_bytes && self.partial_order.front() != Some(&id) {
+                self.forget_oldest();
+            }
+            if self.bytes > self.limits.max_bytes {
+                // This message alone is over the budget: it cannot be held.
+                if let Some(p) = self.partial.remove(&id) {
+                    self.bytes -= p.bytes;
+                    self.partial_order.retain(|x| *x != id);
+                    self.abandoned.push(id);
+                }
+            }
             return Ok(None);
         }
-        let done = self.partial.remove(&id);
+        let Some(mut done) = self.partial.remove(&id) else {
+            return Ok(None);
+        };
+        self.bytes -= done.bytes;
         self.partial_order.retain(|x| *x != id);
         self.completed.insert(id, ());
         self.completed_order.push_back(id);
-        if self.completed_order.len() > self.remember_completed
+        if self.completed_order.len() > self.limits.remember_completed
             && let Some(old) = self.completed_order.pop_front()
         {
             self.completed.remove(&old);
         }
-        Ok(done.map(|p| (id, p.parts.into_iter().flatten().flatten().collect())))
+        let message = (0..done.count)
+            .filter_map(|i| done.parts.remove(&i))
+            .flatten()
+            .collect();
+        Ok(Some((id, message)))
     }
 }
 
@@ -197,10 +291,10 @@ mod tests {
         };
         let frags = split([7; 16], &msg.encode(), 1000).unwrap();
         assert!(frags.len() > 10);
-        let mut r = Reassembler::new(16, 16);
+        let mut r = Reassembler::new(ReassemblyLimits::default());
         let mut out = None;
         for f in frags.iter().rev().chain(frags.iter()) {
-            if let Some(done) = r.add(f).unwrap() {
+            if let Some(done) = r.add(f, Instant::now()).unwrap() {
                 assert!(out.is_none(), "delivered twice");
                 out = Some(done);
             }
@@ -215,34 +309,76 @@ mod tests {
     fn empty_message_is_one_fragment() {
         let frags = split([1; 16], &[], 100).unwrap();
         assert_eq!(frags.len(), 1);
-        let mut r = Reassembler::new(4, 4);
-        assert_eq!(r.add(&frags[0]).unwrap(), Some(([1; 16], vec![])));
+        let mut r = Reassembler::new(ReassemblyLimits::default());
+        assert_eq!(
+            r.add(&frags[0], Instant::now()).unwrap(),
+            Some(([1; 16], vec![]))
+        );
     }
 
     #[test]
     fn bad_fragments_are_errors() {
-        let mut r = Reassembler::new(4, 4);
-        assert_eq!(r.add(&[0; 5]), Err(ChunkError::Truncated));
+        let mut r = Reassembler::new(ReassemblyLimits::default());
+        assert_eq!(r.add(&[0; 5], Instant::now()), Err(ChunkError::Truncated));
         let mut f = split([1; 16], b"abc", 100).unwrap().remove(0);
         f[16] = 0;
         f[17] = 9;
-        assert!(matches!(r.add(&f), Err(ChunkError::BadIndex(9, 1))));
+        assert!(matches!(
+            r.add(&f, Instant::now()),
+            Err(ChunkError::BadIndex(9, 1))
+        ));
+    }
+
+    #[test]
+    fn incomplete_messages_are_bounded_in_bytes_and_time() {
+        let limits = ReassemblyLimits {
+            max_partial: 100,
+            max_bytes: 10_000,
+            max_fragments: 1000,
+            max_age: Duration::from_secs(60),
+            remember_completed: 16,
+        };
+        let mut r = Reassembler::new(limits);
+        let t0 = Instant::now();
+        // Ten messages of 5 x 1000 bytes, each missing its last fragment.
+        for m in 0..10u8 {
+            let frags = split([m; 16], &[m; 5000], 1020).unwrap();
+            assert_eq!(frags.len(), 5);
+            for f in &frags[..4] {
+                assert_eq!(r.add(f, t0).unwrap(), None);
+            }
+            assert!(r.bytes_held() <= 10_000, "{}", r.bytes_held());
+        }
+        // Only the newest two fit; the rest were given up, oldest first.
+        let abandoned = r.take_abandoned();
+        assert_eq!(abandoned, (0..8u8).map(|m| [m; 16]).collect::<Vec<_>>());
+        // A made-up fragment count is refused before anything is kept.
+        let mut huge = split([50; 16], b"x", 100).unwrap().remove(0);
+        huge[18..20].copy_from_slice(&60_000u16.to_be_bytes());
+        assert!(matches!(
+            r.add(&huge, t0),
+            Err(ChunkError::TooLarge(60_000))
+        ));
+        // Time: past the age limit the rest goes too.
+        r.expire(t0 + Duration::from_secs(61));
+        assert_eq!(r.bytes_held(), 0);
+        assert_eq!(r.take_abandoned(), vec![[8; 16], [9; 16]]);
     }
 
     proptest! {
         #[test]
         fn round_trip(body in proptest::collection::vec(any::<u8>(), 0..5000), cap in 21usize..600) {
             let frags = split([3; 16], &body, cap).unwrap();
-            let mut r = Reassembler::new(4, 4);
+            let mut r = Reassembler::new(ReassemblyLimits::default());
             let mut got = None;
-            for f in &frags { if let Some(d) = r.add(f).unwrap() { got = Some(d.1); } }
+            for f in &frags { if let Some(d) = r.add(f, Instant::now()).unwrap() { got = Some(d.1); } }
             prop_assert_eq!(got, Some(body));
         }
 
         #[test]
         fn add_is_total(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let mut r = Reassembler::new(4, 4);
-            let _ = r.add(&bytes);
+            let mut r = Reassembler::new(ReassemblyLimits::default());
+            let _ = r.add(&bytes, Instant::now());
             let _ = Message::decode(&bytes);
         }
     }

@@ -253,7 +253,8 @@ impl MixClient {
             deadlines: DelayQueue::new(),
             messages: HashMap::new(),
             replies: HashMap::new(),
-            reassembler: Reassembler::new(1024, 65_536),
+            reassembler: Reassembler::new(chunking::ReassemblyLimits::default()),
+            pending_acks: HashMap::new(),
             to_ack: Vec::new(),
             loops: HashSet::new(),
             cover_acks: HashSet::new(),
@@ -408,6 +409,9 @@ struct Actor {
     /// Recovery material for replies that may come back through SURBs we handed out.
     replies: HashMap<[u8; IDENTIFIER_SIZE], SurbReplyRecovery>,
     reassembler: Reassembler,
+    /// Gateway mailbox ids of fragments of incomplete messages: acked once the message is
+    /// handed to the application.
+    pending_acks: HashMap<MessageId, Vec<u64>>,
     to_ack: Vec<u64>,
     /// Loops out in the mixnet, by their fragment's message id.
     loops: HashSet<MessageId>,
@@ -824,23 +828,49 @@ impl Actor {
         else {
             return;
         };
-        self.to_ack.push(id);
         if identifier == [0u8; IDENTIFIER_SIZE] {
             match self.encryption.open(&body) {
                 Ok(fragment) if self.is_returning_loop(&fragment) => {
                     self.stats.loops_returned.fetch_add(1, Ordering::Relaxed);
+                    self.to_ack.push(id);
                 }
-                Ok(fragment) => self.receive_fragment(&fragment).await,
+                Ok(fragment) => self.receive_fragment(&fragment, id).await,
                 Err(e) => {
                     // Acknowledged to the gateway all the same, so it is not redelivered.
                     self.stats
                         .fragments_rejected
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "delivered fragment rejected");
+                    self.to_ack.push(id);
                 }
             }
             return;
         }
+        // Everything else (acks, replies) is done with once handled below.
+        self.handle_surb_delivery(identifier, id, &body).await;
+    }
+
+    async fn handle_surb_delivery(
+        &mut self,
+        identifier: [u8; IDENTIFIER_SIZE],
+        id: u64,
+        body: &[u8],
+    ) {
+        if let Some(recovery) = self.replies.remove(&identifier) {
+            match packet::open_reply(&recovery, body) {
+                Ok(plaintext) => match Envelope::decode(&plaintext) {
+                    Ok(Envelope::Data { fragment, .. }) => {
+                        return self.receive_fragment(&fragment, id).await;
+                    }
+                    _ => tracing::debug!("reply with an unexpected envelope"),
+                },
+                Err(e) => tracing::debug!(error = %e, "cannot open a reply"),
+            }
+            self.to_ack.push(id);
+            return;
+        }
+        // Acknowledgements: nothing to hand on, done with at once.
+        self.to_ack.push(id);
         if let Some(key) = self.by_identifier.remove(&identifier) {
             self.stats.acks_received.fetch_add(1, Ordering::Relaxed);
             if let Some(fragment) = self.fragments.remove(&key) {
@@ -860,16 +890,6 @@ impl Actor {
         if self.cover_acks.remove(&identifier) {
             return;
         }
-        if let Some(recovery) = self.replies.remove(&identifier) {
-            match packet::open_reply(&recovery, &body) {
-                Ok(plaintext) => match Envelope::decode(&plaintext) {
-                    Ok(Envelope::Data { fragment, .. }) => self.receive_fragment(&fragment).await,
-                    _ => tracing::debug!("reply with an unexpected envelope"),
-                },
-                Err(e) => tracing::debug!(error = %e, "cannot open a reply"),
-            }
-            return;
-        }
         // A late ack for a copy we had already given up on or that was acked already.
         self.stats
             .duplicates_dropped
@@ -887,24 +907,50 @@ impl Actor {
         self.loops.remove(&id)
     }
 
-    async fn receive_fragment(&mut self, fragment: &[u8]) {
+    /// Adds a fragment to its message. The gateway is told to delete the fragment (acked)
+    /// only once its whole message was handed to the application, or when it can never
+    /// complete (malformed, a duplicate, or a message given up on): until then it stays
+    /// stored at the gateway and comes again next session.
+    async fn receive_fragment(&mut self, fragment: &[u8], mailbox_id: u64) {
         let before = self.reassembler.duplicates;
-        match self.reassembler.add(fragment) {
-            Ok(Some((id, bytes))) => match Message::decode(&bytes) {
-                Ok(message) => {
-                    let _ = self
-                        .events
-                        .send(Event::Received {
-                            id,
-                            body: message.body,
-                            reply_surbs: message.reply_surbs,
-                        })
-                        .await;
+        match self.reassembler.add(fragment, Instant::now()) {
+            Ok(Some((id, bytes))) => {
+                let mut ids = self.pending_acks.remove(&id).unwrap_or_default();
+                ids.push(mailbox_id);
+                match Message::decode(&bytes) {
+                    Ok(message) => {
+                        let handed = self
+                            .events
+                            .send(Event::Received {
+                                id,
+                                body: message.body,
+                                reply_surbs: message.reply_surbs,
+                            })
+                            .await;
+                        if handed.is_ok() {
+                            self.to_ack.extend(ids);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "malformed message");
+                        self.to_ack.extend(ids);
+                    }
                 }
-                Err(e) => tracing::debug!(error = %e, "malformed message"),
-            },
-            Ok(None) => {}
-            Err(e) => tracing::debug!(error = %e, "malformed fragment"),
+            }
+            Ok(None) if self.reassembler.duplicates > before => self.to_ack.push(mailbox_id),
+            Ok(None) => {
+                if let Ok((id, _, _)) = chunking::fragment_header(fragment) {
+                    self.pending_acks.entry(id).or_default().push(mailbox_id);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "malformed fragment");
+                self.to_ack.push(mailbox_id);
+            }
+        }
+        for gone in self.reassembler.take_abandoned() {
+            self.to_ack
+                .extend(self.pending_acks.remove(&gone).unwrap_or_default());
         }
         let dup = self.reassembler.duplicates - before;
         self.stats

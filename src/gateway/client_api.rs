@@ -34,6 +34,11 @@ use crate::shutdown::Shutdown;
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stored payloads pushed per mailbox read.
 const PUSH_BATCH: usize = 64;
+/// A session's acknowledgements are deleted together, one transaction per interval...
+const ACK_FLUSH: Duration = Duration::from_millis(200);
+/// ... and at most this many ids per interval: more are ignored (those payloads are simply
+/// delivered again next session), so a client cannot make the gateway write without bound.
+const MAX_ACKS_PER_FLUSH: usize = 4096;
 
 pub struct ClientApi {
     /// This gateway's Noise secret (its public half is in the topology).
@@ -113,6 +118,9 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>) {
     tracing::debug!(client = %session.client.short(), "client session opened");
     let mut bucket = TokenBucket::new(api.rate, api.burst);
     let mut cursor = 0u64;
+    let mut acked: Vec<u64> = Vec::new();
+    let mut ack_flush = tokio::time::interval(ACK_FLUSH);
+    ack_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Anything stored while the client was away goes out first.
     session.notify.notify_one();
     loop {
@@ -125,6 +133,7 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>) {
                 close_with(&mut socket, close::GOING_AWAY, "gateway is shutting down").await;
                 break;
             }
+            _ = ack_flush.tick() => flush_acks(&api, &session, &mut acked).await,
             _ = session.notify.notified() => {
                 if !push_stored(&mut socket, &mut tx, &api, &session, &mut cursor).await {
                     break;
@@ -165,9 +174,8 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>) {
                         }
                     }
                     Ok(ClientMessage::Ack { ids }) => {
-                        let mailbox = api.mailbox.clone();
-                        let client = session.client;
-                        let _ = tokio::task::spawn_blocking(move || mailbox.ack(&client, &ids)).await;
+                        let room = MAX_ACKS_PER_FLUSH.saturating_sub(acked.len());
+                        acked.extend(ids.into_iter().take(room));
                     }
                     Ok(ClientMessage::Auth { .. }) | Err(_) => {
                         api.metrics.client_messages_refused.inc();
@@ -179,7 +187,22 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>) {
             }
         }
     }
+    flush_acks(&api, &session, &mut acked).await;
     tracing::debug!(client = %session.client.short(), "client session closed");
+}
+
+/// Deletes what the client acknowledged since the last flush, in one transaction.
+async fn flush_acks(api: &ClientApi, session: &Session, acked: &mut Vec<u64>) {
+    if acked.is_empty() {
+        return;
+    }
+    let ids = std::mem::take(acked);
+    let (mailbox, client) = (api.mailbox.clone(), session.client);
+    match tokio::task::spawn_blocking(move || mailbox.ack(&client, &ids)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "mailbox delete failed"),
+        Err(e) => tracing::error!(error = %e, "mailbox delete task failed"),
+    }
 }
 
 /// The Noise handshake, then the client's signature over its hash, within [`AUTH_TIMEOUT`].
@@ -213,6 +236,12 @@ async fn authenticate(
         close_with(socket, close::AUTH_FAILED, "authentication failed").await;
         return None;
     };
+    // This client is now one of this gateway's own: its payloads leave the budget for
+    // clients that never connected.
+    let (mailbox, client) = (api.mailbox.clone(), identity);
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || mailbox.register(&client)).await {
+        tracing::error!(error = %e, "mailbox registration failed");
+    }
     let session = api.sessions.attach(identity);
     if !send(socket, &mut tx, ServerMessage::AuthOk).await {
         return None;

@@ -7,9 +7,18 @@
 //! property the mailbox exists for. Writes are batched (one transaction, one fsync, per
 //! batch of payloads) so durability does not cost a disk flush per packet.
 //!
-//! Quota: each client may hold `NYM_NODE_MAILBOX_QUOTA_BYTES`. A payload that would exceed
-//! it is refused (the newest is dropped, what is stored is kept), counted, and, since no
-//! acknowledgement goes back to the sender for it, retransmitted by the sender later.
+//! Limits, all in bytes, checked for every payload in the same transaction that stores it:
+//! - each client may hold `NYM_NODE_MAILBOX_QUOTA_BYTES`;
+//! - all clients together may hold `NYM_NODE_MAILBOX_MAX_BYTES`, so no mix of destinations
+//!   can fill the disk;
+//! - clients that never opened a session with this gateway (made-up destinations, drop
+//!   cover, or a new client not yet online) share `NYM_NODE_MAILBOX_UNREGISTERED_BYTES`, so
+//!   they cannot crowd out the gateway's own clients. A client's first session registers it
+//!   and moves what it has from that budget to the general one.
+//!
+//! A payload over a limit is refused (the newest is dropped, what is stored is kept),
+//! counted, and, since no acknowledgement goes back to the sender for it, retransmitted by
+//! the sender later. Ids are per client, so they say nothing about other clients' traffic.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,8 +34,35 @@ const MESSAGES: TableDefinition<&[u8; 40], &[u8]> = TableDefinition::new("messag
 const BY_AGE: TableDefinition<&[u8; 48], ()> = TableDefinition::new("messages_by_age");
 /// client → bytes stored
 const USAGE: TableDefinition<&[u8; 32], u64> = TableDefinition::new("usage");
+/// client → next id to give one of its payloads (ids are per client)
+const NEXT_IDS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("next_ids");
+/// client → unix time of its first session here
+const REGISTERED: TableDefinition<&[u8; 32], u64> = TableDefinition::new("registered");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const NEXT_ID: &str = "next_id";
+/// Bytes stored for all clients, and for unregistered ones.
+const TOTAL: &str = "total_bytes";
+const UNREGISTERED: &str = "unregistered_bytes";
+/// Expired entries deleted per transaction, so a sweep never holds the store for long.
+pub const EXPIRY_BATCH: usize = 1024;
+
+/// The mailbox's byte limits (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub per_client: u64,
+    pub total: u64,
+    pub unregistered: u64,
+}
+
+impl Limits {
+    /// Only a per-client quota (tests and tools).
+    pub fn per_client(bytes: u64) -> Self {
+        Limits {
+            per_client: bytes,
+            total: u64::MAX,
+            unregistered: u64::MAX,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("mailbox: {0}")]
@@ -53,7 +89,7 @@ pub struct Incoming {
 
 pub struct Mailbox {
     db: Database,
-    quota_bytes: u64,
+    limits: Limits,
     /// Payloads stored, kept exact by every store, ack and expiry (for the gauge).
     stored: std::sync::atomic::AtomicU64,
 }
@@ -85,8 +121,13 @@ fn cost(body: &[u8]) -> u64 {
 }
 
 impl Mailbox {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the store at `path` with only a per-client quota.
     pub fn open(path: &Path, quota_bytes: u64) -> Result<Self, MailboxError> {
+        Self::open_with(path, Limits::per_client(quota_bytes))
+    }
+
+    /// Opens (or creates) the store at `path`.
+    pub fn open_with(path: &Path, limits: Limits) -> Result<Self, MailboxError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
@@ -102,6 +143,8 @@ impl Mailbox {
             txn.open_table(MESSAGES).map_err(err)?;
             txn.open_table(BY_AGE).map_err(err)?;
             txn.open_table(USAGE).map_err(err)?;
+            txn.open_table(NEXT_IDS).map_err(err)?;
+            txn.open_table(REGISTERED).map_err(err)?;
             txn.open_table(META).map_err(err)?;
         }
         txn.commit().map_err(err)?;
@@ -112,7 +155,7 @@ impl Mailbox {
         };
         Ok(Mailbox {
             db,
-            quota_bytes,
+            limits,
             stored: std::sync::atomic::AtomicU64::new(stored),
         })
     }
@@ -122,8 +165,8 @@ impl Mailbox {
         self.stored.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Stores a batch in one transaction. Returns, per item, its id, or `None` if the
-    /// client's quota refused it.
+    /// Stores a batch in one transaction. Returns, per item, its id, or `None` if a limit
+    /// refused it.
     pub fn store(&self, items: &[Incoming]) -> Result<Vec<Option<u64>>, MailboxError> {
         let now = unix_now();
         let txn = self.db.begin_write().map_err(err)?;
@@ -132,20 +175,28 @@ impl Mailbox {
             let mut messages = txn.open_table(MESSAGES).map_err(err)?;
             let mut by_age = txn.open_table(BY_AGE).map_err(err)?;
             let mut usage = txn.open_table(USAGE).map_err(err)?;
+            let mut next_ids = txn.open_table(NEXT_IDS).map_err(err)?;
+            let registered = txn.open_table(REGISTERED).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
-            let mut next_id = meta.get(NEXT_ID).map_err(err)?.map_or(1, |v| v.value());
+            let mut total = meta.get(TOTAL).map_err(err)?.map_or(0, |v| v.value());
+            let mut unregistered = meta
+                .get(UNREGISTERED)
+                .map_err(err)?
+                .map_or(0, |v| v.value());
             for item in items {
-                let used = usage
-                    .get(item.client.as_bytes())
-                    .map_err(err)?
-                    .map_or(0, |v| v.value());
+                let client = item.client.as_bytes();
+                let used = usage.get(client).map_err(err)?.map_or(0, |v| v.value());
+                let known = registered.get(client).map_err(err)?.is_some();
                 let c = cost(&item.body);
-                if used + c > self.quota_bytes {
+                if used + c > self.limits.per_client
+                    || total + c > self.limits.total
+                    || (!known && unregistered + c > self.limits.unregistered)
+                {
                     ids.push(None);
                     continue;
                 }
-                let id = next_id;
-                next_id += 1;
+                let id = next_ids.get(client).map_err(err)?.map_or(1, |v| v.value());
+                next_ids.insert(client, id + 1).map_err(err)?;
                 let mut value = Vec::with_capacity(IDENTIFIER_SIZE + 8 + item.body.len());
                 value.extend_from_slice(&item.identifier);
                 value.extend_from_slice(&now.to_be_bytes());
@@ -153,21 +204,61 @@ impl Mailbox {
                 messages
                     .insert(&message_key(&item.client, id), value.as_slice())
                     .map_err(err)?;
-                by_age
-                    .insert(&age_key(now, item.client.as_bytes(), id), ())
-                    .map_err(err)?;
-                usage
-                    .insert(item.client.as_bytes(), used + c)
-                    .map_err(err)?;
+                by_age.insert(&age_key(now, client, id), ()).map_err(err)?;
+                usage.insert(client, used + c).map_err(err)?;
+                total += c;
+                if !known {
+                    unregistered += c;
+                }
                 ids.push(Some(id));
             }
-            meta.insert(NEXT_ID, next_id).map_err(err)?;
+            meta.insert(TOTAL, total).map_err(err)?;
+            meta.insert(UNREGISTERED, unregistered).map_err(err)?;
         }
         txn.commit().map_err(err)?;
         let added = ids.iter().filter(|i| i.is_some()).count() as u64;
         self.stored
             .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
         Ok(ids)
+    }
+
+    /// Marks `client` as one of this gateway's own (it opened a session): its payloads no
+    /// longer count against the budget for unregistered clients.
+    pub fn register(&self, client: &KeyBytes) -> Result<(), MailboxError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        {
+            let mut registered = txn.open_table(REGISTERED).map_err(err)?;
+            if registered.get(client.as_bytes()).map_err(err)?.is_some() {
+                return Ok(());
+            }
+            registered
+                .insert(client.as_bytes(), unix_now())
+                .map_err(err)?;
+            let usage = txn.open_table(USAGE).map_err(err)?;
+            let used = usage
+                .get(client.as_bytes())
+                .map_err(err)?
+                .map_or(0, |v| v.value());
+            let mut meta = txn.open_table(META).map_err(err)?;
+            let unregistered = meta
+                .get(UNREGISTERED)
+                .map_err(err)?
+                .map_or(0, |v| v.value());
+            meta.insert(UNREGISTERED, unregistered.saturating_sub(used))
+                .map_err(err)?;
+        }
+        txn.commit().map_err(err)?;
+        Ok(())
+    }
+
+    /// Bytes stored for all clients, and for unregistered ones.
+    pub fn totals(&self) -> Result<(u64, u64), MailboxError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let meta = txn.open_table(META).map_err(err)?;
+        let get = |k| -> Result<u64, MailboxError> {
+            Ok(meta.get(k).map_err(err)?.map_or(0, |v| v.value()))
+        };
+        Ok((get(TOTAL)?, get(UNREGISTERED)?))
     }
 
     /// Up to `limit` stored payloads of `client` with an id greater than `after`, oldest first.
@@ -205,35 +296,53 @@ impl Mailbox {
         Ok(out)
     }
 
-    /// Deletes acknowledged payloads; ids that are not stored (already gone) are ignored.
+    /// Deletes acknowledged payloads in one transaction; ids that are not stored (already
+    /// gone) are ignored.
     pub fn ack(&self, client: &KeyBytes, ids: &[u64]) -> Result<usize, MailboxError> {
+        let entries: Vec<(KeyBytes, u64)> = ids.iter().map(|id| (*client, *id)).collect();
+        self.delete(&entries)
+    }
+
+    /// Deletes entries (of any clients) in one transaction, keeping every counter exact.
+    fn delete(&self, entries: &[(KeyBytes, u64)]) -> Result<usize, MailboxError> {
         let txn = self.db.begin_write().map_err(err)?;
         let mut removed = 0;
         {
             let mut messages = txn.open_table(MESSAGES).map_err(err)?;
             let mut by_age = txn.open_table(BY_AGE).map_err(err)?;
             let mut usage = txn.open_table(USAGE).map_err(err)?;
-            let mut freed = 0u64;
-            for id in ids {
-                let removed_value = messages
+            let mut next_ids = txn.open_table(NEXT_IDS).map_err(err)?;
+            let registered = txn.open_table(REGISTERED).map_err(err)?;
+            let mut meta = txn.open_table(META).map_err(err)?;
+            let mut total = meta.get(TOTAL).map_err(err)?.map_or(0, |v| v.value());
+            let mut unregistered = meta
+                .get(UNREGISTERED)
+                .map_err(err)?
+                .map_or(0, |v| v.value());
+            for (client, id) in entries {
+                let Some(value) = messages
                     .remove(&message_key(client, *id))
                     .map_err(err)?
-                    .map(|v| v.value().to_vec());
-                if let Some(value) = removed_value {
-                    let mut stored_at = [0u8; 8];
-                    stored_at.copy_from_slice(&value[IDENTIFIER_SIZE..IDENTIFIER_SIZE + 8]);
-                    by_age
-                        .remove(&age_key(
-                            u64::from_be_bytes(stored_at),
-                            client.as_bytes(),
-                            *id,
-                        ))
-                        .map_err(err)?;
-                    freed += cost(&value[IDENTIFIER_SIZE + 8..]);
-                    removed += 1;
+                    .map(|v| v.value().to_vec())
+                else {
+                    continue;
+                };
+                let mut stored_at = [0u8; 8];
+                stored_at.copy_from_slice(&value[IDENTIFIER_SIZE..IDENTIFIER_SIZE + 8]);
+                by_age
+                    .remove(&age_key(
+                        u64::from_be_bytes(stored_at),
+                        client.as_bytes(),
+                        *id,
+                    ))
+                    .map_err(err)?;
+                let freed = cost(&value[IDENTIFIER_SIZE + 8..]);
+                removed += 1;
+                total = total.saturating_sub(freed);
+                let known = registered.get(client.as_bytes()).map_err(err)?.is_some();
+                if !known {
+                    unregistered = unregistered.saturating_sub(freed);
                 }
-            }
-            if freed > 0 {
                 let used = usage
                     .get(client.as_bytes())
                     .map_err(err)?
@@ -241,10 +350,16 @@ impl Mailbox {
                 let left = used.saturating_sub(freed);
                 if left == 0 {
                     usage.remove(client.as_bytes()).map_err(err)?;
+                    // A made-up destination leaves nothing behind once its last payload goes.
+                    if !known {
+                        next_ids.remove(client.as_bytes()).map_err(err)?;
+                    }
                 } else {
                     usage.insert(client.as_bytes(), left).map_err(err)?;
                 }
             }
+            meta.insert(TOTAL, total).map_err(err)?;
+            meta.insert(UNREGISTERED, unregistered).map_err(err)?;
         }
         txn.commit().map_err(err)?;
         self.stored
@@ -252,18 +367,28 @@ impl Mailbox {
         Ok(removed)
     }
 
-    /// Deletes every payload stored longer ago than `retention`. Returns how many.
+    /// Deletes every payload stored longer ago than `retention`, [`EXPIRY_BATCH`] entries per
+    /// transaction. Returns how many.
     pub fn expire(&self, retention: Duration) -> Result<usize, MailboxError> {
-        self.expire_before(unix_now().saturating_sub(retention.as_secs()))
+        let cutoff = unix_now().saturating_sub(retention.as_secs());
+        let mut removed = 0;
+        loop {
+            let n = self.expire_batch(cutoff, EXPIRY_BATCH)?;
+            removed += n;
+            if n < EXPIRY_BATCH {
+                return Ok(removed);
+            }
+        }
     }
 
-    fn expire_before(&self, cutoff: u64) -> Result<usize, MailboxError> {
+    /// Deletes up to `limit` entries stored before `cutoff`, in one transaction.
+    fn expire_batch(&self, cutoff: u64, limit: usize) -> Result<usize, MailboxError> {
         let expired: Vec<(KeyBytes, u64)> = {
             let txn = self.db.begin_read().map_err(err)?;
             let by_age = txn.open_table(BY_AGE).map_err(err)?;
             let end = age_key(cutoff, &[0u8; 32], 0);
             let mut out = Vec::new();
-            for entry in by_age.range::<&[u8; 48]>(..&end).map_err(err)? {
+            for entry in by_age.range::<&[u8; 48]>(..&end).map_err(err)?.take(limit) {
                 let (k, _) = entry.map_err(err)?;
                 let key = k.value();
                 let mut client = [0u8; 32];
@@ -274,15 +399,10 @@ impl Mailbox {
             }
             out
         };
-        let mut removed = 0;
-        let mut by_client: std::collections::HashMap<KeyBytes, Vec<u64>> = Default::default();
-        for (client, id) in expired {
-            by_client.entry(client).or_default().push(id);
+        if expired.is_empty() {
+            return Ok(0);
         }
-        for (client, ids) in by_client {
-            removed += self.ack(&client, &ids)?;
-        }
-        Ok(removed)
+        self.delete(&expired)
     }
 
     /// Bytes `client` has stored.
@@ -358,8 +478,127 @@ mod tests {
         m.store(&[incoming(1, b"x"), incoming(2, b"y")]).unwrap();
         assert_eq!(m.expire(Duration::from_secs(3600)).unwrap(), 0);
         assert_eq!(m.stored(), 2);
-        assert_eq!(m.expire_before(unix_now() + 1).unwrap(), 2);
+        assert_eq!(m.expire_batch(unix_now() + 1, EXPIRY_BATCH).unwrap(), 2);
         assert_eq!(m.stored(), 0);
         assert_eq!(m.usage(&KeyBytes([1; 32])).unwrap(), 0);
+    }
+
+    #[test]
+    fn made_up_destinations_stay_within_their_budget_and_the_global_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let each = cost(&[0; 100]);
+        let limits = Limits {
+            per_client: 50 * each,
+            total: 180 * each,
+            unregistered: 100 * each,
+        };
+        let m = Mailbox::open_with(&dir.path().join("m.redb"), limits).unwrap();
+        let mine = KeyBytes([7; 32]);
+        m.register(&mine).unwrap();
+        // 10,000 made-up destinations, one payload each, in batches as the gateway stores.
+        let mut kept = 0;
+        for batch in 0..100u32 {
+            let items: Vec<Incoming> = (0..100u32)
+                .map(|i| {
+                    let mut client = [0u8; 32];
+                    client[..4].copy_from_slice(&(batch * 100 + i).to_be_bytes());
+                    client[31] = 1;
+                    Incoming {
+                        client: KeyBytes(client),
+                        identifier: [0; 16],
+                        body: vec![0; 100],
+                    }
+                })
+                .collect();
+            kept += m.store(&items).unwrap().iter().flatten().count();
+            // Meanwhile the registered client's messages are still stored.
+            assert!(
+                m.store(&[Incoming {
+                    client: mine,
+                    identifier: [0; 16],
+                    body: vec![1; 100]
+                }])
+                .unwrap()[0]
+                    .is_some()
+                    || batch >= 50
+            );
+        }
+        assert_eq!(kept, 100, "the unregistered budget holds 100 payloads");
+        let (total, unregistered) = m.totals().unwrap();
+        assert_eq!(unregistered, 100 * each);
+        assert!(total <= limits.total);
+        assert_eq!(m.usage(&mine).unwrap(), 50 * each, "up to its own quota");
+        // The global cap binds everyone: a second registered client fills it, then stops.
+        let other = KeyBytes([8; 32]);
+        m.register(&other).unwrap();
+        let items: Vec<_> = (0..200)
+            .map(|_| Incoming {
+                client: other,
+                identifier: [0; 16],
+                body: vec![2; 100],
+            })
+            .collect();
+        let stored = m.store(&items).unwrap().iter().flatten().count();
+        assert_eq!(
+            stored, 30,
+            "150 of 180 were taken: the global cap leaves room for 30"
+        );
+        assert_eq!(m.totals().unwrap().0, limits.total);
+    }
+
+    #[test]
+    fn registering_moves_a_client_out_of_the_unregistered_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let each = cost(&[0; 10]);
+        let m = Mailbox::open_with(
+            &dir.path().join("m.redb"),
+            Limits {
+                per_client: 100 * each,
+                total: 1000 * each,
+                unregistered: 2 * each,
+            },
+        )
+        .unwrap();
+        let newcomer = KeyBytes([3; 32]);
+        let three: Vec<_> = (0..3)
+            .map(|_| Incoming {
+                client: newcomer,
+                identifier: [0; 16],
+                body: vec![0; 10],
+            })
+            .collect();
+        assert_eq!(m.store(&three).unwrap().iter().flatten().count(), 2);
+        m.register(&newcomer).unwrap();
+        assert_eq!(m.totals().unwrap(), (2 * each, 0));
+        assert_eq!(m.store(&three).unwrap().iter().flatten().count(), 3);
+        // Ids are the client's own, counting from 1.
+        let ids: Vec<u64> = m
+            .fetch_after(&newcomer, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(ids, [1, 2, 3, 4, 5]);
+        assert_eq!(m.store(&[incoming(9, b"z")]).unwrap(), vec![Some(1)]);
+    }
+
+    #[test]
+    fn expiry_works_in_bounded_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Mailbox::open(&dir.path().join("m.redb"), 1 << 30).unwrap();
+        let items: Vec<_> = (0..2500u32)
+            .map(|i| incoming((i % 250) as u8, b"x"))
+            .collect();
+        m.store(&items).unwrap();
+        assert_eq!(
+            m.expire_batch(unix_now() + 1, EXPIRY_BATCH).unwrap(),
+            EXPIRY_BATCH
+        );
+        assert_eq!(m.stored(), 2500 - EXPIRY_BATCH as u64);
+        assert_eq!(
+            m.expire_batch(unix_now() + 1, usize::MAX).unwrap(),
+            2500 - EXPIRY_BATCH
+        );
+        assert_eq!(m.totals().unwrap(), (0, 0));
     }
 }
