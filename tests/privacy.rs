@@ -135,6 +135,10 @@ async fn a_gateway_holds_only_ciphertext_and_the_recipient_reads_it_when_back() 
     net.stop_gateway().await;
     let on_disk = files(&net.nodes[3].dir);
     assert!(on_disk.iter().any(|(p, _)| p.ends_with("mailbox.redb")));
+    assert!(
+        on_disk.iter().any(|(p, _)| p.ends_with("node.log")),
+        "its log is searched too"
+    );
     for (path, bytes) in &on_disk {
         assert!(
             !bytes.windows(marker.len()).any(|w| w == marker),
