@@ -376,6 +376,8 @@ struct Built {
     forward_delay: Duration,
     /// Its SURB-ACK's identifier and expected round trip, when acks are on.
     ack: Option<([u8; IDENTIFIER_SIZE], Duration)>,
+    /// The mixes its route and its ack's route go through.
+    mixes: Vec<NodeId>,
 }
 
 struct Fragment {
@@ -384,6 +386,8 @@ struct Fragment {
     bytes: Vec<u8>,
     attempts: u32,
     identifiers: Vec<[u8; IDENTIFIER_SIZE]>,
+    /// Mixes the last attempt (and its ack) went through: a retransmission avoids them.
+    last_mixes: Vec<NodeId>,
 }
 
 struct Outgoing {
@@ -545,6 +549,7 @@ impl Actor {
                     bytes,
                     attempts: 0,
                     identifiers: Vec::new(),
+                    last_mixes: Vec::new(),
                 },
             );
             self.prepare(key)?;
@@ -605,12 +610,18 @@ impl Actor {
         topology: &Topology,
         to: &ClientAddress,
         fragment: &[u8],
+        avoid: &[NodeId],
     ) -> Result<Built, ClientError> {
-        let route = route::choose(topology, &to.gateway)?;
+        let route = route::choose_avoiding(topology, &to.gateway, avoid)?;
+        let mut mixes: Vec<NodeId> = route[..route.len() - 1]
+            .iter()
+            .map(|h| h.identity)
+            .collect();
         let delays = packet::sample_delays(route.len(), self.config.mean_delay);
         let (ack, tracked) = if self.config.acks {
             let identifier = new_identifier()?;
-            let ack_route = route::choose(topology, &self.address.gateway)?;
+            let ack_route = route::choose_avoiding(topology, &self.address.gateway, avoid)?;
+            mixes.extend(ack_route[..ack_route.len() - 1].iter().map(|h| h.identity));
             let ack_delays = packet::sample_delays(ack_route.len(), self.config.mean_delay);
             let (surb, _recovery) =
                 packet::build_surb(&ack_route, &self.address.identity, identifier, &ack_delays)?;
@@ -636,6 +647,7 @@ impl Actor {
             },
             forward_delay: delays.iter().sum(),
             ack: tracked,
+            mixes,
         })
     }
 
@@ -646,7 +658,16 @@ impl Actor {
             return Ok(());
         };
         let (to, bytes) = (fragment.to, fragment.bytes.clone());
-        let Built { mut ready, ack, .. } = self.build_data(&topology, &to, &bytes)?;
+        let avoid = fragment.last_mixes.clone();
+        let Built {
+            mut ready,
+            ack,
+            mixes,
+            ..
+        } = self.build_data(&topology, &to, &bytes, &avoid)?;
+        if let Some(fragment) = self.fragments.get_mut(&key) {
+            fragment.last_mixes = mixes;
+        }
         if let Some((identifier, expected)) = ack {
             if let Some(fragment) = self.fragments.get_mut(&key) {
                 fragment.identifiers.push(identifier);
@@ -717,7 +738,7 @@ impl Actor {
         let topology = self.topology.current().ok_or(ClientError::Stopped)?;
         let (id, fragment) = self.empty_fragment()?;
         Ok((
-            self.build_data(&topology, &self.address, &fragment)?,
+            self.build_data(&topology, &self.address, &fragment, &[])?,
             Some(id),
         ))
     }
@@ -729,7 +750,12 @@ impl Actor {
         let gateway = route::choose_gateway(&topology)?.identity_key;
         let nobody = Identity::generate().map_err(|e| ClientError::Random(e.to_string()))?;
         let (_, fragment) = self.empty_fragment()?;
-        let built = self.build_data(&topology, &ClientAddress::of(&nobody, gateway), &fragment)?;
+        let built = self.build_data(
+            &topology,
+            &ClientAddress::of(&nobody, gateway),
+            &fragment,
+            &[],
+        )?;
         Ok((built, None))
     }
 

@@ -34,10 +34,27 @@ pub enum RouteError {
 
 /// A route through every mix layer ending at `gateway`.
 pub fn choose(topology: &Topology, gateway: &NodeId) -> Result<Vec<Hop>, RouteError> {
+    choose_avoiding(topology, gateway, &[])
+}
+
+/// Like [`choose`], but in each layer prefers nodes not in `avoid` (the mixes of an attempt
+/// that was lost), falling back to any serving node where a layer has no other. A
+/// retransmission then does not retry the same dead or partitioned node by chance.
+pub fn choose_avoiding(
+    topology: &Topology,
+    gateway: &NodeId,
+    avoid: &[NodeId],
+) -> Result<Vec<Hop>, RouteError> {
     let mut rng = rand::rng();
     let mut route = Vec::with_capacity(MIX_LAYERS as usize + 1);
     for layer in 1..=MIX_LAYERS {
-        let candidates: Vec<&NodeEntry> = topology.serving_layer(layer).collect();
+        let serving: Vec<&NodeEntry> = topology.serving_layer(layer).collect();
+        let fresh: Vec<&NodeEntry> = serving
+            .iter()
+            .copied()
+            .filter(|n| !avoid.contains(&n.identity_key))
+            .collect();
+        let candidates = if fresh.is_empty() { &serving } else { &fresh };
         let node = candidates
             .choose(&mut rng)
             .ok_or(RouteError::EmptyLayer(layer))?;
@@ -105,6 +122,29 @@ mod tests {
             Err(RouteError::UnknownGateway(KeyBytes([1; 32])))
         );
         assert_eq!(choose_gateway(&t).unwrap().name, "n5");
+    }
+
+    #[test]
+    fn a_retry_avoids_the_mixes_of_the_lost_attempt_where_it_can() {
+        let t = Topology::from_document(TopologyDocument {
+            schema: 1,
+            revision: 1,
+            nodes: vec![
+                entry(1, Mode::Mixnode, Some(1), true),
+                entry(2, Mode::Mixnode, Some(1), true),
+                entry(3, Mode::Mixnode, Some(2), true),
+                entry(4, Mode::Mixnode, Some(3), true),
+                entry(5, Mode::EntryGateway, None, true),
+            ],
+        })
+        .unwrap();
+        let avoid = [KeyBytes([1; 32]), KeyBytes([3; 32])];
+        for _ in 0..50 {
+            let r = choose_avoiding(&t, &KeyBytes([5; 32]), &avoid).unwrap();
+            let ids: Vec<u8> = r.iter().map(|h| h.identity.0[0]).collect();
+            // Layer 1 has another node; layer 2 has none, so node 3 is still used.
+            assert_eq!(ids, vec![2, 3, 4, 5]);
+        }
     }
 
     #[test]
