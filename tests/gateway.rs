@@ -19,31 +19,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 const NODE: &str = env!("CARGO_BIN_EXE_nym-node");
 
-fn config(topology: &Path, gateway: nym_node::keys::NodeId) -> ClientConfig {
-    ClientConfig {
-        topology: topology.display().to_string(),
-        gateway: Some(gateway),
-        mean_delay: Duration::from_millis(10),
-        cover_rate: 0.0,
-        ack_slack: Duration::from_millis(800),
-        ..ClientConfig::default()
-    }
-}
-
-/// Waits for `Delivered` (acknowledged) events for `n` messages.
-async fn acknowledged(c: &mut MixClient, n: usize, t: Duration) -> usize {
-    let deadline = tokio::time::Instant::now() + t;
-    let mut acked = 0;
-    while acked < n {
-        match tokio::time::timeout_at(deadline, c.next_event()).await {
-            Ok(Some(Event::Delivered { .. })) => acked += 1,
-            Ok(Some(_)) => {}
-            _ => break,
-        }
-    }
-    acked
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mailbox_survives_sigkill_and_delivers_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -65,7 +40,7 @@ async fn mailbox_survives_sigkill_and_delivers_exactly_once() {
     // The recipient exists but is offline.
     let recipient_secret = random_bytes().unwrap();
     let recipient = ClientAddress::of(&Identity::from_secret(recipient_secret), gw);
-    let mut sender = MixClient::start(config(&topology, gw), Identity::generate().unwrap())
+    let mut sender = MixClient::start(client_config(&topology, gw), Identity::generate().unwrap())
         .await
         .unwrap();
     for i in 0..100u32 {
@@ -90,7 +65,7 @@ async fn mailbox_survives_sigkill_and_delivers_exactly_once() {
         .unwrap();
 
     let mut back = MixClient::start(
-        config(&topology, gw),
+        client_config(&topology, gw),
         Identity::from_secret(recipient_secret),
     )
     .await
@@ -140,7 +115,7 @@ async fn acknowledged_payloads_are_deleted_and_the_rest_redelivered() {
     let me = Identity::generate().unwrap();
     let my_address = ClientAddress::of(&me, gw.entry.identity_key);
     let mut sender = MixClient::start(
-        config(&net.topology_path, gw.entry.identity_key),
+        client_config(&net.topology_path, gw.entry.identity_key),
         Identity::generate().unwrap(),
     )
     .await
@@ -215,7 +190,7 @@ async fn retransmission_recovers_every_message_through_a_lossy_mix() {
     let mut plain = MixClient::start(
         ClientConfig {
             acks: false,
-            ..config(&net.topology_path, gw)
+            ..client_config(&net.topology_path, gw)
         },
         Identity::generate().unwrap(),
     )
@@ -229,7 +204,7 @@ async fn retransmission_recovers_every_message_through_a_lossy_mix() {
     plain.stop().await;
 
     let mut acked = MixClient::start(
-        config(&net.topology_path, gw),
+        client_config(&net.topology_path, gw),
         Identity::generate().unwrap(),
     )
     .await
@@ -470,7 +445,7 @@ async fn a_client_over_quota_gets_drops_and_others_are_unaffected() {
             // No acks: their SURB-ACKs would land in the sender's own mailbox on this gateway
             // and blur the count of what the recipients' mailboxes hold.
             acks: false,
-            ..config(&net.topology_path, gw)
+            ..client_config(&net.topology_path, gw)
         },
         Identity::generate().unwrap(),
     )
@@ -499,7 +474,7 @@ async fn a_client_over_quota_gets_drops_and_others_are_unaffected() {
         dropped >= 4,
         "payloads beyond the quota are dropped and counted ({dropped})"
     );
-    let mut fine_client = MixClient::start(config(&net.topology_path, gw), fine)
+    let mut fine_client = MixClient::start(client_config(&net.topology_path, gw), fine)
         .await
         .unwrap();
     assert_eq!(
@@ -509,7 +484,7 @@ async fn a_client_over_quota_gets_drops_and_others_are_unaffected() {
         3,
         "another client is unaffected"
     );
-    let mut full_client = MixClient::start(config(&net.topology_path, gw), full)
+    let mut full_client = MixClient::start(client_config(&net.topology_path, gw), full)
         .await
         .unwrap();
     let got = receive(&mut full_client, 10, Duration::from_secs(3)).await;
@@ -529,13 +504,13 @@ async fn a_reply_through_a_surb_reaches_the_original_sender() {
     let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
     let gw = net.member("gateway").entry.identity_key;
     let mut alice = MixClient::start(
-        config(&net.topology_path, gw),
+        client_config(&net.topology_path, gw),
         Identity::generate().unwrap(),
     )
     .await
     .unwrap();
     let mut bob = MixClient::start(
-        config(&net.topology_path, gw),
+        client_config(&net.topology_path, gw),
         Identity::generate().unwrap(),
     )
     .await
@@ -616,7 +591,7 @@ async fn cover_and_messages_look_the_same_at_the_gateway() {
     let looping = MixClient::start(
         ClientConfig {
             cover_rate: 200.0,
-            ..config(&net.topology_path, gw)
+            ..client_config(&net.topology_path, gw)
         },
         Identity::generate().unwrap(),
     )
@@ -642,7 +617,7 @@ async fn cover_and_messages_look_the_same_at_the_gateway() {
     let mut sender = MixClient::start(
         ClientConfig {
             cover_rate: 200.0,
-            ..config(&net.topology_path, gw)
+            ..client_config(&net.topology_path, gw)
         },
         Identity::generate().unwrap(),
     )
@@ -719,7 +694,7 @@ async fn loops_dropped_in_the_network_are_reported_missing() {
                 cover_rate: 50.0,
                 // Generous, so a busy test machine does not make a healthy loop late.
                 ack_slack: Duration::from_secs(3),
-                ..config(&net.topology_path, gw)
+                ..client_config(&net.topology_path, gw)
             },
             Identity::generate().unwrap(),
         )
@@ -863,7 +838,7 @@ async fn made_up_destinations_cannot_fill_the_mailbox() {
     let gw = net.member("gateway").entry.identity_key;
     // A registered client (it has a session) talks to itself throughout.
     let mut mine = MixClient::start(
-        config(&net.topology_path, gw),
+        client_config(&net.topology_path, gw),
         Identity::generate().unwrap(),
     )
     .await

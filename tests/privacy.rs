@@ -8,33 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use nym_node::client::{ClientAddress, ClientConfig, Event, MixClient};
+use nym_node::client::{ClientAddress, MixClient};
 use nym_node::gateway::mailbox::{Incoming, Mailbox};
 use nym_node::keys::{Identity, NodeKeys, random_bytes};
 
 const NODE: &str = env!("CARGO_BIN_EXE_nym-node");
-
-fn config(topology: &Path, gateway: nym_node::keys::NodeId) -> ClientConfig {
-    ClientConfig {
-        topology: topology.display().to_string(),
-        gateway: Some(gateway),
-        mean_delay: Duration::from_millis(10),
-        cover_rate: 0.0,
-        ack_slack: Duration::from_millis(800),
-        ..ClientConfig::default()
-    }
-}
-
-async fn delivered(c: &mut MixClient, t: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + t;
-    loop {
-        match tokio::time::timeout_at(deadline, c.next_event()).await {
-            Ok(Some(Event::Delivered { .. })) => return true,
-            Ok(Some(_)) => {}
-            _ => return false,
-        }
-    }
-}
 
 /// Every file under `dir`, recursively, as bytes.
 fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
@@ -119,14 +97,14 @@ async fn a_gateway_holds_only_ciphertext_and_the_recipient_reads_it_when_back() 
     assert_eq!(to.to_string().parse::<ClientAddress>().unwrap(), to);
 
     let mut sender = MixClient::start(
-        config(&net.topology, net.gateway),
+        client_config(&net.topology, net.gateway),
         Identity::generate().unwrap(),
     )
     .await
     .unwrap();
     sender.send(to, marker.to_vec(), 0).await.unwrap();
     assert!(
-        delivered(&mut sender, Duration::from_secs(30)).await,
+        acknowledged(&mut sender, 1, Duration::from_secs(30)).await == 1,
         "stored at the gateway"
     );
     sender.stop().await;
@@ -160,7 +138,7 @@ async fn a_gateway_holds_only_ciphertext_and_the_recipient_reads_it_when_back() 
     assert_eq!(mode, 0o600, "mailbox readable by others");
 
     net.start_gateway().await;
-    let mut back = MixClient::start(config(&net.topology, net.gateway), recipient)
+    let mut back = MixClient::start(client_config(&net.topology, net.gateway), recipient)
         .await
         .unwrap();
     let got = receive(&mut back, 1, Duration::from_secs(30)).await;
@@ -175,7 +153,7 @@ async fn a_payload_altered_at_the_gateway_is_rejected_by_the_recipient() {
     let recipient = Identity::generate().unwrap();
     let to = ClientAddress::of(&recipient, net.gateway);
     let mut sender = MixClient::start(
-        config(&net.topology, net.gateway),
+        client_config(&net.topology, net.gateway),
         Identity::generate().unwrap(),
     )
     .await
@@ -184,7 +162,7 @@ async fn a_payload_altered_at_the_gateway_is_rejected_by_the_recipient() {
         .send(to, b"pay 10 to alice".to_vec(), 0)
         .await
         .unwrap();
-    assert!(delivered(&mut sender, Duration::from_secs(30)).await);
+    assert!(acknowledged(&mut sender, 1, Duration::from_secs(30)).await == 1);
     sender.stop().await;
 
     // A dishonest gateway flips one byte of what it stored.
@@ -206,7 +184,7 @@ async fn a_payload_altered_at_the_gateway_is_rejected_by_the_recipient() {
     drop(store);
     net.start_gateway().await;
 
-    let mut back = MixClient::start(config(&net.topology, net.gateway), recipient)
+    let mut back = MixClient::start(client_config(&net.topology, net.gateway), recipient)
         .await
         .unwrap();
     // Nothing is handed to the application; the altered fragment is counted.
@@ -224,13 +202,13 @@ async fn fragments_stay_at_the_gateway_until_their_message_is_handed_over() {
     let to = ClientAddress::of(&recipient, net.gateway);
     let body: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
     let mut sender = MixClient::start(
-        config(&net.topology, net.gateway),
+        client_config(&net.topology, net.gateway),
         Identity::generate().unwrap(),
     )
     .await
     .unwrap();
     sender.send(to, body.clone(), 0).await.unwrap();
-    assert!(delivered(&mut sender, Duration::from_secs(30)).await);
+    assert!(acknowledged(&mut sender, 1, Duration::from_secs(30)).await == 1);
     sender.stop().await;
 
     // Hold one fragment back, as if it had not arrived yet.
@@ -244,7 +222,7 @@ async fn fragments_stay_at_the_gateway_until_their_message_is_handed_over() {
     net.start_gateway().await;
 
     // The recipient gets three fragments: no message, so it acknowledges none of them.
-    let mut back = MixClient::start(config(&net.topology, net.gateway), recipient.clone())
+    let mut back = MixClient::start(client_config(&net.topology, net.gateway), recipient.clone())
         .await
         .unwrap();
     assert!(
@@ -271,7 +249,7 @@ async fn fragments_stay_at_the_gateway_until_their_message_is_handed_over() {
     drop(store);
     net.start_gateway().await;
 
-    let mut back = MixClient::start(config(&net.topology, net.gateway), recipient)
+    let mut back = MixClient::start(client_config(&net.topology, net.gateway), recipient)
         .await
         .unwrap();
     assert_eq!(

@@ -242,7 +242,7 @@ async fn reconcile_inner(nn: &NymNode, ctx: &Context) -> Result<Action, Error> {
         let _guard = lock.lock().await;
         sync_network(ctx, &ns).await?
     };
-    let status = status_for(nn, &network, ctx.settings.build.clone());
+    let status = status_for(nn, &network);
     write_status(nn, ctx, status).await?;
     let settled = matches!(network.rollout, Rollout::Idle | Rollout::Halted { .. })
         && network
@@ -627,7 +627,7 @@ fn now_time(ctx_clock: i64) -> Time {
 }
 
 /// Status from a sync; conditions keep their `lastTransitionTime` while their status holds.
-fn status_for(nn: &NymNode, network: &Network, _build: BuildSettings) -> NymNodeStatus {
+fn status_for(nn: &NymNode, network: &Network) -> NymNodeStatus {
     let name = nn.name_any();
     let mine: Vec<&PodReport> = network.pods.iter().filter(|p| p.nymnode == name).collect();
     let ready = mine.iter().filter(|p| p.ready && p.serving).count() as i32;

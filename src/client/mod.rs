@@ -231,8 +231,12 @@ impl MixClient {
             Some(g) => g,
             None => route::choose_gateway(&current)?.identity_key,
         };
-        let address = ClientAddress::of(&identity, gateway);
         let encryption = e2e::EncryptionKey::derive(&identity);
+        let address = ClientAddress {
+            identity: identity.public(),
+            encryption: encryption.public(),
+            gateway,
+        };
         let (sender, receiver) = open_session(&current, &gateway, &identity).await?;
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(4096);

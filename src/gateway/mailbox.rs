@@ -45,6 +45,30 @@ const UNREGISTERED: &str = "unregistered_bytes";
 /// Expired entries deleted per transaction, so a sweep never holds the store for long.
 pub const EXPIRY_BATCH: usize = 1024;
 
+/// The byte counters kept in `META`, read and written once per transaction.
+struct Totals {
+    total: u64,
+    unregistered: u64,
+}
+
+impl Totals {
+    fn load(meta: &impl ReadableTable<&'static str, u64>) -> Result<Self, MailboxError> {
+        let get = |k: &str| -> Result<u64, MailboxError> {
+            Ok(meta.get(k).map_err(err)?.map_or(0, |v| v.value()))
+        };
+        Ok(Totals {
+            total: get(TOTAL)?,
+            unregistered: get(UNREGISTERED)?,
+        })
+    }
+
+    fn save(&self, meta: &mut redb::Table<&'static str, u64>) -> Result<(), MailboxError> {
+        meta.insert(TOTAL, self.total).map_err(err)?;
+        meta.insert(UNREGISTERED, self.unregistered).map_err(err)?;
+        Ok(())
+    }
+}
+
 /// The mailbox's byte limits (see the module doc).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -178,19 +202,15 @@ impl Mailbox {
             let mut next_ids = txn.open_table(NEXT_IDS).map_err(err)?;
             let registered = txn.open_table(REGISTERED).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
-            let mut total = meta.get(TOTAL).map_err(err)?.map_or(0, |v| v.value());
-            let mut unregistered = meta
-                .get(UNREGISTERED)
-                .map_err(err)?
-                .map_or(0, |v| v.value());
+            let mut totals = Totals::load(&meta)?;
             for item in items {
                 let client = item.client.as_bytes();
                 let used = usage.get(client).map_err(err)?.map_or(0, |v| v.value());
                 let known = registered.get(client).map_err(err)?.is_some();
                 let c = cost(&item.body);
                 if used + c > self.limits.per_client
-                    || total + c > self.limits.total
-                    || (!known && unregistered + c > self.limits.unregistered)
+                    || totals.total + c > self.limits.total
+                    || (!known && totals.unregistered + c > self.limits.unregistered)
                 {
                     ids.push(None);
                     continue;
@@ -206,14 +226,13 @@ impl Mailbox {
                     .map_err(err)?;
                 by_age.insert(&age_key(now, client, id), ()).map_err(err)?;
                 usage.insert(client, used + c).map_err(err)?;
-                total += c;
+                totals.total += c;
                 if !known {
-                    unregistered += c;
+                    totals.unregistered += c;
                 }
                 ids.push(Some(id));
             }
-            meta.insert(TOTAL, total).map_err(err)?;
-            meta.insert(UNREGISTERED, unregistered).map_err(err)?;
+            totals.save(&mut meta)?;
         }
         txn.commit().map_err(err)?;
         let added = ids.iter().filter(|i| i.is_some()).count() as u64;
@@ -240,12 +259,9 @@ impl Mailbox {
                 .map_err(err)?
                 .map_or(0, |v| v.value());
             let mut meta = txn.open_table(META).map_err(err)?;
-            let unregistered = meta
-                .get(UNREGISTERED)
-                .map_err(err)?
-                .map_or(0, |v| v.value());
-            meta.insert(UNREGISTERED, unregistered.saturating_sub(used))
-                .map_err(err)?;
+            let mut totals = Totals::load(&meta)?;
+            totals.unregistered = totals.unregistered.saturating_sub(used);
+            totals.save(&mut meta)?;
         }
         txn.commit().map_err(err)?;
         Ok(())
@@ -254,11 +270,8 @@ impl Mailbox {
     /// Bytes stored for all clients, and for unregistered ones.
     pub fn totals(&self) -> Result<(u64, u64), MailboxError> {
         let txn = self.db.begin_read().map_err(err)?;
-        let meta = txn.open_table(META).map_err(err)?;
-        let get = |k| -> Result<u64, MailboxError> {
-            Ok(meta.get(k).map_err(err)?.map_or(0, |v| v.value()))
-        };
-        Ok((get(TOTAL)?, get(UNREGISTERED)?))
+        let totals = Totals::load(&txn.open_table(META).map_err(err)?)?;
+        Ok((totals.total, totals.unregistered))
     }
 
     /// Up to `limit` stored payloads of `client` with an id greater than `after`, oldest first.
@@ -314,11 +327,7 @@ impl Mailbox {
             let mut next_ids = txn.open_table(NEXT_IDS).map_err(err)?;
             let registered = txn.open_table(REGISTERED).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
-            let mut total = meta.get(TOTAL).map_err(err)?.map_or(0, |v| v.value());
-            let mut unregistered = meta
-                .get(UNREGISTERED)
-                .map_err(err)?
-                .map_or(0, |v| v.value());
+            let mut totals = Totals::load(&meta)?;
             for (client, id) in entries {
                 let Some(value) = messages
                     .remove(&message_key(client, *id))
@@ -338,10 +347,10 @@ impl Mailbox {
                     .map_err(err)?;
                 let freed = cost(&value[IDENTIFIER_SIZE + 8..]);
                 removed += 1;
-                total = total.saturating_sub(freed);
+                totals.total = totals.total.saturating_sub(freed);
                 let known = registered.get(client.as_bytes()).map_err(err)?.is_some();
                 if !known {
-                    unregistered = unregistered.saturating_sub(freed);
+                    totals.unregistered = totals.unregistered.saturating_sub(freed);
                 }
                 let used = usage
                     .get(client.as_bytes())
@@ -358,8 +367,7 @@ impl Mailbox {
                     usage.insert(client.as_bytes(), left).map_err(err)?;
                 }
             }
-            meta.insert(TOTAL, total).map_err(err)?;
-            meta.insert(UNREGISTERED, unregistered).map_err(err)?;
+            totals.save(&mut meta)?;
         }
         txn.commit().map_err(err)?;
         self.stored

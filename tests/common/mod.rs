@@ -688,3 +688,32 @@ impl Net {
         false
     }
 }
+
+/// A client of `gateway` for tests: short delays, no cover, a short ack slack.
+pub fn client_config(
+    topology: &std::path::Path,
+    gateway: nym_node::keys::NodeId,
+) -> nym_node::client::ClientConfig {
+    nym_node::client::ClientConfig {
+        topology: topology.display().to_string(),
+        gateway: Some(gateway),
+        mean_delay: Duration::from_millis(10),
+        cover_rate: 0.0,
+        ack_slack: Duration::from_millis(800),
+        ..nym_node::client::ClientConfig::default()
+    }
+}
+
+/// Waits for `Delivered` (acknowledged) events for `n` messages.
+pub async fn acknowledged(c: &mut nym_node::client::MixClient, n: usize, t: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + t;
+    let mut acked = 0;
+    while acked < n {
+        match tokio::time::timeout_at(deadline, c.next_event()).await {
+            Ok(Some(nym_node::client::Event::Delivered { .. })) => acked += 1,
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    acked
+}
