@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use nym_node::client::{ClientAddress, MixClient};
+use nym_node::client::chunking::MessageId;
+use nym_node::client::{ClientAddress, ClientConfig, Event, MixClient};
 use nym_node::gateway::mailbox::{Incoming, Mailbox};
 use nym_node::keys::{Identity, NodeKeys, random_bytes};
 
@@ -147,23 +148,39 @@ async fn a_gateway_holds_only_ciphertext_and_the_recipient_reads_it_when_back() 
     net.stop().await;
 }
 
+/// Waits for the `Confirmed` event of message `id`; false on `Failed` or timeout.
+async fn confirmed(c: &mut MixClient, id: MessageId, t: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + t;
+    loop {
+        match tokio::time::timeout_at(deadline, c.next_event()).await {
+            Ok(Some(Event::Confirmed { id: got })) if got == id => return true,
+            Ok(Some(Event::Failed { id: got })) if got == id => return false,
+            Ok(Some(_)) => {}
+            _ => return false,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_payload_altered_at_the_gateway_is_rejected_by_the_recipient() {
+async fn a_payload_altered_at_the_gateway_is_rejected_and_the_sender_resends_it() {
     let mut net = Network::start().await;
     let recipient = Identity::generate().unwrap();
     let to = ClientAddress::of(&recipient, net.gateway);
+    // The sender asks for a delivery receipt and stays up while the recipient is away.
     let mut sender = MixClient::start(
-        client_config(&net.topology, net.gateway),
+        ClientConfig {
+            receipt_timeout: Some(Duration::from_secs(6)),
+            ..client_config(&net.topology, net.gateway)
+        },
         Identity::generate().unwrap(),
     )
     .await
     .unwrap();
-    sender
+    let id = sender
         .send(to, b"pay 10 to alice".to_vec(), 0)
         .await
         .unwrap();
     assert!(acknowledged(&mut sender, 1, Duration::from_secs(30)).await == 1);
-    sender.stop().await;
 
     // A dishonest gateway flips one byte of what it stored.
     net.stop_gateway().await;
@@ -187,11 +204,96 @@ async fn a_payload_altered_at_the_gateway_is_rejected_by_the_recipient() {
     let mut back = MixClient::start(client_config(&net.topology, net.gateway), recipient)
         .await
         .unwrap();
-    // Nothing is handed to the application; the altered fragment is counted.
-    let got = receive(&mut back, 1, Duration::from_secs(5)).await;
-    assert!(got.is_empty(), "altered bytes were delivered: {got:?}");
+    // The altered fragment is counted and dropped; no receipt goes back, so the sender
+    // sends the message again, and that copy is what the application gets, once.
+    let got = receive(&mut back, 1, Duration::from_secs(60)).await;
+    assert_eq!(got, vec![b"pay 10 to alice".to_vec()]);
     assert_eq!(back.stats().fragments_rejected.load(Ordering::Relaxed), 1);
+    assert!(confirmed(&mut sender, id, Duration::from_secs(60)).await);
+    assert!(sender.stats().resends.load(Ordering::Relaxed) >= 1);
+    assert!(
+        receive(&mut back, 1, Duration::from_secs(2))
+            .await
+            .is_empty()
+    );
     back.stop().await;
+    sender.stop().await;
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_receipt_never_comes_is_reported_failed() {
+    let net = Network::start().await;
+    // Nobody will ever fetch this client's mail: its gateway stores every copy, no receipt
+    // comes back, and after its resends the message is reported failed, not delivered.
+    let nobody = ClientAddress::of(&Identity::generate().unwrap(), net.gateway);
+    let mut sender = MixClient::start(
+        ClientConfig {
+            receipt_timeout: Some(Duration::from_secs(1)),
+            receipt_resends: 2,
+            ..client_config(&net.topology, net.gateway)
+        },
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
+    let id = sender.send(nobody, b"anyone?".to_vec(), 0).await.unwrap();
+    assert!(!confirmed(&mut sender, id, Duration::from_secs(60)).await);
+    assert_eq!(sender.stats().resends.load(Ordering::Relaxed), 2);
+    assert_eq!(sender.stats().receipts_received.load(Ordering::Relaxed), 0);
+    sender.stop().await;
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_copy_of_a_message_already_held_is_confirmed_again_not_delivered_twice() {
+    let net = Network::start().await;
+    let recipient = Identity::generate().unwrap();
+    let to = ClientAddress::of(&recipient, net.gateway);
+    let mut sender = MixClient::start(
+        ClientConfig {
+            receipt_timeout: Some(Duration::from_secs(1)),
+            receipt_resends: 20,
+            ..client_config(&net.topology, net.gateway)
+        },
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
+    let body: Vec<u8> = (0..4000u32).map(|i| (i % 241) as u8).collect();
+    let id = sender.send(to, body.clone(), 0).await.unwrap();
+    // The recipient is away until the sender has sent a second copy: as far as the sender
+    // knows, the receipt for the first was lost.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sender.stats().resends.load(Ordering::Relaxed) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no resend");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut back = MixClient::start(client_config(&net.topology, net.gateway), recipient)
+        .await
+        .unwrap();
+    assert_eq!(
+        receive(&mut back, 1, Duration::from_secs(30)).await,
+        vec![body]
+    );
+    assert!(confirmed(&mut sender, id, Duration::from_secs(30)).await);
+    // The second copy reaches a recipient that already handed the message over: it is
+    // confirmed through its own receipt SURB and not handed over again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while back.stats().receipts_sent.load(Ordering::Relaxed) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the resent copy was not confirmed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        receive(&mut back, 1, Duration::from_secs(2))
+            .await
+            .is_empty()
+    );
+    back.stop().await;
+    sender.stop().await;
     net.stop().await;
 }
 

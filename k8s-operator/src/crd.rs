@@ -328,7 +328,7 @@ impl NymNodeSpec {
             }
             if RESERVED_ENV.contains(&key.as_str()) {
                 return Err(InvalidSpec(format!(
-                    "spec.env may not set {key}: the operator sets it"
+                    "spec.env may not set variables the operator owns: {key} is set by the operator"
                 )));
             }
         }
@@ -417,7 +417,11 @@ mod tests {
         );
         let mut s = spec(NodeMode::Mixnode, Some(1));
         s.env.insert("NYM_NODE_TOPOLOGY".into(), "/x".into());
-        assert!(s.validate().unwrap_err().0.contains("operator sets it"));
+        let e = s.validate().unwrap_err();
+        assert!(
+            e.0.contains("NYM_NODE_TOPOLOGY is set by the operator"),
+            "{e}"
+        );
         let mut s = spec(NodeMode::Mixnode, Some(1));
         s.env.insert("NYM_NODE_NO_SUCH_KNOB".into(), "1".into());
         assert!(

@@ -56,7 +56,8 @@ enum Command {
         #[arg(long)]
         identity: PathBuf,
     },
-    /// Send one message and wait until the recipient's gateway acknowledged every fragment.
+    /// Send one message and wait until the recipient's gateway acknowledged every fragment
+    /// (or, with --receipt, until the recipient confirmed it).
     Send {
         #[arg(long)]
         identity: Option<PathBuf>,
@@ -68,6 +69,10 @@ enum Command {
         /// Reply SURBs to attach, so the recipient can answer without knowing us.
         #[arg(long, default_value_t = 0)]
         reply_surbs: usize,
+        /// Ask the recipient for a delivery receipt and wait for it, sending the message
+        /// again when none came this long after its gateway stored it (e.g. 30s).
+        #[arg(long, value_parser = config::parse_duration)]
+        receipt: Option<Duration>,
         #[arg(long, default_value = "60s", value_parser = config::parse_duration)]
         timeout: Duration,
     },
@@ -124,7 +129,7 @@ fn load_identity(dir: &std::path::Path) -> Result<Identity, String> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
-    let config = ClientConfig {
+    let mut config = ClientConfig {
         topology: cli.topology.clone(),
         gateway: cli.gateway,
         mean_delay: cli.mean_delay,
@@ -156,8 +161,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             to,
             message,
             reply_surbs,
+            receipt,
             timeout,
         } => {
+            config.receipt_timeout = receipt;
             let id = match identity {
                 Some(dir) => load_identity(&dir)?,
                 None => Identity::generate().map_err(|e| e.to_string())?,
@@ -172,7 +179,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             let outcome = tokio::time::timeout(timeout, async {
                 loop {
                     match client.next_event().await {
-                        Some(Event::Delivered { id }) if id == msg_id => return true,
+                        Some(Event::Delivered { id }) if id == msg_id && receipt.is_none() => {
+                            return true;
+                        }
+                        Some(Event::Confirmed { id }) if id == msg_id => return true,
                         Some(Event::Failed { id }) if id == msg_id => return false,
                         Some(_) => {}
                         None => return false,
@@ -183,7 +193,14 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             .unwrap_or(false);
             client.stop().await;
             if outcome {
-                println!("delivered");
+                println!(
+                    "{}",
+                    if receipt.is_some() {
+                        "confirmed by the recipient"
+                    } else {
+                        "delivered"
+                    }
+                );
                 Ok(ExitCode::SUCCESS)
             } else {
                 println!("not acknowledged");

@@ -2,8 +2,10 @@
 //! Pure; duplicates (from retransmission) are absorbed here.
 //!
 //! A fragment is `[message id: 16][index: u16 BE][count: u16 BE][data]`. A message is
-//! `[reply SURB count: u8]([SURB length: u16 BE][SURB])*[body]`: the SURBs let the
-//! receiver answer without learning who sent it.
+//! `[receipt SURB length: u16 BE][receipt SURB][reply SURB count: u8]([SURB length: u16 BE]
+//! [SURB])*[body]`: the receipt SURB (length 0 when none) carries the recipient's delivery
+//! receipt back, the reply SURBs let it answer; neither tells it who sent the message. The
+//! receipt comes first so that fragment 0 alone yields it (see [`receipt_in_first_fragment`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -35,11 +37,17 @@ pub struct Message {
     pub body: Vec<u8>,
     /// SURBs the sender attached for replies (serialised `sphinx_packet::SURB`s).
     pub reply_surbs: Vec<Vec<u8>>,
+    /// The SURB through which the recipient confirms it has the whole message, when the
+    /// sender asked for a delivery receipt.
+    pub receipt: Option<Vec<u8>>,
 }
 
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + self.body.len());
+        let receipt = self.receipt.as_deref().unwrap_or(&[]);
+        let mut out = Vec::with_capacity(3 + receipt.len() + self.body.len());
+        out.extend_from_slice(&(receipt.len() as u16).to_be_bytes());
+        out.extend_from_slice(receipt);
         out.push(self.reply_surbs.len().min(255) as u8);
         for s in self.reply_surbs.iter().take(255) {
             out.extend_from_slice(&(s.len() as u16).to_be_bytes());
@@ -50,7 +58,8 @@ impl Message {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, ChunkError> {
-        let (&count, mut rest) = bytes.split_first().ok_or(ChunkError::Malformed)?;
+        let (receipt, rest) = split_receipt(bytes)?;
+        let (&count, mut rest) = rest.split_first().ok_or(ChunkError::Malformed)?;
         let mut reply_surbs = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let len = rest.get(..2).ok_or(ChunkError::Malformed)?;
@@ -62,8 +71,29 @@ impl Message {
         Ok(Message {
             body: rest.to_vec(),
             reply_surbs,
+            receipt: receipt.map(<[u8]>::to_vec),
         })
     }
+}
+
+/// The receipt SURB at the start of an encoded message, and what follows it.
+fn split_receipt(bytes: &[u8]) -> Result<(Option<&[u8]>, &[u8]), ChunkError> {
+    let len = bytes.get(..2).ok_or(ChunkError::Malformed)?;
+    let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+    let receipt = bytes.get(2..2 + len).ok_or(ChunkError::Malformed)?;
+    Ok(((len > 0).then_some(receipt), &bytes[2 + len..]))
+}
+
+/// The receipt SURB carried by a message's first fragment, without the rest of the message:
+/// a copy of a message already handed over is confirmed again through it, since the
+/// sender would not resend it unless the first receipt was lost.
+pub fn receipt_in_first_fragment(fragment: &[u8]) -> Option<(MessageId, Vec<u8>)> {
+    let (id, index, _) = fragment_header(fragment).ok()?;
+    if index != 0 {
+        return None;
+    }
+    let (receipt, _) = split_receipt(&fragment[FRAGMENT_HEADER..]).ok()?;
+    Some((id, receipt?.to_vec()))
 }
 
 /// Splits `message` into fragments whose data parts are at most `capacity - 20` bytes.
@@ -198,6 +228,11 @@ impl Reassembler {
         }
     }
 
+    /// Whether the message was completed (and is still remembered).
+    pub fn is_completed(&self, id: &MessageId) -> bool {
+        self.completed.contains_key(id)
+    }
+
     /// Adds a fragment; returns the whole message when this was its last missing part.
     pub fn add(
         &mut self,
@@ -283,11 +318,35 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn the_first_fragment_alone_yields_the_receipt_surb() {
+        let receipt = vec![9u8; 396];
+        let msg = Message {
+            body: vec![5; 3000],
+            reply_surbs: vec![vec![1; 396]],
+            receipt: Some(receipt.clone()),
+        };
+        let frags = split([4; 16], &msg.encode(), 1000).unwrap();
+        assert_eq!(
+            receipt_in_first_fragment(&frags[0]),
+            Some(([4; 16], receipt))
+        );
+        assert_eq!(receipt_in_first_fragment(&frags[1]), None);
+        let without = Message {
+            receipt: None,
+            ..msg
+        };
+        let frags = split([4; 16], &without.encode(), 1000).unwrap();
+        assert_eq!(receipt_in_first_fragment(&frags[0]), None);
+        assert_eq!(Message::decode(&without.encode()).unwrap(), without);
+    }
+
+    #[test]
     fn large_message_splits_and_reassembles_in_any_order_with_duplicates() {
         let body: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let msg = Message {
             body: body.clone(),
             reply_surbs: vec![vec![1; 396], vec![2; 396]],
+            receipt: Some(vec![3; 396]),
         };
         let frags = split([7; 16], &msg.encode(), 1000).unwrap();
         assert!(frags.len() > 10);

@@ -10,6 +10,10 @@
 //! - with cover traffic on, packets leave at Poisson-distributed times (`cover_rate` per
 //!   second) and a loop cover packet goes out whenever no real packet is waiting, so an
 //!   observer cannot tell when the client talks;
+//! - with delivery receipts on, a message also carries a receipt SURB, sealed with it: the
+//!   recipient sends it back once it holds the whole message, and a message whose receipt
+//!   does not come (lost, or a fragment altered at the recipient's gateway) is sent again,
+//!   at most `receipt_resends` times, after which it is reported failed;
 //! - received fragments are reassembled (duplicates from retransmission dropped) and the
 //!   gateway is told each payload was received so it can delete it;
 //! - a lost session is re-established with backoff; the gateway redelivers what was not
@@ -111,6 +115,12 @@ pub struct ClientConfig {
     /// Added to a packet's expected round trip before it is retransmitted.
     pub ack_slack: Duration,
     pub max_retransmissions: u32,
+    /// Ask each recipient for a delivery receipt, and send a message again when none came
+    /// this long after its recipient's gateway stored it. `None`: no receipts; a message
+    /// is done once stored.
+    pub receipt_timeout: Option<Duration>,
+    /// Times a message without a receipt is sent again before it is reported failed.
+    pub receipt_resends: u32,
     pub topology_refresh: Duration,
 }
 
@@ -125,6 +135,8 @@ impl Default for ClientConfig {
             acks: true,
             ack_slack: Duration::from_millis(1500),
             max_retransmissions: 6,
+            receipt_timeout: None,
+            receipt_resends: 3,
             topology_refresh: Duration::from_secs(30),
         }
     }
@@ -162,9 +174,12 @@ pub enum Event {
         /// SURBs the sender attached; pass them to [`MixClient::reply`] to answer anonymously.
         reply_surbs: Vec<Vec<u8>>,
     },
-    /// Every fragment of a message we sent was acknowledged.
+    /// Every fragment of a message we sent was stored by the recipient's gateway.
     Delivered { id: MessageId },
-    /// A fragment of a message was not acknowledged after every retransmission.
+    /// The recipient confirmed it holds the whole message, intact (delivery receipts on).
+    Confirmed { id: MessageId },
+    /// A fragment of a message was not acknowledged after every retransmission, or no
+    /// receipt came after every resend.
     Failed { id: MessageId },
 }
 
@@ -186,6 +201,11 @@ pub struct ClientStats {
     pub loops_missing: AtomicU64,
     /// Drop cover packets sent (to made-up clients).
     pub drop_cover_sent: AtomicU64,
+    /// Delivery receipts we sent (as recipient) and received (as sender).
+    pub receipts_sent: AtomicU64,
+    pub receipts_received: AtomicU64,
+    /// Whole messages sent again because no receipt came.
+    pub resends: AtomicU64,
 }
 
 enum Command {
@@ -257,6 +277,8 @@ impl MixClient {
             deadlines: DelayQueue::new(),
             messages: HashMap::new(),
             replies: HashMap::new(),
+            awaiting: HashMap::new(),
+            receipts: HashMap::new(),
             reassembler: Reassembler::new(chunking::ReassemblyLimits::default()),
             pending_acks: HashMap::new(),
             to_ack: Vec::new(),
@@ -372,6 +394,8 @@ type FragmentKey = (MessageId, u16);
 
 /// Fragment index under which a loop's deadline is kept (messages never have this many).
 const LOOP_INDEX: u16 = u16::MAX;
+/// Fragment index under which a message's receipt deadline is kept.
+const RECEIPT_INDEX: u16 = u16::MAX - 1;
 
 /// A data packet ready to go, and what it should take.
 struct Built {
@@ -399,6 +423,18 @@ struct Outgoing {
     failed: bool,
 }
 
+/// A message sent with a receipt SURB, kept until its recipient confirms it.
+struct AwaitingReceipt {
+    to: ClientAddress,
+    body: Vec<u8>,
+    reply_surbs: Vec<Vec<u8>>,
+    resends: u32,
+    /// `Delivered` was reported (for the first copy stored): later copies do not repeat it.
+    stored: bool,
+    /// Identifier of the newest receipt SURB: only its deadline counts.
+    latest: [u8; IDENTIFIER_SIZE],
+}
+
 struct Actor {
     config: ClientConfig,
     identity: Identity,
@@ -416,6 +452,10 @@ struct Actor {
     messages: HashMap<MessageId, Outgoing>,
     /// Recovery material for replies that may come back through SURBs we handed out.
     replies: HashMap<[u8; IDENTIFIER_SIZE], SurbReplyRecovery>,
+    /// Messages waiting for their recipient's receipt, and the receipt SURBs out for them
+    /// (any copy's receipt confirms the message).
+    awaiting: HashMap<MessageId, AwaitingReceipt>,
+    receipts: HashMap<[u8; IDENTIFIER_SIZE], (MessageId, SurbReplyRecovery)>,
     reassembler: Reassembler,
     /// Gateway mailbox ids of fragments of incomplete messages: acked once the message is
     /// handed to the application.
@@ -523,20 +563,120 @@ impl Actor {
         let topology = self.topology.current().ok_or(ClientError::Stopped)?;
         let mut surbs = Vec::with_capacity(reply_surbs);
         for _ in 0..reply_surbs {
-            let identifier = new_identifier()?;
-            let route = route::choose(&topology, &self.address.gateway)?;
-            let delays = packet::sample_delays(route.len(), self.config.mean_delay);
-            let (surb, recovery) =
-                packet::build_surb(&route, &self.address.identity, identifier, &delays)?;
+            let (surb, identifier, recovery) = self.surb_to_self(&topology)?;
             self.replies.insert(identifier, recovery);
             surbs.push(surb);
         }
-        let message = Message {
-            body,
-            reply_surbs: surbs,
+        let latest = [0; IDENTIFIER_SIZE];
+        match self.config.receipt_timeout {
+            Some(_) => {
+                self.awaiting.insert(
+                    id,
+                    AwaitingReceipt {
+                        to,
+                        body,
+                        reply_surbs: surbs,
+                        resends: 0,
+                        stored: false,
+                        latest,
+                    },
+                );
+                self.send_awaiting(id)
+            }
+            None => self.queue_fragments(
+                id,
+                to,
+                &Message {
+                    body,
+                    reply_surbs: surbs,
+                    receipt: None,
+                },
+            ),
         }
-        .encode();
-        let fragments = chunking::split(id, &message, self.sealed_len() - e2e::OVERHEAD)?;
+    }
+
+    /// A fresh SURB that brings a packet back to us through our gateway.
+    fn surb_to_self(
+        &self,
+        topology: &Topology,
+    ) -> Result<(Vec<u8>, [u8; IDENTIFIER_SIZE], SurbReplyRecovery), ClientError> {
+        let identifier = new_identifier()?;
+        let route = route::choose(topology, &self.address.gateway)?;
+        let delays = packet::sample_delays(route.len(), self.config.mean_delay);
+        let (surb, recovery) =
+            packet::build_surb(&route, &self.address.identity, identifier, &delays)?;
+        Ok((surb, identifier, recovery))
+    }
+
+    /// Sends (again) a message that asks for a receipt, with a fresh receipt SURB: a SURB
+    /// is single-use, as mixes drop a header they have seen.
+    fn send_awaiting(&mut self, id: MessageId) -> Result<(), ClientError> {
+        let topology = self.topology.current().ok_or(ClientError::Stopped)?;
+        let (surb, identifier, recovery) = self.surb_to_self(&topology)?;
+        let Some(awaiting) = self.awaiting.get_mut(&id) else {
+            return Ok(());
+        };
+        awaiting.latest = identifier;
+        let to = awaiting.to;
+        let message = Message {
+            body: awaiting.body.clone(),
+            reply_surbs: awaiting.reply_surbs.clone(),
+            receipt: Some(surb),
+        };
+        self.receipts.insert(identifier, (id, recovery));
+        if !self.config.acks {
+            // Nothing will say when it was stored: the wait starts now.
+            self.await_receipt(id);
+        }
+        self.queue_fragments(id, to, &message)
+    }
+
+    /// Starts the wait for a message's receipt.
+    fn await_receipt(&mut self, id: MessageId) {
+        let (Some(timeout), Some(awaiting)) = (self.config.receipt_timeout, self.awaiting.get(&id))
+        else {
+            return;
+        };
+        self.deadlines.push(
+            Instant::now() + timeout,
+            (awaiting.latest, (id, RECEIPT_INDEX)),
+        );
+    }
+
+    /// No receipt came for the newest copy of a message: send it again, or give up.
+    fn receipt_overdue(&mut self, id: MessageId, identifier: [u8; IDENTIFIER_SIZE]) {
+        let Some(awaiting) = self.awaiting.get_mut(&id) else {
+            return;
+        };
+        if awaiting.latest != identifier {
+            return;
+        }
+        if awaiting.resends >= self.config.receipt_resends {
+            self.awaiting.remove(&id);
+            self.receipts.retain(|_, (m, _)| *m != id);
+            let _ = self.events.try_send(Event::Failed { id });
+            return;
+        }
+        awaiting.resends += 1;
+        self.stats.resends.fetch_add(1, Ordering::Relaxed);
+        self.messages.remove(&id);
+        if let Err(e) = self.send_awaiting(id) {
+            tracing::warn!(error = %e, "cannot resend a message; will retry");
+            if let Some(timeout) = self.config.receipt_timeout {
+                self.deadlines
+                    .push(Instant::now() + timeout, (identifier, (id, RECEIPT_INDEX)));
+            }
+        }
+    }
+
+    /// Splits an encoded message into sealed fragments and queues each.
+    fn queue_fragments(
+        &mut self,
+        id: MessageId,
+        to: ClientAddress,
+        message: &Message,
+    ) -> Result<(), ClientError> {
+        let fragments = chunking::split(id, &message.encode(), self.sealed_len() - e2e::OVERHEAD)?;
         self.messages.insert(
             id,
             Outgoing {
@@ -572,6 +712,7 @@ impl Actor {
         let message = Message {
             body,
             reply_surbs: Vec::new(),
+            receipt: None,
         }
         .encode();
         let fragments = chunking::split(id, &message, Envelope::fragment_capacity(0))?;
@@ -805,6 +946,10 @@ impl Actor {
                 }
                 continue;
             }
+            if key.1 == RECEIPT_INDEX {
+                self.receipt_overdue(key.0, identifier);
+                continue;
+            }
             // Only the newest copy's deadline counts; older copies were already replaced.
             let Some(fragment) = self.fragments.get_mut(&key) else {
                 continue;
@@ -847,6 +992,8 @@ impl Actor {
             let _ = self.events.try_send(Event::Failed { id });
         }
         self.messages.remove(&id);
+        self.awaiting.remove(&id);
+        self.receipts.retain(|_, (m, _)| *m != id);
     }
 
     async fn handle_server(&mut self, msg: ServerMessage) {
@@ -886,6 +1033,20 @@ impl Actor {
         id: u64,
         body: &[u8],
     ) {
+        if let Some((message, recovery)) = self.receipts.remove(&identifier) {
+            self.to_ack.push(id);
+            let confirms = packet::open_reply(&recovery, body)
+                .ok()
+                .and_then(|p| Envelope::decode(&p).ok())
+                .is_some_and(|Envelope::Data { fragment, .. }| fragment == message);
+            if confirms {
+                self.stats.receipts_received.fetch_add(1, Ordering::Relaxed);
+                self.confirm(message).await;
+            } else {
+                tracing::debug!("a receipt that does not open to its message");
+            }
+            return;
+        }
         if let Some(recovery) = self.replies.remove(&identifier) {
             match packet::open_reply(&recovery, body) {
                 Ok(plaintext) => match Envelope::decode(&plaintext) {
@@ -911,7 +1072,7 @@ impl Actor {
                     m.remaining = m.remaining.saturating_sub(1);
                     if m.remaining == 0 {
                         self.messages.remove(&key.0);
-                        let _ = self.events.send(Event::Delivered { id: key.0 }).await;
+                        self.stored(key.0).await;
                     }
                 }
             }
@@ -924,6 +1085,68 @@ impl Actor {
         self.stats
             .duplicates_dropped
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every fragment of (a copy of) a message was stored by its recipient's gateway.
+    async fn stored(&mut self, id: MessageId) {
+        let first = match self.awaiting.get_mut(&id) {
+            Some(awaiting) => !std::mem::replace(&mut awaiting.stored, true),
+            None => true,
+        };
+        if first {
+            let _ = self.events.send(Event::Delivered { id }).await;
+        }
+        self.await_receipt(id);
+    }
+
+    /// The recipient holds the whole message: nothing of it needs sending any more.
+    async fn confirm(&mut self, id: MessageId) {
+        let Some(awaiting) = self.awaiting.remove(&id) else {
+            return; // a second receipt, for a copy sent before the first came back
+        };
+        self.receipts.retain(|_, (m, _)| *m != id);
+        let keys: Vec<FragmentKey> = self
+            .fragments
+            .keys()
+            .filter(|k| k.0 == id)
+            .copied()
+            .collect();
+        for key in keys {
+            if let Some(f) = self.fragments.remove(&key) {
+                for i in f.identifiers {
+                    self.by_identifier.remove(&i);
+                }
+            }
+        }
+        self.messages.remove(&id);
+        if !awaiting.stored {
+            // Its receipt overtook the last of its gateway acks.
+            let _ = self.events.send(Event::Delivered { id }).await;
+        }
+        let _ = self.events.send(Event::Confirmed { id }).await;
+    }
+
+    /// Sends a delivery receipt for message `id` through the SURB its sender attached. The
+    /// receipt is the message id, which only the recipient of the sealed message knows.
+    fn send_receipt(&mut self, id: MessageId, surb: &[u8]) {
+        let sent = Envelope::Data {
+            ack: None,
+            fragment: id.to_vec(),
+        }
+        .encode()
+        .map_err(|e| packet::PacketError::from_message(e.to_string()))
+        .and_then(|envelope| packet::use_surb(surb, &envelope));
+        match sent {
+            Ok((first_hop, packet)) => {
+                self.stats.receipts_sent.fetch_add(1, Ordering::Relaxed);
+                self.outbox.push_back(Ready {
+                    first_hop,
+                    packet,
+                    tracked: None,
+                });
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot use a receipt SURB"),
+        }
     }
 
     /// True (and the loop forgotten) when an opened fragment is one of our loops.
@@ -959,6 +1182,9 @@ impl Actor {
                             .await;
                         if handed.is_ok() {
                             self.to_ack.extend(ids);
+                            if let Some(surb) = message.receipt {
+                                self.send_receipt(id, &surb);
+                            }
                         }
                     }
                     Err(e) => {
@@ -967,7 +1193,15 @@ impl Actor {
                     }
                 }
             }
-            Ok(None) if self.reassembler.duplicates > before => self.to_ack.push(mailbox_id),
+            Ok(None) if self.reassembler.duplicates > before => {
+                self.to_ack.push(mailbox_id);
+                // The sender resent a message we have: our receipt was lost on the way.
+                if let Some((id, surb)) = chunking::receipt_in_first_fragment(fragment)
+                    && self.reassembler.is_completed(&id)
+                {
+                    self.send_receipt(id, &surb);
+                }
+            }
             Ok(None) => {
                 if let Ok((id, _, _)) = chunking::fragment_header(fragment) {
                     self.pending_acks.entry(id).or_default().push(mailbox_id);

@@ -113,7 +113,7 @@ pub async fn run(
                 }
             }
             Ok(Some(Event::Failed { .. })) => report.failed += 1,
-            Ok(Some(Event::Delivered { .. })) => {}
+            Ok(Some(Event::Delivered { .. } | Event::Confirmed { .. })) => {}
             Ok(None) | Err(_) => break,
         }
     }

@@ -38,8 +38,29 @@ def run(*cmd, check=True):
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, check=check)
 
 
-def cargo_bin(package, binary, *args):
-    return run("cargo", "run", "--locked", "-q", "-p", package, "--bin", binary, "--", *args)
+_BUILT = None
+
+
+def built_binaries():
+    """Where `cargo test` left the workspace's binaries, brought up to date once per session.
+
+    `cargo test --no-run` builds them with the test run's features, which is free after
+    scripts/test.sh's `cargo test`; `cargo run -p` would resolve features per package and
+    rebuild much of the dependency tree a second time.
+    """
+    global _BUILT
+    if _BUILT is None:
+        build = run("cargo", "test", "--workspace", "--locked", "--no-run", check=False)
+        assert build.returncode == 0, build.stderr
+        meta = json.loads(run("cargo", "metadata", "--format-version", "1", "--no-deps").stdout)
+        _BUILT = os.path.join(meta["target_directory"], "debug")
+    return _BUILT
+
+
+def cargo_bin(binary, *args):
+    out = run(os.path.join(built_binaries(), binary), *args, check=False)
+    assert out.returncode == 0, f"{binary} {' '.join(args)} failed:\n{out.stderr}"
+    return out
 
 
 def docs(text):
@@ -87,7 +108,7 @@ def validate(doc):
 
 
 def crd():
-    return yaml.safe_load(cargo_bin("nym-operator", "crdgen").stdout)
+    return yaml.safe_load(cargo_bin("crdgen").stdout)
 
 
 def structural_to_jsonschema(node):
@@ -222,7 +243,7 @@ def test_bad_values_are_refused_with_a_clear_message(values):
 
 
 def test_chart_config_block_is_the_node_knob_definitions():
-    generated = cargo_bin("nym-node", "nym-node", "config-docs", "--format", "helm-values").stdout
+    generated = cargo_bin("nym-node", "config-docs", "--format", "helm-values").stdout
     with open(os.path.join(NODE_CHART, "values.yaml")) as f:
         values = f.read()
     block = values.split("# knobs:start\n", 1)[1].split("# knobs:end", 1)[0]
@@ -252,7 +273,7 @@ def test_operator_chart_renders_only_valid_objects(sets):
 # --- the operator -------------------------------------------------------------------------
 
 def test_crd_validates_and_the_chart_ships_exactly_crdgen_output():
-    generated = cargo_bin("nym-operator", "crdgen").stdout
+    generated = cargo_bin("crdgen").stdout
     kubernetes_validate.validate(yaml.safe_load(generated), K8S_VERSION, strict=True)
     with open(os.path.join(OPERATOR_CHART, "crds", "nymnodes.yaml")) as f:
         assert f.read() == generated, "helm/nym-operator/crds/nymnodes.yaml differs from crdgen: regenerate it"
@@ -281,7 +302,7 @@ def test_invalid_examples_are_refused_with_a_clear_message(example):
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=os.path.basename)
 def test_every_object_the_operator_builds_is_valid(example):
-    objects = docs(cargo_bin("nym-operator", "nym-operator", "render", example).stdout)
+    objects = docs(cargo_bin("nym-operator", "render", example).stdout)
     assert {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"} <= {o["kind"] for o in objects}
     for o in objects:
         kubernetes_validate.validate(o, K8S_VERSION, strict=True)
