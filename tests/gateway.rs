@@ -519,28 +519,35 @@ async fn a_reply_through_a_surb_reaches_the_original_sender() {
         .send(bob.address(), b"who am I talking to?".to_vec(), 2)
         .await
         .unwrap();
-    let surbs = loop {
+    let tag = loop {
         match tokio::time::timeout(Duration::from_secs(20), bob.next_event())
             .await
             .unwrap()
         {
             Some(Event::Received {
-                body, reply_surbs, ..
+                body, sender_tag, ..
             }) => {
                 assert_eq!(body, b"who am I talking to?");
-                break reply_surbs;
+                break sender_tag.expect("a message with SURBs carries its sender's tag");
             }
             Some(_) => {}
             None => panic!("bob stopped"),
         }
     };
-    assert_eq!(surbs.len(), 2, "the SURBs came with the message");
-    // Bob answers without knowing Alice's address.
-    bob.reply(surbs, b"an anonymous friend".to_vec())
-        .await
-        .unwrap();
-    let got = receive(&mut alice, 1, Duration::from_secs(20)).await;
-    assert_eq!(got, vec![b"an anonymous friend".to_vec()]);
+    // Bob answers three times without knowing Alice's address. Alice attached two SURBs:
+    // the first reply leaves one, which carries Bob's request for more; Alice's client
+    // answers it with a top-up, and the later replies travel in those.
+    for i in 0..3 {
+        let answer = format!("an anonymous friend, #{i}").into_bytes();
+        bob.reply(tag, answer.clone()).await.unwrap();
+        let got = receive(&mut alice, 1, Duration::from_secs(30)).await;
+        assert_eq!(got, vec![answer]);
+    }
+    // A tag nobody gave SURBs under cannot be answered.
+    assert!(matches!(
+        bob.reply([0; 16], b"?".to_vec()).await,
+        Err(nym_node::client::ClientError::NoReplySurbs)
+    ));
     alice.stop().await;
     bob.stop().await;
     net.stop().await;

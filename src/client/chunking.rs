@@ -2,10 +2,13 @@
 //! Pure; duplicates (from retransmission) are absorbed here.
 //!
 //! A fragment is `[message id: 16][index: u16 BE][count: u16 BE][data]`. A message is
-//! `[receipt SURB length: u16 BE][receipt SURB][reply SURB count: u8]([SURB length: u16 BE]
-//! [SURB])*[body]`: the receipt SURB (length 0 when none) carries the recipient's delivery
-//! receipt back, the reply SURBs let it answer; neither tells it who sent the message. The
+//! `[receipt SURB length: u16 BE][receipt SURB][flags: u8][sender tag: 16, if flagged]
+//! [reply SURB count: u8]([SURB length: u16 BE][SURB])*[body]`: the receipt SURB (length 0
+//! when none) carries the recipient's delivery receipt back, the reply SURBs let it answer,
+//! the sender tag groups one sender's SURBs; none of them tells it who sent the message. The
 //! receipt comes first so that fragment 0 alone yields it (see [`receipt_in_first_fragment`]).
+//! The flags' kind bits say whether the message is for the application or asks for, or
+//! brings, more reply SURBs.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -34,6 +37,9 @@ pub enum ChunkError {
 /// A reassembled message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
+    pub kind: MessageKind,
+    /// The sender's tag for this recipient, when it attached reply SURBs.
+    pub sender_tag: Option<[u8; 16]>,
     pub body: Vec<u8>,
     /// SURBs the sender attached for replies (serialised `sphinx_packet::SURB`s).
     pub reply_surbs: Vec<Vec<u8>>,
@@ -42,12 +48,67 @@ pub struct Message {
     pub receipt: Option<Vec<u8>>,
 }
 
+/// What a message is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MessageKind {
+    /// For the application.
+    #[default]
+    Data,
+    /// Sent back through a SURB: the recipient is running low on SURBs for our tag and asks
+    /// for as many as the body's u16 says.
+    SurbRequest,
+    /// Only reply SURBs, answering a [`MessageKind::SurbRequest`].
+    SurbTopUp,
+}
+
+const FLAG_TAG: u8 = 0x01;
+const KIND_SHIFT: u8 = 4;
+
+impl MessageKind {
+    fn bits(self) -> u8 {
+        match self {
+            MessageKind::Data => 0,
+            MessageKind::SurbRequest => 1,
+            MessageKind::SurbTopUp => 2,
+        }
+    }
+
+    fn from_bits(b: u8) -> Result<Self, ChunkError> {
+        match b {
+            0 => Ok(MessageKind::Data),
+            1 => Ok(MessageKind::SurbRequest),
+            2 => Ok(MessageKind::SurbTopUp),
+            _ => Err(ChunkError::Malformed),
+        }
+    }
+}
+
 impl Message {
+    /// A message for the application with nothing attached.
+    pub fn data(body: Vec<u8>) -> Self {
+        Message {
+            kind: MessageKind::Data,
+            sender_tag: None,
+            body,
+            reply_surbs: Vec::new(),
+            receipt: None,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let receipt = self.receipt.as_deref().unwrap_or(&[]);
-        let mut out = Vec::with_capacity(3 + receipt.len() + self.body.len());
+        let mut out = Vec::with_capacity(20 + receipt.len() + self.body.len());
         out.extend_from_slice(&(receipt.len() as u16).to_be_bytes());
         out.extend_from_slice(receipt);
+        let tag_flag = if self.sender_tag.is_some() {
+            FLAG_TAG
+        } else {
+            0
+        };
+        out.push(tag_flag | (self.kind.bits() << KIND_SHIFT));
+        if let Some(tag) = &self.sender_tag {
+            out.extend_from_slice(tag);
+        }
         out.push(self.reply_surbs.len().min(255) as u8);
         for s in self.reply_surbs.iter().take(255) {
             out.extend_from_slice(&(s.len() as u16).to_be_bytes());
@@ -59,6 +120,16 @@ impl Message {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, ChunkError> {
         let (receipt, rest) = split_receipt(bytes)?;
+        let (&flags, rest) = rest.split_first().ok_or(ChunkError::Malformed)?;
+        let kind = MessageKind::from_bits(flags >> KIND_SHIFT)?;
+        let (sender_tag, rest) = if flags & FLAG_TAG != 0 {
+            let tag = rest.get(..16).ok_or(ChunkError::Malformed)?;
+            let mut t = [0u8; 16];
+            t.copy_from_slice(tag);
+            (Some(t), &rest[16..])
+        } else {
+            (None, rest)
+        };
         let (&count, mut rest) = rest.split_first().ok_or(ChunkError::Malformed)?;
         let mut reply_surbs = Vec::with_capacity(count as usize);
         for _ in 0..count {
@@ -69,6 +140,8 @@ impl Message {
             rest = &rest[2 + len..];
         }
         Ok(Message {
+            kind,
+            sender_tag,
             body: rest.to_vec(),
             reply_surbs,
             receipt: receipt.map(<[u8]>::to_vec),
@@ -321,6 +394,8 @@ mod tests {
     fn the_first_fragment_alone_yields_the_receipt_surb() {
         let receipt = vec![9u8; 396];
         let msg = Message {
+            kind: MessageKind::SurbTopUp,
+            sender_tag: None,
             body: vec![5; 3000],
             reply_surbs: vec![vec![1; 396]],
             receipt: Some(receipt.clone()),
@@ -344,6 +419,8 @@ mod tests {
     fn large_message_splits_and_reassembles_in_any_order_with_duplicates() {
         let body: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let msg = Message {
+            kind: MessageKind::Data,
+            sender_tag: Some([6; 16]),
             body: body.clone(),
             reply_surbs: vec![vec![1; 396], vec![2; 396]],
             receipt: Some(vec![3; 396]),

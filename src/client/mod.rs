@@ -25,6 +25,7 @@ pub mod e2e;
 pub mod packet;
 pub mod probe;
 pub mod route;
+pub mod surbs;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -46,7 +47,8 @@ use crate::message::Envelope;
 use crate::mixnet::delay::DelayQueue;
 use crate::mixnet::sphinx::{IDENTIFIER_SIZE, PacketBytes};
 use crate::topology::{self, Topology, TopologyHandle, TopologySource};
-use chunking::{Message, MessageId, Reassembler};
+use chunking::{Message, MessageId, MessageKind, Reassembler};
+pub use surbs::SenderTag;
 
 /// Size of a serialised SURB-ACK for a route of three mixes and a gateway.
 pub const SURB_ACK_SIZE: usize = 348 + 32 + 16;
@@ -122,6 +124,12 @@ pub struct ClientConfig {
     /// Times a message without a receipt is sent again before it is reported failed.
     pub receipt_resends: u32,
     pub topology_refresh: Duration,
+    /// Where reply SURBs (received, and the recovery material of those handed out) are
+    /// kept across restarts; in memory when `None`.
+    pub surb_store: Option<std::path::PathBuf>,
+    /// Keep a received message at the gateway until the application calls
+    /// [`MixClient::consumed`], so a crash between hand-over and use loses nothing.
+    pub hold_until_consumed: bool,
 }
 
 impl Default for ClientConfig {
@@ -137,6 +145,8 @@ impl Default for ClientConfig {
             max_retransmissions: 6,
             receipt_timeout: None,
             receipt_resends: 3,
+            surb_store: None,
+            hold_until_consumed: false,
             topology_refresh: Duration::from_secs(30),
         }
     }
@@ -162,6 +172,10 @@ pub enum ClientError {
     Random(String),
     #[error("the client has stopped")]
     Stopped,
+    #[error(transparent)]
+    Surbs(#[from] surbs::SurbStoreError),
+    #[error("no reply SURBs from this sender tag")]
+    NoReplySurbs,
 }
 
 /// What the client reports.
@@ -171,8 +185,9 @@ pub enum Event {
     Received {
         id: MessageId,
         body: Vec<u8>,
-        /// SURBs the sender attached; pass them to [`MixClient::reply`] to answer anonymously.
-        reply_surbs: Vec<Vec<u8>>,
+        /// Present when the sender attached reply SURBs: pass it to [`MixClient::reply`] to
+        /// answer without learning who the sender is.
+        sender_tag: Option<SenderTag>,
     },
     /// Every fragment of a message we sent was stored by the recipient's gateway.
     Delivered { id: MessageId },
@@ -216,10 +231,12 @@ enum Command {
         id: MessageId,
     },
     Reply {
-        surbs: Vec<Vec<u8>>,
+        tag: SenderTag,
         body: Vec<u8>,
         id: MessageId,
+        done: tokio::sync::oneshot::Sender<Result<(), ClientError>>,
     },
+    Consumed(MessageId),
 }
 
 /// A running client.
@@ -257,6 +274,8 @@ impl MixClient {
             encryption: encryption.public(),
             gateway,
         };
+        let surbs =
+            surbs::SurbStore::open(config.surb_store.as_deref(), surbs::SurbLimits::default())?;
         let (sender, receiver) = open_session(&current, &gateway, &identity).await?;
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(4096);
@@ -276,7 +295,11 @@ impl MixClient {
             by_identifier: HashMap::new(),
             deadlines: DelayQueue::new(),
             messages: HashMap::new(),
-            replies: HashMap::new(),
+            surbs,
+            reply_origin: HashMap::new(),
+            pending_replies: HashMap::new(),
+            requested: HashMap::new(),
+            held: HashMap::new(),
             awaiting: HashMap::new(),
             receipts: HashMap::new(),
             reassembler: Reassembler::new(chunking::ReassemblyLimits::default()),
@@ -325,18 +348,32 @@ impl MixClient {
         Ok(id)
     }
 
-    /// Answers a message through the SURBs its sender attached (one SURB per fragment).
-    pub async fn reply(
-        &self,
-        surbs: Vec<Vec<u8>>,
-        body: Vec<u8>,
-    ) -> Result<MessageId, ClientError> {
+    /// Answers the sender behind `tag` through the SURBs it attached (one per fragment).
+    /// When they run low, the client asks the sender for more through one of them, and a
+    /// reply that needs more than are left waits for them.
+    pub async fn reply(&self, tag: SenderTag, body: Vec<u8>) -> Result<MessageId, ClientError> {
         let id = new_id()?;
+        let (done, result) = tokio::sync::oneshot::channel();
         self.commands
-            .send(Command::Reply { surbs, body, id })
+            .send(Command::Reply {
+                tag,
+                body,
+                id,
+                done,
+            })
             .await
             .map_err(|_| ClientError::Stopped)?;
+        result.await.map_err(|_| ClientError::Stopped)??;
         Ok(id)
+    }
+
+    /// The application has what [`Event::Received`] handed it: with `hold_until_consumed`,
+    /// only now is the gateway told to delete it.
+    pub async fn consumed(&self, id: MessageId) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::Consumed(id))
+            .await
+            .map_err(|_| ClientError::Stopped)
     }
 
     pub async fn next_event(&mut self) -> Option<Event> {
@@ -397,6 +434,16 @@ const LOOP_INDEX: u16 = u16::MAX;
 /// Fragment index under which a message's receipt deadline is kept.
 const RECEIPT_INDEX: u16 = u16::MAX - 1;
 
+/// A recipient asks its sender for more SURBs when a reply leaves fewer than this.
+const SURB_LOW_WATER: usize = 10;
+/// How many SURBs it asks for.
+const SURB_TOP_UP: usize = 20;
+/// The most SURBs one request may ask for (a top-up is a message the sender pays for).
+const MAX_SURBS_PER_REQUEST: usize = 100;
+const SURB_REQUEST_INTERVAL: Duration = Duration::from_secs(10);
+/// Replies held per sender tag while waiting for its SURBs.
+const MAX_PENDING_REPLIES: usize = 64;
+
 /// A data packet ready to go, and what it should take.
 struct Built {
     ready: Ready,
@@ -426,8 +473,8 @@ struct Outgoing {
 /// A message sent with a receipt SURB, kept until its recipient confirms it.
 struct AwaitingReceipt {
     to: ClientAddress,
-    body: Vec<u8>,
-    reply_surbs: Vec<Vec<u8>>,
+    /// The message without its receipt SURB (each copy gets a fresh one).
+    message: Message,
     resends: u32,
     /// `Delivered` was reported (for the first copy stored): later copies do not repeat it.
     stored: bool,
@@ -450,8 +497,15 @@ struct Actor {
     by_identifier: HashMap<[u8; IDENTIFIER_SIZE], FragmentKey>,
     deadlines: DelayQueue<([u8; IDENTIFIER_SIZE], FragmentKey)>,
     messages: HashMap<MessageId, Outgoing>,
-    /// Recovery material for replies that may come back through SURBs we handed out.
-    replies: HashMap<[u8; IDENTIFIER_SIZE], SurbReplyRecovery>,
+    /// Reply SURBs: those received, by sender tag, and those handed out.
+    surbs: surbs::SurbStore,
+    /// Who a message coming back through our SURBs answers (by its message id).
+    reply_origin: HashMap<MessageId, ClientAddress>,
+    /// Replies waiting for more SURBs from their sender, and when we last asked for them.
+    pending_replies: HashMap<SenderTag, VecDeque<(MessageId, Vec<u8>)>>,
+    requested: HashMap<SenderTag, Instant>,
+    /// Mailbox ids of messages handed to the application but not yet consumed.
+    held: HashMap<MessageId, Vec<u64>>,
     /// Messages waiting for their recipient's receipt, and the receipt SURBs out for them
     /// (any copy's receipt confirms the message).
     awaiting: HashMap<MessageId, AwaitingReceipt>,
@@ -545,8 +599,21 @@ impl Actor {
                 body,
                 reply_surbs,
                 id,
-            } => self.queue_message(to, body, reply_surbs, id),
-            Command::Reply { surbs, body, id } => self.queue_reply(surbs, body, id),
+            } => self.queue_message(to, body, reply_surbs, id, MessageKind::Data),
+            Command::Reply {
+                tag,
+                body,
+                id,
+                done,
+            } => {
+                let _ = done.send(self.queue_reply(tag, body, id));
+                Ok(())
+            }
+            Command::Consumed(id) => {
+                self.to_ack
+                    .extend(self.held.remove(&id).unwrap_or_default());
+                Ok(())
+            }
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "cannot send message");
@@ -559,40 +626,51 @@ impl Actor {
         body: Vec<u8>,
         reply_surbs: usize,
         id: MessageId,
+        kind: MessageKind,
     ) -> Result<(), ClientError> {
         let topology = self.topology.current().ok_or(ClientError::Stopped)?;
         let mut surbs = Vec::with_capacity(reply_surbs);
         for _ in 0..reply_surbs {
             let (surb, identifier, recovery) = self.surb_to_self(&topology)?;
-            self.replies.insert(identifier, recovery);
+            self.surbs.add_handed_out(&identifier, &recovery, &to)?;
             surbs.push(surb);
         }
-        let latest = [0; IDENTIFIER_SIZE];
+        let message = Message {
+            kind,
+            sender_tag: (reply_surbs > 0).then(|| self.sender_tag(&to)),
+            body,
+            reply_surbs: surbs,
+            receipt: None,
+        };
         match self.config.receipt_timeout {
-            Some(_) => {
+            Some(_) if kind == MessageKind::Data => {
                 self.awaiting.insert(
                     id,
                     AwaitingReceipt {
                         to,
-                        body,
-                        reply_surbs: surbs,
+                        message,
                         resends: 0,
                         stored: false,
-                        latest,
+                        latest: [0; IDENTIFIER_SIZE],
                     },
                 );
                 self.send_awaiting(id)
             }
-            None => self.queue_fragments(
-                id,
-                to,
-                &Message {
-                    body,
-                    reply_surbs: surbs,
-                    receipt: None,
-                },
-            ),
+            _ => self.queue_fragments(id, to, &message),
         }
+    }
+
+    /// Our tag towards `to`: the same for every message to it (so its SURBs pool), unlike
+    /// for any other recipient, and telling nothing about us. Ed25519 signatures are
+    /// deterministic, so a signature over the recipient serves as a keyed hash.
+    fn sender_tag(&self, to: &ClientAddress) -> SenderTag {
+        let mut input = b"nym-node-rs/sender-tag/1".to_vec();
+        input.extend_from_slice(&to.identity.0);
+        input.extend_from_slice(&to.encryption.0);
+        let signature = self.identity.sign(&input);
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&signature[32..48]);
+        tag
     }
 
     /// A fresh SURB that brings a packet back to us through our gateway.
@@ -619,9 +697,8 @@ impl Actor {
         awaiting.latest = identifier;
         let to = awaiting.to;
         let message = Message {
-            body: awaiting.body.clone(),
-            reply_surbs: awaiting.reply_surbs.clone(),
             receipt: Some(surb),
+            ..awaiting.message.clone()
         };
         self.receipts.insert(identifier, (id, recovery));
         if !self.config.acks {
@@ -705,41 +782,91 @@ impl Actor {
     /// route is fixed and ends at the sender).
     fn queue_reply(
         &mut self,
-        surbs: Vec<Vec<u8>>,
+        tag: SenderTag,
         body: Vec<u8>,
         id: MessageId,
     ) -> Result<(), ClientError> {
-        let message = Message {
-            body,
-            reply_surbs: Vec::new(),
-            receipt: None,
+        let fragments = chunking::split(
+            id,
+            &Message::data(body.clone()).encode(),
+            Envelope::fragment_capacity(0),
+        )?;
+        let have = self.surbs.received_count(&tag)?;
+        if have == 0 && !self.requested.contains_key(&tag) {
+            return Err(ClientError::NoReplySurbs);
         }
-        .encode();
-        let fragments = chunking::split(id, &message, Envelope::fragment_capacity(0))?;
-        if fragments.len() > surbs.len() {
-            return Err(ClientError::Packet(packet::PacketError::from_message(
-                format!(
-                    "reply needs {} SURBs, the sender attached {}",
-                    fragments.len(),
-                    surbs.len()
-                ),
-            )));
-        }
-        for (fragment, surb) in fragments.into_iter().zip(surbs) {
-            let envelope = Envelope::Data {
-                ack: None,
-                fragment,
+        if have < fragments.len() {
+            // One SURB carries the request; the reply waits for the sender's top-up.
+            let queue = self.pending_replies.entry(tag).or_default();
+            if queue.len() >= MAX_PENDING_REPLIES {
+                return Err(ClientError::NoReplySurbs);
             }
-            .encode()
-            .map_err(|e| packet::PacketError::from_message(e.to_string()))?;
-            let (first_hop, packet) = packet::use_surb(&surb, &envelope)?;
-            self.outbox.push_back(Ready {
-                first_hop,
-                packet,
-                tracked: None,
-            });
+            queue.push_back((id, body));
+            self.request_surbs(&tag, fragments.len() + SURB_TOP_UP);
+            return Ok(());
+        }
+        let surbs = self.surbs.take_received(&tag, fragments.len())?;
+        if surbs.len() < fragments.len() {
+            return Err(ClientError::NoReplySurbs);
+        }
+        let used = fragments.len();
+        for (fragment, surb) in fragments.into_iter().zip(surbs) {
+            self.send_through_surb(&surb, fragment)?;
+        }
+        if have - used < SURB_LOW_WATER {
+            self.request_surbs(&tag, SURB_TOP_UP);
         }
         Ok(())
+    }
+
+    fn send_through_surb(&mut self, surb: &[u8], fragment: Vec<u8>) -> Result<(), ClientError> {
+        let envelope = Envelope::Data {
+            ack: None,
+            fragment,
+        }
+        .encode()
+        .map_err(|e| packet::PacketError::from_message(e.to_string()))?;
+        let (first_hop, packet) = packet::use_surb(surb, &envelope)?;
+        self.outbox.push_back(Ready {
+            first_hop,
+            packet,
+            tracked: None,
+        });
+        Ok(())
+    }
+
+    /// Asks the sender behind `tag` for `n` more SURBs, through one of its own (at most once
+    /// per [`SURB_REQUEST_INTERVAL`] unless a top-up came meanwhile).
+    fn request_surbs(&mut self, tag: &SenderTag, n: usize) {
+        if self
+            .requested
+            .get(tag)
+            .is_some_and(|at| at.elapsed() < SURB_REQUEST_INTERVAL)
+        {
+            return;
+        }
+        let asked = (|| -> Result<(), ClientError> {
+            let surb = self
+                .surbs
+                .take_received(tag, 1)?
+                .pop()
+                .ok_or(ClientError::NoReplySurbs)?;
+            let message = Message {
+                kind: MessageKind::SurbRequest,
+                body: (n.min(MAX_SURBS_PER_REQUEST) as u16).to_be_bytes().to_vec(),
+                ..Message::data(Vec::new())
+            };
+            let mut fragments =
+                chunking::split(new_id()?, &message.encode(), Envelope::fragment_capacity(0))?;
+            let fragment = fragments.pop().unwrap_or_default();
+            self.send_through_surb(&surb, fragment)
+        })();
+        match asked {
+            Ok(()) => {
+                self.requested.insert(*tag, Instant::now());
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot ask for more reply SURBs"),
+        }
     }
 
     /// Every sealed fragment of this client has this size, so a gateway sees no difference
@@ -1047,10 +1174,21 @@ impl Actor {
             }
             return;
         }
-        if let Some(recovery) = self.replies.remove(&identifier) {
+        let handed_out = match self.surbs.take_handed_out(&identifier) {
+            Ok(found) => found,
+            Err(e) => {
+                // Not acknowledged: the gateway delivers it again next session.
+                tracing::warn!(error = %e, "reply SURB store");
+                return;
+            }
+        };
+        if let Some((recovery, origin)) = handed_out {
             match packet::open_reply(&recovery, body) {
                 Ok(plaintext) => match Envelope::decode(&plaintext) {
                     Ok(Envelope::Data { fragment, .. }) => {
+                        if let Ok((message, _, _)) = chunking::fragment_header(&fragment) {
+                            self.reply_origin.insert(message, origin);
+                        }
                         return self.receive_fragment(&fragment, id).await;
                     }
                     _ => tracing::debug!("reply with an unexpected envelope"),
@@ -1170,22 +1308,37 @@ impl Actor {
             Ok(Some((id, bytes))) => {
                 let mut ids = self.pending_acks.remove(&id).unwrap_or_default();
                 ids.push(mailbox_id);
+                let origin = self.reply_origin.remove(&id);
                 match Message::decode(&bytes) {
-                    Ok(message) => {
+                    Ok(message) if message.kind == MessageKind::Data => {
+                        if let (Some(tag), false) =
+                            (message.sender_tag, message.reply_surbs.is_empty())
+                            && let Err(e) = self.surbs.add_received(&tag, &message.reply_surbs)
+                        {
+                            tracing::warn!(error = %e, "cannot keep reply SURBs");
+                        }
                         let handed = self
                             .events
                             .send(Event::Received {
                                 id,
                                 body: message.body,
-                                reply_surbs: message.reply_surbs,
+                                sender_tag: message.sender_tag,
                             })
                             .await;
                         if handed.is_ok() {
-                            self.to_ack.extend(ids);
+                            if self.config.hold_until_consumed {
+                                self.held.insert(id, ids);
+                            } else {
+                                self.to_ack.extend(ids);
+                            }
                             if let Some(surb) = message.receipt {
                                 self.send_receipt(id, &surb);
                             }
                         }
+                    }
+                    Ok(message) => {
+                        self.to_ack.extend(ids);
+                        self.handle_control(message, origin);
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "malformed message");
@@ -1220,6 +1373,48 @@ impl Actor {
         self.stats
             .duplicates_dropped
             .fetch_add(dup, Ordering::Relaxed);
+    }
+
+    /// A message for the client itself: a request for more of our SURBs, or a top-up.
+    fn handle_control(&mut self, message: Message, origin: Option<ClientAddress>) {
+        match message.kind {
+            MessageKind::SurbRequest => {
+                let Some(to) = origin else {
+                    return; // not through one of our SURBs: nobody to answer
+                };
+                let wanted = message
+                    .body
+                    .get(..2)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+                    .unwrap_or(0)
+                    .min(MAX_SURBS_PER_REQUEST);
+                if wanted == 0 {
+                    return;
+                }
+                let sent = new_id().and_then(|id| {
+                    self.queue_message(to, Vec::new(), wanted, id, MessageKind::SurbTopUp)
+                });
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "cannot send more reply SURBs");
+                }
+            }
+            MessageKind::SurbTopUp => {
+                let Some(tag) = message.sender_tag else {
+                    return;
+                };
+                if let Err(e) = self.surbs.add_received(&tag, &message.reply_surbs) {
+                    tracing::warn!(error = %e, "cannot keep reply SURBs");
+                    return;
+                }
+                self.requested.remove(&tag);
+                for (id, body) in self.pending_replies.remove(&tag).unwrap_or_default() {
+                    if let Err(e) = self.queue_reply(tag, body, id) {
+                        tracing::warn!(error = %e, "a held reply cannot be sent");
+                    }
+                }
+            }
+            MessageKind::Data => {}
+        }
     }
 
     /// Tells the gateway which payloads we have, so it deletes them.
