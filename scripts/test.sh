@@ -20,7 +20,7 @@ cargo test --workspace --locked "$@"
 # Manifests: both Helm charts and every object the operator builds, against the Kubernetes
 # schemas (and the prometheus-operator CRDs), plus promtool on the chart's alert rules.
 PATH="${NYM_TOOLS_DIR:-$HOME/.cache/nym-node-tools}/bin:$PATH" \
-  "${NYM_TOOLS_DIR:-$HOME/.cache/nym-node-tools}/venv/bin/python" -m pytest -q tests/k8s
+  "${NYM_TOOLS_DIR:-$HOME/.cache/nym-node-tools}/venv/bin/python" -m pytest -q tests/k8s tests/client
 
 if [ "${NYM_SKIP_CONTAINERS:-}" = 1 ]; then
   echo "NYM_SKIP_CONTAINERS=1: container tests NOT run"

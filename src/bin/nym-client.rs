@@ -1,12 +1,16 @@
 //! `nym-client`: send and receive messages through the mixnet, or probe it.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
-use nym_node::client::{ClientAddress, ClientConfig, Event, MixClient, probe};
+use nym_node::client::state::{self, ClientDir, Settings};
+use nym_node::client::websocket::{self, Request, Response};
+use nym_node::client::{ClientAddress, ClientConfig, Event, MixClient, daemon, probe};
 use nym_node::config::{self, LogFormat};
 use nym_node::keys::{Identity, NodeId, random_bytes};
 use nym_node::telemetry;
@@ -15,52 +19,90 @@ use nym_node::telemetry;
 #[command(
     name = "nym-client",
     version,
-    about = "A mixnet client: send, receive, probe"
+    about = "A mixnet client: a long-running client with Nym's WebSocket API, or one-shot send, receive and probe",
+    after_help = "Examples:
+  nym-client --topology T init --id alice          create client 'alice' (keys, gateway)
+  nym-client address --id alice                    its address, the same every time
+  nym-client run --id alice                        serve Nym's WebSocket API on 127.0.0.1:1977
+  nym-client send --id bob --to ADDRESS --message hi
+  nym-client receive --id alice --count 1
+  nym-client --topology T probe --count 20 --cover-rate 0
+
+Options apply wherever they are written: before or after the subcommand.",
+    allow_negative_numbers = true
 )]
 struct Cli {
-    /// Topology document: a file path or an http(s) URL.
-    #[arg(long, env = "NYM_CLIENT_TOPOLOGY")]
-    topology: String,
-    /// Gateway to connect to (identity key); a random serving gateway when omitted.
-    #[arg(long)]
+    /// Topology document: a file path or an http(s) URL. Defaults to the one given at init.
+    #[arg(long, env = "NYM_CLIENT_TOPOLOGY", global = true)]
+    topology: Option<String>,
+    /// The client to use: DATA_DIR/NAME (created by `init --id NAME`).
+    #[arg(long, global = true, conflicts_with = "identity")]
+    id: Option<String>,
+    /// The client to use, by its directory (instead of --id).
+    #[arg(long, global = true)]
+    identity: Option<PathBuf>,
+    /// Where named clients live [default: $XDG_DATA_HOME/nym-client or ~/.local/share/nym-client].
+    #[arg(long, env = "NYM_CLIENT_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Gateway to register with at init (identity key); a random serving gateway when omitted.
+    /// Clients made by init always use their own.
+    #[arg(long, global = true)]
     gateway: Option<NodeId>,
-    /// Mean per-hop delay of our packets.
-    #[arg(long, default_value = "50ms", value_parser = config::parse_duration)]
+    /// Mean per-hop delay of our packets (e.g. 50ms).
+    #[arg(long, default_value = "50ms", value_parser = config::parse_duration, global = true)]
     mean_delay: Duration,
     /// Poisson rate (packets/s) of outgoing packets; idle slots carry loop cover. 0 disables cover traffic.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = 20.0, value_parser = non_negative, global = true)]
     cover_rate: f64,
     /// Share (0 to 1) of cover slots that carry drop cover to a made-up client of a random
     /// gateway instead of a loop back to this client.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = share, global = true)]
     drop_cover_ratio: f64,
     /// Do not ask for acknowledgements (and so never retransmit).
-    #[arg(long)]
+    #[arg(long, global = true)]
     no_acks: bool,
     /// Retransmissions per packet before a message is reported failed.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, global = true)]
     max_retransmissions: u32,
     #[command(subcommand)]
     command: Command,
 }
 
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!(
+            "expected a number of packets per second, 0 or more, got {s:?}"
+        )),
+    }
+}
+
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("expected a share from 0 to 1, got {s:?}")),
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Create an identity for `send`/`receive` in DIR (mode 0600).
-    Init {
+    /// Create a client: its identity (mode 0600) and its gateway, registered once.
+    Init,
+    /// Print the client's address (IDENTITY.ENCRYPTION@GATEWAY); it never changes.
+    Address,
+    /// Run the client: hold its gateway session, send cover, keep reply SURBs, and serve
+    /// Nym's WebSocket API to local applications until SIGTERM or Ctrl-C.
+    Run {
+        /// Address of the WebSocket API.
+        #[arg(long, default_value = "127.0.0.1:1977")]
+        listen: SocketAddr,
+        /// Allow a non-loopback --listen address (anyone reaching it can use this client).
         #[arg(long)]
-        identity: PathBuf,
+        allow_remote: bool,
     },
-    /// Print this client's address (IDENTITY.ENCRYPTION@GATEWAY) for the identity in DIR.
-    Address {
-        #[arg(long)]
-        identity: PathBuf,
-    },
-    /// Send one message and wait until the recipient's gateway acknowledged every fragment
-    /// (or, with --receipt, until the recipient confirmed it).
+    /// Send one message (through the running client when one serves this client). Without
+    /// --id or --identity, from a fresh throwaway identity.
     Send {
-        #[arg(long)]
-        identity: Option<PathBuf>,
         /// Recipient address, IDENTITY.ENCRYPTION@GATEWAY.
         #[arg(long)]
         to: ClientAddress,
@@ -76,10 +118,9 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = config::parse_duration)]
         timeout: Duration,
     },
-    /// Print messages as they arrive (one per line).
+    /// Print messages as they arrive, one per line (through the running client when one
+    /// serves this client).
     Receive {
-        #[arg(long)]
-        identity: PathBuf,
         /// Stop after this many messages.
         #[arg(long)]
         count: Option<usize>,
@@ -120,63 +161,174 @@ fn main() -> ExitCode {
     }
 }
 
-fn identity_file(dir: &std::path::Path) -> PathBuf {
-    dir.join("client-identity.key")
+/// The client directory named by --id or --identity, if any.
+fn client_dir(cli: &Cli) -> Result<Option<ClientDir>, String> {
+    if let Some(dir) = &cli.identity {
+        return Ok(Some(ClientDir::new(dir.clone())));
+    }
+    let Some(name) = &cli.id else {
+        return Ok(None);
+    };
+    let data = match &cli.data_dir {
+        Some(d) => d.clone(),
+        None => state::data_dir(|k| std::env::var(k).ok()).map_err(|e| e.to_string())?,
+    };
+    Ok(Some(ClientDir::new(
+        state::named(&data, name).map_err(|e| e.to_string())?,
+    )))
 }
 
-fn load_identity(dir: &std::path::Path) -> Result<Identity, String> {
-    Identity::load(&identity_file(dir)).map_err(|e| e.to_string())
+fn need_client(cli: &Cli) -> Result<ClientDir, String> {
+    client_dir(cli)?.ok_or_else(|| "which client? pass --id NAME (or --identity DIR)".to_string())
+}
+
+/// The client's settings; a directory from an older init (identity only) gets a gateway now.
+fn settings(dir: &ClientDir) -> Result<Option<Settings>, String> {
+    dir.settings().map_err(|e| e.to_string())
+}
+
+/// Configuration for a client in `dir` (its own gateway and SURB store), or a fresh one.
+fn config_for(cli: &Cli, dir: Option<&ClientDir>) -> Result<ClientConfig, String> {
+    let stored = match dir {
+        Some(d) => settings(d)?,
+        None => None,
+    };
+    let topology = cli
+        .topology
+        .clone()
+        .or_else(|| stored.as_ref().and_then(|s| s.topology.clone()))
+        .ok_or("no topology: pass --topology or set NYM_CLIENT_TOPOLOGY")?;
+    Ok(ClientConfig {
+        topology,
+        gateway: stored.as_ref().map(|s| s.gateway).or(cli.gateway),
+        mean_delay: cli.mean_delay,
+        cover_rate: cli.cover_rate,
+        drop_cover_ratio: cli.drop_cover_ratio,
+        acks: !cli.no_acks,
+        max_retransmissions: cli.max_retransmissions,
+        surb_store: dir.map(ClientDir::surb_store),
+        ..ClientConfig::default()
+    })
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
-    let mut config = ClientConfig {
-        topology: cli.topology.clone(),
-        gateway: cli.gateway,
-        mean_delay: cli.mean_delay,
-        cover_rate: cli.cover_rate,
-        drop_cover_ratio: cli.drop_cover_ratio.clamp(0.0, 1.0),
-        acks: !cli.no_acks,
-        max_retransmissions: cli.max_retransmissions,
-        ..ClientConfig::default()
-    };
-    match cli.command {
-        Command::Init { identity } => {
-            let id = Identity::generate().map_err(|e| e.to_string())?;
-            id.write(&identity_file(&identity))
-                .map_err(|e| e.to_string())?;
-            println!("{}", id.public());
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Address { identity } => {
-            let id = load_identity(&identity)?;
-            let client = MixClient::start(config, id)
+    match &cli.command {
+        Command::Init => {
+            let dir = need_client(&cli)?;
+            if settings(&dir)?.is_some() {
+                return Err(format!(
+                    "{}: a client already exists here",
+                    dir.path.display()
+                ));
+            }
+            let identity = match dir.identity() {
+                Ok(id) => id, // made by an older init: keep it
+                Err(_) => Identity::generate().map_err(|e| e.to_string())?,
+            };
+            let mut config = config_for(&cli, None)?;
+            // A file given by a relative path is remembered by its full path.
+            if let Ok(full) = std::fs::canonicalize(&config.topology) {
+                config.topology = full.display().to_string();
+            }
+            // Connecting registers the client with the gateway; the gateway it picked
+            // (or was given) is its gateway from now on.
+            let client = MixClient::start(config.clone(), identity.clone())
                 .await
                 .map_err(|e| e.to_string())?;
-            println!("{}", client.address());
+            let address = client.address();
             client.stop().await;
+            dir.create(
+                &identity,
+                &Settings {
+                    gateway: address.gateway,
+                    topology: Some(config.topology),
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            println!("{address}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Address => {
+            let dir = need_client(&cli)?;
+            let identity = dir.identity().map_err(|e| e.to_string())?;
+            let Some(settings) = settings(&dir)? else {
+                return Err(format!(
+                    "{}: no gateway chosen yet; run `nym-client init` with this client first",
+                    dir.path.display()
+                ));
+            };
+            println!("{}", ClientAddress::of(&identity, settings.gateway));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            listen,
+            allow_remote,
+        } => {
+            let listen = websocket::check_listen(*listen, *allow_remote)?;
+            let dir = need_client(&cli)?;
+            let config = config_for(&cli, Some(&dir))?;
+            let stop = CancellationToken::new();
+            tokio::spawn(stop_on_signals(stop.clone()));
+            daemon::run(config, dir, listen, stop, None)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Send {
-            identity,
             to,
             message,
             reply_surbs,
             receipt,
             timeout,
         } => {
-            config.receipt_timeout = receipt;
-            let id = match identity {
-                Some(dir) => load_identity(&dir)?,
+            let dir = client_dir(&cli)?;
+            if let Some(dir) = &dir
+                && let Some(running) = dir.running().map_err(|e| e.to_string())?
+            {
+                if receipt.is_some() {
+                    return Err("--receipt needs the client's own session; `nym-client run` holds it for this client".into());
+                }
+                let request = if *reply_surbs > 0 {
+                    Request::SendAnonymous {
+                        recipient: to.to_string(),
+                        message: message.clone(),
+                        reply_surbs: *reply_surbs as u32,
+                        connection_id: None,
+                    }
+                } else {
+                    Request::Send {
+                        recipient: to.to_string(),
+                        message: message.clone(),
+                        with_reply_surb: false,
+                        connection_id: None,
+                    }
+                };
+                send_through_running(running.websocket, &request).await?;
+                println!("queued by the running client");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let _lock = match &dir {
+                Some(d) => Some(
+                    d.try_lock()
+                        .map_err(|e| e.to_string())?
+                        .ok_or("another nym-client holds this client's session")?,
+                ),
+                None => None,
+            };
+            let mut config = config_for(&cli, dir.as_ref())?;
+            config.receipt_timeout = *receipt;
+            let identity = match &dir {
+                Some(d) => d.identity().map_err(|e| e.to_string())?,
                 None => Identity::generate().map_err(|e| e.to_string())?,
             };
-            let mut client = MixClient::start(config, id)
+            let mut client = MixClient::start(config, identity)
                 .await
                 .map_err(|e| e.to_string())?;
             let msg_id = client
-                .send(to, message.into_bytes(), reply_surbs)
+                .send(*to, message.clone().into_bytes(), *reply_surbs)
                 .await
                 .map_err(|e| e.to_string())?;
-            let outcome = tokio::time::timeout(timeout, async {
+            let outcome = tokio::time::timeout(*timeout, async {
                 loop {
                     match client.next_event().await {
                         Some(Event::Delivered { id }) if id == msg_id && receipt.is_none() => {
@@ -207,18 +359,27 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 Ok(ExitCode::FAILURE)
             }
         }
-        Command::Receive {
-            identity,
-            count,
-            timeout,
-        } => {
-            let id = load_identity(&identity)?;
-            let mut client = MixClient::start(config, id)
+        Command::Receive { count, timeout } => {
+            let dir = need_client(&cli)?;
+            if let Some(running) = dir.running().map_err(|e| e.to_string())? {
+                let got = receive_through_running(running.websocket, *count, *timeout).await?;
+                return Ok(if count.is_none_or(|c| got >= c) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
+            let _lock = dir
+                .try_lock()
+                .map_err(|e| e.to_string())?
+                .ok_or("another nym-client holds this client's session")?;
+            let identity = dir.identity().map_err(|e| e.to_string())?;
+            let mut client = MixClient::start(config_for(&cli, Some(&dir))?, identity)
                 .await
                 .map_err(|e| e.to_string())?;
             eprintln!("receiving as {}", client.address());
             let mut got = 0;
-            let _ = tokio::time::timeout(timeout, async {
+            let _ = tokio::time::timeout(*timeout, async {
                 while count.is_none_or(|c| got < c) {
                     match client.next_event().await {
                         Some(Event::Received { body, .. }) => {
@@ -244,10 +405,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             timeout,
         } => {
             let id = Identity::from_secret(random_bytes().map_err(|e| e.to_string())?);
-            let mut client = MixClient::start(config, id)
+            let mut client = MixClient::start(config_for(&cli, None)?, id)
                 .await
                 .map_err(|e| e.to_string())?;
-            let report = probe::run(&mut client, count, size, timeout).await;
+            let report = probe::run(&mut client, *count, *size, *timeout).await;
             client.stop().await;
             println!("{}", report.summary());
             Ok(if report.ok() {
@@ -257,4 +418,69 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             })
         }
     }
+}
+
+async fn stop_on_signals(stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    stop.cancel();
+}
+
+/// Hands one request to the running client's WebSocket API; an error it answers with
+/// (within a moment) is reported.
+async fn send_through_running(addr: SocketAddr, request: &Request) -> Result<(), String> {
+    use futures_util::{SinkExt, StreamExt};
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+        .await
+        .map_err(|e| format!("the running client at {addr}: {e}"))?;
+    let text = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+        .await
+        .map_err(|e| format!("the running client at {addr}: {e}"))?;
+    if let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(answer)))) =
+        tokio::time::timeout(Duration::from_millis(500), ws.next()).await
+        && let Ok(Response::Error { message }) = serde_json::from_str(&answer)
+    {
+        return Err(message);
+    }
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
+/// Prints what the running client receives, as its current application.
+async fn receive_through_running(
+    addr: SocketAddr,
+    count: Option<usize>,
+    timeout: Duration,
+) -> Result<usize, String> {
+    use futures_util::StreamExt;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+        .await
+        .map_err(|e| format!("the running client at {addr}: {e}"))?;
+    let mut got = 0;
+    let _ = tokio::time::timeout(timeout, async {
+        while count.is_none_or(|c| got < c) {
+            match ws.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
+                    if let Ok(Response::Received { message, .. }) = serde_json::from_str(&text) {
+                        println!("{message}");
+                        got += 1;
+                    }
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+    })
+    .await;
+    Ok(got)
 }

@@ -21,11 +21,14 @@
 
 pub mod chunking;
 pub mod connection;
+pub mod daemon;
 pub mod e2e;
 pub mod packet;
 pub mod probe;
 pub mod route;
+pub mod state;
 pub mod surbs;
+pub mod websocket;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -570,6 +573,15 @@ impl Actor {
             }
             self.flush_acks().await;
         }
+        // What the application was told is sent, and the acks for what it consumed, leave
+        // before the session closes (bounded: a dead gateway must not hold the stop up).
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            if self.session.is_some() {
+                self.flush_outbox().await;
+            }
+            self.flush_acks().await;
+        })
+        .await;
         if let Some((sender, _)) = self.session.take() {
             sender.close().await;
         }

@@ -1,0 +1,317 @@
+"""`nym-client run` as applications written for Nym use it, against a real localnet.
+
+The application side is written only from Nym's published WebSocket message formats
+(`send`, `sendAnonymous`, `reply`, `selfAddress`, and `received` / `selfAddress` / `error`
+answers), with the `websockets` package. Nothing here imports the project's code: the
+localnet and the clients are the binaries `cargo test` built.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+import websockets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BIN = None
+
+
+def binaries():
+    """Where `cargo test` left nym-node and nym-client (built once per session if needed)."""
+    global _BIN
+    if _BIN is None:
+        build = subprocess.run(["cargo", "test", "--workspace", "--locked", "--no-run"], cwd=ROOT,
+                               capture_output=True, text=True)
+        assert build.returncode == 0, build.stderr
+        meta = json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"],
+                                         cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+        _BIN = os.path.join(meta["target_directory"], "debug")
+    return _BIN
+
+
+def free_base_port(span=100):
+    for base in range(21000, 60000, span):
+        try:
+            socks = []
+            for p in (base, base + span - 1):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            for s in socks:
+                s.close()
+            return base
+        except OSError:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def localnet():
+    """The README's localnet (two gateways), ready once a probe goes through."""
+    tmp = tempfile.mkdtemp(prefix="nym-localnet-")
+    base = free_base_port()
+    proc = subprocess.Popen([os.path.join(binaries(), "nym-node"), "localnet", "--no-traffic",
+                             "--base-port", str(base), "--dir", tmp],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    topology = os.path.join(tmp, "topology.json")
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if os.path.exists(topology):
+            probe = client(None, "--topology", topology, "--cover-rate", "0", "probe", "--count", "3",
+                           "--timeout", "20s", check=False)
+            if probe.returncode == 0:
+                break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("the localnet never carried a probe")
+    with open(topology) as f:
+        gateways = [n for n in json.load(f)["nodes"] if n.get("client_address")]
+    assert len(gateways) == 2, "the localnet has an entry and an exit gateway"
+    yield topology
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def client(data_dir, *args, check=True, timeout=120):
+    env = dict(os.environ)
+    if data_dir:
+        env["NYM_CLIENT_DATA_DIR"] = data_dir
+    out = subprocess.run([os.path.join(binaries(), "nym-client"), *args], env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, f"nym-client {' '.join(args)}: {out.stdout}{out.stderr}"
+    return out
+
+
+class Daemon:
+    """`nym-client run --id NAME` on its own port."""
+
+    def __init__(self, data_dir, name):
+        self.data_dir, self.name, self.port = data_dir, name, free_port()
+        self.proc = None
+
+    def start(self):
+        env = dict(os.environ, NYM_CLIENT_DATA_DIR=self.data_dir)
+        self.proc = subprocess.Popen([os.path.join(binaries(), "nym-client"), "run", "--id", self.name,
+                                      "--listen", f"127.0.0.1:{self.port}", "--cover-rate", "5"],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                assert self.proc.poll() is None, self.proc.stderr.read().decode()
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name} never served its API")
+
+    @property
+    def url(self):
+        return f"ws://127.0.0.1:{self.port}"
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=30) == 0
+
+
+async def request(ws, **msg):
+    await ws.send(json.dumps(msg))
+
+
+async def answer(ws, timeout=60):
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def self_address(url):
+    async with websockets.connect(url) as ws:
+        await request(ws, type="selfAddress")
+        got = await answer(ws, 10)
+        assert got["type"] == "selfAddress", got
+        return got["address"]
+
+
+async def received(ws, n, timeout=60):
+    out = []
+    while len(out) < n:
+        got = await answer(ws, timeout)
+        assert got["type"] == "received", got
+        out.append(got)
+    return out
+
+
+async def nothing_more(ws, seconds=3):
+    try:
+        extra = await asyncio.wait_for(ws.recv(), seconds)
+    except asyncio.TimeoutError:
+        return
+    raise AssertionError(f"delivered again: {extra}")
+
+
+def make_clients(localnet, *names):
+    data = tempfile.mkdtemp(prefix="nym-clients-")
+    for name in names:
+        client(data, "--topology", localnet, "init", "--id", name)
+    return data
+
+
+def test_an_application_sends_replies_anonymously_and_learns_its_address(localnet):
+    data = make_clients(localnet, "alice", "bob")
+    alice, bob = Daemon(data, "alice").start(), Daemon(data, "bob").start()
+
+    async def scenario():
+        bob_address = await self_address(bob.url)
+        alice_address = await self_address(alice.url)
+        assert bob_address == client(data, "address", "--id", "bob").stdout.strip()
+        async with websockets.connect(alice.url) as a, websockets.connect(bob.url) as b:
+            # A plain send: the recipient gets the text and no way to answer.
+            await request(a, type="send", recipient=bob_address, message="plain hello")
+            [got] = await received(b, 1)
+            assert got["message"] == "plain hello" and got["senderTag"] is None
+            # An anonymous send carries SURBs; Bob answers by tag and never sees Alice's address.
+            await request(a, type="sendAnonymous", recipient=bob_address, message="who am I?", replySurbs=3)
+            [got] = await received(b, 1)
+            assert got["message"] == "who am I?"
+            tag = got["senderTag"]
+            assert tag and alice_address not in json.dumps(got)
+            for i in range(4):  # more replies than SURBs given: Bob's client asks for more
+                await request(b, type="reply", senderTag=tag, message=f"answer {i}")
+                [back] = await received(a, 1)
+                assert back["message"] == f"answer {i}"
+            # A one-shot `send` for a client that runs goes through the running client.
+            out = await asyncio.to_thread(client, data, "send", "--id", "alice", "--to", bob_address,
+                                          "--message", "one-shot")
+            assert "running client" in out.stdout, out.stdout
+            [got] = await received(b, 1)
+            assert got["message"] == "one-shot"
+            # Bad requests get Nym's error answer, naming what is wrong.
+            await request(b, type="reply", senderTag="1" * 16, message="?")
+            err = await answer(b, 10)
+            assert err["type"] == "error" and "SURB" in err["message"], err
+            await request(b, type="send", recipient="not-an-address", message="?")
+            err = await answer(b, 10)
+            assert err["type"] == "error" and "recipient" in err["message"], err
+            await b.send(b"\x00\x01binary")
+            err = await answer(b, 10)
+            assert err["type"] == "error" and "binary" in err["message"], err
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        alice.stop()
+        bob.stop()
+
+
+def test_an_address_never_changes_and_mail_sent_to_it_arrives(localnet):
+    data = make_clients(localnet, "carol")
+    first = client(data, "address", "--id", "carol").stdout.strip()
+    for _ in range(19):
+        assert client(data, "address", "--id", "carol").stdout.strip() == first
+    # Options after the subcommand work too, and a throwaway sender reaches the address.
+    sent = client(None, "send", "--topology", localnet, "--cover-rate", "0", "--to", first,
+                  "--message", "for carol")
+    assert "delivered" in sent.stdout
+    got = client(data, "receive", "--id", "carol", "--count", "1", "--timeout", "60s", "--cover-rate", "0")
+    assert got.stdout.splitlines() == ["for carol"]
+
+
+def test_sigkill_keeps_address_gateway_surbs_and_what_no_application_took(localnet):
+    data = make_clients(localnet, "dave", "erin")
+    dave, erin = Daemon(data, "dave").start(), Daemon(data, "erin").start()
+    with open(os.path.join(data, "dave", "client.json")) as f:
+        settings = json.load(f)
+
+    async def before():
+        dave_address = await self_address(dave.url)
+        erin_address = await self_address(erin.url)
+        async with websockets.connect(erin.url) as e, websockets.connect(dave.url) as d:
+            await request(e, type="sendAnonymous", recipient=dave_address, message="keep my SURBs",
+                          replySurbs=20)
+            [got] = await received(d, 1)
+        # No application is connected to Dave now: what arrives waits in his client, which has
+        # not told the gateway to delete it.
+        async with websockets.connect(erin.url) as e:
+            for i in range(3):
+                await request(e, type="send", recipient=dave_address, message=f"while away {i}")
+        return dave_address, got["senderTag"]
+
+    dave_address, tag = asyncio.run(before())
+    time.sleep(8)  # the three reach Dave's client (and wait there for an application)
+    dave.kill()
+    dave = Daemon(data, "dave").start()
+
+    async def after():
+        async with websockets.connect(dave.url) as d, websockets.connect(erin.url) as e:
+            # The first application to connect gets what waited, among its answers.
+            await request(d, type="selfAddress")
+            frames = [await answer(d) for _ in range(4)]
+            [me] = [f for f in frames if f["type"] == "selfAddress"]
+            assert me["address"] == dave_address
+            got = [f for f in frames if f["type"] == "received"]
+            assert sorted(g["message"] for g in got) == [f"while away {i}" for i in range(3)]
+            # The SURBs Erin gave survive too: Dave answers her after the restart.
+            await request(d, type="reply", senderTag=tag, message="still here")
+            [back] = await received(e, 1)
+            assert back["message"] == "still here"
+            await nothing_more(d)
+
+    try:
+        asyncio.run(after())
+        with open(os.path.join(data, "dave", "client.json")) as f:
+            assert json.load(f) == settings, "the gateway is the one chosen at init"
+    finally:
+        dave.stop()
+        erin.stop()
+
+
+def test_a_client_offline_for_a_while_gets_what_was_sent_meanwhile_once(localnet):
+    data = make_clients(localnet, "frank", "grace")
+    frank_address = client(data, "address", "--id", "frank").stdout.strip()
+    grace = Daemon(data, "grace").start()
+
+    async def send_while_away():
+        async with websockets.connect(grace.url) as g:
+            for i in range(3):
+                await request(g, type="send", recipient=frank_address, message=f"note {i}")
+
+    asyncio.run(send_while_away())
+    time.sleep(5)  # stored at Frank's gateway; Frank has never been online
+    frank = Daemon(data, "frank").start()
+
+    async def back_online():
+        async with websockets.connect(frank.url) as f:
+            got = await received(f, 3)
+            assert sorted(g["message"] for g in got) == [f"note {i}" for i in range(3)]
+            await nothing_more(f)
+
+    try:
+        asyncio.run(back_online())
+        frank.stop()
+        # Gone from the gateway once taken: a second session brings nothing again.
+        frank = Daemon(data, "frank").start()
+
+        async def again():
+            async with websockets.connect(frank.url) as f:
+                await nothing_more(f, 5)
+
+        asyncio.run(again())
+    finally:
+        frank.stop()
+        grace.stop()
