@@ -4,6 +4,7 @@
 pub mod channel;
 pub mod client_api;
 pub mod delivery;
+pub mod exit_policy;
 pub mod mailbox;
 pub mod protocol;
 pub mod rate_limit;

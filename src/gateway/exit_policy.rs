@@ -1,0 +1,373 @@
+//! The exit policy: which addresses and ports an exit gateway's network requester may open
+//! streams to, checked on the **resolved** address just before connecting.
+//!
+//! A policy is an ordered list of rules, one per line, in the style of Tor's exit policies;
+//! the first rule that matches decides, and an address no rule matches is refused:
+//!
+//! ```text
+//! # comments and blank lines are ignored
+//! accept 203.0.113.0/24:443
+//! reject *:25                      # no SMTP
+//! accept 127.0.0.1:8080            # a named internal address must be named to be allowed
+//! accept [2001:db8::]/32:80,443
+//! accept *:1-65535
+//! ```
+//!
+//! Addresses: `*`, an IP, a CIDR network (IPv6 in brackets when a port follows), `internal`
+//! (every address in [`is_internal`]) or `own` (the node's own addresses). Ports: `*`, a
+//! port, a range `a-b`, or a comma-separated list of those.
+//!
+//! **`*` matches only public addresses.** Loopback, private, shared (CGNAT), link-local
+//! (cloud metadata at 169.254.169.254 among them), multicast, unspecified and broadcast
+//! addresses, and the node's own addresses, are reached only through a rule that names them
+//! (`accept 10.1.2.3:80`, `accept internal:*`): `accept *:*` cannot open the node's own
+//! network by accident. Without a policy the default is `accept *:*`, so everything public.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Accept,
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AddrSpec {
+    /// Any public address.
+    Any,
+    Internal,
+    Own,
+    Net {
+        base: IpAddr,
+        prefix: u8,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rule {
+    action: Action,
+    addr: AddrSpec,
+    /// Inclusive ranges; empty means any port.
+    ports: Vec<(u16, u16)>,
+}
+
+/// Why a stream was refused (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A `reject` rule matched.
+    Rejected,
+    /// An internal or own address that no rule names.
+    Internal,
+    /// No rule matched.
+    NoRule,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Rejected => "policy_reject",
+            Refusal::Internal => "internal_address",
+            Refusal::NoRule => "no_rule",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("exit policy line {line}: {message}")]
+pub struct PolicyError {
+    pub line: usize,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExitPolicy {
+    rules: Vec<Rule>,
+    own: HashSet<IpAddr>,
+}
+
+impl ExitPolicy {
+    /// The policy used when none is configured: every public address, every port.
+    pub fn default_policy(own: HashSet<IpAddr>) -> Self {
+        ExitPolicy {
+            rules: vec![Rule {
+                action: Action::Accept,
+                addr: AddrSpec::Any,
+                ports: Vec::new(),
+            }],
+            own,
+        }
+    }
+
+    /// Parses a policy document; `own` are the node's addresses (the `own` keyword, and
+    /// never reached through `*`).
+    pub fn parse(text: &str, own: HashSet<IpAddr>) -> Result<Self, PolicyError> {
+        let mut rules = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            rules.push(parse_rule(line).map_err(|message| PolicyError {
+                line: i + 1,
+                message,
+            })?);
+        }
+        Ok(ExitPolicy { rules, own })
+    }
+
+    /// Whether a stream to `ip:port` may be opened.
+    pub fn check(&self, ip: IpAddr, port: u16) -> Result<(), Refusal> {
+        let ip = canonical(ip);
+        let internal = is_internal(ip) || self.own.contains(&ip);
+        for rule in &self.rules {
+            let addr_matches = match &rule.addr {
+                AddrSpec::Any => !internal,
+                AddrSpec::Internal => is_internal(ip),
+                AddrSpec::Own => self.own.contains(&ip),
+                AddrSpec::Net { base, prefix } => in_network(ip, *base, *prefix),
+            };
+            let port_matches =
+                rule.ports.is_empty() || rule.ports.iter().any(|(a, b)| (*a..=*b).contains(&port));
+            if addr_matches && port_matches {
+                return match rule.action {
+                    Action::Accept => Ok(()),
+                    Action::Reject => Err(Refusal::Rejected),
+                };
+            }
+        }
+        Err(if internal {
+            Refusal::Internal
+        } else {
+            Refusal::NoRule
+        })
+    }
+}
+
+fn parse_rule(line: &str) -> Result<Rule, String> {
+    let mut words = line.split_whitespace();
+    let action = match words.next() {
+        Some("accept") => Action::Accept,
+        Some("reject") => Action::Reject,
+        Some(other) => return Err(format!("expected accept or reject, got {other:?}")),
+        None => return Err("empty rule".into()),
+    };
+    let target = words
+        .next()
+        .ok_or("expected ADDRESS:PORTS after the action")?;
+    if let Some(extra) = words.next() {
+        return Err(format!("unexpected {extra:?} after {target:?}"));
+    }
+    // The port part follows the last ':' outside brackets.
+    let split = match target.rfind(']') {
+        Some(close) => target[close..].find(':').map(|i| close + i),
+        None => target.rfind(':'),
+    };
+    let (addr, ports) = match split {
+        Some(i) => (&target[..i], &target[i + 1..]),
+        None => return Err(format!("{target:?}: expected ADDRESS:PORTS (e.g. *:443)")),
+    };
+    Ok(Rule {
+        action,
+        addr: parse_addr(addr)?,
+        ports: parse_ports(ports)?,
+    })
+}
+
+fn parse_addr(s: &str) -> Result<AddrSpec, String> {
+    match s {
+        "*" => return Ok(AddrSpec::Any),
+        "internal" | "private" => return Ok(AddrSpec::Internal),
+        "own" => return Ok(AddrSpec::Own),
+        _ => {}
+    }
+    let unbracket = |a: &str| a.trim_start_matches('[').trim_end_matches(']').to_string();
+    let (ip, prefix) = match s.split_once('/') {
+        Some((ip, p)) => (unbracket(ip), Some(p)),
+        None => (unbracket(s), None),
+    };
+    let base = IpAddr::from_str(&ip).map_err(|_| format!("{s:?}: not an address or network"))?;
+    let max = if base.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("{s:?}: prefix length must be 0 to {max}"))?,
+        None => max,
+    };
+    Ok(AddrSpec::Net {
+        base: canonical(base),
+        prefix,
+    })
+}
+
+fn parse_ports(s: &str) -> Result<Vec<(u16, u16)>, String> {
+    if s == "*" {
+        return Ok(Vec::new());
+    }
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{p:?}: expected a port from 1 to 65535"))
+    };
+    s.split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (port(a)?, port(b)?);
+                if a > b {
+                    Err(format!("{part:?}: range runs backwards"))
+                } else {
+                    Ok((a, b))
+                }
+            }
+            None => port(part).map(|p| (p, p)),
+        })
+        .collect()
+}
+
+/// IPv4-mapped IPv6 addresses are their IPv4 address: `::ffff:127.0.0.1` is loopback.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+fn in_network(ip: IpAddr, base: IpAddr, prefix: u8) -> bool {
+    match (ip, base) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Addresses an exit must not reach through `*`: they lead into the node's own host or
+/// network, not the internet.
+pub fn is_internal(ip: IpAddr) -> bool {
+    const V4: &[(&str, u8)] = &[
+        ("0.0.0.0", 8),      // "this network"
+        ("10.0.0.0", 8),     // private
+        ("100.64.0.0", 10),  // shared address space (CGNAT)
+        ("127.0.0.0", 8),    // loopback
+        ("169.254.0.0", 16), // link-local, cloud metadata
+        ("172.16.0.0", 12),  // private
+        ("192.0.0.0", 24),   // IETF protocol assignments
+        ("192.168.0.0", 16), // private
+        ("198.18.0.0", 15),  // benchmarking
+        ("224.0.0.0", 4),    // multicast
+        ("240.0.0.0", 4),    // reserved, broadcast
+    ];
+    const V6: &[(&str, u8)] = &[
+        ("::", 127),         // unspecified and loopback
+        ("64:ff9b:1::", 48), // local-use NAT64
+        ("fc00::", 7),       // unique local
+        ("fe80::", 10),      // link-local
+        ("ff00::", 8),       // multicast
+    ];
+    let ip = canonical(ip);
+    let table = if ip.is_ipv4() { V4 } else { V6 };
+    table.iter().any(|(base, prefix)| {
+        IpAddr::from_str(base).is_ok_and(|base| in_network(ip, base, *prefix))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_default_policy_refuses_internal_addresses_and_accepts_public_ones() {
+        let p = ExitPolicy::default_policy(HashSet::from([ip("203.0.113.7")]));
+        for internal in [
+            "127.0.0.1",
+            "::1",
+            "10.1.2.3",
+            "169.254.169.254",
+            "172.20.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "224.0.0.1",
+            "0.0.0.0",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert_eq!(
+                p.check(ip(internal), 80),
+                Err(Refusal::Internal),
+                "{internal}"
+            );
+        }
+        assert_eq!(
+            p.check(ip("203.0.113.7"), 80),
+            Err(Refusal::Internal),
+            "own"
+        );
+        assert_eq!(p.check(ip("93.184.216.34"), 443), Ok(()));
+        assert_eq!(p.check(ip("2606:2800:220:1::1"), 443), Ok(()));
+    }
+
+    #[test]
+    fn the_first_matching_rule_decides_and_named_internal_addresses_can_be_allowed() {
+        let p = ExitPolicy::parse(
+            "# a test server on loopback, SMTP nowhere, the rest of the web\n\
+             accept 127.0.0.1:8080\n\
+             reject *:25\n\
+             accept 198.51.100.0/24:22,8000-8100\n\
+             accept *:80,443   # web\n\
+             accept [2001:db8::]/32:*\n",
+            HashSet::new(),
+        )
+        .unwrap();
+        assert_eq!(p.check(ip("127.0.0.1"), 8080), Ok(()));
+        assert_eq!(p.check(ip("127.0.0.1"), 8081), Err(Refusal::Internal));
+        assert_eq!(p.check(ip("93.184.216.34"), 25), Err(Refusal::Rejected));
+        assert_eq!(p.check(ip("93.184.216.34"), 443), Ok(()));
+        assert_eq!(p.check(ip("93.184.216.34"), 22), Err(Refusal::NoRule));
+        assert_eq!(p.check(ip("198.51.100.9"), 22), Ok(()));
+        assert_eq!(p.check(ip("198.51.100.9"), 8050), Ok(()));
+        assert_eq!(p.check(ip("198.51.100.9"), 8101), Err(Refusal::NoRule));
+        assert_eq!(p.check(ip("2001:db8::5"), 9), Ok(()));
+        // `accept *:*` still does not open the node's own network.
+        let open = ExitPolicy::parse("accept *:*", HashSet::new()).unwrap();
+        assert_eq!(open.check(ip("10.0.0.1"), 80), Err(Refusal::Internal));
+        let lan = ExitPolicy::parse("accept internal:*\nreject own:*", HashSet::new()).unwrap();
+        assert_eq!(lan.check(ip("10.0.0.1"), 80), Ok(()));
+    }
+
+    #[test]
+    fn bad_lines_are_refused_naming_the_line_and_the_problem() {
+        for (text, expect) in [
+            ("allow *:80", "expected accept or reject"),
+            ("accept *", "expected ADDRESS:PORTS"),
+            ("accept 300.1.1.1:80", "not an address"),
+            ("accept 10.0.0.0/33:80", "prefix length"),
+            ("accept *:0", "port from 1 to 65535"),
+            ("accept *:90-80", "backwards"),
+            ("accept *:80 extra", "unexpected"),
+        ] {
+            let e = ExitPolicy::parse(&format!("# header\n{text}"), HashSet::new()).unwrap_err();
+            assert_eq!(e.line, 2, "{text}");
+            assert!(e.message.contains(expect), "{text}: {e}");
+        }
+    }
+}
