@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use nym_node::client::state::{self, ClientDir, Settings};
-use nym_node::client::websocket::{self, Request, Response};
+use nym_node::client::websocket::{self, Request, TextResponse};
 use nym_node::client::{ClientAddress, ClientConfig, Event, MixClient, daemon, probe};
 use nym_node::config::{self, LogFormat};
 use nym_node::keys::{Identity, NodeId, random_bytes};
@@ -448,7 +448,7 @@ async fn send_through_running(addr: SocketAddr, request: &Request) -> Result<(),
         .map_err(|e| format!("the running client at {addr}: {e}"))?;
     if let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(answer)))) =
         tokio::time::timeout(Duration::from_millis(500), ws.next()).await
-        && let Ok(Response::Error { message }) = serde_json::from_str(&answer)
+        && let Ok(TextResponse::Error { message }) = serde_json::from_str(&answer)
     {
         return Err(message);
     }
@@ -471,7 +471,8 @@ async fn receive_through_running(
         while count.is_none_or(|c| got < c) {
             match ws.next().await {
                 Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
-                    if let Ok(Response::Received { message, .. }) = serde_json::from_str(&text) {
+                    if let Ok(TextResponse::Received { message, .. }) = serde_json::from_str(&text)
+                    {
                         println!("{message}");
                         got += 1;
                     }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::chunking::MessageId;
 use super::state::{ClientDir, Running, StateError};
-use super::websocket::{self, AppEvent, Outgoing, Request, Response};
+use super::websocket::{self, ApiRequest, AppEvent, Outgoing, Response};
 use super::{ClientAddress, ClientConfig, ClientError, Event, MixClient};
 
 /// Received messages held for an application that is not connected.
@@ -102,7 +102,7 @@ type HandOver = Result<MessageId, Waiting>;
 /// A received message on its way to an application.
 struct Waiting {
     id: MessageId,
-    text: String,
+    response: Response,
 }
 
 struct Daemon {
@@ -130,12 +130,8 @@ impl Daemon {
                 _ = stop.cancelled() => break,
                 event = client.next_event(), if self.waiting.len() < MAX_WAITING => match event {
                     Some(Event::Received { id, body, sender_tag }) => {
-                        let text = Response::Received {
-                            message: String::from_utf8_lossy(&body).into_owned(),
-                            sender_tag: sender_tag.as_ref().map(websocket::tag_to_string),
-                        }
-                        .to_json();
-                        self.waiting.push_back(Waiting { id, text });
+                        let response = Response::Received { message: body, sender_tag };
+                        self.waiting.push_back(Waiting { id, response });
                         self.hand_over();
                     }
                     Some(Event::Failed { id }) => {
@@ -160,10 +156,10 @@ impl Daemon {
                     Some(AppEvent::Request { conn, request }) => {
                         let answer = match request {
                             Ok(request) => self.handle(client, request).await,
-                            Err(e) => Some(Response::error(e)),
+                            Err(error) => Some(error),
                         };
-                        if let (Some(answer), Some(out)) = (answer, self.conns.get(&conn)) {
-                            let _ = out.try_send(Outgoing { text: answer.to_json(), delivered: None });
+                        if let (Some(response), Some(out)) = (answer, self.conns.get(&conn)) {
+                            let _ = out.try_send(Outgoing { response, delivered: None });
                         }
                     }
                     None => break,
@@ -198,7 +194,7 @@ impl Daemon {
             };
             let (done, written) = oneshot::channel();
             permit.send(Outgoing {
-                text: w.text.clone(),
+                response: w.response.clone(),
                 delivered: Some(done),
             });
             let report = self.delivered.0.clone();
@@ -211,66 +207,18 @@ impl Daemon {
         }
     }
 
-    async fn handle(&mut self, client: &MixClient, request: Request) -> Option<Response> {
+    async fn handle(&mut self, client: &MixClient, request: ApiRequest) -> Option<Response> {
         let sent = match request {
-            Request::SelfAddress => {
-                return Some(Response::SelfAddress {
-                    address: self.address.to_string(),
-                });
-            }
-            Request::Send {
-                recipient,
-                message,
-                with_reply_surb,
-                ..
-            } => {
-                let surbs = if with_reply_surb {
-                    websocket::DEFAULT_REPLY_SURBS
-                } else {
-                    0
-                };
-                self.send(client, &recipient, message, surbs).await
-            }
-            Request::SendAnonymous {
-                recipient,
+            ApiRequest::SelfAddress => return Some(Response::SelfAddress(self.address)),
+            ApiRequest::ClosedConnection => return None,
+            ApiRequest::Send {
+                to,
                 message,
                 reply_surbs,
-                ..
-            } => {
-                let surbs = (reply_surbs as usize).min(websocket::MAX_REPLY_SURBS);
-                self.send(client, &recipient, message, surbs).await
-            }
-            Request::Reply {
-                sender_tag,
-                message,
-                ..
-            } => match websocket::tag_from_str(&sender_tag) {
-                Ok(tag) => client
-                    .reply(tag, message.into_bytes())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e),
-            },
+            } => client.send(to, message, reply_surbs).await.map(|_| ()),
+            ApiRequest::Reply { tag, message } => client.reply(tag, message).await.map(|_| ()),
         };
-        sent.err().map(Response::error)
-    }
-
-    async fn send(
-        &self,
-        client: &MixClient,
-        recipient: &str,
-        message: String,
-        surbs: usize,
-    ) -> Result<(), String> {
-        let to: ClientAddress = recipient
-            .parse()
-            .map_err(|e| format!("recipient {recipient:?}: {e}"))?;
-        client
-            .send(to, message.into_bytes(), surbs)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        sent.err().map(|e| Response::error(e.to_string()))
     }
 }
 

@@ -1,17 +1,35 @@
 //! Nym's client WebSocket API, as `nym-client run` serves it to local applications.
 //!
-//! JSON text frames, as Nym's native client speaks them:
+//! Both of Nym's forms are spoken. **Text** frames carry JSON:
 //!
 //! | request | fields | answer |
 //! |---|---|---|
-//! | `send` | `recipient`, `message`, `withReplySurb` (optional) | none (errors: `error`) |
-//! | `sendAnonymous` | `recipient`, `message`, `replySurbs` | none (errors: `error`) |
-//! | `reply` | `senderTag`, `message` | none (errors: `error`) |
+//! | `send` | `recipient`, `message`, `withReplySurb` (optional), `connectionId` (optional) | none (errors: `error`) |
+//! | `sendAnonymous` | `recipient`, `message`, `replySurbs`, `connectionId` (optional) | none (errors: `error`) |
+//! | `reply` | `senderTag`, `message`, `connectionId` (optional) | none (errors: `error`) |
 //! | `selfAddress` | | `{"type":"selfAddress","address":…}` |
+//! | `closedConnection` | `connectionId` | none |
 //!
 //! Incoming messages arrive as `{"type":"received","message":…,"senderTag":…}` (`senderTag`
-//! null when the sender attached no SURBs). Anything else gets `{"type":"error","message":…}`.
-//! Binary frames are refused with an error. Only one application at a time receives: the
+//! null when the sender attached no SURBs); errors as `{"type":"error","message":…}`.
+//!
+//! **Binary** frames use Nym's layout (u8 tags, u64 big-endian lengths, a recipient as its 96
+//! bytes identity || encryption key || gateway):
+//!
+//! ```text
+//! send            0x00 || recipient || connection_id:u64 || len:u64 || message
+//! sendAnonymous   0x01 || reply_surbs:u32 || recipient || connection_id:u64 || len:u64 || message
+//! reply           0x02 || sender_tag (16) || connection_id:u64 || len:u64 || message
+//! selfAddress     0x03
+//! closedConn.     0x04 || connection_id:u64
+//! -> error        0x00 || kind:u8 || len:u64 || message
+//! -> received     0x01 || has_tag:u8 || sender_tag (16, if has_tag) || len:u64 || message
+//! -> selfAddress  0x02 || recipient
+//! ```
+//!
+//! As in Nym, answers and received messages take the form of the application's last request
+//! (text until it sends one). `getLaneQueueLength` (0x05) is not supported: this client has
+//! no per-connection lanes; it gets an error. Only one application at a time receives: the
 //! one connected last.
 
 use std::net::SocketAddr;
@@ -26,7 +44,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::SenderTag;
+use super::{ClientAddress, SenderTag};
+use crate::keys::KeyBytes;
 
 /// SURBs attached by `send` with `withReplySurb: true` (Nym's default reply-SURB count
 /// is of this order).
@@ -34,7 +53,7 @@ pub const DEFAULT_REPLY_SURBS: usize = 10;
 /// Most SURBs one `sendAnonymous` may attach.
 pub const MAX_REPLY_SURBS: usize = 100;
 
-/// A request from an application.
+/// A text request, as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(
     tag = "type",
@@ -47,34 +66,80 @@ pub enum Request {
         message: String,
         #[serde(default)]
         with_reply_surb: bool,
-        /// Accepted and ignored (Nym's socks5 multiplexing field).
-        #[serde(default, skip_serializing)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         connection_id: Option<u64>,
     },
     SendAnonymous {
         recipient: String,
         message: String,
         reply_surbs: u32,
-        #[serde(default, skip_serializing)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         connection_id: Option<u64>,
     },
     Reply {
         sender_tag: String,
         message: String,
-        #[serde(default, skip_serializing)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         connection_id: Option<u64>,
     },
     SelfAddress,
+    ClosedConnection {
+        connection_id: u64,
+    },
+    GetLaneQueueLength {
+        connection_id: u64,
+    },
+}
+
+/// A request in either form, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    Send {
+        to: ClientAddress,
+        message: Vec<u8>,
+        reply_surbs: usize,
+    },
+    Reply {
+        tag: SenderTag,
+        message: Vec<u8>,
+    },
+    SelfAddress,
+    /// Nym's socks5 bookkeeping: nothing to do here.
+    ClosedConnection,
+}
+
+/// Nym's error kinds (the byte in a binary error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    EmptyRequest = 0x01,
+    TooShortRequest = 0x02,
+    UnknownRequest = 0x03,
+    MalformedRequest = 0x04,
+    Other = 0xFF,
 }
 
 /// What the client tells an application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Received {
+        message: Vec<u8>,
+        sender_tag: Option<SenderTag>,
+    },
+    SelfAddress(ClientAddress),
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// A response as JSON (what text frames carry).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
     tag = "type",
     rename_all = "camelCase",
     rename_all_fields = "camelCase"
 )]
-pub enum Response {
+pub enum TextResponse {
     Received {
         message: String,
         sender_tag: Option<String>,
@@ -87,17 +152,232 @@ pub enum Response {
     },
 }
 
+/// The form of frames an application speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    Text,
+    Binary,
+}
+
 impl Response {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| {
+    pub fn error(message: impl Into<String>) -> Self {
+        Response::Error {
+            kind: ErrorKind::Other,
+            message: message.into(),
+        }
+    }
+
+    fn request_error((kind, message): (ErrorKind, String)) -> Self {
+        Response::Error { kind, message }
+    }
+
+    pub fn to_text(&self) -> String {
+        let text = match self {
+            Response::Received {
+                message,
+                sender_tag,
+            } => TextResponse::Received {
+                message: String::from_utf8_lossy(message).into_owned(),
+                sender_tag: sender_tag.as_ref().map(tag_to_string),
+            },
+            Response::SelfAddress(a) => TextResponse::SelfAddress {
+                address: a.to_string(),
+            },
+            Response::Error { message, .. } => TextResponse::Error {
+                message: message.clone(),
+            },
+        };
+        serde_json::to_string(&text).unwrap_or_else(|_| {
             r#"{"type":"error","message":"cannot encode a response"}"#.to_string()
         })
     }
 
-    pub fn error(message: impl Into<String>) -> Self {
-        Response::Error {
-            message: message.into(),
+    pub fn to_binary(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            Response::Error { kind, message } => {
+                out.push(0x00);
+                out.push(*kind as u8);
+                out.extend_from_slice(&(message.len() as u64).to_be_bytes());
+                out.extend_from_slice(message.as_bytes());
+            }
+            Response::Received {
+                message,
+                sender_tag,
+            } => {
+                out.push(0x01);
+                match sender_tag {
+                    Some(tag) => {
+                        out.push(1);
+                        out.extend_from_slice(tag);
+                    }
+                    None => out.push(0),
+                }
+                out.extend_from_slice(&(message.len() as u64).to_be_bytes());
+                out.extend_from_slice(message);
+            }
+            Response::SelfAddress(a) => {
+                out.push(0x02);
+                out.extend_from_slice(&address_to_bytes(a));
+            }
         }
+        out
+    }
+
+    fn encode(&self, form: Form) -> WsMessage {
+        match form {
+            Form::Text => WsMessage::Text(self.to_text().into()),
+            Form::Binary => WsMessage::Binary(self.to_binary().into()),
+        }
+    }
+}
+
+const ADDRESS_LEN: usize = 96;
+
+/// A recipient as Nym writes it in binary: identity || encryption key || gateway.
+pub fn address_to_bytes(a: &ClientAddress) -> [u8; ADDRESS_LEN] {
+    let mut out = [0u8; ADDRESS_LEN];
+    out[..32].copy_from_slice(&a.identity.0);
+    out[32..64].copy_from_slice(&a.encryption.0);
+    out[64..].copy_from_slice(&a.gateway.0);
+    out
+}
+
+fn address_from_bytes(b: &[u8]) -> Option<ClientAddress> {
+    let key = |r: std::ops::Range<usize>| Some(KeyBytes(b.get(r)?.try_into().ok()?));
+    Some(ClientAddress {
+        identity: key(0..32)?,
+        encryption: key(32..64)?,
+        gateway: key(64..96)?,
+    })
+}
+
+type RequestError = (ErrorKind, String);
+
+impl Request {
+    /// Checks a text request: addresses and tags parsed, limits applied.
+    pub fn check(self) -> Result<ApiRequest, RequestError> {
+        let bad = |m: String| (ErrorKind::MalformedRequest, m);
+        let recipient = |r: &str| -> Result<ClientAddress, RequestError> {
+            r.parse().map_err(|e| bad(format!("recipient {r:?}: {e}")))
+        };
+        Ok(match self {
+            Request::Send {
+                recipient: r,
+                message,
+                with_reply_surb,
+                ..
+            } => ApiRequest::Send {
+                to: recipient(&r)?,
+                message: message.into_bytes(),
+                reply_surbs: if with_reply_surb {
+                    DEFAULT_REPLY_SURBS
+                } else {
+                    0
+                },
+            },
+            Request::SendAnonymous {
+                recipient: r,
+                message,
+                reply_surbs,
+                ..
+            } => ApiRequest::Send {
+                to: recipient(&r)?,
+                message: message.into_bytes(),
+                reply_surbs: (reply_surbs as usize).min(MAX_REPLY_SURBS),
+            },
+            Request::Reply {
+                sender_tag,
+                message,
+                ..
+            } => ApiRequest::Reply {
+                tag: tag_from_str(&sender_tag).map_err(bad)?,
+                message: message.into_bytes(),
+            },
+            Request::SelfAddress => ApiRequest::SelfAddress,
+            Request::ClosedConnection { .. } => ApiRequest::ClosedConnection,
+            Request::GetLaneQueueLength { .. } => return Err(lanes_unsupported()),
+        })
+    }
+
+    pub fn parse_text(text: &str) -> Result<ApiRequest, RequestError> {
+        serde_json::from_str::<Request>(text)
+            .map_err(|e| (ErrorKind::MalformedRequest, format!("invalid request: {e}")))?
+            .check()
+    }
+}
+
+fn lanes_unsupported() -> RequestError {
+    (
+        ErrorKind::UnknownRequest,
+        "getLaneQueueLength is not supported: this client has no per-connection lanes".into(),
+    )
+}
+
+/// Parses a binary request in Nym's layout.
+pub fn parse_binary(b: &[u8]) -> Result<ApiRequest, RequestError> {
+    let short = |what: &str| {
+        (
+            ErrorKind::TooShortRequest,
+            format!("not enough data for '{what}'"),
+        )
+    };
+    let u64_at =
+        |i: usize| -> Option<u64> { Some(u64::from_be_bytes(b.get(i..i + 8)?.try_into().ok()?)) };
+    // `len:u64 || message` from `i` to the end, the length checked.
+    let message_at = |i: usize, what: &str| -> Result<Vec<u8>, RequestError> {
+        let len = u64_at(i).ok_or_else(|| short(what))?;
+        let message = &b[i + 8..];
+        if message.len() as u64 != len {
+            return Err((
+                ErrorKind::MalformedRequest,
+                format!(
+                    "'{what}': length says {len}, {} bytes follow",
+                    message.len()
+                ),
+            ));
+        }
+        Ok(message.to_vec())
+    };
+    let recipient_at = |i: usize, what: &str| -> Result<ClientAddress, RequestError> {
+        address_from_bytes(b.get(i..i + ADDRESS_LEN).ok_or_else(|| short(what))?)
+            .ok_or_else(|| short(what))
+    };
+    match b.first() {
+        None => Err((ErrorKind::EmptyRequest, "no data provided".into())),
+        Some(0x00) => Ok(ApiRequest::Send {
+            to: recipient_at(1, "send")?,
+            message: message_at(1 + ADDRESS_LEN + 8, "send")?,
+            reply_surbs: 0,
+        }),
+        Some(0x01) => {
+            let surbs = b.get(1..5).ok_or_else(|| short("sendAnonymous"))?;
+            let surbs = u32::from_be_bytes([surbs[0], surbs[1], surbs[2], surbs[3]]);
+            Ok(ApiRequest::Send {
+                to: recipient_at(5, "sendAnonymous")?,
+                message: message_at(5 + ADDRESS_LEN + 8, "sendAnonymous")?,
+                reply_surbs: (surbs as usize).min(MAX_REPLY_SURBS),
+            })
+        }
+        Some(0x02) => {
+            let tag: SenderTag = b
+                .get(1..17)
+                .and_then(|t| t.try_into().ok())
+                .ok_or_else(|| short("reply"))?;
+            Ok(ApiRequest::Reply {
+                tag,
+                message: message_at(17 + 8, "reply")?,
+            })
+        }
+        Some(0x03) => Ok(ApiRequest::SelfAddress),
+        Some(0x04) => u64_at(1)
+            .map(|_| ApiRequest::ClosedConnection)
+            .ok_or_else(|| short("closedConnection")),
+        Some(0x05) => Err(lanes_unsupported()),
+        Some(t) => Err((
+            ErrorKind::UnknownRequest,
+            format!("{t} does not correspond to any valid request tag"),
+        )),
     }
 }
 
@@ -115,9 +395,9 @@ pub fn tag_from_str(s: &str) -> Result<SenderTag, String> {
         .map_err(|_| "senderTag: expected 16 bytes in base58".to_string())
 }
 
-/// A frame for an application; `delivered` fires once the frame was written to it.
+/// A response for an application; `delivered` fires once it was written.
 pub struct Outgoing {
-    pub text: String,
+    pub response: Response,
     pub delivered: Option<oneshot::Sender<()>>,
 }
 
@@ -129,7 +409,7 @@ pub enum AppEvent {
     },
     Request {
         conn: u64,
-        request: Result<Request, String>,
+        request: Result<ApiRequest, Response>,
     },
     Disconnected {
         conn: u64,
@@ -178,11 +458,13 @@ async fn connection(socket: WebSocket, api: Api) {
         return;
     }
     let (mut sink, mut stream) = socket.split();
+    // Answers and deliveries take the form of the application's last request.
+    let mut form = Form::Text;
     loop {
         tokio::select! {
             out = out_rx.recv() => {
                 let Some(out) = out else { break };
-                if sink.send(WsMessage::Text(out.text.into())).await.is_err() {
+                if sink.send(out.response.encode(form)).await.is_err() {
                     break;
                 }
                 if let Some(done) = out.delivered {
@@ -191,14 +473,18 @@ async fn connection(socket: WebSocket, api: Api) {
             }
             frame = stream.next() => {
                 let request = match frame {
-                    Some(Ok(WsMessage::Text(text))) => serde_json::from_str::<Request>(&text)
-                        .map_err(|e| format!("invalid request: {e}")),
-                    Some(Ok(WsMessage::Binary(_))) => Err(
-                        "binary requests are not supported: send JSON text frames".to_string(),
-                    ),
+                    Some(Ok(WsMessage::Text(text))) => {
+                        form = Form::Text;
+                        Request::parse_text(&text)
+                    }
+                    Some(Ok(WsMessage::Binary(bytes))) => {
+                        form = Form::Binary;
+                        parse_binary(&bytes)
+                    }
                     Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
                     Some(Ok(_)) => continue, // ping/pong: answered by the library
                 };
+                let request = request.map_err(Response::request_error);
                 if api.events.send(AppEvent::Request { conn, request }).await.is_err() {
                     break;
                 }
@@ -257,37 +543,137 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"type":"selfAddress"}"#).unwrap();
         assert_eq!(r, Request::SelfAddress);
         assert!(serde_json::from_str::<Request>(r#"{"type":"teleport"}"#).is_err());
+        let e = Request::parse_text(r#"{"type":"send","recipient":"nobody","message":"m"}"#)
+            .unwrap_err();
+        assert_eq!(e.0, ErrorKind::MalformedRequest);
+        assert!(e.1.contains("recipient \"nobody\""), "{}", e.1);
+        let e =
+            Request::parse_text(r#"{"type":"getLaneQueueLength","connectionId":1}"#).unwrap_err();
+        assert!(e.1.contains("not supported"), "{}", e.1);
+        assert_eq!(
+            Request::parse_text(r#"{"type":"closedConnection","connectionId":3}"#).unwrap(),
+            ApiRequest::ClosedConnection
+        );
         assert!(serde_json::from_str::<Request>(r#"{"type":"send","message":"m"}"#).is_err());
     }
 
     #[test]
     fn responses_are_written_as_nym_writes_them() {
-        let v: serde_json::Value = serde_json::from_str(
-            &Response::Received {
-                message: "hi".into(),
-                sender_tag: Some("T".into()),
-            }
-            .to_json(),
-        )
-        .unwrap();
+        let text = |r: Response| serde_json::from_str::<serde_json::Value>(&r.to_text()).unwrap();
         assert_eq!(
-            v,
-            serde_json::json!({"type": "received", "message": "hi", "senderTag": "T"})
+            text(Response::Received {
+                message: b"hi".to_vec(),
+                sender_tag: Some([7; 16]),
+            }),
+            serde_json::json!({"type": "received", "message": "hi", "senderTag": tag_to_string(&[7; 16])})
         );
-        let v: serde_json::Value = serde_json::from_str(
-            &Response::SelfAddress {
-                address: "a".into(),
-            }
-            .to_json(),
-        )
-        .unwrap();
         assert_eq!(
-            v,
-            serde_json::json!({"type": "selfAddress", "address": "a"})
+            text(Response::Received {
+                message: b"hi".to_vec(),
+                sender_tag: None,
+            }),
+            serde_json::json!({"type": "received", "message": "hi", "senderTag": null})
         );
-        let v: serde_json::Value =
-            serde_json::from_str(&Response::error("nope").to_json()).unwrap();
-        assert_eq!(v, serde_json::json!({"type": "error", "message": "nope"}));
+        let me = address();
+        assert_eq!(
+            text(Response::SelfAddress(me)),
+            serde_json::json!({"type": "selfAddress", "address": me.to_string()})
+        );
+        assert_eq!(
+            text(Response::error("nope")),
+            serde_json::json!({"type": "error", "message": "nope"})
+        );
+        // Binary: Nym's layouts, byte for byte.
+        let mut received = vec![0x01, 1];
+        received.extend_from_slice(&[7; 16]);
+        received.extend_from_slice(&2u64.to_be_bytes());
+        received.extend_from_slice(b"hi");
+        assert_eq!(
+            Response::Received {
+                message: b"hi".to_vec(),
+                sender_tag: Some([7; 16]),
+            }
+            .to_binary(),
+            received
+        );
+        let mut addr = vec![0x02];
+        addr.extend_from_slice(&address_to_bytes(&me));
+        assert_eq!(Response::SelfAddress(me).to_binary(), addr);
+        let mut err = vec![0x00, 0xFF];
+        err.extend_from_slice(&4u64.to_be_bytes());
+        err.extend_from_slice(b"nope");
+        assert_eq!(Response::error("nope").to_binary(), err);
+    }
+
+    fn address() -> ClientAddress {
+        ClientAddress {
+            identity: KeyBytes([1; 32]),
+            encryption: KeyBytes([2; 32]),
+            gateway: KeyBytes([3; 32]),
+        }
+    }
+
+    #[test]
+    fn binary_requests_parse_in_nyms_layout_and_bad_ones_say_why() {
+        let to = address();
+        let mut send = vec![0x00];
+        send.extend_from_slice(&address_to_bytes(&to));
+        send.extend_from_slice(&42u64.to_be_bytes());
+        send.extend_from_slice(&3u64.to_be_bytes());
+        send.extend_from_slice(&[0, 255, 9]);
+        assert_eq!(
+            parse_binary(&send).unwrap(),
+            ApiRequest::Send {
+                to,
+                message: vec![0, 255, 9],
+                reply_surbs: 0
+            }
+        );
+        let mut anon = vec![0x01];
+        anon.extend_from_slice(&5u32.to_be_bytes());
+        anon.extend_from_slice(&address_to_bytes(&to));
+        anon.extend_from_slice(&0u64.to_be_bytes());
+        anon.extend_from_slice(&1u64.to_be_bytes());
+        anon.push(b'x');
+        assert_eq!(
+            parse_binary(&anon).unwrap(),
+            ApiRequest::Send {
+                to,
+                message: b"x".to_vec(),
+                reply_surbs: 5
+            }
+        );
+        let mut reply = vec![0x02];
+        reply.extend_from_slice(&[9; 16]);
+        reply.extend_from_slice(&0u64.to_be_bytes());
+        reply.extend_from_slice(&2u64.to_be_bytes());
+        reply.extend_from_slice(b"ok");
+        assert_eq!(
+            parse_binary(&reply).unwrap(),
+            ApiRequest::Reply {
+                tag: [9; 16],
+                message: b"ok".to_vec()
+            }
+        );
+        assert_eq!(parse_binary(&[0x03]).unwrap(), ApiRequest::SelfAddress);
+        assert_eq!(parse_binary(&[]).unwrap_err().0, ErrorKind::EmptyRequest);
+        assert_eq!(
+            parse_binary(&[0x00, 1, 2]).unwrap_err().0,
+            ErrorKind::TooShortRequest
+        );
+        assert_eq!(
+            parse_binary(&[0x09]).unwrap_err().0,
+            ErrorKind::UnknownRequest
+        );
+        let mut lying = reply.clone();
+        lying.push(b'!');
+        let e = parse_binary(&lying).unwrap_err();
+        assert_eq!(e.0, ErrorKind::MalformedRequest);
+        assert!(e.1.contains("length says 2"), "{}", e.1);
+        assert_eq!(
+            parse_binary(&[0x05, 0, 0, 0, 0, 0, 0, 0, 1]).unwrap_err().0,
+            ErrorKind::UnknownRequest
+        );
     }
 
     #[test]

@@ -208,9 +208,23 @@ def test_an_application_sends_replies_anonymously_and_learns_its_address(localne
             await request(b, type="send", recipient="not-an-address", message="?")
             err = await answer(b, 10)
             assert err["type"] == "error" and "recipient" in err["message"], err
-            await b.send(b"\x00\x01binary")
-            err = await answer(b, 10)
-            assert err["type"] == "error" and "binary" in err["message"], err
+            # Nym's binary forms, from its published layout: answers come back binary too.
+            await a.send(bytes([0x03]))  # selfAddress
+            raw = await asyncio.wait_for(a.recv(), 10)
+            assert isinstance(raw, bytes) and raw[0] == 0x02 and len(raw) == 1 + 96, raw
+            alice_bytes = raw[1:]
+            payload = bytes([0, 255, 1, 2]) + "héllo".encode()  # not UTF-8 as a whole
+            frame = (bytes([0x00]) + alice_bytes + (7).to_bytes(8, "big")
+                     + len(payload).to_bytes(8, "big") + payload)
+            await b.send(frame)  # send, from Bob to Alice
+            raw = await asyncio.wait_for(a.recv(), 60)
+            assert raw[:2] == bytes([0x01, 0]), raw  # received, no sender tag
+            assert int.from_bytes(raw[2:10], "big") == len(payload) and raw[10:] == payload
+            await b.send(bytes([0x00, 0x01]))  # a send cut short
+            raw = await asyncio.wait_for(b.recv(), 10)
+            assert raw[0] == 0x00 and raw[1] == 0x02, raw  # error, TooShortRequest
+            size = int.from_bytes(raw[2:10], "big")
+            assert b"not enough data" in raw[10:10 + size]
 
     try:
         asyncio.run(scenario())
