@@ -470,7 +470,7 @@ mod tests {
     /// order, once.
     #[test]
     fn a_lossy_reordering_channel_still_delivers_the_stream_in_order() {
-        use rand::{Rng, SeedableRng};
+        use rand::{RngExt, SeedableRng};
         use std::time::{Duration, Instant};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let rto = Duration::from_millis(100);
