@@ -1110,7 +1110,8 @@ impl Actor {
         }
     }
 
-    fn fail_message(&mut self, id: MessageId) {
+    /// Stops tracking (and retransmitting) every fragment of message `id`.
+    fn forget_fragments(&mut self, id: MessageId) {
         let keys: Vec<FragmentKey> = self
             .fragments
             .keys()
@@ -1124,6 +1125,10 @@ impl Actor {
                 }
             }
         }
+    }
+
+    fn fail_message(&mut self, id: MessageId) {
+        self.forget_fragments(id);
         if let Some(m) = self.messages.get_mut(&id)
             && !m.failed
         {
@@ -1255,19 +1260,7 @@ impl Actor {
             return; // a second receipt, for a copy sent before the first came back
         };
         self.receipts.retain(|_, (m, _)| *m != id);
-        let keys: Vec<FragmentKey> = self
-            .fragments
-            .keys()
-            .filter(|k| k.0 == id)
-            .copied()
-            .collect();
-        for key in keys {
-            if let Some(f) = self.fragments.remove(&key) {
-                for i in f.identifiers {
-                    self.by_identifier.remove(&i);
-                }
-            }
-        }
+        self.forget_fragments(id);
         self.messages.remove(&id);
         if !awaiting.stored {
             // Its receipt overtook the last of its gateway acks.
