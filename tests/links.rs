@@ -261,6 +261,54 @@ async fn a_peer_that_restarts_on_a_new_port_is_reached_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_trickled_a_byte_at_a_time_is_cut_off_at_the_frame_deadline() {
+    use tokio::io::AsyncReadExt;
+    let net = Net::start(
+        &relay(&[]),
+        |_, c| c.frame_read_timeout = DurationKnob(Duration::from_secs(1)),
+        no_hooks,
+    )
+    .await;
+    let m = net.node("mix").metrics.clone();
+    let mut link = net.link("peer", "mix").await;
+    let malformed = m.drop_count(DropReason::MalformedFrame);
+    // A byte every 200 ms: each read comes well within the frame timeout, but the frame
+    // (thousands of bytes) would take minutes. The node must close the link at the frame's
+    // deadline, long before the trickle ends.
+    link.stream
+        .write_all(&(nym_node::mixnet::framing::FRAME_CIPHERTEXT_LEN as u16).to_be_bytes())
+        .await
+        .unwrap();
+    let mut sent = 0;
+    let mut probe = [0u8; 1];
+    let closed = loop {
+        if sent == 50 {
+            break false;
+        }
+        tokio::select! {
+            r = link.stream.read(&mut probe) => break matches!(r, Ok(0) | Err(_)),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if link.stream.write_all(&[0x09]).await.is_err() {
+                    break true;
+                }
+                sent += 1;
+            }
+        }
+    };
+    assert!(
+        closed,
+        "a trickled frame kept the link open for {sent} bytes"
+    );
+    assert!(sent < 50);
+    assert!(
+        eventually(WAIT, || m.drop_count(DropReason::MalformedFrame)
+            > malformed)
+        .await
+    );
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_wire_never_leaks_a_connection() {
     let mut net = Net::start(&relay(&[]), |_, _| {}, no_hooks).await;
     let mut sink = net.take_sink("next");

@@ -152,6 +152,9 @@ async fn handle(
         let mut buf = BytesMut::with_capacity(READ_BUFFER);
         let mut plain = Box::new([0u8; FRAME_PLAINTEXT_LEN]);
         let metrics = &ctx.metrics;
+        // When the frame being read must be complete: one deadline for the whole frame, so a
+        // peer trickling a byte at a time cannot hold a half-read frame (and its slot).
+        let mut frame_deadline: Option<tokio::time::Instant> = None;
         loop {
             // Take every complete frame already buffered.
             loop {
@@ -190,18 +193,22 @@ async fn handle(
                 metrics.packets_received.inc();
                 ctx.intake.submit(&budget, boxed, std::time::Instant::now());
                 buf.advance(WIRE_FRAME_LEN);
+                frame_deadline = None;
             }
             if buf.capacity() - buf.len() < WIRE_FRAME_LEN {
                 buf.reserve(READ_BUFFER);
             }
-            let wait = if buf.is_empty() {
-                ctx.settings.idle_timeout
+            let deadline = if buf.is_empty() {
+                frame_deadline = None;
+                ctx.settings.idle_timeout.map(|t| tokio::time::Instant::now() + t)
             } else {
-                Some(ctx.settings.frame_read_timeout)
+                Some(*frame_deadline.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + ctx.settings.frame_read_timeout
+                }))
             };
             let read = async {
-                match wait {
-                    Some(t) => tokio::time::timeout(t, stream.read_buf(&mut buf)).await,
+                match deadline {
+                    Some(at) => tokio::time::timeout_at(at, stream.read_buf(&mut buf)).await,
                     None => Ok(stream.read_buf(&mut buf).await),
                 }
             };
