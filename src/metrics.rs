@@ -40,7 +40,7 @@ pub enum DropReason {
     Backoff,
     /// The connection to the peer failed or broke while the packet was on its way out.
     Unreachable,
-    /// Still queued when the node exited and the peer could not take it.
+    /// Still queued when the node exited and the peer could not take it, or refused because the node's pipeline has stopped.
     Shutdown,
     /// A final-hop payload refused because its client's mailbox is over quota.
     MailboxFull,

@@ -118,7 +118,8 @@ impl Intake {
     }
 
     /// Queues a packet for unwrapping, or sheds it (counted as `overload`) if this
-    /// connection's budget or the whole queue is full. Never blocks.
+    /// connection's budget or the whole queue is full (as `shutdown` once the workers have
+    /// stopped). Never blocks.
     pub fn submit(
         &self,
         budget: &ConnectionBudget,
@@ -137,9 +138,15 @@ impl Intake {
         };
         match self.tx.try_send(job) {
             Ok(()) => true,
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+            Err(TrySendError::Full(job)) => {
                 job.budget.fetch_sub(1, Ordering::Relaxed);
                 self.metrics.dropped(DropReason::Overload);
+                false
+            }
+            // The workers are gone: the node is stopping, not overloaded.
+            Err(TrySendError::Disconnected(job)) => {
+                job.budget.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.dropped(DropReason::Shutdown);
                 false
             }
         }
