@@ -85,8 +85,23 @@ pub struct TestHooks {
 }
 
 impl TestHooks {
+    /// The hooks the environment asks for. Only a build with the `test-hooks` feature reads
+    /// them: release builds and the image ignore `NYM_TESTHOOK_*`, so no setting can make a
+    /// production node drop packets on purpose.
     pub fn from_env() -> Self {
-        let num = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        if !cfg!(feature = "test-hooks") {
+            if var("NYM_TESTHOOK_LOSE_EVERY").is_some()
+                || var("NYM_TESTHOOK_SLOW_UNWRAP_US").is_some()
+            {
+                tracing::warn!("NYM_TESTHOOK_* ignored: this build has no test hooks");
+            }
+            return TestHooks::default();
+        }
+        let num = |name: &str| var(name).and_then(|v| v.parse::<u64>().ok());
         let hooks = TestHooks {
             slow_unwrap: num("NYM_TESTHOOK_SLOW_UNWRAP_US").map(Duration::from_micros),
             lose_every: num("NYM_TESTHOOK_LOSE_EVERY"),
@@ -426,4 +441,23 @@ fn describer(
         .on_topology_revision(current.as_ref().map_or(0, |t| t.revision()))
         .sign(&keys.identity)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_hooks_come_from_the_environment_only_in_builds_that_have_them() {
+        let vars = |name: &str| (name == "NYM_TESTHOOK_LOSE_EVERY").then(|| "3".to_string());
+        let hooks = TestHooks::from_vars(vars);
+        if cfg!(feature = "test-hooks") {
+            assert_eq!(hooks.lose_every, Some(3));
+        } else {
+            assert_eq!(
+                hooks.lose_every, None,
+                "a production build lost packets on request"
+            );
+        }
+    }
 }
