@@ -109,6 +109,8 @@ knobs! {
     sphinx_queue_per_connection: usize = "512";
     /// Unwrapped packets waiting for the forwarder (workers block when it is full, which backs up into the Sphinx queue).
     forwarder_queue: usize = "8192";
+    /// Packets the forwarder may hold for their per-hop delays; beyond it new delayed packets are dropped (`delay_queue_full`), so a flood asking for long delays cannot grow memory without bound (about 2.5 KB a packet: 65536 hold about 160 MB).
+    delay_queue_capacity: usize = "65536";
     /// Packets queued for one egress peer; beyond it packets to that peer are dropped (`queue_full`).
     egress_queue: usize = "2048";
     /// Replay tags remembered per generation; two generations are kept, so a replay is caught while the original is among the last 1-2x this many packets (about 20 bytes of memory per tag).
@@ -217,6 +219,9 @@ impl Config {
                 "topology",
                 "required: a topology file path or http(s) URL (generate one with `nym-node localnet`)",
             );
+        }
+        if self.delay_queue_capacity == 0 {
+            return invalid("delay_queue_capacity", "must be at least 1");
         }
         if self.sphinx_queue == 0 {
             return invalid("sphinx_queue", "must be at least 1");

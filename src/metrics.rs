@@ -34,6 +34,8 @@ pub enum DropReason {
     Overload,
     /// The queue towards one egress peer is full.
     QueueFull,
+    /// The forwarder already holds `NYM_NODE_DELAY_QUEUE_CAPACITY` packets for their delays.
+    DelayQueueFull,
     /// Abandoned because a flush to the peer exceeded `NYM_NODE_CONNECTION_WRITE_TIMEOUT`.
     WriteTimeout,
     /// The peer is backing off after failed connection attempts.
@@ -49,7 +51,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::MalformedFrame,
         DropReason::OversizedFrame,
         DropReason::BadVersion,
@@ -67,6 +69,7 @@ impl DropReason {
         DropReason::Shutdown,
         DropReason::MailboxFull,
         DropReason::RateLimited,
+        DropReason::DelayQueueFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -88,6 +91,7 @@ impl DropReason {
             DropReason::Shutdown => "shutdown",
             DropReason::MailboxFull => "mailbox_full",
             DropReason::RateLimited => "rate_limited",
+            DropReason::DelayQueueFull => "delay_queue_full",
         }
     }
 

@@ -211,6 +211,7 @@ pub async fn start(
             egress,
             metrics.clone(),
             health.clone(),
+            config.delay_queue_capacity,
             hooks.lose_every,
         )
         .run(),

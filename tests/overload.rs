@@ -91,3 +91,62 @@ async fn a_flood_is_shed_before_unwrap_and_a_quiet_peer_still_gets_through() {
     assert_eq!(flooded + quiet.len() as u64, unwrapped());
     net.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_asking_for_long_delays_hits_the_delay_queue_cap_and_packets_due_now_still_pass() {
+    const CAP: usize = 50;
+    let mut net = Net::start(
+        &[
+            ("peer", Role::Peer),
+            ("mix", Role::Node(Mode::Mixnode, Some(1))),
+            ("next", Role::Sink(Some(2))),
+        ],
+        |_, c| c.delay_queue_capacity = CAP,
+        no_hooks,
+    )
+    .await;
+    let mut sink = net.take_sink("next");
+    let m = net.node("mix").metrics.clone();
+    let mut link = net.link("peer", "mix").await;
+    // 200 packets each asking the mix to hold them for 3 s: only CAP may wait.
+    let held: Vec<_> = (0..200u32)
+        .map(|i| {
+            net.packet(
+                &["mix", "next"],
+                nym_node::keys::KeyBytes([1; 32]),
+                &i.to_be_bytes(),
+                &[Duration::from_secs(3), Duration::ZERO],
+            )
+        })
+        .collect();
+    for p in &held {
+        link.send_packet(p).await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || m
+            .drop_count(DropReason::DelayQueueFull)
+            == 200 - CAP as u64)
+        .await,
+        "dropped {}",
+        m.drop_count(DropReason::DelayQueueFull)
+    );
+    assert_eq!(m.delay_queue_packets.get(), CAP as i64);
+    // A packet with no delay is not held, so a full delay queue does not stop it.
+    let now = net.packet(
+        &["mix", "next"],
+        nym_node::keys::KeyBytes([1; 32]),
+        b"due now",
+        &[Duration::ZERO; 2],
+    );
+    link.send_packet(&now).await.unwrap();
+    let first = sink.next(Duration::from_secs(2)).await;
+    assert!(
+        first.is_some(),
+        "a packet due now passed a full delay queue"
+    );
+    // The held ones leave when due: exactly CAP of them.
+    let rest = sink.collect(CAP, Duration::from_secs(10)).await;
+    assert_eq!(rest.len(), CAP);
+    assert!(sink.next(Duration::from_secs(1)).await.is_none());
+    net.stop().await;
+}

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::health::Health;
 use crate::keys::NodeId;
-use crate::metrics::{Metrics, Stage};
+use crate::metrics::{DropReason, Metrics, Stage};
 use crate::mixnet::delay::DelayQueue;
 use crate::mixnet::egress::Egress;
 use crate::mixnet::intake::ForwardItem;
@@ -32,6 +32,8 @@ pub struct Forwarder {
     egress: Egress,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Most packets held for their delays at once.
+    capacity: usize,
     /// Test hook: silently lose every n-th packet, as a lossy link would.
     lose_every: Option<u64>,
     released: u64,
@@ -43,6 +45,7 @@ impl Forwarder {
         egress: Egress,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
+        capacity: usize,
         lose_every: Option<u64>,
     ) -> Self {
         Forwarder {
@@ -51,6 +54,7 @@ impl Forwarder {
             egress,
             metrics,
             health,
+            capacity,
             lose_every,
             released: 0,
         }
@@ -93,6 +97,9 @@ impl Forwarder {
                 if due <= now {
                     overrun.observe(now.saturating_duration_since(due).as_secs_f64());
                     self.release(item.next_hop, item.packet);
+                } else if self.queue.len() >= self.capacity {
+                    // Packets due now still pass: only holding more is refused.
+                    self.metrics.dropped(DropReason::DelayQueueFull);
                 } else {
                     self.queue.push(due, (item.next_hop, item.packet));
                 }
