@@ -275,9 +275,25 @@ async fn fetch(url: &str) -> Result<Vec<u8>, TopologyError> {
     Ok(response.bytes().await.map_err(read_err)?.to_vec())
 }
 
-/// The current topology, shared by every part of the node; lock-free to read.
-#[derive(Clone, Default)]
-pub struct TopologyHandle(Arc<ArcSwapOption<Topology>>);
+/// The current topology, shared by every part of the node; lock-free to read. Parts that
+/// must act when it changes (links of peers that left) watch [`TopologyHandle::changes`].
+#[derive(Clone)]
+pub struct TopologyHandle(Arc<HandleInner>);
+
+struct HandleInner {
+    current: ArcSwapOption<Topology>,
+    /// Bumped on every store.
+    version: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for TopologyHandle {
+    fn default() -> Self {
+        TopologyHandle(Arc::new(HandleInner {
+            current: ArcSwapOption::empty(),
+            version: tokio::sync::watch::Sender::new(0),
+        }))
+    }
+}
 
 impl TopologyHandle {
     pub fn new() -> Self {
@@ -291,15 +307,31 @@ impl TopologyHandle {
     }
 
     pub fn current(&self) -> Option<Arc<Topology>> {
-        self.0.load_full()
+        self.0.current.load_full()
     }
 
     pub fn is_loaded(&self) -> bool {
-        self.0.load().is_some()
+        self.0.current.load().is_some()
     }
 
     pub fn store(&self, topology: Topology) {
-        self.0.store(Some(Arc::new(topology)));
+        self.0.current.store(Some(Arc::new(topology)));
+        self.0.version.send_modify(|v| *v += 1);
+    }
+
+    /// Whether `id` is in the current topology (cheap: no reference count taken, as the
+    /// egress path asks this for every packet).
+    pub fn contains(&self, id: &NodeId) -> bool {
+        self.0
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|t| t.node(id).is_some())
+    }
+
+    /// Fires (`changed().await`) after every store.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.version.subscribe()
     }
 }
 

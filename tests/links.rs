@@ -447,3 +447,48 @@ async fn an_unreachable_peer_is_backed_off_and_its_packets_counted() {
     );
     net.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_removed_from_the_topology_loses_its_links_at_the_next_reload() {
+    use tokio::io::AsyncReadExt;
+    let mut net = Net::start(&relay(&[]), |_, _| {}, no_hooks).await;
+    let mut sink = net.take_sink("next");
+    let m = net.node("mix").metrics.clone();
+    // Both directions exist: peer → mix (ingress) and mix → next (egress).
+    let mut link = net.link("peer", "mix").await;
+    assert!(net.forward_one(&mut link, "mix", "next", &mut sink).await);
+    let for_next = net.packet(
+        &["mix", "next"],
+        KeyBytes([1; 32]),
+        b"after removal",
+        &[Duration::ZERO; 2],
+    );
+    let mut link2 = net.link("peer2", "mix").await;
+
+    // A new revision without `peer` and `next`.
+    let doc = nym_node::topology::TopologyDocument {
+        schema: 1,
+        revision: 2,
+        nodes: net
+            .members
+            .iter()
+            .filter(|x| x.name != "peer" && x.name != "next")
+            .map(|x| x.entry.clone())
+            .collect(),
+    };
+    std::fs::write(&net.topology_path, serde_json::to_vec(&doc).unwrap()).unwrap();
+
+    // Ingress: the removed peer's open link is closed, though it sent nothing since.
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, link.stream.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the removed peer's link stayed open: {read:?}"
+    );
+    // Egress: the link to `next` is still up, but nothing more is written to it.
+    let unknown = m.drop_count(DropReason::UnknownPeer);
+    link2.send_packet(&for_next).await.unwrap();
+    assert!(eventually(WAIT, || m.drop_count(DropReason::UnknownPeer) > unknown).await);
+    assert!(sink.next(Duration::from_secs(1)).await.is_none());
+    net.stop().await;
+}

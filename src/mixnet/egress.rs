@@ -88,6 +88,13 @@ impl Egress {
             packet,
             released_at: std::time::Instant::now(),
         };
+        // Checked for every packet, not only when a link starts: a peer removed from the
+        // topology gets nothing more, and dropping its sender ends its link.
+        if !self.ctx.topology.contains(&peer) {
+            self.links.remove(&peer);
+            self.ctx.metrics.dropped(DropReason::UnknownPeer);
+            return;
+        }
         if let Some(tx) = self.links.get(&peer) {
             match tx.try_send(out) {
                 Ok(()) => return,
@@ -98,16 +105,6 @@ impl Egress {
                 // The link ended (idle or closed); start a new one below.
                 Err(TrySendError::Closed(o)) => out = o,
             }
-        }
-        let known = self
-            .ctx
-            .topology
-            .current()
-            .is_some_and(|t| t.node(&peer).is_some());
-        if !known {
-            self.links.remove(&peer);
-            self.ctx.metrics.dropped(DropReason::UnknownPeer);
-            return;
         }
         let (tx, rx) = mpsc::channel(self.ctx.settings.queue);
         let link = Link::new(peer, rx, self.ctx.clone());

@@ -155,6 +155,9 @@ async fn handle(
         // When the frame being read must be complete: one deadline for the whole frame, so a
         // peer trickling a byte at a time cannot hold a half-read frame (and its slot).
         let mut frame_deadline: Option<tokio::time::Instant> = None;
+        // A peer removed from the topology loses its links at the reload that removes it.
+        let mut changes = ctx.topology.changes();
+        let mut watching = true;
         loop {
             // Take every complete frame already buffered.
             loop {
@@ -216,6 +219,18 @@ async fn handle(
                 _ = stop.cancelled() => {
                     tracing::debug!(exit_reason = "shutdown", "closing ingress connection");
                     return;
+                }
+                changed = changes.changed(), if watching => {
+                    watching = changed.is_ok();
+                    let member = ctx
+                        .topology
+                        .current()
+                        .is_some_and(|t| t.node_by_noise_key(&key).is_some());
+                    if !member {
+                        tracing::info!(exit_reason = "left_topology", "closing ingress connection: the peer is no longer in the topology");
+                        return;
+                    }
+                    continue;
                 }
                 r = read => r,
             };
