@@ -77,6 +77,30 @@ impl ClientAddress {
     }
 }
 
+impl ClientAddress {
+    /// Length of [`ClientAddress::to_bytes`].
+    pub const LEN: usize = 96;
+
+    /// identity || encryption key || gateway, as Nym lays a recipient out in binary.
+    pub fn to_bytes(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..32].copy_from_slice(&self.identity.0);
+        out[32..64].copy_from_slice(&self.encryption.0);
+        out[64..].copy_from_slice(&self.gateway.0);
+        out
+    }
+
+    /// Reads [`ClientAddress::to_bytes`]' layout; `None` when fewer than 96 bytes are given.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        let key = |r: std::ops::Range<usize>| Some(KeyBytes(b.get(r)?.try_into().ok()?));
+        Some(ClientAddress {
+            identity: key(0..32)?,
+            encryption: key(32..64)?,
+            gateway: key(64..96)?,
+        })
+    }
+}
+
 impl fmt::Display for ClientAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}@{}", self.identity, self.encryption, self.gateway)
@@ -1191,6 +1215,29 @@ impl Actor {
             }
             return;
         }
+        // Acknowledgements (the most frequent by far) are known in memory: nothing to hand
+        // on, done with at once, and the SURB store is not touched for them.
+        if let Some(key) = self.by_identifier.remove(&identifier) {
+            self.to_ack.push(id);
+            self.stats.acks_received.fetch_add(1, Ordering::Relaxed);
+            if let Some(fragment) = self.fragments.remove(&key) {
+                for i in fragment.identifiers {
+                    self.by_identifier.remove(&i);
+                }
+                if let Some(m) = self.messages.get_mut(&key.0) {
+                    m.remaining = m.remaining.saturating_sub(1);
+                    if m.remaining == 0 {
+                        self.messages.remove(&key.0);
+                        self.stored(key.0).await;
+                    }
+                }
+            }
+            return;
+        }
+        if self.cover_acks.remove(&identifier) {
+            self.to_ack.push(id);
+            return;
+        }
         let handed_out = match self.surbs.take_handed_out(&identifier) {
             Ok(found) => found,
             Err(e) => {
@@ -1215,27 +1262,7 @@ impl Actor {
             self.to_ack.push(id);
             return;
         }
-        // Acknowledgements: nothing to hand on, done with at once.
         self.to_ack.push(id);
-        if let Some(key) = self.by_identifier.remove(&identifier) {
-            self.stats.acks_received.fetch_add(1, Ordering::Relaxed);
-            if let Some(fragment) = self.fragments.remove(&key) {
-                for i in fragment.identifiers {
-                    self.by_identifier.remove(&i);
-                }
-                if let Some(m) = self.messages.get_mut(&key.0) {
-                    m.remaining = m.remaining.saturating_sub(1);
-                    if m.remaining == 0 {
-                        self.messages.remove(&key.0);
-                        self.stored(key.0).await;
-                    }
-                }
-            }
-            return;
-        }
-        if self.cover_acks.remove(&identifier) {
-            return;
-        }
         // A late ack for a copy we had already given up on or that was acked already.
         self.stats
             .duplicates_dropped
@@ -1272,21 +1299,9 @@ impl Actor {
     /// Sends a delivery receipt for message `id` through the SURB its sender attached. The
     /// receipt is the message id, which only the recipient of the sealed message knows.
     fn send_receipt(&mut self, id: MessageId, surb: &[u8]) {
-        let sent = Envelope::Data {
-            ack: None,
-            fragment: id.to_vec(),
-        }
-        .encode()
-        .map_err(|e| packet::PacketError::from_message(e.to_string()))
-        .and_then(|envelope| packet::use_surb(surb, &envelope));
-        match sent {
-            Ok((first_hop, packet)) => {
+        match self.send_through_surb(surb, id.to_vec()) {
+            Ok(()) => {
                 self.stats.receipts_sent.fetch_add(1, Ordering::Relaxed);
-                self.outbox.push_back(Ready {
-                    first_hop,
-                    packet,
-                    tracked: None,
-                });
             }
             Err(e) => tracing::debug!(error = %e, "cannot use a receipt SURB"),
         }

@@ -69,25 +69,6 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn address_bytes(a: &ClientAddress) -> [u8; 96] {
-    let mut out = [0u8; 96];
-    out[..32].copy_from_slice(&a.identity.0);
-    out[32..64].copy_from_slice(&a.encryption.0);
-    out[64..].copy_from_slice(&a.gateway.0);
-    out
-}
-
-fn address_from(bytes: &[u8]) -> Option<ClientAddress> {
-    let key = |r: std::ops::Range<usize>| -> Option<crate::keys::KeyBytes> {
-        Some(crate::keys::KeyBytes(bytes.get(r)?.try_into().ok()?))
-    };
-    Some(ClientAddress {
-        identity: key(0..32)?,
-        encryption: key(32..64)?,
-        gateway: key(64..96)?,
-    })
-}
-
 impl SurbStore {
     /// Opens (or creates) the store at `path` (mode 0600), or an in-memory one.
     pub fn open(path: Option<&Path>, limits: SurbLimits) -> Result<Self, SurbStoreError> {
@@ -211,7 +192,7 @@ impl SurbStore {
         recipient: &ClientAddress,
     ) -> Result<(), SurbStoreError> {
         let mut value = now_secs().to_be_bytes().to_vec();
-        value.extend_from_slice(&address_bytes(recipient));
+        value.extend_from_slice(&recipient.to_bytes());
         value.extend_from_slice(&recovery.to_bytes());
         let txn = self.db.begin_write().map_err(err)?;
         {
@@ -240,14 +221,24 @@ impl SurbStore {
         &self,
         identifier: &[u8; IDENTIFIER_SIZE],
     ) -> Result<Option<(SurbReplyRecovery, ClientAddress)>, SurbStoreError> {
+        // Most identifiers asked about are not ours to open (late acks): a read answers
+        // those without a write transaction.
+        {
+            let txn = self.db.begin_read().map_err(err)?;
+            let table = txn.open_table(HANDED_OUT).map_err(err)?;
+            if table.get(identifier).map_err(err)?.is_none() {
+                return Ok(None);
+            }
+        }
         let txn = self.db.begin_write().map_err(err)?;
         let found = {
             let mut table = txn.open_table(HANDED_OUT).map_err(err)?;
             let removed = table.remove(identifier).map_err(err)?;
             removed.and_then(|v| {
                 let v = v.value();
-                let recipient = address_from(v.get(8..104)?)?;
-                let recovery = SurbReplyRecovery::from_bytes(v.get(104..)?).ok()?;
+                let recipient = ClientAddress::from_bytes(v.get(8..8 + ClientAddress::LEN)?)?;
+                let recovery =
+                    SurbReplyRecovery::from_bytes(v.get(8 + ClientAddress::LEN..)?).ok()?;
                 Some((recovery, recipient))
             })
         };

@@ -45,7 +45,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{ClientAddress, SenderTag};
-use crate::keys::KeyBytes;
 
 /// SURBs attached by `send` with `withReplySurb: true` (Nym's default reply-SURB count
 /// is of this order).
@@ -218,7 +217,7 @@ impl Response {
             }
             Response::SelfAddress(a) => {
                 out.push(0x02);
-                out.extend_from_slice(&address_to_bytes(a));
+                out.extend_from_slice(&a.to_bytes());
             }
         }
         out
@@ -230,26 +229,6 @@ impl Response {
             Form::Binary => WsMessage::Binary(self.to_binary().into()),
         }
     }
-}
-
-const ADDRESS_LEN: usize = 96;
-
-/// A recipient as Nym writes it in binary: identity || encryption key || gateway.
-pub fn address_to_bytes(a: &ClientAddress) -> [u8; ADDRESS_LEN] {
-    let mut out = [0u8; ADDRESS_LEN];
-    out[..32].copy_from_slice(&a.identity.0);
-    out[32..64].copy_from_slice(&a.encryption.0);
-    out[64..].copy_from_slice(&a.gateway.0);
-    out
-}
-
-fn address_from_bytes(b: &[u8]) -> Option<ClientAddress> {
-    let key = |r: std::ops::Range<usize>| Some(KeyBytes(b.get(r)?.try_into().ok()?));
-    Some(ClientAddress {
-        identity: key(0..32)?,
-        encryption: key(32..64)?,
-        gateway: key(64..96)?,
-    })
 }
 
 type RequestError = (ErrorKind, String);
@@ -340,14 +319,15 @@ pub fn parse_binary(b: &[u8]) -> Result<ApiRequest, RequestError> {
         Ok(message.to_vec())
     };
     let recipient_at = |i: usize, what: &str| -> Result<ClientAddress, RequestError> {
-        address_from_bytes(b.get(i..i + ADDRESS_LEN).ok_or_else(|| short(what))?)
+        b.get(i..)
+            .and_then(ClientAddress::from_bytes)
             .ok_or_else(|| short(what))
     };
     match b.first() {
         None => Err((ErrorKind::EmptyRequest, "no data provided".into())),
         Some(0x00) => Ok(ApiRequest::Send {
             to: recipient_at(1, "send")?,
-            message: message_at(1 + ADDRESS_LEN + 8, "send")?,
+            message: message_at(1 + ClientAddress::LEN + 8, "send")?,
             reply_surbs: 0,
         }),
         Some(0x01) => {
@@ -355,7 +335,7 @@ pub fn parse_binary(b: &[u8]) -> Result<ApiRequest, RequestError> {
             let surbs = u32::from_be_bytes([surbs[0], surbs[1], surbs[2], surbs[3]]);
             Ok(ApiRequest::Send {
                 to: recipient_at(5, "sendAnonymous")?,
-                message: message_at(5 + ADDRESS_LEN + 8, "sendAnonymous")?,
+                message: message_at(5 + ClientAddress::LEN + 8, "sendAnonymous")?,
                 reply_surbs: (surbs as usize).min(MAX_REPLY_SURBS),
             })
         }
@@ -510,6 +490,7 @@ pub fn check_listen(addr: SocketAddr, allow_remote: bool) -> Result<SocketAddr, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::KeyBytes;
 
     #[test]
     fn requests_parse_as_nym_writes_them() {
@@ -597,7 +578,7 @@ mod tests {
             received
         );
         let mut addr = vec![0x02];
-        addr.extend_from_slice(&address_to_bytes(&me));
+        addr.extend_from_slice(&me.to_bytes());
         assert_eq!(Response::SelfAddress(me).to_binary(), addr);
         let mut err = vec![0x00, 0xFF];
         err.extend_from_slice(&4u64.to_be_bytes());
@@ -617,7 +598,7 @@ mod tests {
     fn binary_requests_parse_in_nyms_layout_and_bad_ones_say_why() {
         let to = address();
         let mut send = vec![0x00];
-        send.extend_from_slice(&address_to_bytes(&to));
+        send.extend_from_slice(&to.to_bytes());
         send.extend_from_slice(&42u64.to_be_bytes());
         send.extend_from_slice(&3u64.to_be_bytes());
         send.extend_from_slice(&[0, 255, 9]);
@@ -631,7 +612,7 @@ mod tests {
         );
         let mut anon = vec![0x01];
         anon.extend_from_slice(&5u32.to_be_bytes());
-        anon.extend_from_slice(&address_to_bytes(&to));
+        anon.extend_from_slice(&to.to_bytes());
         anon.extend_from_slice(&0u64.to_be_bytes());
         anon.extend_from_slice(&1u64.to_be_bytes());
         anon.push(b'x');
