@@ -153,6 +153,14 @@ knobs! {
     client_rate: u32 = "500";
     /// Gateways: packets one client session may send in a burst above its rate.
     client_burst: u32 = "1000";
+    /// Exit gateways: the exit policy, a file path or an http(s) URL holding ordered `accept`/`reject` rules on address, network and port (first match wins); empty accepts every public address and port. Loopback, private, link-local, multicast and the node's own addresses are refused unless a rule names them.
+    exit_policy: String = "";
+    /// Exit gateways: close a stream with no traffic either way for this long.
+    exit_stream_idle_timeout: DurationKnob = "5m";
+    /// Exit gateways: streams one client may have open at once (a client is known only by its reply tag); more are refused.
+    exit_max_streams_per_client: usize = "64";
+    /// Exit gateways: streams open at once in all; more are refused.
+    exit_max_streams: usize = "4096";
     /// Bearer token required on `GET /metrics`; empty serves metrics without one.
     metrics_token: String = "";
     /// OTLP/HTTP endpoint for traces (e.g. `http://otel-collector:4318`); empty falls back to `OTEL_EXPORTER_OTLP_ENDPOINT`, and traces are off when both are empty.
@@ -243,6 +251,15 @@ impl Config {
         }
         if self.dns_timeout.0.is_zero() {
             return invalid("dns_timeout", "must be greater than 0");
+        }
+        if self.exit_stream_idle_timeout.0.is_zero() {
+            return invalid("exit_stream_idle_timeout", "must be greater than 0");
+        }
+        if self.exit_max_streams_per_client == 0 {
+            return invalid("exit_max_streams_per_client", "must be at least 1");
+        }
+        if self.exit_max_streams == 0 {
+            return invalid("exit_max_streams", "must be at least 1");
         }
         if self.mailbox_retention.0.is_zero() {
             return invalid("mailbox_retention", "must be greater than 0");

@@ -128,6 +128,18 @@ impl Identity {
         self.0.to_bytes()
     }
 
+    /// A second identity for another role of the same node (its exit's network requester),
+    /// derived one-way from this one under `label`: nothing more to store or back up, and
+    /// the derived key tells nothing about this one.
+    pub fn derive(&self, label: &str) -> Identity {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"nym-node-rs/derived-identity/1/");
+        h.update(label.as_bytes());
+        h.update(self.secret_bytes());
+        Identity::from_secret(h.finalize().into())
+    }
+
     /// Writes the identity to a new file (mode 0600).
     pub fn write(&self, path: &Path) -> Result<(), KeyError> {
         write_secret(path, &self.secret_bytes())

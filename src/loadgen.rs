@@ -71,6 +71,7 @@ fn entry(name: &str, keys: &NodeKeys, layer: u8, addr: SocketAddr) -> Result<Nod
         mixnet_address: addr.to_string().parse().map_err(err)?,
         client_address: None,
         http_address: None,
+        network_requester: None,
         serving: true,
     })
 }

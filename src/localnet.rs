@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 
 use crate::client::{ClientConfig, Event, MixClient};
 use crate::config::Mode;
+use crate::gateway::network_requester;
 use crate::keys::{Identity, NodeKeys};
 use crate::topology::{NodeEntry, SCHEMA_VERSION, TopologyDocument};
 
@@ -148,6 +149,8 @@ pub fn prepare_with(
                 None
             },
             http_address: Some(at.http.parse().map_err(LocalnetError::Other)?),
+            network_requester: (node.mode == Mode::ExitGateway)
+                .then(|| network_requester::address(&keys.identity).to_string()),
             serving: true,
         });
     }
@@ -196,7 +199,13 @@ pub fn node_env(node: &LocalNode, topology: &Path) -> Vec<(String, String)> {
     // Two cores shared by eight nodes: one Sphinx worker each is plenty.
     env.push(("NYM_NODE_SPHINX_WORKERS", "1".into()));
     env.push(("NYM_NODE_RUNTIME_THREADS", "1".into()));
-    env.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    let mut env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    if node.mode == Mode::ExitGateway {
+        // The exit knobs (its policy above all) pass from localnet's own environment, so a
+        // local test server can be allowed without editing anything.
+        env.extend(std::env::vars().filter(|(k, _)| k.starts_with("NYM_NODE_EXIT_")));
+    }
+    env
 }
 
 /// Starts `node` as a child process of `exe`, logging to `DIR/<node>/node.log`.
@@ -315,6 +324,10 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
     }
     println!(
         "localnet: try        nym-client --topology {} probe --count 20",
+        topology_abs.display()
+    );
+    println!(
+        "localnet: browse     nym-client --topology {} socks5   then  curl --socks5-hostname 127.0.0.1:1080 URL",
         topology_abs.display()
     );
     println!("localnet: Ctrl-C stops every node (each drains before it exits)");

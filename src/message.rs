@@ -77,7 +77,7 @@ impl Envelope {
     }
 
     /// Room left for the fragment when the envelope carries an ack of `ack_len` bytes.
-    pub fn fragment_capacity(ack_len: usize) -> usize {
+    pub const fn fragment_capacity(ack_len: usize) -> usize {
         MAX_PLAINTEXT - 3 - ack_len
     }
 }

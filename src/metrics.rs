@@ -235,6 +235,12 @@ pub struct Metrics {
     pub dns_timeouts: IntCounter,
     pub dns_errors: IntCounter,
     pub dns_evictions: IntCounter,
+    pub exit_streams_open: IntGauge,
+    pub exit_streams_opened: IntCounter,
+    exit_streams_refused: IntCounterVec,
+    pub exit_bytes_to_target: IntCounter,
+    pub exit_bytes_from_target: IntCounter,
+    pub exit_first_byte: Histogram,
     pub tokio_workers: IntGauge,
     pub tokio_alive_tasks: IntGauge,
     pub tokio_global_queue_depth: IntGauge,
@@ -385,7 +391,40 @@ impl Metrics {
             &["reason"],
         );
 
+        let exit_bytes = counter_vec(
+            r,
+            "exit_stream_bytes_total",
+            "Bytes the exit's network requester relayed, by direction (to_target: from clients to the internet; from_target: back).",
+            &["direction"],
+        );
+        let exit_first_byte = histogram_vec(
+            r,
+            "exit_time_to_first_byte_seconds",
+            "From a stream's open request reaching the exit to the target's first byte.",
+            &[],
+            &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+        );
+
         Arc::new(Metrics {
+            exit_streams_open: gauge(
+                r,
+                "exit_streams_open",
+                "Streams the exit's network requester has open to targets.",
+            ),
+            exit_streams_opened: counter(
+                r,
+                "exit_streams_opened_total",
+                "Streams the exit's network requester opened to targets.",
+            ),
+            exit_streams_refused: counter_vec(
+                r,
+                "exit_streams_refused_total",
+                "Stream open requests the exit refused, by reason (policy_reject, internal_address, no_rule, resolve_failed, connect_failed, too_many_streams, capacity).",
+                &["reason"],
+            ),
+            exit_bytes_to_target: exit_bytes.with_label_values(&["to_target"]),
+            exit_bytes_from_target: exit_bytes.with_label_values(&["from_target"]),
+            exit_first_byte: exit_first_byte.with_label_values(&[] as &[&str]),
             packets_received,
             packets_forwarded,
             packets_delivered,
@@ -504,6 +543,15 @@ impl Metrics {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// A stream open request the exit refused (`reason` is one of a fixed few).
+    pub fn exit_refused(&self, reason: &str) {
+        self.exit_streams_refused.with_label_values(&[reason]).inc();
+    }
+
+    pub fn exit_refused_count(&self, reason: &str) -> u64 {
+        self.exit_streams_refused.with_label_values(&[reason]).get()
     }
 
     pub fn dropped(&self, reason: DropReason) {

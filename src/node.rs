@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::dns::{DnsSettings, Resolver};
+use crate::gateway::network_requester::{self, Exit, NetworkRequester};
 use crate::gateway::{
     self, client_api::ClientApi, delivery::Delivery, mailbox::Mailbox, sessions::Sessions,
 };
@@ -27,7 +28,7 @@ use crate::mixnet::ingress::{self, IngressContext, IngressSettings};
 use crate::mixnet::intake::{Downstream, Intake};
 use crate::mixnet::sphinx::SphinxProcessor;
 use crate::shutdown::Shutdown;
-use crate::topology::{self, TopologyHandle, TopologySource};
+use crate::topology::{self, PeerAddress, TopologyHandle, TopologySource};
 
 /// Once ingress has stopped, how long the rest of the pipeline may take to empty.
 const FLUSH_BOUND: Duration = Duration::from_secs(10);
@@ -46,6 +47,8 @@ pub enum NodeError {
     Dns(#[from] crate::dns::DnsError),
     #[error(transparent)]
     Mailbox(#[from] crate::gateway::mailbox::MailboxError),
+    #[error(transparent)]
+    ExitPolicy(#[from] crate::gateway::exit_policy::LoadError),
 }
 
 /// The node's sockets, bound before anything else so a port clash fails fast.
@@ -165,6 +168,18 @@ pub async fn start(
     let mixnet_addr = bound("the mixnet listener", &listeners.mixnet, config.mixnet_bind)?;
     let http_addr = bound("the HTTP listener", &listeners.http, config.http_bind)?;
     let client_addr = listeners.client.as_ref().and_then(|l| l.local_addr().ok());
+    // Before anything starts: a bad policy is a start-up error, not a silent open exit.
+    let exit_policy = if config.mode == Mode::ExitGateway {
+        let own = [Some(mixnet_addr), Some(http_addr), client_addr]
+            .into_iter()
+            .flatten()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        Some(gateway::exit_policy::load(&config.exit_policy, own).await?)
+    } else {
+        None
+    };
 
     // Topology and HTTP outlive the pipeline: they stop last.
     let background = CancellationToken::new();
@@ -200,7 +215,7 @@ pub async fn start(
         },
         topology: topology.clone(),
         noise_secret: keys.noise.secret_bytes(),
-        resolver,
+        resolver: resolver.clone(),
         metrics: metrics.clone(),
         tracker: links.clone(),
     }));
@@ -303,6 +318,34 @@ pub async fn start(
                 tracing::error!(error = %e, "client API server failed");
             }
         }));
+        if let (Some(policy), Some(api_addr)) = (exit_policy, client_addr) {
+            // The requester is a client of this gateway, over loopback.
+            let ip = match api_addr.ip() {
+                ip if !ip.is_unspecified() => ip,
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            };
+            let requester = NetworkRequester {
+                exit: Arc::new(Exit {
+                    policy,
+                    resolver,
+                    metrics: metrics.clone(),
+                    limits: network_requester::Limits {
+                        idle_timeout: config.exit_stream_idle_timeout.get(),
+                        per_client: config.exit_max_streams_per_client,
+                        total: config.exit_max_streams,
+                    },
+                }),
+                identity: network_requester::identity(&keys.identity),
+                topology: config.topology.clone(),
+                gateway: keys.identity.public(),
+                gateway_address: PeerAddress {
+                    host: ip.to_string(),
+                    port: api_addr.port(),
+                },
+            };
+            gateway_tasks.push(tokio::spawn(requester.run(shutdown.clone())));
+        }
         gateway_tasks.push(tokio::spawn(gateway::sweep_mailbox(
             mailbox,
             config.mailbox_retention.get(),
@@ -426,7 +469,7 @@ fn describer(
         let public = keys.public();
         let current = topology.current();
         let entry = current.as_ref().and_then(|t| t.node(&public.identity_key));
-        Description::new(
+        let description = Description::new(
             &name,
             mode,
             entry.and_then(|e| e.layer),
@@ -439,8 +482,14 @@ fn describer(
                 .and_then(|e| e.http_address.as_ref().map(|a| a.to_string()))
                 .unwrap_or(http_addr.to_string()),
         )
-        .on_topology_revision(current.as_ref().map_or(0, |t| t.revision()))
-        .sign(&keys.identity)
+        .on_topology_revision(current.as_ref().map_or(0, |t| t.revision()));
+        let description = if mode == Mode::ExitGateway {
+            description
+                .with_network_requester(network_requester::address(&keys.identity).to_string())
+        } else {
+            description
+        };
+        description.sign(&keys.identity)
     })
 }
 

@@ -16,6 +16,8 @@
 //! Every frame carries `ack`: how many frames of the other direction the sender has taken in
 //! order, so the other side can stop resending them.
 
+pub mod relay;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

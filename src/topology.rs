@@ -64,6 +64,10 @@ pub struct NodeEntry {
     /// `host:port` of the HTTP API, for operators and tools.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_address: Option<PeerAddress>,
+    /// Exit gateways: the client address (`IDENTITY.ENCRYPTION@GATEWAY`) of the network
+    /// requester that carries SOCKS5 streams out of the mixnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_requester: Option<String>,
     /// Whether clients should route through this node. Draining nodes are `false` but stay
     /// listed so packets already in flight still find them.
     #[serde(default = "yes")]
@@ -262,7 +266,8 @@ impl fmt::Display for TopologySource {
     }
 }
 
-async fn fetch(url: &str) -> Result<Vec<u8>, TopologyError> {
+/// Fetches a document over http(s) (also the exit policy's source).
+pub(crate) async fn fetch(url: &str) -> Result<Vec<u8>, TopologyError> {
     let read_err = |e: reqwest::Error| TopologyError::Read(url.to_string(), e.to_string());
     // rustls needs its process-wide provider chosen once; a second install is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -410,6 +415,7 @@ mod tests {
             mixnet_address: "127.0.0.1:1789".parse().unwrap(),
             client_address: None,
             http_address: None,
+            network_requester: None,
             serving: true,
         }
     }

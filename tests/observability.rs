@@ -226,6 +226,7 @@ async fn readiness_waits_for_the_topology() {
             mixnet_address: node.mixnet_addr.to_string().parse().unwrap(),
             client_address: None,
             http_address: None,
+            network_requester: None,
             serving: true,
         }],
     };

@@ -35,6 +35,13 @@ impl Member {
     }
 }
 
+/// The exit's network requester as its description publishes it, if it is an address at
+/// that very node (a description cannot send clients' streams to someone else's exit).
+fn requester_of(d: &nym_node::http::description::Description) -> Option<String> {
+    let address: nym_node::client::ClientAddress = d.network_requester.as_deref()?.parse().ok()?;
+    (address.gateway == d.identity_key).then(|| address.to_string())
+}
+
 /// Why a rendered document could not be produced.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -72,6 +79,7 @@ pub fn render(
                     mixnet_address: addr(&m.mixnet_address)?,
                     client_address: m.client_address.as_deref().map(addr).transpose()?,
                     http_address: Some(addr(&m.http_address)?),
+                    network_requester: requester_of(d),
                     serving: m.ready && withdrawn != Some(m.pod.as_str()),
                 })
             }
@@ -142,6 +150,55 @@ mod tests {
             },
             keys,
         )
+    }
+
+    /// An exit pod whose description publishes `requester` as its network requester.
+    fn exit(pod: &str, requester: impl Fn(&NodeKeys) -> String) -> Member {
+        let keys = NodeKeys::generate().unwrap();
+        let d = Description::new(
+            pod,
+            nym_node::config::Mode::ExitGateway,
+            None,
+            keys.public(),
+            "0.0.0.0:1789".into(),
+            Some("0.0.0.0:9000".into()),
+            "0.0.0.0:8080".into(),
+        )
+        .with_network_requester(requester(&keys))
+        .sign(&keys.identity);
+        Member {
+            pod: pod.into(),
+            mode: NodeMode::ExitGateway,
+            layer: None,
+            ready: true,
+            description: Some(d),
+            mixnet_address: format!("{pod}.gw.ns.svc.cluster.local:1789"),
+            http_address: format!("{pod}.gw.ns.svc.cluster.local:8080"),
+            client_address: Some(format!("{pod}.gw.ns.svc.cluster.local:9000")),
+        }
+    }
+
+    #[test]
+    fn an_exit_is_listed_with_its_own_network_requester_and_never_with_another_nodes() {
+        use nym_node::gateway::network_requester;
+        let stranger = NodeKeys::generate().unwrap();
+        let members = [
+            exit("exit-0", |k| {
+                network_requester::address(&k.identity).to_string()
+            }),
+            // Claims a requester at another gateway: clients must not be sent there.
+            exit("exit-1", |_| {
+                network_requester::address(&stranger.identity).to_string()
+            }),
+            exit("exit-2", |_| "not an address".into()),
+        ];
+        let doc = render(None, &members, None).unwrap();
+        let own = doc.nodes[0].network_requester.as_deref().unwrap();
+        let parsed: nym_node::client::ClientAddress = own.parse().unwrap();
+        assert_eq!(parsed.gateway, doc.nodes[0].identity_key);
+        assert_eq!(doc.nodes[1].network_requester, None);
+        assert_eq!(doc.nodes[2].network_requester, None);
+        assert!(doc.nodes.iter().all(|n| n.serving));
     }
 
     #[test]

@@ -10,10 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use nym_node::client::state::{self, ClientDir, Settings};
 use nym_node::client::websocket::{self, Request, TextResponse};
-use nym_node::client::{ClientAddress, ClientConfig, Event, MixClient, daemon, probe};
+use nym_node::client::{ClientAddress, ClientConfig, Event, MixClient, daemon, probe, socks5};
 use nym_node::config::{self, LogFormat};
 use nym_node::keys::{Identity, NodeId, random_bytes};
 use nym_node::telemetry;
+use nym_node::topology::TopologySource;
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +28,7 @@ use nym_node::telemetry;
   nym-client send --id bob --to ADDRESS --message hi
   nym-client receive --id alice --count 1
   nym-client --topology T probe --count 20 --cover-rate 0
+  nym-client --topology T socks5                   then: curl --socks5-hostname 127.0.0.1:1080 URL
 
 Options apply wherever they are written: before or after the subcommand.",
     allow_negative_numbers = true
@@ -126,6 +128,21 @@ enum Command {
         count: Option<usize>,
         #[arg(long, default_value = "1h", value_parser = config::parse_duration)]
         timeout: Duration,
+    },
+    /// Serve a SOCKS5 proxy (CONNECT, no authentication) whose streams leave the mixnet at
+    /// an exit gateway, until SIGTERM or Ctrl-C. With --id or --identity, as that client
+    /// (while no `run` holds it); otherwise from a fresh throwaway identity.
+    Socks5 {
+        /// Address of the proxy.
+        #[arg(long, default_value = socks5::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// Allow a non-loopback --listen address (anyone reaching it can use this client).
+        #[arg(long)]
+        allow_remote: bool,
+        /// Exit gateway to leave through, by name or identity key; a random serving one
+        /// when omitted.
+        #[arg(long)]
+        exit: Option<String>,
     },
     /// Send COUNT messages from a fresh client through three mix layers back to itself.
     Probe {
@@ -398,6 +415,50 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Socks5 {
+            listen,
+            allow_remote,
+            exit,
+        } => {
+            let listen = socks5::check_listen(*listen, *allow_remote)?;
+            let dir = client_dir(&cli)?;
+            let _lock = match &dir {
+                Some(d) => Some(d.try_lock().map_err(|e| e.to_string())?.ok_or_else(|| {
+                    format!(
+                        "{}: another process (`nym-client run`?) holds this client",
+                        d.path.display()
+                    )
+                })?),
+                None => None,
+            };
+            let identity = match &dir {
+                Some(d) => d.identity().map_err(|e| e.to_string())?,
+                None => Identity::from_secret(random_bytes().map_err(|e| e.to_string())?),
+            };
+            let config = config_for(&cli, dir.as_ref())?;
+            let topology = TopologySource::parse(&config.topology)
+                .load()
+                .await
+                .map_err(|e| e.to_string())?;
+            let requester =
+                socks5::choose_exit(&topology, exit.as_deref()).map_err(|e| e.to_string())?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| format!("--listen {listen}: {e}"))?;
+            let client = MixClient::start(config, identity)
+                .await
+                .map_err(|e| e.to_string())?;
+            eprintln!(
+                "SOCKS5 proxy on {} (exit {}); try: curl --socks5-hostname {} http://example.org/",
+                listener.local_addr().map_err(|e| e.to_string())?,
+                requester.gateway,
+                listen
+            );
+            let stop = CancellationToken::new();
+            tokio::spawn(stop_on_signals(stop.clone()));
+            socks5::serve(listener, client, requester, stop).await;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Probe {
             count,

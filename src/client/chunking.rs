@@ -16,7 +16,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub const MESSAGE_ID_SIZE: usize = 16;
-const FRAGMENT_HEADER: usize = MESSAGE_ID_SIZE + 4;
+pub const FRAGMENT_HEADER: usize = MESSAGE_ID_SIZE + 4;
+/// A message's header with no receipt, no sender tag and no SURBs: receipt length (2),
+/// flags (1), SURB count (1).
+pub const MESSAGE_HEADER_PLAIN: usize = 4;
 /// Most fragments one message may have.
 pub const MAX_FRAGMENTS: usize = u16::MAX as usize;
 

@@ -26,6 +26,7 @@ pub mod e2e;
 pub mod packet;
 pub mod probe;
 pub mod route;
+pub mod socks5;
 pub mod state;
 pub mod surbs;
 pub mod websocket;
@@ -157,6 +158,9 @@ pub struct ClientConfig {
     /// Keep a received message at the gateway until the application calls
     /// [`MixClient::consumed`], so a crash between hand-over and use loses nothing.
     pub hold_until_consumed: bool,
+    /// Where to reach the gateway's client API instead of the topology's address (an exit's
+    /// own network requester connects over loopback).
+    pub gateway_address: Option<topology::PeerAddress>,
 }
 
 impl Default for ClientConfig {
@@ -174,6 +178,7 @@ impl Default for ClientConfig {
             receipt_resends: 3,
             surb_store: None,
             hold_until_consumed: false,
+            gateway_address: None,
             topology_refresh: Duration::from_secs(30),
         }
     }
@@ -303,7 +308,13 @@ impl MixClient {
         };
         let surbs =
             surbs::SurbStore::open(config.surb_store.as_deref(), surbs::SurbLimits::default())?;
-        let (sender, receiver) = open_session(&current, &gateway, &identity).await?;
+        let (sender, receiver) = open_session(
+            &current,
+            &gateway,
+            &identity,
+            config.gateway_address.as_ref(),
+        )
+        .await?;
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (ev_tx, ev_rx) = mpsc::channel(4096);
         let stats = Arc::new(ClientStats::default());
@@ -351,10 +362,62 @@ impl MixClient {
         self.address
     }
 
+    /// A handle that sends and replies through this client from another task, while this
+    /// one waits for events.
+    pub fn sender(&self) -> MixSender {
+        MixSender {
+            commands: self.commands.clone(),
+        }
+    }
+
     pub fn stats(&self) -> &ClientStats {
         &self.stats
     }
 
+    /// Queues a message for `to`, with `reply_surbs` SURBs attached for its answer.
+    pub async fn send(
+        &self,
+        to: ClientAddress,
+        body: Vec<u8>,
+        reply_surbs: usize,
+    ) -> Result<MessageId, ClientError> {
+        self.sender().send(to, body, reply_surbs).await
+    }
+
+    /// Answers the sender behind `tag` through the SURBs it attached (one per fragment).
+    /// When they run low, the client asks the sender for more through one of them, and a
+    /// reply that needs more than are left waits for them.
+    pub async fn reply(&self, tag: SenderTag, body: Vec<u8>) -> Result<MessageId, ClientError> {
+        self.sender().reply(tag, body).await
+    }
+
+    /// The application has what [`Event::Received`] handed it: with `hold_until_consumed`,
+    /// only now is the gateway told to delete it.
+    pub async fn consumed(&self, id: MessageId) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::Consumed(id))
+            .await
+            .map_err(|_| ClientError::Stopped)
+    }
+
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Stops the client and closes its session.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Sends and replies through a [`MixClient`] (see [`MixClient::sender`]).
+#[derive(Clone)]
+pub struct MixSender {
+    commands: mpsc::Sender<Command>,
+}
+
+impl MixSender {
     /// Queues a message for `to`, with `reply_surbs` SURBs attached for its answer.
     pub async fn send(
         &self,
@@ -393,26 +456,11 @@ impl MixClient {
         result.await.map_err(|_| ClientError::Stopped)??;
         Ok(id)
     }
-
-    /// The application has what [`Event::Received`] handed it: with `hold_until_consumed`,
-    /// only now is the gateway told to delete it.
-    pub async fn consumed(&self, id: MessageId) -> Result<(), ClientError> {
-        self.commands
-            .send(Command::Consumed(id))
-            .await
-            .map_err(|_| ClientError::Stopped)
-    }
-
-    pub async fn next_event(&mut self) -> Option<Event> {
-        self.events.recv().await
-    }
-
-    /// Stops the client and closes its session.
-    pub async fn stop(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
-    }
 }
+
+/// Most bytes of one reply that travel in a single fragment, so through a single SURB.
+pub const SINGLE_FRAGMENT_REPLY: usize =
+    Envelope::fragment_capacity(0) - chunking::FRAGMENT_HEADER - chunking::MESSAGE_HEADER_PLAIN;
 
 fn new_id() -> Result<MessageId, ClientError> {
     let b = random_bytes().map_err(|e| ClientError::Random(e.to_string()))?;
@@ -435,10 +483,12 @@ async fn open_session(
     topology: &Topology,
     gateway: &NodeId,
     identity: &Identity,
+    address_override: Option<&topology::PeerAddress>,
 ) -> Result<(connection::Sender, connection::Receiver), ClientError> {
     let entry = topology.node(gateway);
-    let address = entry
-        .and_then(|n| n.client_address.clone())
+    let address = address_override
+        .cloned()
+        .or_else(|| entry.and_then(|n| n.client_address.clone()))
         .ok_or(ClientError::NoClientAddress(*gateway))?;
     let noise = entry
         .map(|n| n.noise_key)
@@ -613,7 +663,15 @@ impl Actor {
 
     async fn reconnect(&mut self) -> Result<(), ClientError> {
         let topology = self.topology.current().ok_or(ClientError::Stopped)?;
-        self.session = Some(open_session(&topology, &self.address.gateway, &self.identity).await?);
+        self.session = Some(
+            open_session(
+                &topology,
+                &self.address.gateway,
+                &self.identity,
+                self.config.gateway_address.as_ref(),
+            )
+            .await?,
+        );
         Ok(())
     }
 

@@ -94,6 +94,7 @@ mod tests {
             mixnet_address: "127.0.0.1:1".parse().unwrap(),
             client_address: None,
             http_address: None,
+            network_requester: None,
             serving,
         }
     }

@@ -81,6 +81,36 @@ pub struct PolicyError {
     pub message: String,
 }
 
+/// Why `NYM_NODE_EXIT_POLICY` could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("NYM_NODE_EXIT_POLICY: cannot read {0}: {1}")]
+    Read(String, String),
+    #[error("NYM_NODE_EXIT_POLICY: {0}: {1}")]
+    Parse(String, PolicyError),
+}
+
+/// Loads the policy named by `NYM_NODE_EXIT_POLICY`: empty for the default, else a file
+/// path or an http(s) URL. Read once, at start: a policy that changes under a running
+/// exit would change what streams already open were promised.
+pub async fn load(source: &str, own: HashSet<IpAddr>) -> Result<ExitPolicy, LoadError> {
+    if source.is_empty() {
+        return Ok(ExitPolicy::default_policy(own));
+    }
+    let text = if source.starts_with("http://") || source.starts_with("https://") {
+        let bytes = crate::topology::fetch(source)
+            .await
+            .map_err(|e| LoadError::Read(source.to_string(), e.to_string()))?;
+        String::from_utf8(bytes)
+            .map_err(|_| LoadError::Read(source.to_string(), "not UTF-8 text".into()))?
+    } else {
+        tokio::fs::read_to_string(source)
+            .await
+            .map_err(|e| LoadError::Read(source.to_string(), e.to_string()))?
+    };
+    ExitPolicy::parse(&text, own).map_err(|e| LoadError::Parse(source.to_string(), e))
+}
+
 #[derive(Debug, Clone)]
 pub struct ExitPolicy {
     rules: Vec<Rule>,

@@ -6,6 +6,7 @@ pub mod client_api;
 pub mod delivery;
 pub mod exit_policy;
 pub mod mailbox;
+pub mod network_requester;
 pub mod protocol;
 pub mod rate_limit;
 pub mod sessions;

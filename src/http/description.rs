@@ -22,6 +22,10 @@ pub struct Description {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_address: Option<String>,
     pub http_address: String,
+    /// Exit gateways: the client address of the network requester that carries SOCKS5
+    /// streams out (its identity is derived from this node's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_requester: Option<String>,
     pub version: String,
     /// Revision of the topology document this node runs on (0 before one is loaded). An
     /// operator rolling the network waits until every serving node reports a revision at
@@ -56,9 +60,16 @@ impl Description {
             mixnet_address,
             client_address,
             http_address,
+            network_requester: None,
             version: env!("CARGO_PKG_VERSION").to_string(),
             topology_revision: 0,
         }
+    }
+
+    /// Publishes the address of this exit's network requester.
+    pub fn with_network_requester(mut self, address: String) -> Self {
+        self.network_requester = Some(address);
+        self
     }
 
     /// The revision of the topology document the node runs on.

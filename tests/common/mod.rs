@@ -149,6 +149,9 @@ impl Net {
                     mixnet_address: mixnet_address.parse().unwrap(),
                     client_address: client_address.map(|c| c.parse().unwrap()),
                     http_address: http_address.map(|h| h.parse().unwrap()),
+                    network_requester: (mode == Mode::ExitGateway).then(|| {
+                        nym_node::gateway::network_requester::address(&keys.identity).to_string()
+                    }),
                     serving: true,
                 },
                 keys,

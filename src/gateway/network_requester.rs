@@ -1,0 +1,363 @@
+//! The exit gateway's network requester: it carries clients' streams (see [`crate::stream`])
+//! out of the mixnet to TCP targets on the internet, behind the exit policy.
+//!
+//! It is a mixnet client of its own gateway, connected over the client API like any other
+//! client, with an identity derived from the node's (so its address is known to whoever
+//! knows the node's keys, and is published in the node's description and the topology).
+//! Clients reach it with messages carrying reply SURBs; it answers through those SURBs, so
+//! it never learns who a client is: a client is only its sender tag.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::client::{
+    ClientAddress, ClientConfig, Event, MixClient, MixSender, SINGLE_FRAGMENT_REPLY, SenderTag,
+};
+use crate::dns::Resolver;
+use crate::gateway::exit_policy::ExitPolicy;
+use crate::keys::Identity;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::stream::relay::{ByteCounters, End, Outgoing, Settings as RelaySettings, Stream};
+use crate::stream::{self, Body, Frame, StreamId, Target};
+use crate::topology::PeerAddress;
+
+/// Label under which the requester's identity is derived from the node's.
+const IDENTITY_LABEL: &str = "network-requester";
+/// How long connecting to a target may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A refusal waits this long for the client's ack, resending meanwhile.
+const REFUSAL_SETTLE: Duration = Duration::from_secs(30);
+/// A finished stream's id is remembered this long, so a late copy of its open request
+/// does not open it again.
+const FINISHED_MEMORY: Duration = Duration::from_secs(300);
+/// Frames waiting for one stream's task; beyond it they are dropped (and resent).
+const STREAM_QUEUE: usize = 256;
+
+/// SOCKS5 reply codes (RFC 1928 §6) an `opened` frame carries.
+pub mod reply {
+    pub const GENERAL_FAILURE: u8 = 0x01;
+    pub const NOT_ALLOWED: u8 = 0x02;
+    pub const HOST_UNREACHABLE: u8 = 0x04;
+    pub const CONNECTION_REFUSED: u8 = 0x05;
+}
+
+/// The requester's identity, derived from the node's.
+pub fn identity(node: &Identity) -> Identity {
+    node.derive(IDENTITY_LABEL)
+}
+
+/// The requester's client address at the node whose identity is `node`.
+pub fn address(node: &Identity) -> ClientAddress {
+    ClientAddress::of(&identity(node), node.public())
+}
+
+/// How the exit relays a stream: the requester sends through SURBs, one per frame, so a
+/// data frame carries what fits in one.
+pub fn relay_settings(idle_timeout: Duration) -> RelaySettings {
+    RelaySettings {
+        window: 64,
+        rto: Duration::from_secs(3),
+        max_sends: 10,
+        ack_delay: Duration::from_millis(100),
+        idle_timeout,
+        chunk: SINGLE_FRAGMENT_REPLY - stream::HEADER,
+        surb_target: None,
+        surb_first: 0,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub idle_timeout: Duration,
+    pub per_client: usize,
+    pub total: usize,
+}
+
+/// Why an open request was refused: a metric label and the SOCKS5 reply the client gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: &'static str,
+    pub code: u8,
+}
+
+/// Everything a stream task needs.
+pub struct Exit {
+    pub policy: ExitPolicy,
+    pub resolver: Arc<Resolver>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+}
+
+impl Exit {
+    /// Resolves the target with the node's resolver, checks every address against the
+    /// policy, and connects to the first allowed one that answers.
+    pub async fn connect(&self, target: &Target) -> Result<TcpStream, Refused> {
+        let (addresses, port) = match target {
+            Target::Ip(ip, port) => (vec![*ip], *port),
+            Target::Name(name, port) => match name.parse::<IpAddr>() {
+                Ok(ip) => (vec![ip], *port),
+                Err(_) => match self.resolver.resolve(name).await {
+                    Ok(a) if !a.is_empty() => (a, *port),
+                    _ => {
+                        return Err(Refused {
+                            reason: "resolve_failed",
+                            code: reply::HOST_UNREACHABLE,
+                        });
+                    }
+                },
+            },
+        };
+        let mut refusal = None;
+        let allowed: Vec<IpAddr> = addresses
+            .into_iter()
+            .filter(|ip| match self.policy.check(*ip, port) {
+                Ok(()) => true,
+                Err(r) => {
+                    refusal.get_or_insert(r);
+                    false
+                }
+            })
+            .collect();
+        if allowed.is_empty() {
+            return Err(Refused {
+                reason: refusal.map_or("no_rule", |r| r.as_str()),
+                code: reply::NOT_ALLOWED,
+            });
+        }
+        let mut code = reply::CONNECTION_REFUSED;
+        for ip in allowed {
+            match tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                TcpStream::connect(SocketAddr::new(ip, port)),
+            )
+            .await
+            {
+                Ok(Ok(socket)) => {
+                    let _ = socket.set_nodelay(true);
+                    return Ok(socket);
+                }
+                Ok(Err(_)) => {}
+                Err(_) => code = reply::HOST_UNREACHABLE,
+            }
+        }
+        Err(Refused {
+            reason: "connect_failed",
+            code,
+        })
+    }
+}
+
+/// The requester of one exit gateway.
+pub struct NetworkRequester {
+    pub exit: Arc<Exit>,
+    pub identity: Identity,
+    pub topology: String,
+    pub gateway: crate::keys::NodeId,
+    /// The gateway's own client API, reached over loopback.
+    pub gateway_address: PeerAddress,
+}
+
+impl NetworkRequester {
+    /// Serves streams until the node stops, reconnecting to the gateway if its session ends.
+    pub async fn run(self, shutdown: Shutdown) {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            let config = ClientConfig {
+                topology: self.topology.clone(),
+                gateway: Some(self.gateway),
+                gateway_address: Some(self.gateway_address.clone()),
+                // It answers at once: its packets are replies through clients' SURBs, whose
+                // delays the clients chose.
+                cover_rate: 0.0,
+                ..ClientConfig::default()
+            };
+            let started = tokio::select! {
+                _ = shutdown.draining() => return,
+                c = MixClient::start(config, self.identity.clone()) => c,
+            };
+            match started {
+                Ok(client) => {
+                    tracing::info!(address = %client.address(), "network requester serving");
+                    wait = Duration::from_millis(200);
+                    let stopped = serve(client, self.exit.clone(), &shutdown).await;
+                    if stopped {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "network requester cannot reach its gateway; retrying");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.draining() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+type Key = (SenderTag, StreamId);
+
+/// Dispatches frames to stream tasks until the node drains (true) or the client stops (false).
+async fn serve(mut client: MixClient, exit: Arc<Exit>, shutdown: &Shutdown) -> bool {
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(1024);
+    let (done_tx, mut done_rx) = mpsc::channel::<Key>(1024);
+    let sender = tokio::spawn(send_frames(client.sender(), out_rx));
+    let mut streams: HashMap<Key, mpsc::Sender<Frame>> = HashMap::new();
+    let mut per_client: HashMap<SenderTag, usize> = HashMap::new();
+    let mut finished: HashMap<Key, Instant> = HashMap::new();
+    let mut sweep = tokio::time::interval(Duration::from_secs(30));
+    let drained = loop {
+        tokio::select! {
+            _ = shutdown.draining() => break true,
+            event = client.next_event() => match event {
+                Some(Event::Received { body, sender_tag: Some(tag), .. }) => {
+                    let frame = match Frame::decode(&body) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "undecodable stream frame");
+                            continue;
+                        }
+                    };
+                    let key = (tag, frame.stream);
+                    if let Some(tx) = streams.get(&key) {
+                        // Full: dropped here, resent by the client.
+                        let _ = tx.try_send(frame);
+                        continue;
+                    }
+                    if finished.contains_key(&key) {
+                        continue;
+                    }
+                    let Body::Open { target, data } = frame.body.clone() else { continue };
+                    let open = per_client.get(&tag).copied().unwrap_or(0);
+                    let refusal = if streams.len() >= exit.limits.total {
+                        Some(Refused { reason: "capacity", code: reply::GENERAL_FAILURE })
+                    } else if open >= exit.limits.per_client {
+                        Some(Refused { reason: "too_many_streams", code: reply::GENERAL_FAILURE })
+                    } else {
+                        None
+                    };
+                    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+                    let mut stream = Stream::new(
+                        frame.stream,
+                        relay_settings(exit.limits.idle_timeout),
+                        rx,
+                        out_tx.clone(),
+                        Some(tag),
+                    );
+                    // The open frame is the stream's first: taken like any other, it is
+                    // acknowledged with the answer.
+                    let _ = tx.try_send(frame);
+                    streams.insert(key, tx);
+                    *per_client.entry(tag).or_default() += 1;
+                    let (exit, done) = (exit.clone(), done_tx.clone());
+                    tokio::spawn(async move {
+                        // Takes the open frame itself (and whatever came right behind it).
+                        if let Ok(bodies) = stream.next_bodies().await {
+                            stream.put_back(bodies.into_iter().skip(1));
+                        }
+                        exit_stream(stream, target, data, refusal, &exit).await;
+                        let _ = done.send(key).await;
+                    });
+                }
+                Some(Event::Received { sender_tag: None, .. }) => {
+                    tracing::debug!("message without reply SURBs: cannot answer, ignored");
+                }
+                Some(_) => {}
+                None => break false,
+            },
+            Some(key) = done_rx.recv() => {
+                streams.remove(&key);
+                if let Some(n) = per_client.get_mut(&key.0) {
+                    *n -= 1;
+                    if *n == 0 {
+                        per_client.remove(&key.0);
+                    }
+                }
+                finished.insert(key, Instant::now());
+            }
+            _ = sweep.tick() => finished.retain(|_, at| at.elapsed() < FINISHED_MEMORY),
+        }
+    };
+    drop(streams);
+    sender.abort();
+    client.stop().await;
+    drained
+}
+
+/// Sends stream frames back through their client's SURBs.
+async fn send_frames(sender: MixSender, mut frames: mpsc::Receiver<Outgoing>) {
+    while let Some(out) = frames.recv().await {
+        let Some(tag) = out.reply_tag else { continue };
+        if let Err(e) = sender.reply(tag, out.frame.encode()).await {
+            // Resent when due, by which time the client may have sent more SURBs.
+            tracing::debug!(error = %e, "stream frame not sent");
+        }
+    }
+}
+
+/// One stream at the exit: refuse it, or connect, answer and relay.
+async fn exit_stream(
+    mut stream: Stream,
+    target: Target,
+    first: Vec<u8>,
+    refusal: Option<Refused>,
+    exit: &Exit,
+) {
+    let opened_at = std::time::Instant::now();
+    let connected = match refusal {
+        Some(r) => Err(r),
+        None => exit.connect(&target).await,
+    };
+    let socket = match connected {
+        Ok(s) => s,
+        Err(r) => {
+            tracing::debug!(reason = r.reason, ?target, "stream refused");
+            exit.metrics.exit_refused(r.reason);
+            if stream.send(Body::Opened { status: r.code }).await.is_ok() {
+                stream.settle(REFUSAL_SETTLE).await;
+            }
+            return;
+        }
+    };
+    if stream.send(Body::Opened { status: 0 }).await.is_err() {
+        return;
+    }
+    exit.metrics.exit_streams_opened.inc();
+    exit.metrics.exit_streams_open.inc();
+    let mut socket = socket;
+    let wrote_first = if first.is_empty() {
+        Ok(())
+    } else {
+        exit.metrics.exit_bytes_to_target.inc_by(first.len() as u64);
+        tokio::io::AsyncWriteExt::write_all(&mut socket, &first).await
+    };
+    let end = match wrote_first {
+        Ok(()) => {
+            let ttfb = exit.metrics.exit_first_byte.clone();
+            stream
+                .pump(
+                    socket,
+                    Some(ByteCounters {
+                        from_socket: exit.metrics.exit_bytes_from_target.clone(),
+                        to_socket: exit.metrics.exit_bytes_to_target.clone(),
+                    }),
+                    Some(Box::new(move || {
+                        ttfb.observe(opened_at.elapsed().as_secs_f64())
+                    })),
+                )
+                .await
+        }
+        Err(e) => End::Socket(e.kind()),
+    };
+    exit.metrics.exit_streams_open.dec();
+    tracing::debug!(?end, ?target, "stream ended");
+}

@@ -1,0 +1,348 @@
+//! One stream's pump between a TCP socket and the mixnet, the same at both ends (the
+//! SOCKS5 client and the exit's network requester): bytes read from the socket leave as
+//! numbered `data` frames, frames from the other side are put back in order and written
+//! to the socket, every frame carries our `ack`, and what the other side has not
+//! acknowledged is sent again.
+//!
+//! Frames travel through a multiplexer that owns the mixnet client: it hands this stream
+//! the frames addressed to it and takes the frames it sends ([`Outgoing`]).
+
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{Body, Frame, Outbound, Pushed, Reorder, StreamId};
+
+/// Most SURBs one frame's message grants (each is about 400 bytes of the message).
+const MAX_GRANT: u32 = 32;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Frames one side may have unacknowledged (and the reorder window of the other).
+    pub window: usize,
+    /// How long a frame waits for its ack before it is sent again.
+    pub rto: Duration,
+    /// Sends of one frame after which the other side is taken for gone.
+    pub max_sends: u32,
+    /// How long an ack may wait to ride on a data frame before it goes alone.
+    pub ack_delay: Duration,
+    /// A stream with no frame either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most stream bytes in one `data` frame.
+    pub chunk: usize,
+    /// The SOCKS5 client's side: attach reply SURBs to what it sends so that about this
+    /// many stay with the other side (it answers through them, one per frame).
+    pub surb_target: Option<u32>,
+    /// SURBs the first frame grants (kept small: the open request is on the critical path
+    /// of the first byte, and every SURB makes it longer).
+    pub surb_first: u32,
+}
+
+/// A frame on its way to the multiplexer, with how many reply SURBs to attach to it.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub frame: Frame,
+    pub surbs: u32,
+    /// The exit's side: the sender tag whose SURBs carry the frame back to the client.
+    pub reply_tag: Option<[u8; 16]>,
+}
+
+/// Why a stream ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// Both sides closed and everything was acknowledged.
+    Finished,
+    /// Nothing moved for the idle timeout.
+    Idle,
+    /// A frame went unacknowledged after every resend.
+    PeerGone,
+    /// The multiplexer stopped.
+    MixnetGone,
+    /// The socket failed.
+    Socket(std::io::ErrorKind),
+}
+
+/// Live byte counts of a stream (the exit's metrics).
+#[derive(Clone)]
+pub struct ByteCounters {
+    pub from_socket: IntCounter,
+    pub to_socket: IntCounter,
+}
+
+/// A stream's protocol state, shared by the opening phase and the pump.
+pub struct Stream {
+    settings: Settings,
+    outbound: Outbound,
+    reorder: Reorder,
+    incoming: mpsc::Receiver<Frame>,
+    out: mpsc::Sender<Outgoing>,
+    reply_tag: Option<[u8; 16]>,
+    /// The `ack` last sent, and when an ack is owed.
+    sent_ack: u32,
+    ack_due: Option<Instant>,
+    /// Reply SURBs granted to, and frames received from (each used one), the other side.
+    granted: u64,
+    received: u64,
+    last_activity: Instant,
+    /// Bodies taken in order before the pump started (they came with the open exchange).
+    early: Vec<Body>,
+}
+
+impl Stream {
+    pub fn new(
+        id: StreamId,
+        settings: Settings,
+        incoming: mpsc::Receiver<Frame>,
+        out: mpsc::Sender<Outgoing>,
+        reply_tag: Option<[u8; 16]>,
+    ) -> Self {
+        Stream {
+            outbound: Outbound::new(id, settings.window),
+            reorder: Reorder::new(settings.window as u32),
+            settings,
+            incoming,
+            out,
+            reply_tag,
+            sent_ack: 0,
+            ack_due: None,
+            granted: 0,
+            received: 0,
+            last_activity: Instant::now(),
+            early: Vec::new(),
+        }
+    }
+
+    /// Numbers and sends `body`.
+    pub async fn send(&mut self, body: Body) -> Result<(), End> {
+        let ack = self.reorder.acked();
+        let frame = self.outbound.send(body, ack, std::time::Instant::now());
+        self.emit(frame).await
+    }
+
+    async fn emit(&mut self, frame: Frame) -> Result<(), End> {
+        self.sent_ack = self.sent_ack.max(frame.ack);
+        if self.sent_ack >= self.reorder.acked() {
+            self.ack_due = None;
+        }
+        let surbs = match self.settings.surb_target {
+            Some(target) => {
+                let outstanding = self.granted.saturating_sub(self.received);
+                let limit = if self.granted == 0 {
+                    self.settings.surb_first
+                } else {
+                    MAX_GRANT
+                };
+                let grant = (target as u64)
+                    .saturating_sub(outstanding)
+                    .min(limit as u64);
+                self.granted += grant;
+                grant as u32
+            }
+            None => 0,
+        };
+        self.out
+            .send(Outgoing {
+                frame,
+                surbs,
+                reply_tag: self.reply_tag,
+            })
+            .await
+            .map_err(|_| End::MixnetGone)
+    }
+
+    /// Takes in a frame of the other side; returns what is now deliverable, in order.
+    fn take(&mut self, frame: Frame) -> Vec<Body> {
+        self.received += 1;
+        self.last_activity = Instant::now();
+        self.outbound.acked(frame.ack);
+        let sequenced = frame.is_sequenced();
+        let ready = match self.reorder.push(frame) {
+            Pushed::Ready(frames) => frames.into_iter().map(|f| f.body).collect(),
+            _ => Vec::new(),
+        };
+        // Every sequenced frame, a duplicate too (our ack may have been lost), is owed an ack.
+        if sequenced && self.ack_due.is_none() {
+            self.ack_due = Some(Instant::now() + self.settings.ack_delay);
+        }
+        ready
+    }
+
+    fn next_wake(&self) -> Instant {
+        let idle = self.last_activity + self.settings.idle_timeout;
+        let resend = self
+            .outbound
+            .next_due(self.settings.rto)
+            .map(Instant::from_std);
+        [Some(idle), resend, self.ack_due]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(idle)
+    }
+
+    /// Resends what is due and sends an owed ack.
+    async fn on_timer(&mut self) -> Result<(), End> {
+        let now = Instant::now();
+        if now >= self.last_activity + self.settings.idle_timeout {
+            return Err(End::Idle);
+        }
+        let ack = self.reorder.acked();
+        let again = self
+            .outbound
+            .due(
+                now.into_std(),
+                self.settings.rto,
+                ack,
+                self.settings.max_sends,
+            )
+            .ok_or(End::PeerGone)?;
+        for frame in again {
+            self.emit(frame).await?;
+        }
+        if self.ack_due.is_some_and(|at| now >= at) {
+            self.ack_due = None;
+            self.send(Body::Ack).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands bodies taken by [`Stream::next_bodies`] but not used back to the pump, which
+    /// delivers them first.
+    pub fn put_back(&mut self, bodies: impl IntoIterator<Item = Body>) {
+        self.early.extend(bodies);
+    }
+
+    /// Waits (at most `limit`) until the other side has acknowledged everything sent: an
+    /// answer that ends the stream (a refusal) still arrives through a lossy mixnet.
+    pub async fn settle(&mut self, limit: Duration) {
+        let until = Instant::now() + limit;
+        while self.outbound.in_flight() > 0 && Instant::now() < until {
+            let wake = self.next_wake().min(until);
+            tokio::select! {
+                frame = self.incoming.recv() => match frame {
+                    Some(f) => { self.take(f); }
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(wake) => {
+                    if self.on_timer().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the next bodies the other side sent, in order, keeping up resends and
+    /// acks meanwhile (the opening phase, before there is a socket to pump).
+    pub async fn next_bodies(&mut self) -> Result<Vec<Body>, End> {
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                frame = self.incoming.recv() => {
+                    let bodies = self.take(frame.ok_or(End::MixnetGone)?);
+                    if !bodies.is_empty() {
+                        return Ok(bodies);
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => self.on_timer().await?,
+            }
+        }
+    }
+
+    /// Relays between `socket` and the other side until both directions are closed and
+    /// acknowledged. `first_byte` runs when the socket first yields data.
+    pub async fn pump(
+        mut self,
+        socket: TcpStream,
+        counters: Option<ByteCounters>,
+        mut first_byte: Option<Box<dyn FnOnce() + Send>>,
+    ) -> End {
+        let (mut rd, mut wr) = socket.into_split();
+        let mut buf = vec![0u8; self.settings.chunk];
+        let (mut reading, mut writing) = (true, true);
+        for body in std::mem::take(&mut self.early) {
+            match body {
+                Body::Data(bytes) if writing => {
+                    if wr.write_all(&bytes).await.is_err() {
+                        (reading, writing) = (false, false);
+                    } else if let Some(c) = &counters {
+                        c.to_socket.inc_by(bytes.len() as u64);
+                    }
+                }
+                Body::Close if writing => {
+                    writing = false;
+                    let _ = wr.shutdown().await;
+                }
+                _ => {}
+            }
+        }
+        let end = loop {
+            if !reading && !writing && self.outbound.in_flight() == 0 {
+                break End::Finished;
+            }
+            let (wake, room) = (self.next_wake(), self.outbound.has_room());
+            tokio::select! {
+                read = rd.read(&mut buf), if reading && room => {
+                    let body = match read {
+                        Ok(0) | Err(_) => {
+                            reading = false;
+                            Body::Close
+                        }
+                        Ok(n) => {
+                            if let Some(f) = first_byte.take() {
+                                f();
+                            }
+                            if let Some(c) = &counters {
+                                c.from_socket.inc_by(n as u64);
+                            }
+                            self.last_activity = Instant::now();
+                            Body::Data(buf[..n].to_vec())
+                        }
+                    };
+                    if let Err(e) = self.send(body).await {
+                        break e;
+                    }
+                }
+                frame = self.incoming.recv() => {
+                    let Some(frame) = frame else { break End::MixnetGone };
+                    for body in self.take(frame) {
+                        match body {
+                            Body::Data(bytes) if writing => {
+                                if let Err(e) = wr.write_all(&bytes).await {
+                                    // The socket's reader is gone: nothing more to deliver.
+                                    writing = false;
+                                    reading = false;
+                                    tracing::debug!(error = %e, "stream socket write failed");
+                                    continue;
+                                }
+                                if let Some(c) = &counters {
+                                    c.to_socket.inc_by(bytes.len() as u64);
+                                }
+                            }
+                            Body::Close if writing => {
+                                writing = false;
+                                let _ = wr.shutdown().await;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    if let Err(e) = self.on_timer().await {
+                        break e;
+                    }
+                }
+            }
+        };
+        // The other side's last frames (its close) are acknowledged before we go, so it
+        // need not resend them to a stream that no longer exists.
+        if end == End::Finished && self.sent_ack < self.reorder.acked() {
+            let _ = self.send(Body::Ack).await;
+        }
+        end
+    }
+}
