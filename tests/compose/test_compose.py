@@ -29,7 +29,7 @@ def free_port():
 
 
 ENV = dict(os.environ, PROMETHEUS_PORT=str(free_port()), ENTRY_GW_PORT=str(free_port()),
-           GRAFANA_PORT=str(free_port()))
+           GRAFANA_PORT=str(free_port()), SOCKS5_PORT=str(free_port()))
 COMPOSE = ["docker", "compose", "-p", PROJECT, "-f", "docker-compose.yml",
            "-f", "tests/compose/docker-compose.test.yml"]
 
@@ -160,6 +160,31 @@ def test_testnet_comes_up_and_delivers():
     log("prometheus: every node scraped and up")
 
 
+def test_socks5_fetch_leaves_at_the_exit():
+    """curl on the host, through the socks5 service, the mixnet and exit-gw, to mix-1a's
+    HTTP API (named by service name: the exit resolves it)."""
+    url = "http://mix-1a:8080/api/v1/description"
+    proxy = f"127.0.0.1:{ENV['SOCKS5_PORT']}"
+    deadline, r = time.time() + 90, None
+    while time.time() < deadline:
+        t = time.time()
+        r = run(["curl", "-sS", "--max-time", "60", "--socks5-hostname", proxy, url], check=False)
+        if r.returncode == 0:
+            break
+        time.sleep(2)  # the proxy may still be connecting to its gateway
+    assert r.returncode == 0, f"curl through the compose exit failed: {r.stderr}"
+    took = time.time() - t
+    description = json.loads(r.stdout)["description"]
+    assert description["name"] == "mix-1a" and description["mode"] == "mixnode", description
+    log(f"socks5: {len(r.stdout)} bytes from {url} through exit-gw in {took:.2f}s")
+    opened = metric_sum('sum(nym_node_exit_streams_opened_total{instance="exit-gw"})')
+    log(f"prometheus: exit-gw opened {opened} stream(s)")
+    # A target the policy does not name is refused with a SOCKS5 failure reply.
+    r = run(["curl", "-sS", "--max-time", "60", "--socks5-hostname", proxy, "http://mix-1a:1789/"],
+            check=False)
+    assert r.returncode == 97, f"expected a SOCKS5 refusal, got {r.returncode}: {r.stderr}"
+
+
 def test_graceful_stop_loses_nothing():
     # Long per-hop delays, so the node still holds packets when its grace period ends.
     bg = Background(120, cover_rate=20, mean_delay="1s", timeout="240s")
@@ -279,7 +304,8 @@ def main():
     log(f"images built in {time.time() - t:.0f}s")
     size = run(["docker", "image", "inspect", "-f", "{{.Size}}", "nym-node:local"]).stdout.strip()
     log(f"nym-node image size: {int(size) / 1e6:.1f} MB")
-    tests = [test_testnet_comes_up_and_delivers, test_graceful_stop_loses_nothing,
+    tests = [test_testnet_comes_up_and_delivers, test_socks5_fetch_leaves_at_the_exit,
+             test_graceful_stop_loses_nothing,
              test_sigkill_and_restart_recovers, test_network_partition_backs_off_and_recovers,
              test_rolling_upgrade_loses_nothing, test_down_leaves_nothing]
     only = sys.argv[1:]
