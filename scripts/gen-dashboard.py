@@ -78,6 +78,20 @@ PANELS = [
         ("Refused client sessions", "ops", [("{{instance}}", f'sum by (instance) (rate(nym_node_gateway_client_messages_refused_total{{{SEL}}}[5m]))')],
          "Bad signatures and malformed messages."),
     ]),
+    ("Exit", [
+        ("Open streams", "short", [("{{instance}}", f'sum by (instance) (nym_node_exit_streams_open{{{SEL}}})')],
+         "Streams the exit's network requester has open to targets."),
+        ("Streams opened and refused", "ops", [
+            ("opened", f'sum(rate(nym_node_exit_streams_opened_total{{{SEL}}}[5m]))'),
+            ("refused {{reason}}", f'sum by (reason) (rate(nym_node_exit_streams_refused_total{{{SEL}}}[5m]))')],
+         "Refusals: the exit policy (policy_reject, internal_address, no_rule), resolve_failed, connect_failed, too_many_streams, capacity."),
+        ("Exit bytes", "Bps", [("{{direction}}", f'sum by (direction) (rate(nym_node_exit_stream_bytes_total{{{SEL}}}[1m]))')],
+         "Bytes relayed to targets and back."),
+        ("Time to first byte", "s", [
+            ("p50", f'histogram_quantile(0.5, sum by (le) (rate(nym_node_exit_time_to_first_byte_seconds_bucket{{{SEL}}}[5m])))'),
+            ("p90", f'histogram_quantile(0.9, sum by (le) (rate(nym_node_exit_time_to_first_byte_seconds_bucket{{{SEL}}}[5m])))')],
+         "From an open request reaching the exit to the target's first byte (includes the client's request crossing the mixnet)."),
+    ]),
     ("Process", [
         ("CPU", "percentunit", [("{{instance}}", f'rate(nym_node_process_cpu_seconds_total{{{SEL}}}[1m])')],
          "Cores used by the node process."),
