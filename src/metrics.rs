@@ -198,6 +198,18 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// Why an exit refuses a stream (the `reason` label of `nym_node_exit_streams_refused_total`):
+/// the exit policy's three, then the network requester's own.
+pub const EXIT_REFUSAL_REASONS: [&str; 7] = [
+    "policy_reject",
+    "internal_address",
+    "no_rule",
+    "resolve_failed",
+    "connect_failed",
+    "too_many_streams",
+    "capacity",
+];
+
 /// Reads a value that lives elsewhere into a gauge, at scrape time.
 pub type Sampler = Box<dyn Fn(&Metrics) + Send + Sync>;
 
@@ -405,6 +417,17 @@ impl Metrics {
             &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
         );
 
+        let exit_streams_refused = counter_vec(
+            r,
+            "exit_streams_refused_total",
+            "Stream open requests the exit refused, by reason (policy_reject, internal_address, no_rule, resolve_failed, connect_failed, too_many_streams, capacity).",
+            &["reason"],
+        );
+        // Every reason exported from the start, at 0, so rates and alerts see a series.
+        for reason in EXIT_REFUSAL_REASONS {
+            exit_streams_refused.with_label_values(&[reason]);
+        }
+
         Arc::new(Metrics {
             exit_streams_open: gauge(
                 r,
@@ -416,12 +439,7 @@ impl Metrics {
                 "exit_streams_opened_total",
                 "Streams the exit's network requester opened to targets.",
             ),
-            exit_streams_refused: counter_vec(
-                r,
-                "exit_streams_refused_total",
-                "Stream open requests the exit refused, by reason (policy_reject, internal_address, no_rule, resolve_failed, connect_failed, too_many_streams, capacity).",
-                &["reason"],
-            ),
+            exit_streams_refused,
             exit_bytes_to_target: exit_bytes.with_label_values(&["to_target"]),
             exit_bytes_from_target: exit_bytes.with_label_values(&["from_target"]),
             exit_first_byte: exit_first_byte.with_label_values(&[] as &[&str]),
@@ -547,6 +565,7 @@ impl Metrics {
 
     /// A stream open request the exit refused (`reason` is one of a fixed few).
     pub fn exit_refused(&self, reason: &str) {
+        debug_assert!(EXIT_REFUSAL_REASONS.contains(&reason), "unknown reason {reason}");
         self.exit_streams_refused.with_label_values(&[reason]).inc();
     }
 
