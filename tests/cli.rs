@@ -112,6 +112,40 @@ fn bad_configuration_exits_64_naming_the_variable() {
 }
 
 #[test]
+fn an_exit_with_a_bad_policy_does_not_start_and_names_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.txt");
+    std::fs::write(&policy, "accept 127.0.0.1:8080\naccept nowhere:80\n").unwrap();
+    let keygen = Command::new(NODE)
+        .args(["keygen", "--dir"])
+        .arg(dir.path().join("keys"))
+        .output()
+        .unwrap();
+    assert!(keygen.status.success());
+    let port = |p: u16| format!("127.0.0.1:{p}");
+    let base = common::free_base_port(3);
+    let out = Command::new(NODE)
+        .arg("run")
+        .env_clear()
+        .env("NYM_NODE_MODE", "exit-gateway")
+        .env("NYM_NODE_TOPOLOGY", dir.path().join("topology.json"))
+        .env("NYM_NODE_KEYS_DIR", dir.path().join("keys"))
+        .env("NYM_NODE_DATA_DIR", dir.path().join("data"))
+        .env("NYM_NODE_MIXNET_BIND", port(base))
+        .env("NYM_NODE_HTTP_BIND", port(base + 1))
+        .env("NYM_NODE_CLIENT_BIND", port(base + 2))
+        .env("NYM_NODE_EXIT_POLICY", &policy)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NYM_NODE_EXIT_POLICY") && err.contains("line 2"),
+        "{err}"
+    );
+}
+
+#[test]
 fn node_refuses_keys_others_can_read() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
