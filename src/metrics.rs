@@ -565,7 +565,10 @@ impl Metrics {
 
     /// A stream open request the exit refused (`reason` is one of a fixed few).
     pub fn exit_refused(&self, reason: &str) {
-        debug_assert!(EXIT_REFUSAL_REASONS.contains(&reason), "unknown reason {reason}");
+        debug_assert!(
+            EXIT_REFUSAL_REASONS.contains(&reason),
+            "unknown reason {reason}"
+        );
         self.exit_streams_refused.with_label_values(&[reason]).inc();
     }
 

@@ -346,3 +346,119 @@ impl Stream {
         end
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn settings() -> Settings {
+        Settings {
+            window: 16,
+            rto: Duration::from_millis(150),
+            max_sends: 50,
+            ack_delay: Duration::from_millis(10),
+            idle_timeout: Duration::from_secs(30),
+            chunk: 1000,
+            surb_target: None,
+            surb_first: 0,
+        }
+    }
+
+    /// A mixnet between the two ends that loses every 5th frame and delays each of the
+    /// others by 0-30 ms, so they also arrive out of order.
+    fn lossy(mut from: mpsc::Receiver<Outgoing>, to: mpsc::Sender<Frame>) {
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Some(out) = from.recv().await {
+                n += 1;
+                if n.is_multiple_of(5) {
+                    continue;
+                }
+                let to = to.clone();
+                let wait = Duration::from_millis(rand::random::<u64>() % 30);
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = to.send(out.frame).await;
+                });
+            }
+        });
+    }
+
+    /// A connected socket pair: (the application's side, the pump's side).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (pumped, _) = l.accept().await.unwrap();
+        (app, pumped)
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_a_lossy_reordering_channel_both_ways_and_both_ends_finish() {
+        let (a_out_tx, a_out_rx) = mpsc::channel(1024);
+        let (b_out_tx, b_out_rx) = mpsc::channel(1024);
+        let (a_in_tx, a_in_rx) = mpsc::channel(1024);
+        let (b_in_tx, b_in_rx) = mpsc::channel(1024);
+        lossy(a_out_rx, b_in_tx);
+        lossy(b_out_rx, a_in_tx);
+        let a = Stream::new(7, settings(), a_in_rx, a_out_tx, None);
+        let b = Stream::new(7, settings(), b_in_rx, b_out_tx, None);
+        let (mut app_a, sock_a) = pair().await;
+        let (mut app_b, sock_b) = pair().await;
+        let pump_a = tokio::spawn(a.pump(sock_a, None, None));
+        let pump_b = tokio::spawn(b.pump(sock_b, None, None));
+
+        let sent: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let to_send = sent.clone();
+        let writer = tokio::spawn(async move {
+            app_a.write_all(&to_send).await.unwrap();
+            app_a.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            app_a.read_to_end(&mut answer).await.unwrap();
+            answer
+        });
+        // B's application reads to the end (A's close must arrive), then answers and closes.
+        let mut got = Vec::new();
+        app_b.read_to_end(&mut got).await.unwrap();
+        app_b.write_all(b"thanks").await.unwrap();
+        app_b.shutdown().await.unwrap();
+
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "bytes differ");
+        assert_eq!(writer.await.unwrap(), b"thanks");
+        assert_eq!(pump_a.await.unwrap(), End::Finished);
+        assert_eq!(pump_b.await.unwrap(), End::Finished);
+    }
+
+    #[tokio::test]
+    async fn a_side_that_never_answers_is_given_up_after_max_sends() {
+        let (out_tx, mut out_rx) = mpsc::channel(1024);
+        let (_in_tx, in_rx) = mpsc::channel(16);
+        let mut s = Stream::new(
+            1,
+            Settings {
+                max_sends: 3,
+                ..settings()
+            },
+            in_rx,
+            out_tx,
+            None,
+        );
+        let sent = tokio::spawn(async move {
+            let mut n = 0;
+            while out_rx.recv().await.is_some() {
+                n += 1;
+            }
+            n
+        });
+        s.send(Body::Open {
+            target: super::super::Target::Name("example.org".into(), 80),
+            data: Vec::new(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.next_bodies().await, Err(End::PeerGone));
+        drop(s);
+        assert_eq!(sent.await.unwrap(), 3, "sent once and resent twice");
+    }
+}
