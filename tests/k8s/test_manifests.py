@@ -202,6 +202,25 @@ def test_everything_enabled_renders_monitoring_policy_and_dashboards():
                 assert json.loads(text) == json.load(f)
 
 
+def test_an_exit_policy_is_mounted_and_named_by_the_env():
+    objects = render(NODE_CHART, "-f", os.path.join(NODE_CHART, "ci", "exit-gateway-loadbalancer-values.yaml"))
+    maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    policy = next(m for n, m in maps.items() if n.endswith("-exit-policy"))
+    assert policy["data"]["exit-policy.txt"].splitlines() == ["reject *:25", "accept *:80,443"]
+    env = next(m for n, m in maps.items() if n.endswith("-env"))
+    path = env["data"]["NYM_NODE_EXIT_POLICY"]
+    pod = next(o for o in objects if o["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "exit-policy")
+    assert path == mount["mountPath"] + "/exit-policy.txt"
+    volume = next(v for v in pod["volumes"] if v["name"] == "exit-policy")
+    assert volume["configMap"]["name"] == policy["metadata"]["name"]
+    # Without a policy nothing is mounted and the node uses its default.
+    plain = render(NODE_CHART, "--set", "mode=exit-gateway", "--set", "layer=null")
+    assert not any(o["metadata"]["name"].endswith("-exit-policy") for o in plain)
+    env = next(o for o in plain if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-env"))
+    assert env["data"]["NYM_NODE_EXIT_POLICY"] == ""
+
+
 def test_a_config_change_changes_the_pod_template_checksum():
     def checksum(*args):
         sts = next(o for o in render(NODE_CHART, *args) if o["kind"] == "StatefulSet")

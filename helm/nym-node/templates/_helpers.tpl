@@ -49,6 +49,11 @@ mixnet.nym-node.dev/layer: {{ . | quote }}
 {{- if ne .Values.mode "mixnode" }}true{{- end }}
 {{- end }}
 
+{{/* "true" when the chart mounts an exit policy of its own (exit gateways with exitPolicy set). */}}
+{{- define "nym-node.exitPolicy" -}}
+{{- if and (eq .Values.mode "exit-gateway") .Values.exitPolicy }}true{{- end }}
+{{- end }}
+
 {{/* Mode and layer must agree; the schema checks types, this checks the combination. */}}
 {{- define "nym-node.validate" -}}
 {{- if and (eq .Values.mode "mixnode") (not .Values.layer) }}
@@ -56,6 +61,9 @@ mixnet.nym-node.dev/layer: {{ . | quote }}
 {{- end }}
 {{- if and (ne .Values.mode "mixnode") .Values.layer }}
 {{- fail "gateways have no layer: set layer to null" }}
+{{- end }}
+{{- if and .Values.exitPolicy (ne .Values.mode "exit-gateway") }}
+{{- fail "exitPolicy applies to exit gateways only: set mode to exit-gateway or leave exitPolicy empty" }}
 {{- end }}
 {{- if and .Values.keys.existingSecret (gt (int .Values.replicaCount) 1) }}
 {{- fail "keys.existingSecret holds one node's keys: use it with replicaCount 1" }}
