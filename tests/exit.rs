@@ -47,6 +47,11 @@ async fn http_server(bodies: Vec<Vec<u8>>) -> SocketAddr {
                     Some(b) => b,
                     None => return,
                 };
+                if kind == Some("hold") {
+                    // Answers nothing and keeps the connection: a stream that stays open.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                }
                 let head = match kind {
                     Some("file") => format!(
                         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -70,6 +75,15 @@ fn random_body(len: usize) -> Vec<u8> {
 /// Three mix layers, an entry gateway, an exit whose policy names the test server
 /// (`exit`), and an exit with the default policy (`exit-default`).
 async fn network(server: SocketAddr, hooks: impl Fn(&str) -> TestHooks) -> Net {
+    network_with(server, hooks, |_| {}).await
+}
+
+/// Like [`network`], with `exit` adjusting the two exits' configuration.
+async fn network_with(
+    server: SocketAddr,
+    hooks: impl Fn(&str) -> TestHooks,
+    exit: impl Fn(&mut nym_node::config::Config),
+) -> Net {
     let mut spec = three_layers();
     spec.push(("exit", Role::Node(Mode::ExitGateway, None)));
     spec.push(("exit-default", Role::Node(Mode::ExitGateway, None)));
@@ -85,6 +99,9 @@ async fn network(server: SocketAddr, hooks: impl Fn(&str) -> TestHooks) -> Net {
         |name, config| {
             if name == "exit" {
                 config.exit_policy = policy.display().to_string();
+            }
+            if name.starts_with("exit") {
+                exit(config);
             }
         },
         hooks,
@@ -127,6 +144,7 @@ async fn curl(proxy: SocketAddr, url: &str) -> Fetched {
         .args(["-sS", "--max-time", "180", "--socks5-hostname"])
         .arg(proxy.to_string())
         .arg(url)
+        .kill_on_drop(true)
         .output()
         .await
         .expect("curl is installed (scripts/install-test-deps.sh)");
@@ -249,5 +267,34 @@ async fn concurrent_streams_never_mix_and_a_server_close_reaches_curl() {
     assert_eq!(gc.code, Some(0), "{}", gc.stderr);
     assert!(gc.body == c, "the bytes differ");
     stop.cancel();
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_stream_cap_is_refused_and_others_are_not() {
+    let server = http_server(vec![b"ok".to_vec()]).await;
+    let net = network_with(server, no_hooks, |c| c.exit_max_streams_per_client = 1).await;
+    let (proxy_a, stop_a) = proxy(&net, "exit").await;
+
+    // Client A's one stream stays open (the server never answers /hold).
+    let hold = format!("http://{server}/hold/0");
+    let held = tokio::spawn(async move { curl(proxy_a, &hold).await });
+    let m = net.node("exit").metrics.clone();
+    assert!(
+        eventually(Duration::from_secs(60), || m.exit_streams_open.get() == 1).await,
+        "the held stream never opened"
+    );
+    // A second stream of client A is over its cap: refused with a SOCKS5 failure.
+    let got = curl(proxy_a, &format!("http://{server}/file/0")).await;
+    assert_eq!(got.code, Some(97), "{}", got.stderr);
+    assert_eq!(m.exit_refused_count("too_many_streams"), 1);
+    // Another client is not held back by A's streams.
+    let (proxy_b, stop_b) = proxy(&net, "exit").await;
+    let got = curl(proxy_b, &format!("http://{server}/file/0")).await;
+    assert_eq!(got.code, Some(0), "{}", got.stderr);
+    assert_eq!(got.body, b"ok");
+    held.abort();
+    stop_a.cancel();
+    stop_b.cancel();
     net.stop().await;
 }

@@ -256,3 +256,18 @@ async fn opened(stream: &mut Stream) -> Option<u8> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_loopback_listen_address_needs_allow_remote() {
+        let remote: SocketAddr = "0.0.0.0:1080".parse().unwrap();
+        let err = check_listen(remote, false).unwrap_err();
+        assert!(err.contains("--allow-remote"), "{err}");
+        assert_eq!(check_listen(remote, true), Ok(remote));
+        let local: SocketAddr = "[::1]:1080".parse().unwrap();
+        assert_eq!(check_listen(local, false), Ok(local));
+    }
+}
