@@ -125,8 +125,12 @@ knobs! {
     handshake_timeout: DurationKnob = "5s";
     /// Deadline for the rest of a frame once its first byte has arrived.
     frame_read_timeout: DurationKnob = "10s";
-    /// Concurrent ingress mixnet connections; more are refused and counted.
+    /// Concurrent authenticated ingress mixnet links (after the handshake); more are closed and counted.
     max_ingress_connections: usize = "1024";
+    /// Connections from one IP address still in their Noise handshake; more from it are refused at once, so one stranger cannot hold the slots a peer needs.
+    max_handshakes_per_address: usize = "8";
+    /// Connections in their Noise handshake at once, from all addresses; more are refused at once. Authenticated links count against NYM_NODE_MAX_INGRESS_CONNECTIONS instead.
+    max_pending_handshakes: usize = "256";
     /// First reconnect delay after a failed connection to a peer; doubles per failure.
     reconnect_backoff_initial: DurationKnob = "200ms";
     /// Cap of the reconnect delay (each delay gets +-20% jitter).
@@ -263,6 +267,12 @@ impl Config {
         }
         if self.mailbox_retention.0.is_zero() {
             return invalid("mailbox_retention", "must be greater than 0");
+        }
+        if self.max_handshakes_per_address == 0 {
+            return invalid("max_handshakes_per_address", "must be at least 1");
+        }
+        if self.max_pending_handshakes == 0 {
+            return invalid("max_pending_handshakes", "must be at least 1");
         }
         if self.max_ingress_connections == 0 {
             return invalid("max_ingress_connections", "must be at least 1");

@@ -162,15 +162,31 @@ impl HandshakeFailure {
 /// Why an ingress connection was refused before its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalReason {
-    /// `NYM_NODE_MAX_INGRESS_CONNECTIONS` connections are open already.
+    /// `NYM_NODE_MAX_INGRESS_CONNECTIONS` authenticated links are open already.
     Capacity,
+    /// `NYM_NODE_MAX_HANDSHAKES_PER_ADDRESS` connections from this address are in their handshake.
+    PerAddress,
+    /// `NYM_NODE_MAX_PENDING_HANDSHAKES` connections are in their handshake.
+    Handshakes,
 }
 
 impl RefusalReason {
+    pub const ALL: [RefusalReason; 3] = [
+        RefusalReason::Capacity,
+        RefusalReason::PerAddress,
+        RefusalReason::Handshakes,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RefusalReason::Capacity => "capacity",
+            RefusalReason::PerAddress => "per_address",
+            RefusalReason::Handshakes => "handshake_capacity",
         }
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -233,7 +249,7 @@ pub struct Metrics {
     pub write_timeouts: IntCounter,
     pub egress_reconnects: IntCounter,
     handshake_failures: Vec<IntCounter>,
-    refused_capacity: IntCounter,
+    refused: Vec<IntCounter>,
     pub topology_reloads_ok: IntCounter,
     pub topology_reloads_failed: IntCounter,
     pub topology_nodes: IntGauge,
@@ -368,7 +384,7 @@ impl Metrics {
         let refused = counter_vec(
             r,
             "network_refused_ingress_mixnet_connections_total",
-            "Ingress mixnet connections refused before the handshake, by reason.",
+            "Ingress mixnet connections refused, by reason: per_address and handshake_capacity at accept (too many unauthenticated), capacity after the handshake (links full).",
             &["reason"],
         );
         let reloads = counter_vec(
@@ -495,7 +511,10 @@ impl Metrics {
                 "Egress connections re-established to a peer after a previous connection closed or failed.",
             ),
             handshake_failures,
-            refused_capacity: refused.with_label_values(&[RefusalReason::Capacity.as_str()]),
+            refused: RefusalReason::ALL
+                .iter()
+                .map(|r| refused.with_label_values(&[r.as_str()]))
+                .collect(),
             topology_reloads_ok: reloads.with_label_values(&["ok"]),
             topology_reloads_failed: reloads.with_label_values(&["error"]),
             topology_nodes: gauge(
@@ -614,15 +633,11 @@ impl Metrics {
     }
 
     pub fn refused(&self, reason: RefusalReason) {
-        match reason {
-            RefusalReason::Capacity => self.refused_capacity.inc(),
-        }
+        self.refused[reason.index()].inc();
     }
 
     pub fn refused_count(&self, reason: RefusalReason) -> u64 {
-        match reason {
-            RefusalReason::Capacity => self.refused_capacity.get(),
-        }
+        self.refused[reason.index()].get()
     }
 
     /// Samples the async runtime's gauges and runs the samplers; called at scrape time.

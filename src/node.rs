@@ -266,6 +266,8 @@ pub async fn start(
                 idle_timeout: config.idle_timeout(),
                 frame_read_timeout: config.frame_read_timeout.get(),
                 max_connections: config.max_ingress_connections,
+                max_handshakes_per_address: config.max_handshakes_per_address,
+                max_pending_handshakes: config.max_pending_handshakes,
             },
             noise_secret: keys.noise.secret_bytes(),
             topology: topology.clone(),

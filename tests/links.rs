@@ -165,6 +165,68 @@ async fn a_peer_that_stops_reading_times_out_without_slowing_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_silent_connections_from_one_address_do_not_keep_a_peer_out() {
+    // One link slot only: the stranger's connections must not count against it.
+    let mut net = Net::start(&relay(&[]), |_, c| c.max_ingress_connections = 1, no_hooks).await;
+    let mut sink = net.take_sink("next");
+    let m = net.node("mix").metrics.clone();
+    let addr: std::net::SocketAddr = net
+        .member("mix")
+        .entry
+        .mixnet_address
+        .to_string()
+        .parse()
+        .unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..2000 {
+        if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+            flood.push(s);
+        }
+    }
+    assert_eq!(flood.len(), 2000);
+    assert!(
+        eventually(WAIT, || m.refused_count(RefusalReason::PerAddress) == 1992).await,
+        "refused {}",
+        m.refused_count(RefusalReason::PerAddress)
+    );
+    // A topology peer on another address connects and forwards while the flood sits.
+    let peer = net.member("peer");
+    let mut link = Link::connect_from(
+        Some("127.0.0.2".parse().unwrap()),
+        addr,
+        &peer.keys,
+        &net.member("mix").entry.noise_key,
+    )
+    .await
+    .expect("the peer links despite the flood");
+    let p = net.packet(
+        &["mix", "next"],
+        KeyBytes([5; 32]),
+        b"through",
+        &[Duration::ZERO; 2],
+    );
+    link.send_packet(&p).await.unwrap();
+    assert!(
+        sink.next(WAIT).await.is_some(),
+        "the peer's packet is forwarded"
+    );
+    // Links have their own limit: a second authenticated link is closed and counted.
+    let mut second = Link::connect_from(
+        Some("127.0.0.3".parse().unwrap()),
+        addr,
+        &net.member("peer2").keys,
+        &net.member("mix").entry.noise_key,
+    )
+    .await
+    .unwrap();
+    assert!(second.closed_within(WAIT).await, "over the link limit");
+    assert_eq!(m.refused_count(RefusalReason::Capacity), 1);
+    assert_eq!(m.refused_count(RefusalReason::Handshakes), 0);
+    drop(flood);
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_flood_is_refused_and_existing_peers_keep_forwarding() {
     let mut net = Net::start(&relay(&[]), |_, c| c.max_ingress_connections = 4, no_hooks).await;
     let mut sink = net.take_sink("next");
@@ -183,12 +245,13 @@ async fn a_connection_flood_is_refused_and_existing_peers_keep_forwarding() {
             flood.push(s);
         }
     }
-    // Three fit beside the existing link (they sit in their handshake); the rest are refused.
+    // Eight from one address may sit in their handshake; the rest are refused at once.
     assert!(
-        eventually(WAIT, || m.refused_count(RefusalReason::Capacity) == 37).await,
+        eventually(WAIT, || m.refused_count(RefusalReason::PerAddress) == 32).await,
         "refused {}",
-        m.refused_count(RefusalReason::Capacity)
+        m.refused_count(RefusalReason::PerAddress)
     );
+    assert_eq!(m.refused_count(RefusalReason::Capacity), 0);
     for i in 0..20u8 {
         let p = net.packet(
             &["mix", "next"],

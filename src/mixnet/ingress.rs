@@ -1,7 +1,10 @@
 //! Ingress: the mixnet listener and one read loop per peer connection.
 //!
-//! - At most `NYM_NODE_MAX_INGRESS_CONNECTIONS` connections at once (a permit travels with
-//!   each connection); beyond it a connection is closed at once and counted.
+//! - Admission in two stages, so strangers cannot crowd out peers. Before the handshake a
+//!   connection holds a handshake slot: at most `NYM_NODE_MAX_HANDSHAKES_PER_ADDRESS` per
+//!   source address and `NYM_NODE_MAX_PENDING_HANDSHAKES` in all; beyond either it is closed
+//!   at once and counted. After it, an authenticated link holds one of
+//!   `NYM_NODE_MAX_INGRESS_CONNECTIONS` link slots instead.
 //! - The Noise handshake must finish within `NYM_NODE_HANDSHAKE_TIMEOUT`, and the initiator
 //!   must be a node of the topology.
 //! - Reads are batched: many frames per syscall, decoded from one buffer. A frame whose
@@ -11,7 +14,8 @@
 //!   starts a frame and does not finish it within `NYM_NODE_FRAME_READ_TIMEOUT` is closed.
 //! - Decrypted packets go to the intake, which sheds them if the workers are saturated.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,7 +46,57 @@ pub struct IngressSettings {
     pub handshake_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub frame_read_timeout: Duration,
+    /// Authenticated links.
     pub max_connections: usize,
+    pub max_handshakes_per_address: usize,
+    pub max_pending_handshakes: usize,
+}
+
+/// Connections still in their handshake, per source address and in all.
+struct Handshakes {
+    per_address: parking_lot::Mutex<HashMap<IpAddr, usize>>,
+    total: Arc<Semaphore>,
+    per_address_limit: usize,
+}
+
+/// A connection's handshake slot; given back however the handshake ends.
+struct HandshakeSlot {
+    handshakes: Arc<Handshakes>,
+    ip: IpAddr,
+    _total: OwnedSemaphorePermit,
+}
+
+impl Handshakes {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<HandshakeSlot, RefusalReason> {
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| RefusalReason::Handshakes)?;
+        let mut per = self.per_address.lock();
+        let n = per.entry(ip).or_default();
+        if *n >= self.per_address_limit {
+            return Err(RefusalReason::PerAddress);
+        }
+        *n += 1;
+        Ok(HandshakeSlot {
+            handshakes: self.clone(),
+            ip,
+            _total: total,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut per = self.handshakes.per_address.lock();
+        if let Some(n) = per.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+    }
 }
 
 pub struct IngressContext {
@@ -64,7 +118,12 @@ pub async fn run(
 ) {
     let _alive = ctx.health.accept_loop_guard();
     let permits = Arc::new(Semaphore::new(ctx.settings.max_connections));
-    let refusal_log = Throttle::new(Duration::from_secs(30));
+    let handshakes = Arc::new(Handshakes {
+        per_address: parking_lot::Mutex::new(HashMap::new()),
+        total: Arc::new(Semaphore::new(ctx.settings.max_pending_handshakes)),
+        per_address_limit: ctx.settings.max_handshakes_per_address,
+    });
+    let refusal_log = Arc::new(Throttle::new(Duration::from_secs(30)));
     let unknown_key_log = Arc::new(Throttle::new(Duration::from_secs(30)));
     let mut accept_backoff = Duration::from_millis(1);
     loop {
@@ -85,34 +144,51 @@ pub async fn run(
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            ctx.metrics.refused(RefusalReason::Capacity);
-            if refusal_log.allow() {
-                tracing::warn!(
-                    %remote,
-                    limit = ctx.settings.max_connections,
-                    "refusing ingress connection: at capacity (counted; logged at most every 30s)"
-                );
+        let slot = match handshakes.admit(remote.ip().to_canonical()) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                ctx.metrics.refused(reason);
+                if refusal_log.allow() {
+                    tracing::warn!(
+                        %remote,
+                        reason = reason.as_str(),
+                        "refusing ingress connection: too many in their handshake (counted; logged at most every 30s)"
+                    );
+                }
+                drop(stream);
+                continue;
             }
-            drop(stream);
-            continue;
         };
         let ctx = ctx.clone();
         let stop = stop.clone();
         let unknown_key_log = unknown_key_log.clone();
+        let (permits, refusal_log) = (permits.clone(), refusal_log.clone());
         tracker.spawn(async move {
-            handle(stream, remote, ctx, stop, permit, unknown_key_log).await;
+            handle(
+                stream,
+                remote,
+                ctx,
+                stop,
+                slot,
+                permits,
+                refusal_log,
+                unknown_key_log,
+            )
+            .await;
         });
     }
     tracing::info!("mixnet listener closed");
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     mut stream: TcpStream,
     remote: SocketAddr,
     ctx: Arc<IngressContext>,
     stop: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    slot: HandshakeSlot,
+    permits: Arc<Semaphore>,
+    refusal_log: Arc<Throttle>,
     unknown_key_log: Arc<Throttle>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -138,6 +214,19 @@ async fn handle(
             }
             return;
         }
+    };
+    // Authenticated: the handshake slot goes back, a link slot is needed now.
+    drop(slot);
+    let Ok(_permit) = permits.try_acquire_owned() else {
+        ctx.metrics.refused(RefusalReason::Capacity);
+        if refusal_log.allow() {
+            tracing::warn!(
+                %remote,
+                limit = ctx.settings.max_connections,
+                "closing ingress link: at capacity (counted; logged at most every 30s)"
+            );
+        }
+        return;
     };
     let peer = ctx
         .topology

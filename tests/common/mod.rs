@@ -291,7 +291,28 @@ impl Link {
         keys: &NodeKeys,
         responder: &KeyBytes,
     ) -> Result<Link, String> {
-        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        Self::connect_from(None, addr, keys, responder).await
+    }
+
+    /// Like [`Link::connect`], from a chosen local address (another loopback address, for
+    /// a peer that is not the flooder).
+    pub async fn connect_from(
+        source: Option<std::net::IpAddr>,
+        addr: SocketAddr,
+        keys: &NodeKeys,
+        responder: &KeyBytes,
+    ) -> Result<Link, String> {
+        let mut stream = match source {
+            None => TcpStream::connect(addr).await,
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+                socket
+                    .bind(SocketAddr::new(ip, 0))
+                    .map_err(|e| e.to_string())?;
+                socket.connect(addr).await
+            }
+        }
+        .map_err(|e| e.to_string())?;
         let sender = noise::initiate(
             &mut stream,
             &keys.noise.secret_bytes(),
