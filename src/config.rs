@@ -105,7 +105,7 @@ knobs! {
     runtime_threads: usize = "0";
     /// Packets waiting for a Sphinx worker, across all connections; beyond it packets are shed before unwrap (`overload`).
     sphinx_queue: usize = "4096";
-    /// Packets one ingress connection may have waiting for a Sphinx worker; beyond it that connection's packets are shed (`overload`).
+    /// Packets one peer (all its ingress links together) may have waiting for a Sphinx worker; beyond it that peer's packets are shed (`overload`). The name predates per-peer budgets.
     sphinx_queue_per_connection: usize = "512";
     /// Unwrapped packets waiting for the forwarder (workers block when it is full, which backs up into the Sphinx queue).
     forwarder_queue: usize = "8192";
@@ -127,6 +127,8 @@ knobs! {
     frame_read_timeout: DurationKnob = "10s";
     /// Concurrent authenticated ingress mixnet links (after the handshake); more are closed and counted.
     max_ingress_connections: usize = "1024";
+    /// Ingress links one peer (one Noise key) may hold at once; a newer link closes the oldest, so a peer cannot multiply its share by opening links (its links share one Sphinx-queue budget too).
+    max_links_per_peer: usize = "2";
     /// Connections from one IP address still in their Noise handshake; more from it are refused at once, so one stranger cannot hold the slots a peer needs.
     max_handshakes_per_address: usize = "8";
     /// Connections in their Noise handshake at once, from all addresses; more are refused at once. Authenticated links count against NYM_NODE_MAX_INGRESS_CONNECTIONS instead.
@@ -267,6 +269,9 @@ impl Config {
         }
         if self.mailbox_retention.0.is_zero() {
             return invalid("mailbox_retention", "must be greater than 0");
+        }
+        if self.max_links_per_peer == 0 {
+            return invalid("max_links_per_peer", "must be at least 1");
         }
         if self.max_handshakes_per_address == 0 {
             return invalid("max_handshakes_per_address", "must be at least 1");

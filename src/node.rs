@@ -268,6 +268,7 @@ pub async fn start(
                 max_connections: config.max_ingress_connections,
                 max_handshakes_per_address: config.max_handshakes_per_address,
                 max_pending_handshakes: config.max_pending_handshakes,
+                max_links_per_peer: config.max_links_per_peer,
             },
             noise_secret: keys.noise.secret_bytes(),
             topology: topology.clone(),

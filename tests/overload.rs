@@ -7,6 +7,7 @@ use std::time::Duration;
 use common::*;
 use nym_node::config::Mode;
 use nym_node::metrics::{DropReason, Stage};
+use nym_node::mixnet::sphinx::PacketBytes;
 use nym_node::node::TestHooks;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,5 +149,114 @@ async fn a_flood_asking_for_long_delays_hits_the_delay_queue_cap_and_packets_due
     let rest = sink.collect(CAP, Duration::from_secs(10)).await;
     assert_eq!(rest.len(), CAP);
     assert!(sink.next(Duration::from_secs(1)).await.is_none());
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_twenty_links_gets_no_more_of_the_sphinx_queue_than_a_peer_with_one() {
+    let mut net = Net::start(
+        &[
+            ("many", Role::Peer),
+            ("one", Role::Peer),
+            ("mix", Role::Node(Mode::Mixnode, Some(1))),
+            ("many-sink", Role::Sink(Some(2))),
+            ("one-sink", Role::Sink(Some(2))),
+        ],
+        |_, c| {
+            c.sphinx_queue = 1024;
+            c.sphinx_queue_per_connection = 16;
+            c.max_links_per_peer = 20;
+        },
+        |_| TestHooks {
+            // Slow enough that what each peer gets is what it may queue, not how long its burst
+            // happens to last: ~40 unwraps/s.
+            slow_unwrap: Some(Duration::from_millis(25)),
+            ..TestHooks::default()
+        },
+    )
+    .await;
+    let mut many_sink = net.take_sink("many-sink");
+    let mut one_sink = net.take_sink("one-sink");
+    let mut links = Vec::new();
+    for _ in 0..20 {
+        links.push(net.link("many", "mix").await);
+    }
+    let one = net.link("one", "mix").await;
+    // Both peers offer the same load for the same 2 s: 1000 packets/s, the first spread
+    // over 20 links (one every 20 ms each), the second on one link (one every 1 ms).
+    async fn paced(mut link: Link, packets: Vec<PacketBytes>, every: Duration) -> Link {
+        let mut tick = tokio::time::interval(every);
+        for p in &packets {
+            tick.tick().await;
+            let _ = link.send_packet(p).await;
+        }
+        link
+    }
+    // Every packet is built first, so both floods start together.
+    let many_packets: Vec<_> = (0..20)
+        .map(|_| net.packets(&["mix", "many-sink"], 100))
+        .collect();
+    let one_packets = net.packets(&["mix", "one-sink"], 2000);
+    let mut tasks = Vec::new();
+    for (link, packets) in links.into_iter().zip(many_packets) {
+        tasks.push(tokio::spawn(paced(
+            link,
+            packets,
+            Duration::from_millis(20),
+        )));
+    }
+    let single = tokio::spawn(paced(one, one_packets, Duration::from_millis(1)));
+    let mut _keep = Vec::new();
+    for t in tasks {
+        _keep.push(t.await.unwrap());
+    }
+    let _one = single.await.unwrap();
+    let m = net.node("mix").metrics.clone();
+    let unwrapped = || m.stage(Stage::ForwarderQueue).get_sample_count();
+    assert!(
+        eventually(Duration::from_secs(30), || m.packets_received.get()
+            == m.drop_count(DropReason::Overload) + unwrapped())
+        .await
+    );
+    let total = unwrapped() as usize;
+    let mut got_many = 0;
+    let mut got_one = 0;
+    while got_many + got_one < total {
+        tokio::select! {
+            a = many_sink.next(Duration::from_secs(10)) => match a { Some(_) => got_many += 1, None => break },
+            a = one_sink.next(Duration::from_secs(10)) => match a { Some(_) => got_one += 1, None => break },
+        }
+    }
+    println!("unwrapped: peer with 20 links {got_many}, peer with one link {got_one}");
+    // With a budget per link the first peer would hold 20 times the second's share.
+    assert!(got_one > 0);
+    assert!(
+        got_many <= 2 * got_one,
+        "20 links bought {got_many} unwraps against {got_one}"
+    );
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_newest_link_replaces_its_oldest_beyond_the_limit() {
+    let net = Net::start(
+        &[
+            ("peer", Role::Peer),
+            ("mix", Role::Node(Mode::Mixnode, Some(1))),
+        ],
+        |_, c| c.max_links_per_peer = 2,
+        no_hooks,
+    )
+    .await;
+    let mut first = net.link("peer", "mix").await;
+    let mut second = net.link("peer", "mix").await;
+    assert!(!first.closed_within(Duration::from_millis(300)).await);
+    let mut third = net.link("peer", "mix").await;
+    assert!(
+        first.closed_within(Duration::from_secs(5)).await,
+        "the oldest link is closed"
+    );
+    assert!(!second.closed_within(Duration::from_millis(300)).await);
+    assert!(!third.closed_within(Duration::from_millis(300)).await);
     net.stop().await;
 }

@@ -14,7 +14,7 @@
 //!   starts a frame and does not finish it within `NYM_NODE_FRAME_READ_TIMEOUT` is closed.
 //! - Decrypted packets go to the intake, which sheds them if the workers are saturated.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::health::Health;
+use crate::keys::KeyBytes;
 use crate::metrics::{DropReason, GaugeGuard, HandshakeFailure, Metrics, RefusalReason};
 use crate::mixnet::framing::{
     self, FRAME_CIPHERTEXT_LEN, FRAME_PLAINTEXT_LEN, FrameError, WIRE_FRAME_LEN,
@@ -50,6 +51,57 @@ pub struct IngressSettings {
     pub max_connections: usize,
     pub max_handshakes_per_address: usize,
     pub max_pending_handshakes: usize,
+    /// Links one peer (Noise key) may hold; a newer one replaces the oldest.
+    pub max_links_per_peer: usize,
+}
+
+/// The open links of each peer, oldest first, so a newer link can replace the oldest.
+#[derive(Default)]
+struct PeerLinks {
+    links: parking_lot::Mutex<HashMap<KeyBytes, VecDeque<(u64, CancellationToken)>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// A link's place among its peer's; removed however the link ends.
+struct PeerLink {
+    registry: Arc<PeerLinks>,
+    key: KeyBytes,
+    id: u64,
+    replaced: CancellationToken,
+}
+
+impl PeerLinks {
+    /// Registers a new link of `key`, closing the oldest ones beyond `max`.
+    fn register(self: &Arc<Self>, key: KeyBytes, max: usize) -> PeerLink {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let replaced = CancellationToken::new();
+        let mut links = self.links.lock();
+        let list = links.entry(key).or_default();
+        list.push_back((id, replaced.clone()));
+        while list.len() > max {
+            if let Some((_, oldest)) = list.pop_front() {
+                oldest.cancel();
+            }
+        }
+        PeerLink {
+            registry: self.clone(),
+            key,
+            id,
+            replaced,
+        }
+    }
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        let mut links = self.registry.links.lock();
+        if let Some(list) = links.get_mut(&self.key) {
+            list.retain(|(id, _)| *id != self.id);
+            if list.is_empty() {
+                links.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// Connections still in their handshake, per source address and in all.
@@ -118,6 +170,7 @@ pub async fn run(
 ) {
     let _alive = ctx.health.accept_loop_guard();
     let permits = Arc::new(Semaphore::new(ctx.settings.max_connections));
+    let peer_links = Arc::new(PeerLinks::default());
     let handshakes = Arc::new(Handshakes {
         per_address: parking_lot::Mutex::new(HashMap::new()),
         total: Arc::new(Semaphore::new(ctx.settings.max_pending_handshakes)),
@@ -162,35 +215,41 @@ pub async fn run(
         let ctx = ctx.clone();
         let stop = stop.clone();
         let unknown_key_log = unknown_key_log.clone();
-        let (permits, refusal_log) = (permits.clone(), refusal_log.clone());
+        let admission = Admission {
+            slot,
+            permits: permits.clone(),
+            peer_links: peer_links.clone(),
+            refusal_log: refusal_log.clone(),
+        };
         tracker.spawn(async move {
-            handle(
-                stream,
-                remote,
-                ctx,
-                stop,
-                slot,
-                permits,
-                refusal_log,
-                unknown_key_log,
-            )
-            .await;
+            handle(stream, remote, ctx, stop, admission, unknown_key_log).await;
         });
     }
     tracing::info!("mixnet listener closed");
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a new connection holds and needs to become a link.
+struct Admission {
+    slot: HandshakeSlot,
+    permits: Arc<Semaphore>,
+    peer_links: Arc<PeerLinks>,
+    refusal_log: Arc<Throttle>,
+}
+
 async fn handle(
     mut stream: TcpStream,
     remote: SocketAddr,
     ctx: Arc<IngressContext>,
     stop: CancellationToken,
-    slot: HandshakeSlot,
-    permits: Arc<Semaphore>,
-    refusal_log: Arc<Throttle>,
+    admission: Admission,
     unknown_key_log: Arc<Throttle>,
 ) {
+    let Admission {
+        slot,
+        permits,
+        peer_links,
+        refusal_log,
+    } = admission;
     let _ = stream.set_nodelay(true);
     let topology = ctx.topology.clone();
     let handshake = tracing::info_span!("handshake", direction = "ingress", %remote);
@@ -228,6 +287,7 @@ async fn handle(
         }
         return;
     };
+    let link = peer_links.register(key, ctx.settings.max_links_per_peer);
     let peer = ctx
         .topology
         .current()
@@ -237,7 +297,7 @@ async fn handle(
     async move {
         let _active = GaugeGuard::new(&ctx.metrics.active_ingress);
         tracing::debug!("ingress connection established");
-        let budget = ctx.intake.connection_budget();
+        let budget = ctx.intake.peer_budget(&key);
         let mut buf = BytesMut::with_capacity(READ_BUFFER);
         let mut plain = Box::new([0u8; FRAME_PLAINTEXT_LEN]);
         let metrics = &ctx.metrics;
@@ -307,6 +367,10 @@ async fn handle(
             let read = tokio::select! {
                 _ = stop.cancelled() => {
                     tracing::debug!(exit_reason = "shutdown", "closing ingress connection");
+                    return;
+                }
+                _ = link.replaced.cancelled() => {
+                    tracing::debug!(exit_reason = "replaced", "closing ingress connection: the peer opened a newer link");
                     return;
                 }
                 changed = changes.changed(), if watching => {

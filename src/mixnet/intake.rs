@@ -2,24 +2,26 @@
 //!
 //! Unwrapping is ~95% of the cost of a packet, so this is where overload is shed: a packet
 //! that cannot be queued is dropped *before* it is unwrapped (reason `overload`), so the
-//! work the node does is work that gets forwarded. Fairness between peers is a
-//! per-connection budget: each ingress connection may have at most
-//! `NYM_NODE_SPHINX_QUEUE_PER_CONNECTION` packets waiting, so one flooding peer fills its
-//! own budget and sheds its own packets while the others keep their share of the queue.
+//! work the node does is work that gets forwarded. Fairness between peers is a per-peer
+//! budget: all links of one peer (one Noise key) share at most
+//! `NYM_NODE_SPHINX_QUEUE_PER_CONNECTION` waiting packets, so one flooding peer fills its
+//! own budget and sheds its own packets while the others keep their share of the queue,
+//! however many links it opens.
 //!
 //! The workers are plain threads (one per core by default), not async tasks: unwrapping is
 //! CPU-bound and would otherwise stall the runtime's I/O. They push results downstream
 //! with a blocking send, which backs up into this queue (and so into `overload` drops)
 //! rather than dropping unwrapped work.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::mpsc;
 
-use crate::keys::NodeId;
+use crate::keys::{KeyBytes, NodeId};
 use crate::metrics::{DropReason, Metrics, Stage};
 use crate::mixnet::sphinx::{FinalHop, PacketBytes, Processed, SphinxProcessor};
 use crate::telemetry::Throttle;
@@ -58,9 +60,11 @@ pub struct Intake {
     tx: Sender<Job>,
     per_connection: usize,
     metrics: Arc<Metrics>,
+    /// The budget each peer's links share, while any of them is open.
+    peers: Arc<parking_lot::Mutex<HashMap<KeyBytes, Weak<AtomicUsize>>>>,
 }
 
-/// One connection's share of the queue.
+/// One peer's share of the queue (shared by all its links).
 pub struct ConnectionBudget(Arc<AtomicUsize>);
 
 /// Hook for tests: extra work per packet, to make a node slower than its peers.
@@ -108,13 +112,23 @@ impl Intake {
                 tx,
                 per_connection,
                 metrics,
+                peers: Arc::default(),
             },
             handles,
         ))
     }
 
-    pub fn connection_budget(&self) -> ConnectionBudget {
-        ConnectionBudget(Arc::new(AtomicUsize::new(0)))
+    /// The budget of the peer with this Noise key: the same for all of its open links.
+    pub fn peer_budget(&self, peer: &KeyBytes) -> ConnectionBudget {
+        let mut peers = self.peers.lock();
+        if let Some(b) = peers.get(peer).and_then(Weak::upgrade) {
+            return ConnectionBudget(b);
+        }
+        // Forget peers with no open link left (the map stays as large as the live peers).
+        peers.retain(|_, b| b.strong_count() > 0);
+        let budget = Arc::new(AtomicUsize::new(0));
+        peers.insert(*peer, Arc::downgrade(&budget));
+        ConnectionBudget(budget)
     }
 
     /// Queues a packet for unwrapping, or sheds it (counted as `overload`) if this
