@@ -143,6 +143,10 @@ enum Command {
         /// when omitted.
         #[arg(long)]
         exit: Option<String>,
+        /// Create this file once the proxy serves (connected to its gateway, listening),
+        /// and remove it at exit: a readiness signal for containers.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
     /// Send COUNT messages from a fresh client through three mix layers back to itself.
     Probe {
@@ -420,6 +424,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             listen,
             allow_remote,
             exit,
+            ready_file,
         } => {
             let listen = socks5::check_listen(*listen, *allow_remote)?;
             let dir = client_dir(&cli)?;
@@ -455,9 +460,16 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 requester.gateway,
                 listen
             );
+            if let Some(path) = ready_file {
+                std::fs::write(path, b"serving\n")
+                    .map_err(|e| format!("--ready-file {}: {e}", path.display()))?;
+            }
             let stop = CancellationToken::new();
             tokio::spawn(stop_on_signals(stop.clone()));
             socks5::serve(listener, client, requester, stop).await;
+            if let Some(path) = ready_file {
+                let _ = std::fs::remove_file(path);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Probe {

@@ -177,8 +177,12 @@ def test_socks5_fetch_leaves_at_the_exit():
     description = json.loads(r.stdout)["description"]
     assert description["name"] == "mix-1a" and description["mode"] == "mixnode", description
     log(f"socks5: {len(r.stdout)} bytes from {url} through exit-gw in {took:.2f}s")
-    opened = metric_sum('sum(nym_node_exit_streams_opened_total{instance="exit-gw"})')
-    log(f"prometheus: exit-gw opened {opened} stream(s)")
+    deadline, opened = time.time() + 30, None
+    while time.time() < deadline and not opened:
+        opened = metric_sum('sum(nym_node_exit_streams_opened_total{instance="exit-gw"})')
+        time.sleep(1)
+    assert opened and opened >= 1, f"Prometheus sees exit-gw open {opened} streams"
+    log(f"prometheus: exit-gw opened {opened:.0f} stream(s)")
     # A target the policy does not name is refused with a SOCKS5 failure reply.
     r = run(["curl", "-sS", "--max-time", "60", "--socks5-hostname", proxy, "http://mix-1a:1789/"],
             check=False)
