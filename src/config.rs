@@ -109,6 +109,8 @@ knobs! {
     sphinx_queue_per_connection: usize = "512";
     /// Unwrapped packets waiting for the forwarder (workers block when it is full, which backs up into the Sphinx queue).
     forwarder_queue: usize = "8192";
+    /// Gateways: final-hop payloads waiting to be written to the mailbox; beyond it they are dropped (`delivery_queue_full`) and not acknowledged, so their senders retry. The Sphinx workers never wait on the mailbox, so slow storage cannot stall mix traffic.
+    delivery_queue: usize = "8192";
     /// Packets the forwarder may hold for their per-hop delays; beyond it new delayed packets are dropped (`delay_queue_full`), so a flood asking for long delays cannot grow memory without bound (about 2.5 KB a packet: 65536 hold about 160 MB).
     delay_queue_capacity: usize = "65536";
     /// Packets queued for one egress peer; beyond it packets to that peer are dropped (`queue_full`).
@@ -242,6 +244,9 @@ impl Config {
         }
         if self.sphinx_queue_per_connection == 0 {
             return invalid("sphinx_queue_per_connection", "must be at least 1");
+        }
+        if self.delivery_queue == 0 {
+            return invalid("delivery_queue", "must be at least 1");
         }
         if self.forwarder_queue == 0 {
             return invalid("forwarder_queue", "must be at least 1");

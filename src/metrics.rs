@@ -48,10 +48,12 @@ pub enum DropReason {
     MailboxFull,
     /// A client packet beyond the client's rate limit.
     RateLimited,
+    /// A final-hop payload for which `NYM_NODE_DELIVERY_QUEUE` payloads already wait for the mailbox.
+    DeliveryQueueFull,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::MalformedFrame,
         DropReason::OversizedFrame,
         DropReason::BadVersion,
@@ -70,6 +72,7 @@ impl DropReason {
         DropReason::MailboxFull,
         DropReason::RateLimited,
         DropReason::DelayQueueFull,
+        DropReason::DeliveryQueueFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +95,7 @@ impl DropReason {
             DropReason::MailboxFull => "mailbox_full",
             DropReason::RateLimited => "rate_limited",
             DropReason::DelayQueueFull => "delay_queue_full",
+            DropReason::DeliveryQueueFull => "delivery_queue_full",
         }
     }
 

@@ -85,6 +85,9 @@ pub struct TestHooks {
     pub slow_unwrap: Option<Duration>,
     /// Lose every n-th packet this node forwards, as a lossy link would.
     pub lose_every: Option<u64>,
+    /// Gateways: the mailbox writer takes nothing for this long, as a stalled disk would
+    /// (in-process tests only; no variable sets it).
+    pub stall_delivery: Option<Duration>,
 }
 
 impl TestHooks {
@@ -108,6 +111,7 @@ impl TestHooks {
         let hooks = TestHooks {
             slow_unwrap: num("NYM_TESTHOOK_SLOW_UNWRAP_US").map(Duration::from_micros),
             lose_every: num("NYM_TESTHOOK_LOSE_EVERY"),
+            stall_delivery: None,
         };
         if hooks.slow_unwrap.is_some() || hooks.lose_every.is_some() {
             tracing::warn!(?hooks, "TEST HOOKS ACTIVE: this node misbehaves on purpose");
@@ -233,7 +237,7 @@ pub async fn start(
     );
 
     let (deliver_tx, deliver_rx) = if config.mode.is_gateway() {
-        let (tx, rx) = mpsc::channel(config.forwarder_queue);
+        let (tx, rx) = mpsc::channel(config.delivery_queue);
         (Some(tx), Some(rx))
     } else {
         (None, None)
@@ -303,6 +307,7 @@ pub async fn start(
                 mailbox: mailbox.clone(),
                 sessions: sessions.clone(),
                 metrics: metrics.clone(),
+                stall: hooks.stall_delivery,
             }
             .run(),
         ));

@@ -921,3 +921,84 @@ async fn made_up_destinations_cannot_fill_the_mailbox() {
         "the budget was used, not bypassed ({unregistered})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_mailbox_never_stalls_the_packets_a_gateway_forwards() {
+    const QUEUE: usize = 16;
+    let mut net = Net::start(
+        &[
+            ("peer", Role::Peer),
+            (
+                "gateway",
+                Role::Node(nym_node::config::Mode::EntryGateway, None),
+            ),
+            ("next", Role::Sink(Some(1))),
+        ],
+        |_, c| {
+            c.delivery_queue = QUEUE;
+            c.forwarder_queue = QUEUE;
+        },
+        // The mailbox writer takes nothing for 10 s, as a stalled disk would.
+        |_| TestHooks {
+            stall_delivery: Some(Duration::from_secs(10)),
+            ..TestHooks::default()
+        },
+    )
+    .await;
+    let mut sink = net.take_sink("next");
+    let m = net.node("gateway").metrics.clone();
+    let mut link = net.link("peer", "gateway").await;
+    let envelope = nym_node::message::Envelope::Data {
+        ack: None,
+        fragment: vec![0xcd; 1600],
+    }
+    .encode()
+    .unwrap();
+    for i in 0..100u8 {
+        let p = net.packet(
+            &["gateway"],
+            nym_node::keys::KeyBytes([i; 32]),
+            &envelope,
+            &[Duration::ZERO],
+        );
+        link.send_packet(&p).await.unwrap();
+    }
+    // Beyond the delivery queue, final hops are dropped, not waited for.
+    assert!(
+        eventually(Duration::from_secs(20), || m
+            .drop_count(DropReason::DeliveryQueueFull)
+            == (100 - QUEUE) as u64)
+        .await,
+        "dropped {}",
+        m.drop_count(DropReason::DeliveryQueueFull)
+    );
+    for i in 0..20u8 {
+        let p = net.packet(
+            &["gateway", "next"],
+            nym_node::keys::KeyBytes([200 + i; 32]),
+            b"through the gateway",
+            &[Duration::ZERO; 2],
+        );
+        link.send_packet(&p).await.unwrap();
+    }
+    assert_eq!(
+        sink.collect(20, Duration::from_secs(30)).await.len(),
+        20,
+        "the gateway forwards"
+    );
+    assert_eq!(
+        m.packets_delivered.get(),
+        0,
+        "...while its mailbox still takes nothing"
+    );
+    // When storage comes back, what was queued is stored.
+    assert!(
+        eventually(Duration::from_secs(30), || m.packets_delivered.get()
+            == QUEUE as u64)
+        .await,
+        "stored {}",
+        m.packets_delivered.get()
+    );
+    assert_eq!(m.drop_count(DropReason::Overload), 0);
+    net.stop().await;
+}

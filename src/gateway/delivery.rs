@@ -30,6 +30,8 @@ pub struct Delivery {
     pub mailbox: Arc<Mailbox>,
     pub sessions: Arc<Sessions>,
     pub metrics: Arc<Metrics>,
+    /// Test hook: wait this long before taking anything (a stalled disk).
+    pub stall: Option<std::time::Duration>,
 }
 
 /// A payload taken apart: what to store and which ack to send once it is stored.
@@ -40,6 +42,9 @@ struct Parsed {
 
 impl Delivery {
     pub async fn run(mut self) {
+        if let Some(stall) = self.stall {
+            tokio::time::sleep(stall).await;
+        }
         let mut batch = Vec::with_capacity(BATCH);
         let failure_log = Throttle::new(std::time::Duration::from_secs(30));
         while self.rx.recv_many(&mut batch, BATCH).await > 0 {

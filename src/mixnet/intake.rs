@@ -205,10 +205,19 @@ impl Worker {
                     self.metrics.dropped(DropReason::Shutdown);
                 }
             }
+            // Final hops never make a worker wait: slow mailbox storage must not stall the
+            // packets this node forwards. Beyond the delivery queue they are dropped (not
+            // acknowledged, so their senders retry).
             if let Some(tx) = &self.deliver {
                 for hop in deliver.drain(..) {
-                    if tx.blocking_send(hop).is_err() {
-                        self.metrics.dropped(DropReason::Shutdown);
+                    match tx.try_send(hop) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            self.metrics.dropped(DropReason::DeliveryQueueFull)
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            self.metrics.dropped(DropReason::Shutdown)
+                        }
                     }
                 }
             }
