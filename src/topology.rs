@@ -30,7 +30,15 @@ pub enum TopologyError {
     Parse(String),
     #[error("invalid topology: {0}")]
     Invalid(String),
+    #[error("{0}: larger than {MAX_DOCUMENT_BYTES} bytes; refused")]
+    TooLarge(String),
+    #[error("revision {got} is older than the current {have}; keeping the current document")]
+    OlderRevision { got: u64, have: u64 },
 }
+
+/// Largest topology document read (about 10,000 nodes); a larger one is refused unread, so
+/// a broken or hostile source cannot exhaust memory.
+pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// The document as written on disk or served over HTTP.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -248,9 +256,23 @@ impl TopologySource {
 
     pub async fn load(&self) -> Result<Topology, TopologyError> {
         let bytes = match self {
-            TopologySource::File(path) => tokio::fs::read(path)
+            TopologySource::File(path) => {
+                let name = path.display().to_string();
+                let read = |e: std::io::Error| TopologyError::Read(name.clone(), e.to_string());
+                let file = tokio::fs::File::open(path).await.map_err(read)?;
+                let mut bytes = Vec::new();
+                // One byte more than allowed tells an oversized file without reading it all.
+                tokio::io::AsyncReadExt::read_to_end(
+                    &mut tokio::io::AsyncReadExt::take(file, MAX_DOCUMENT_BYTES as u64 + 1),
+                    &mut bytes,
+                )
                 .await
-                .map_err(|e| TopologyError::Read(path.display().to_string(), e.to_string()))?,
+                .map_err(read)?;
+                if bytes.len() > MAX_DOCUMENT_BYTES {
+                    return Err(TopologyError::TooLarge(name));
+                }
+                bytes
+            }
             TopologySource::Http(url) => fetch(url).await?,
         };
         Topology::parse(&bytes)
@@ -276,8 +298,15 @@ pub(crate) async fn fetch(url: &str) -> Result<Vec<u8>, TopologyError> {
         .build()
         .map_err(read_err)?;
     let response = client.get(url).send().await.map_err(read_err)?;
-    let response = response.error_for_status().map_err(read_err)?;
-    Ok(response.bytes().await.map_err(read_err)?.to_vec())
+    let mut response = response.error_for_status().map_err(read_err)?;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(read_err)? {
+        bytes.extend_from_slice(&chunk);
+        if bytes.len() > MAX_DOCUMENT_BYTES {
+            return Err(TopologyError::TooLarge(url.to_string()));
+        }
+    }
+    Ok(bytes)
 }
 
 /// The current topology, shared by every part of the node; lock-free to read. Parts that
@@ -356,7 +385,15 @@ pub async fn refresh_loop(
             let _enter = span.enter();
             source.load()
         }
-        .await;
+        .await
+        .and_then(|t| match handle.current() {
+            // Documents only move forward: an older one (a stale cache, a replay) is refused.
+            Some(now) if t.revision() < now.revision() => Err(TopologyError::OlderRevision {
+                got: t.revision(),
+                have: now.revision(),
+            }),
+            _ => Ok(t),
+        });
         match result {
             Ok(topology) => {
                 if let Some(m) = &metrics {

@@ -401,3 +401,53 @@ async fn final_hop_packet_at_a_mix_node_is_dropped() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_revision_or_ten_megabytes_of_junk_is_refused_and_the_last_good_document_kept() {
+    let mut net = Net::start(&relay_spec(), |_, _| {}, no_hooks).await;
+    let mut sink = net.take_sink("next");
+    let node = net.node("mix");
+    let (topology, m) = (node.topology.clone(), node.metrics.clone());
+    net.write_topology(5);
+    assert!(
+        eventually(WAIT, || topology
+            .current()
+            .is_some_and(|t| t.revision() == 5))
+        .await
+    );
+
+    // An older revision that would drop `next`: refused, revision 5 stays.
+    let failed = m.topology_reloads_failed.get();
+    let next = net.member("next").entry.identity_key;
+    let stale = nym_node::topology::TopologyDocument {
+        schema: 1,
+        revision: 3,
+        nodes: net
+            .members
+            .iter()
+            .filter(|x| x.entry.identity_key != next)
+            .map(|x| x.entry.clone())
+            .collect(),
+    };
+    std::fs::write(&net.topology_path, serde_json::to_vec(&stale).unwrap()).unwrap();
+    assert!(eventually(WAIT, || m.topology_reloads_failed.get() > failed).await);
+    assert_eq!(topology.current().unwrap().revision(), 5);
+
+    // 10 MB of junk: refused unread beyond the size limit.
+    let failed = m.topology_reloads_failed.get();
+    std::fs::write(&net.topology_path, vec![b'x'; 10 * 1024 * 1024]).unwrap();
+    assert!(eventually(WAIT, || m.topology_reloads_failed.get() > failed).await);
+    assert_eq!(topology.current().unwrap().revision(), 5);
+
+    // The node keeps forwarding on the last good document.
+    let mut link = net.link("peer", "mix").await;
+    let p = net.packet(
+        &["mix", "next"],
+        KeyBytes([3; 32]),
+        b"still",
+        &[Duration::ZERO; 2],
+    );
+    link.send_packet(&p).await.unwrap();
+    assert!(sink.next(WAIT).await.is_some(), "forwarded on revision 5");
+    net.stop().await;
+}
