@@ -170,13 +170,7 @@ async fn two_thousand_silent_connections_from_one_address_do_not_keep_a_peer_out
     let mut net = Net::start(&relay(&[]), |_, c| c.max_ingress_connections = 1, no_hooks).await;
     let mut sink = net.take_sink("next");
     let m = net.node("mix").metrics.clone();
-    let addr: std::net::SocketAddr = net
-        .member("mix")
-        .entry
-        .mixnet_address
-        .to_string()
-        .parse()
-        .unwrap();
+    let addr = net.mixnet_addr("mix");
     let mut flood = Vec::new();
     for _ in 0..2000 {
         if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
@@ -232,13 +226,7 @@ async fn a_connection_flood_is_refused_and_existing_peers_keep_forwarding() {
     let mut sink = net.take_sink("next");
     let m = net.node("mix").metrics.clone();
     let mut link = net.link("peer", "mix").await;
-    let addr: std::net::SocketAddr = net
-        .member("mix")
-        .entry
-        .mixnet_address
-        .to_string()
-        .parse()
-        .unwrap();
+    let addr = net.mixnet_addr("mix");
     let mut flood = Vec::new();
     for _ in 0..40 {
         if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
@@ -376,13 +364,7 @@ async fn garbage_on_the_wire_never_leaks_a_connection() {
     let mut net = Net::start(&relay(&[]), |_, _| {}, no_hooks).await;
     let mut sink = net.take_sink("next");
     let m = net.node("mix").metrics.clone();
-    let addr: std::net::SocketAddr = net
-        .member("mix")
-        .entry
-        .mixnet_address
-        .to_string()
-        .parse()
-        .unwrap();
+    let addr = net.mixnet_addr("mix");
     let cases = std::env::var("WIRE_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -101,17 +101,15 @@ impl Exit {
     pub async fn connect(&self, target: &Target) -> Result<TcpStream, Refused> {
         let (addresses, port) = match target {
             Target::Ip(ip, port) => (vec![*ip], *port),
-            Target::Name(name, port) => match name.parse::<IpAddr>() {
-                Ok(ip) => (vec![ip], *port),
-                Err(_) => match self.resolver.resolve(name).await {
-                    Ok(a) if !a.is_empty() => (a, *port),
-                    _ => {
-                        return Err(Refused {
-                            reason: "resolve_failed",
-                            code: reply::HOST_UNREACHABLE,
-                        });
-                    }
-                },
+            // The resolver answers IP literals itself.
+            Target::Name(name, port) => match self.resolver.resolve(name).await {
+                Ok(a) if !a.is_empty() => (a, *port),
+                _ => {
+                    return Err(Refused {
+                        reason: "resolve_failed",
+                        code: reply::HOST_UNREACHABLE,
+                    });
+                }
             },
         };
         let mut refusal = None;
@@ -236,7 +234,9 @@ async fn serve(mut client: MixClient, exit: Arc<Exit>, shutdown: &Shutdown) -> b
                     if finished.contains_key(&key) {
                         continue;
                     }
-                    let Body::Open { target, data } = frame.body.clone() else { continue };
+                    if !matches!(frame.body, Body::Open { .. }) {
+                        continue;
+                    }
                     let open = per_client.get(&tag).copied().unwrap_or(0);
                     let refusal = if streams.len() >= exit.limits.total {
                         Some(Refused { reason: "capacity", code: reply::GENERAL_FAILURE })
@@ -260,11 +260,14 @@ async fn serve(mut client: MixClient, exit: Arc<Exit>, shutdown: &Shutdown) -> b
                     *per_client.entry(tag).or_default() += 1;
                     let (exit, done) = (exit.clone(), done_tx.clone());
                     tokio::spawn(async move {
-                        // Takes the open frame itself (and whatever came right behind it).
+                        // The open frame comes back first (with whatever came right behind it).
                         if let Ok(bodies) = stream.next_bodies().await {
-                            stream.put_back(bodies.into_iter().skip(1));
+                            let mut bodies = bodies.into_iter();
+                            if let Some(Body::Open { target, data }) = bodies.next() {
+                                stream.put_back(bodies);
+                                exit_stream(stream, target, data, refusal, &exit).await;
+                            }
                         }
-                        exit_stream(stream, target, data, refusal, &exit).await;
                         let _ = done.send(key).await;
                     });
                 }

@@ -73,6 +73,39 @@ pub struct ByteCounters {
     pub to_socket: IntCounter,
 }
 
+/// The socket's writing half, as the other side's bodies reach it.
+struct SocketWriter {
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    /// Until the other side's close (or a failed write).
+    open: bool,
+    counters: Option<ByteCounters>,
+}
+
+impl SocketWriter {
+    /// Writes `data` or passes on a `close`; false when the socket's reader is gone (a write
+    /// failed), so there is nothing more to read or deliver either.
+    async fn deliver(&mut self, body: Body) -> bool {
+        match body {
+            Body::Data(bytes) if self.open => {
+                if let Err(e) = self.wr.write_all(&bytes).await {
+                    tracing::debug!(error = %e, "stream socket write failed");
+                    self.open = false;
+                    return false;
+                }
+                if let Some(c) = &self.counters {
+                    c.to_socket.inc_by(bytes.len() as u64);
+                }
+            }
+            Body::Close if self.open => {
+                self.open = false;
+                let _ = self.wr.shutdown().await;
+            }
+            _ => {}
+        }
+        true
+    }
+}
+
 /// A stream's protocol state, shared by the opening phase and the pump.
 pub struct Stream {
     settings: Settings,
@@ -261,27 +294,19 @@ impl Stream {
         counters: Option<ByteCounters>,
         mut first_byte: Option<Box<dyn FnOnce() + Send>>,
     ) -> End {
-        let (mut rd, mut wr) = socket.into_split();
+        let (mut rd, wr) = socket.into_split();
         let mut buf = vec![0u8; self.settings.chunk];
-        let (mut reading, mut writing) = (true, true);
+        let mut reading = true;
+        let mut writer = SocketWriter {
+            wr,
+            open: true,
+            counters: counters.clone(),
+        };
         for body in std::mem::take(&mut self.early) {
-            match body {
-                Body::Data(bytes) if writing => {
-                    if wr.write_all(&bytes).await.is_err() {
-                        (reading, writing) = (false, false);
-                    } else if let Some(c) = &counters {
-                        c.to_socket.inc_by(bytes.len() as u64);
-                    }
-                }
-                Body::Close if writing => {
-                    writing = false;
-                    let _ = wr.shutdown().await;
-                }
-                _ => {}
-            }
+            reading &= writer.deliver(body).await;
         }
         let end = loop {
-            if !reading && !writing && self.outbound.in_flight() == 0 {
+            if !reading && !writer.open && self.outbound.in_flight() == 0 {
                 break End::Finished;
             }
             let (wake, room) = (self.next_wake(), self.outbound.has_room());
@@ -310,25 +335,7 @@ impl Stream {
                 frame = self.incoming.recv() => {
                     let Some(frame) = frame else { break End::MixnetGone };
                     for body in self.take(frame) {
-                        match body {
-                            Body::Data(bytes) if writing => {
-                                if let Err(e) = wr.write_all(&bytes).await {
-                                    // The socket's reader is gone: nothing more to deliver.
-                                    writing = false;
-                                    reading = false;
-                                    tracing::debug!(error = %e, "stream socket write failed");
-                                    continue;
-                                }
-                                if let Some(c) = &counters {
-                                    c.to_socket.inc_by(bytes.len() as u64);
-                                }
-                            }
-                            Body::Close if writing => {
-                                writing = false;
-                                let _ = wr.shutdown().await;
-                            }
-                            _ => {}
-                        }
+                        reading &= writer.deliver(body).await;
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {

@@ -236,10 +236,23 @@ impl Net {
 
     /// Like [`Net::link`], for tests that expect the node to refuse.
     pub async fn try_link(&self, peer: &str, to: &str) -> Result<Link, String> {
-        let from = self.member(peer);
         let target = self.member(to);
-        let addr: SocketAddr = target.entry.mixnet_address.to_string().parse().unwrap();
-        Link::connect(addr, &from.keys, &target.entry.noise_key).await
+        Link::connect(
+            self.mixnet_addr(to),
+            &self.member(peer).keys,
+            &target.entry.noise_key,
+        )
+        .await
+    }
+
+    /// A member's mixnet listener (an IP literal in these tests).
+    pub fn mixnet_addr(&self, name: &str) -> SocketAddr {
+        self.member(name)
+            .entry
+            .mixnet_address
+            .to_string()
+            .parse()
+            .unwrap()
     }
 
     /// Builds a packet along `route` (member names) to `destination` with per-hop `delays`.
