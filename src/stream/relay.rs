@@ -406,6 +406,9 @@ mod tests {
         let (b_out_tx, b_out_rx) = mpsc::channel(1024);
         let (a_in_tx, a_in_rx) = mpsc::channel(1024);
         let (b_in_tx, b_in_rx) = mpsc::channel(1024);
+        // The mixnet outlives either end: an end that finishes first does not close the
+        // other's inbound channel.
+        let _mixnet = (a_in_tx.clone(), b_in_tx.clone());
         lossy(a_out_rx, b_in_tx);
         lossy(b_out_rx, a_in_tx);
         let a = Stream::new(7, settings(), a_in_rx, a_out_tx, None);
@@ -433,8 +436,14 @@ mod tests {
         assert_eq!(got.len(), sent.len());
         assert!(got == sent, "bytes differ");
         assert_eq!(writer.await.unwrap(), b"thanks");
-        assert_eq!(pump_a.await.unwrap(), End::Finished);
-        assert_eq!(pump_b.await.unwrap(), End::Finished);
+        // Both ends end. Not always both `Finished`: when the very last ack is lost, the
+        // end waiting for it is left resending to an end that is gone (seen in about 1 run
+        // in 4; the bytes were all delivered by then, as asserted above).
+        let ends = (pump_a.await.unwrap(), pump_b.await.unwrap());
+        assert!(
+            ends.0 == End::Finished || ends.1 == End::Finished,
+            "{ends:?}"
+        );
     }
 
     #[tokio::test]
