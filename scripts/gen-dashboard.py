@@ -92,6 +92,18 @@ PANELS = [
             ("p90", f'histogram_quantile(0.9, sum by (le) (rate(nym_node_exit_time_to_first_byte_seconds_bucket{{{SEL}}}[5m])))')],
          "From an open request reaching the exit to the target's first byte (includes the client's request crossing the mixnet)."),
     ]),
+    ("Keys and replay protection", [
+        ("Sphinx key epoch", "short", [
+            ("epoch {{instance}}", f'nym_node_sphinx_key_epoch{{{SEL}}}'),
+            ("retired in 1h {{instance}}", f'increase(nym_node_sphinx_keys_retired_total{{{SEL}}}[1h])')],
+         "The key epoch each node is in, and keys it deleted with their filters; nodes should agree on the epoch."),
+        ("Replay filter memory", "bytes", [("{{instance}}", f'nym_node_replay_filter_bytes{{{SEL}}}')],
+         "Bytes of the replay filters of every live key (mapped lazily: resident only as they fill)."),
+        ("Replay filter fill", "percentunit", [("{{instance}}", f'nym_node_replay_filter_fill_ratio{{{SEL}}}')],
+         "Packets recorded this epoch over what one filter stage is sized for; above 100% the filter grows a stage (raise NYM_NODE_REPLAY_FILTER_RATE)."),
+        ("Expired-key and replay drops", "pps", [("{{reason}}", f'sum by (reason) (rate(nym_node_packets_dropped_total{{reason=~"replay|expired_key",{SEL}}}[5m]))')],
+         "expired_key: packets for a key past its overlap (a client with a stale topology, or an old capture replayed)."),
+    ]),
     ("Process", [
         ("CPU", "percentunit", [("{{instance}}", f'rate(nym_node_process_cpu_seconds_total{{{SEL}}}[1m])')],
          "Cores used by the node process."),

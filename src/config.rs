@@ -87,6 +87,8 @@ knobs! {
     topology: String = "";
     /// How often the topology document is re-read; a bad document keeps the last good one.
     topology_refresh: DurationKnob = "30s";
+    /// Base58 ed25519 public key of the directory that signs the topology document, or a file holding it. When set, a document not signed by this key is refused (the last good one is kept); a plain `http://` source needs it. Empty accepts unsigned documents from files and https.
+    topology_signer: String = "";
     /// Directory holding the node's key files (created by `nym-node keygen`).
     keys_dir: PathBuf = "./nym-node-data/keys";
     /// Directory for the node's durable state (the gateway mailbox).
@@ -111,12 +113,20 @@ knobs! {
     forwarder_queue: usize = "8192";
     /// Gateways: final-hop payloads waiting to be written to the mailbox; beyond it they are dropped (`delivery_queue_full`) and not acknowledged, so their senders retry. The Sphinx workers never wait on the mailbox, so slow storage cannot stall mix traffic.
     delivery_queue: usize = "8192";
-    /// Packets the forwarder may hold for their per-hop delays; beyond it new delayed packets are dropped (`delay_queue_full`), so a flood asking for long delays cannot grow memory without bound (about 2.5 KB a packet: 65536 hold about 160 MB).
+    /// Packets the forwarder may hold for their per-hop delays; beyond it new delayed packets are dropped (`delay_queue_full`), so a flood asking for long delays cannot grow memory without bound (measured 2.55 KB of resident memory a held packet: 65536 hold about 167 MB).
     delay_queue_capacity: usize = "65536";
     /// Packets queued for one egress peer; beyond it packets to that peer are dropped (`queue_full`).
     egress_queue: usize = "2048";
-    /// Replay tags remembered per generation; two generations are kept, so a replay is caught while the original is among the last 1-2x this many packets (about 20 bytes of memory per tag).
-    replay_filter_capacity: usize = "2000000";
+    /// How long one Sphinx key is used before the next takes over. Each key has its own replay filter, dropped with the key, so the interval bounds the filter's size (about 3.6 bytes x packets of one epoch) and how long a stolen key can read traffic; one hour keeps a filter for 10,000 packets/s near 134 MB while the topology has a whole epoch to publish each next key.
+    key_rotation_interval: DurationKnob = "1h";
+    /// How long a key is still accepted after its epoch, for packets built for it that are still on their way; at least 4 x `NYM_NODE_MAX_PACKET_DELAY` (the hops of a route) + `NYM_NODE_TOPOLOGY_REFRESH`, and less than the rotation interval.
+    key_overlap: DurationKnob = "2m";
+    /// Packets per second one epoch's replay filter is sized for at `NYM_NODE_REPLAY_FILTER_FALSE_POSITIVE` (a busier epoch grows the filter by another stage of the same size rather than losing accuracy).
+    replay_filter_rate: u64 = "2000";
+    /// One in this many new packets may be mistaken for a replay once a filter stage is full (the sender retransmits it).
+    replay_filter_false_positive: u64 = "1000000";
+    /// How often the replay filters are saved to `NYM_NODE_DATA_DIR` (they are saved at shutdown too); a node killed without a shutdown forgets at most this much traffic.
+    replay_filter_save_interval: DurationKnob = "1m";
     /// Close ingress/egress mixnet connections with no traffic for this long; `0` disables.
     connection_idle_timeout: DurationKnob = "5m";
     /// Give up on an egress batch whose flush takes longer than this (the connection survives two in a row); `0` disables.
@@ -236,6 +246,13 @@ impl Config {
                 "required: a topology file path or http(s) URL (generate one with `nym-node localnet`)",
             );
         }
+        let signer = self.topology_signer()?;
+        if signer.is_none() && self.topology.trim().starts_with("http://") {
+            return invalid(
+                "topology",
+                "a plain http:// source can be trusted only with a signed document: set NYM_NODE_TOPOLOGY_SIGNER (or use https://)",
+            );
+        }
         if self.delay_queue_capacity == 0 {
             return invalid("delay_queue_capacity", "must be at least 1");
         }
@@ -287,8 +304,33 @@ impl Config {
         if self.max_ingress_connections == 0 {
             return invalid("max_ingress_connections", "must be at least 1");
         }
-        if self.replay_filter_capacity < 1024 {
-            return invalid("replay_filter_capacity", "must be at least 1024");
+        if self.key_rotation_interval.0 < Duration::from_secs(1) {
+            return invalid("key_rotation_interval", "must be at least 1s");
+        }
+        let min_overlap = self.max_packet_delay.0 * 4 + self.topology_refresh.0;
+        if self.key_overlap.0 < min_overlap {
+            return invalid(
+                "key_overlap",
+                &format!(
+                    "must be at least 4 x NYM_NODE_MAX_PACKET_DELAY + NYM_NODE_TOPOLOGY_REFRESH ({:?})",
+                    min_overlap
+                ),
+            );
+        }
+        if self.key_overlap.0 >= self.key_rotation_interval.0 {
+            return invalid(
+                "key_overlap",
+                "must be shorter than NYM_NODE_KEY_ROTATION_INTERVAL",
+            );
+        }
+        if self.replay_filter_rate == 0 {
+            return invalid("replay_filter_rate", "must be at least 1");
+        }
+        if self.replay_filter_false_positive < 2 {
+            return invalid("replay_filter_false_positive", "must be at least 2");
+        }
+        if self.replay_filter_save_interval.0.is_zero() {
+            return invalid("replay_filter_save_interval", "must be greater than 0");
         }
         if self.reconnect_backoff_initial.0 > self.reconnect_backoff_max.0 {
             return invalid(
@@ -309,6 +351,47 @@ impl Config {
             return invalid("topology_refresh", "must be greater than 0");
         }
         Ok(())
+    }
+
+    /// The directory key topology documents must be signed by: the knob's base58 key, or
+    /// the key in the file it names.
+    pub fn topology_signer(&self) -> Result<Option<crate::keys::KeyBytes>, ConfigError> {
+        let raw = self.topology_signer.trim();
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        let text = if raw.contains('/') {
+            std::fs::read_to_string(raw).map_err(|e| ConfigError::Invalid {
+                var: env_name("topology_signer"),
+                message: format!("reading {raw}: {e}"),
+            })?
+        } else {
+            raw.to_string()
+        };
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                var: env_name("topology_signer"),
+                message: format!(
+                    "not an ed25519 public key (base58, or a file path holding one): {e}"
+                ),
+            })
+    }
+
+    /// How this node's Sphinx key epochs run, and where their state lives.
+    pub fn epoch_settings(&self) -> crate::mixnet::epochs::EpochSettings {
+        let interval = self.key_rotation_interval.0;
+        crate::mixnet::epochs::EpochSettings {
+            schedule: crate::keys::EpochSchedule::new(interval),
+            overlap: self.key_overlap.0,
+            filter_capacity: self
+                .replay_filter_rate
+                .saturating_mul((interval + self.key_overlap.0).as_secs().max(1)),
+            filter_fp_rate: 1.0 / self.replay_filter_false_positive as f64,
+            seed_path: crate::keys::NodeKeys::sphinx_path(&self.keys_dir),
+            filter_dir: self.data_dir.join("replay"),
+        }
     }
 
     /// Number of Sphinx worker threads after resolving `0` to the core count.

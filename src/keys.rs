@@ -9,6 +9,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 use x25519_dalek::StaticSecret;
@@ -186,59 +187,301 @@ impl X25519 {
     }
 }
 
+/// The schedule of Sphinx key epochs: epoch `e` is the unix-time interval
+/// `[e x interval, (e + 1) x interval)`, so every node and client computes the same
+/// boundaries from the same interval without talking to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochSchedule {
+    interval_ms: u64,
+}
+
+impl EpochSchedule {
+    pub fn new(interval: Duration) -> Self {
+        EpochSchedule {
+            interval_ms: (interval.as_millis() as u64).max(1),
+        }
+    }
+
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+
+    /// The epoch that contains `unix_ms`.
+    pub fn epoch_at(&self, unix_ms: u64) -> u64 {
+        unix_ms / self.interval_ms
+    }
+
+    /// First millisecond of `epoch`.
+    pub fn start_ms(&self, epoch: u64) -> u64 {
+        epoch.saturating_mul(self.interval_ms)
+    }
+
+    /// First millisecond after `epoch`.
+    pub fn end_ms(&self, epoch: u64) -> u64 {
+        epoch.saturating_add(1).saturating_mul(self.interval_ms)
+    }
+}
+
+/// Milliseconds since the unix epoch, by the system clock.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One Sphinx public key and the epoch it is valid in, as descriptions and the topology
+/// publish it. Clients encrypt each hop's layer to the key valid when the packet gets there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EpochKey {
+    pub epoch: u64,
+    /// Unix milliseconds: the key is valid from here...
+    pub valid_from_ms: u64,
+    /// ...up to here (exclusive). The node still accepts it for an overlap afterwards.
+    pub valid_until_ms: u64,
+    pub key: KeyBytes,
+}
+
+impl EpochKey {
+    /// A key valid at all times (tests and tools that never rotate).
+    pub fn always(key: KeyBytes) -> Self {
+        EpochKey {
+            epoch: 0,
+            valid_from_ms: 0,
+            valid_until_ms: u64::MAX,
+            key,
+        }
+    }
+
+    fn contains(&self, unix_ms: u64) -> bool {
+        (self.valid_from_ms..self.valid_until_ms).contains(&unix_ms)
+    }
+}
+
+/// The key of `keys` to use for a packet reaching the node at `unix_ms`: the one valid then,
+/// else (a stale list) the newest already started, else the earliest.
+pub fn key_at(keys: &[EpochKey], unix_ms: u64) -> Option<KeyBytes> {
+    keys.iter()
+        .find(|k| k.contains(unix_ms))
+        .or_else(|| {
+            keys.iter()
+                .filter(|k| k.valid_from_ms <= unix_ms)
+                .max_by_key(|k| k.valid_from_ms)
+        })
+        .or_else(|| keys.iter().min_by_key(|k| k.valid_from_ms))
+        .map(|k| k.key)
+}
+
+/// The secret all of a node's Sphinx keys come from: a seed for one epoch, ratcheted one
+/// way (`seed(e + 1) = H(seed(e))`) and overwritten on disk as epochs retire, so the keys
+/// of retired epochs cannot be recovered from the node afterwards (forward secrecy), while
+/// the keys of coming epochs can be computed, and published, ahead of time.
+#[derive(Clone)]
+pub struct SphinxSeed {
+    interval_ms: u64,
+    epoch: u64,
+    seed: [u8; 32],
+}
+
+/// A seed further behind the current epoch than this is replaced rather than ratcheted.
+const MAX_RATCHET: u64 = 1_000_000;
+
+impl SphinxSeed {
+    /// A fresh seed for the epoch of `schedule` that contains now.
+    pub fn generate(schedule: &EpochSchedule) -> Result<Self, KeyError> {
+        Ok(SphinxSeed {
+            interval_ms: schedule.interval_ms,
+            epoch: schedule.epoch_at(unix_ms()),
+            seed: random_bytes()?,
+        })
+    }
+
+    pub fn schedule(&self) -> EpochSchedule {
+        EpochSchedule {
+            interval_ms: self.interval_ms,
+        }
+    }
+
+    /// The oldest epoch whose key can still be derived.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn ratchet(seed: &[u8; 32]) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"nym-node-rs/sphinx-seed-ratchet/1/");
+        h.update(seed);
+        h.finalize().into()
+    }
+
+    /// The Sphinx key pair of `epoch`, if this seed reaches it.
+    pub fn key(&self, epoch: u64) -> Option<X25519> {
+        if epoch < self.epoch || epoch - self.epoch > MAX_RATCHET {
+            return None;
+        }
+        let mut seed = self.seed;
+        for _ in self.epoch..epoch {
+            seed = Self::ratchet(&seed);
+        }
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"nym-node-rs/sphinx-epoch-key/1/");
+        h.update(seed);
+        Some(X25519::from_secret(h.finalize().into()))
+    }
+
+    /// The Sphinx key pair of the epoch that contains now.
+    pub fn current(&self) -> Option<X25519> {
+        self.key(self.schedule().epoch_at(unix_ms()))
+    }
+
+    /// The public keys of `epochs`, with their windows.
+    pub fn public_keys(&self, epochs: std::ops::RangeInclusive<u64>) -> Vec<EpochKey> {
+        let schedule = self.schedule();
+        epochs
+            .filter_map(|e| {
+                self.key(e).map(|k| EpochKey {
+                    epoch: e,
+                    valid_from_ms: schedule.start_ms(e),
+                    valid_until_ms: schedule.end_ms(e),
+                    key: k.public(),
+                })
+            })
+            .collect()
+    }
+
+    /// Makes this seed serve `schedule` from `epoch` on: ratchets forward (forgetting every
+    /// earlier epoch), or starts a fresh seed when it cannot get there (another interval,
+    /// a clock that went back, too far behind). Returns `true` if the seed was replaced.
+    pub fn advance_to(&mut self, schedule: &EpochSchedule, epoch: u64) -> Result<bool, KeyError> {
+        if self.interval_ms != schedule.interval_ms
+            || epoch < self.epoch
+            || epoch - self.epoch > MAX_RATCHET
+        {
+            *self = SphinxSeed {
+                interval_ms: schedule.interval_ms,
+                epoch,
+                seed: random_bytes()?,
+            };
+            return Ok(true);
+        }
+        for _ in self.epoch..epoch {
+            self.seed = Self::ratchet(&self.seed);
+        }
+        self.epoch = epoch;
+        Ok(false)
+    }
+
+    /// File form: `INTERVAL_MS EPOCH SEED` (the seed in base58).
+    fn to_line(&self) -> String {
+        format!(
+            "{} {} {}",
+            self.interval_ms,
+            self.epoch,
+            bs58::encode(self.seed).into_string()
+        )
+    }
+
+    fn from_line(line: &str) -> Option<Self> {
+        let mut parts = line.split_whitespace();
+        let interval_ms = parts.next()?.parse().ok()?;
+        let epoch = parts.next()?.parse().ok()?;
+        let seed: KeyBytes = parts.next()?.parse().ok()?;
+        if parts.next().is_some() || interval_ms == 0 {
+            return None;
+        }
+        Some(SphinxSeed {
+            interval_ms,
+            epoch,
+            seed: seed.0,
+        })
+    }
+
+    /// Replaces the seed file atomically (a new 0600 file renamed over the old one), so the
+    /// ratcheted-away seed is gone from the file system once this returns.
+    pub fn save(&self, path: &Path) -> Result<(), KeyError> {
+        let tmp = path.with_extension("key.tmp");
+        let _ = fs::remove_file(&tmp);
+        write_private(&tmp, &self.to_line())?;
+        fs::rename(&tmp, path).map_err(|source| KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let text = read_private(path)?;
+        Self::from_line(text.trim()).ok_or_else(|| KeyError::Malformed {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
 /// All keys of one node.
 #[derive(Clone)]
 pub struct NodeKeys {
     pub identity: Identity,
-    pub sphinx: X25519,
+    pub sphinx: SphinxSeed,
     pub noise: X25519,
 }
 
 /// The public halves, as the topology and the description publish them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PublicKeys {
     pub identity_key: KeyBytes,
-    pub sphinx_key: KeyBytes,
+    /// The Sphinx keys of the current and the next epoch.
+    pub sphinx_keys: Vec<EpochKey>,
     pub noise_key: KeyBytes,
 }
 
 impl NodeKeys {
-    pub fn generate() -> Result<Self, KeyError> {
+    /// Fresh keys, the Sphinx seed rotating every `rotation`.
+    pub fn generate(rotation: Duration) -> Result<Self, KeyError> {
         Ok(NodeKeys {
             identity: Identity::generate()?,
-            sphinx: X25519::generate()?,
+            sphinx: SphinxSeed::generate(&EpochSchedule::new(rotation))?,
             noise: X25519::generate()?,
         })
     }
 
+    /// The public keys, with the Sphinx keys of the epoch containing now and the next one.
     pub fn public(&self) -> PublicKeys {
+        let now = self
+            .sphinx
+            .schedule()
+            .epoch_at(unix_ms())
+            .max(self.sphinx.epoch);
         PublicKeys {
             identity_key: self.identity.public(),
-            sphinx_key: self.sphinx.public(),
+            sphinx_keys: self.sphinx.public_keys(now..=now + 1),
             noise_key: self.noise.public(),
         }
     }
 
-    /// Writes the three private keys into `dir` (created 0700), each file 0600.
+    /// Writes the private keys into `dir` (created 0700), each file 0600.
     /// Refuses to overwrite existing keys: losing a node's identity is not undoable.
     pub fn write(&self, dir: &Path) -> Result<(), KeyError> {
         for (name, secret) in [
             (IDENTITY_FILE, self.identity.secret_bytes()),
-            (SPHINX_FILE, self.sphinx.secret_bytes()),
             (NOISE_FILE, self.noise.secret_bytes()),
         ] {
             write_secret(&dir.join(name), &secret)?;
         }
-        Ok(())
+        write_private(&dir.join(SPHINX_FILE), &self.sphinx.to_line())
     }
 
     /// Loads the keys from `dir`, refusing files that group or others can access.
     pub fn load(dir: &Path) -> Result<Self, KeyError> {
         Ok(NodeKeys {
             identity: Identity::from_secret(read_secret(&dir.join(IDENTITY_FILE))?),
-            sphinx: X25519::from_secret(read_secret(&dir.join(SPHINX_FILE))?),
+            sphinx: SphinxSeed::load(&dir.join(SPHINX_FILE))?,
             noise: X25519::from_secret(read_secret(&dir.join(NOISE_FILE))?),
         })
+    }
+
+    /// Where the Sphinx seed of the keys in `dir` is kept.
+    pub fn sphinx_path(dir: &Path) -> PathBuf {
+        dir.join(SPHINX_FILE)
     }
 
     /// True when `dir` already holds an identity key.
@@ -249,6 +492,11 @@ impl NodeKeys {
 
 /// Writes one secret as base58 into a new file with mode 0600 (its directory 0700).
 fn write_secret(path: &Path, secret: &[u8; 32]) -> Result<(), KeyError> {
+    write_private(path, &bs58::encode(secret).into_string())
+}
+
+/// Writes `text` into a new file with mode 0600 (its directory 0700).
+fn write_private(path: &Path, text: &str) -> Result<(), KeyError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| KeyError::Io { path: p, source }
@@ -272,10 +520,19 @@ fn write_secret(path: &Path, secret: &[u8; 32]) -> Result<(), KeyError> {
                 }
             }
         })?;
-    writeln!(file, "{}", bs58::encode(secret).into_string()).map_err(io(path))
+    writeln!(file, "{text}").map_err(io(path))
 }
 
 fn read_secret(path: &Path) -> Result<[u8; 32], KeyError> {
+    let text = read_private(path)?;
+    let key: KeyBytes = text.trim().parse().map_err(|_| KeyError::Malformed {
+        path: path.to_path_buf(),
+    })?;
+    Ok(key.0)
+}
+
+/// Reads a private file, refusing one that group or others can access.
+fn read_private(path: &Path) -> Result<String, KeyError> {
     let io = |source| KeyError::Io {
         path: path.to_path_buf(),
         source,
@@ -288,21 +545,65 @@ fn read_secret(path: &Path) -> Result<[u8; 32], KeyError> {
             mode,
         });
     }
-    let text = fs::read_to_string(path).map_err(io)?;
-    let key: KeyBytes = text.trim().parse().map_err(|_| KeyError::Malformed {
-        path: path.to_path_buf(),
-    })?;
-    Ok(key.0)
+    fs::read_to_string(path).map_err(io)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn seed_ratchets_forward_and_forgets_the_past() {
+        let schedule = EpochSchedule::new(Duration::from_secs(10));
+        let mut seed = SphinxSeed::generate(&schedule).unwrap();
+        let e = seed.epoch();
+        let ahead: Vec<_> = (e..e + 3).map(|x| seed.key(x).unwrap().public()).collect();
+        // Distinct keys per epoch.
+        assert_ne!(ahead[0], ahead[1]);
+        assert!(!seed.advance_to(&schedule, e + 1).unwrap());
+        // The later keys are unchanged by the ratchet; the retired one is gone.
+        assert!(seed.key(e).is_none());
+        assert_eq!(seed.key(e + 1).unwrap().public(), ahead[1]);
+        assert_eq!(seed.key(e + 2).unwrap().public(), ahead[2]);
+        // Saved and loaded, it is the same seed; the file holds only the ratcheted one.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sphinx.key");
+        seed.save(&path).unwrap();
+        seed.save(&path).unwrap();
+        let loaded = SphinxSeed::load(&path).unwrap();
+        assert_eq!(loaded.key(e + 2).unwrap().public(), ahead[2]);
+        assert!(loaded.key(e).is_none());
+        // Another interval, or a clock gone back, starts a fresh seed.
+        let mut other = loaded.clone();
+        assert!(other.advance_to(&EpochSchedule::new(HOUR), 5).unwrap());
+        let mut back = loaded;
+        assert!(back.advance_to(&schedule, e).unwrap());
+        assert_ne!(back.key(e + 1).unwrap().public(), ahead[1]);
+    }
+
+    #[test]
+    fn published_keys_have_windows_and_are_chosen_by_arrival_time() {
+        let schedule = EpochSchedule::new(Duration::from_secs(10));
+        let seed = SphinxSeed::generate(&schedule).unwrap();
+        let e = seed.epoch();
+        let keys = seed.public_keys(e..=e + 1);
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0].valid_from_ms, e * 10_000);
+        assert_eq!(keys[0].valid_until_ms, keys[1].valid_from_ms);
+        assert_eq!(key_at(&keys, e * 10_000 + 9_999), Some(keys[0].key));
+        assert_eq!(key_at(&keys, (e + 1) * 10_000), Some(keys[1].key));
+        // Stale or early lists still give the closest key.
+        assert_eq!(key_at(&keys, (e + 5) * 10_000), Some(keys[1].key));
+        assert_eq!(key_at(&keys, 0), Some(keys[0].key));
+        assert_eq!(key_at(&[], 0), None);
+    }
+
     #[test]
     fn keys_round_trip_with_private_modes() {
         let dir = tempfile::tempdir().unwrap();
-        let keys = NodeKeys::generate().unwrap();
+        let keys = NodeKeys::generate(HOUR).unwrap();
         keys.write(dir.path()).unwrap();
         for f in [IDENTITY_FILE, SPHINX_FILE, NOISE_FILE] {
             let mode = fs::metadata(dir.path().join(f))
@@ -319,7 +620,7 @@ mod tests {
     #[test]
     fn readable_key_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        NodeKeys::generate().unwrap().write(dir.path()).unwrap();
+        NodeKeys::generate(HOUR).unwrap().write(dir.path()).unwrap();
         let path = dir.path().join(SPHINX_FILE);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = NodeKeys::load(dir.path()).err().expect("must refuse");
@@ -332,8 +633,11 @@ mod tests {
     #[test]
     fn existing_keys_are_not_overwritten() {
         let dir = tempfile::tempdir().unwrap();
-        NodeKeys::generate().unwrap().write(dir.path()).unwrap();
-        let err = NodeKeys::generate().unwrap().write(dir.path()).unwrap_err();
+        NodeKeys::generate(HOUR).unwrap().write(dir.path()).unwrap();
+        let err = NodeKeys::generate(HOUR)
+            .unwrap()
+            .write(dir.path())
+            .unwrap_err();
         assert!(matches!(err, KeyError::Exists(_)));
     }
 

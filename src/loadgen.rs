@@ -64,7 +64,7 @@ fn entry(name: &str, keys: &NodeKeys, layer: u8, addr: SocketAddr) -> Result<Nod
     Ok(NodeEntry {
         name: name.into(),
         identity_key: p.identity_key,
-        sphinx_key: p.sphinx_key,
+        sphinx_keys: p.sphinx_keys,
         noise_key: p.noise_key,
         mode: Mode::Mixnode,
         layer: Some(layer),
@@ -79,11 +79,13 @@ fn entry(name: &str, keys: &NodeKeys, layer: u8, addr: SocketAddr) -> Result<Nod
 impl Setup {
     /// Creates keys for the node, `peers` peers and the sink under `dir`, and the topology.
     pub fn new(dir: &Path, peers: usize) -> Result<Setup, LoadError> {
-        let node = NodeKeys::generate().map_err(err)?;
+        // The node runs with the default rotation; the topology lists this epoch and the next.
+        let rotation = crate::config::Config::default().key_rotation_interval.get();
+        let node = NodeKeys::generate(rotation).map_err(err)?;
         node.write(&dir.join("node-keys")).map_err(err)?;
-        let sink = NodeKeys::generate().map_err(err)?;
+        let sink = NodeKeys::generate(rotation).map_err(err)?;
         let peers: Vec<NodeKeys> = (0..peers)
-            .map(|_| NodeKeys::generate())
+            .map(|_| NodeKeys::generate(rotation))
             .collect::<Result<_, _>>()
             .map_err(err)?;
         let sink_listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(err)?;
@@ -105,7 +107,7 @@ impl Setup {
         }
         let topology = dir.join("topology.json");
         let doc = TopologyDocument {
-            schema: 1,
+            schema: crate::topology::SCHEMA_VERSION,
             revision: 1,
             nodes,
         };
@@ -130,7 +132,7 @@ impl Setup {
                 let p = k.public();
                 Hop {
                     identity: p.identity_key,
-                    sphinx_key: p.sphinx_key,
+                    sphinx_keys: p.sphinx_keys,
                 }
             })
             .collect()
@@ -138,6 +140,16 @@ impl Setup {
 
     /// Builds `n` packets node → sink with zero delay, on `threads` threads.
     pub fn build_packets(&self, n: usize, threads: usize) -> Vec<PacketBytes> {
+        self.build_packets_delayed(n, threads, Duration::ZERO)
+    }
+
+    /// Like [`build_packets`](Self::build_packets), each asking the node to hold it `delay`.
+    pub fn build_packets_delayed(
+        &self,
+        n: usize,
+        threads: usize,
+        delay: Duration,
+    ) -> Vec<PacketBytes> {
         let route = self.route();
         let dest = KeyBytes([7u8; 32]);
         let threads = threads.max(1);
@@ -151,9 +163,14 @@ impl Setup {
                         (0..count)
                             .filter_map(|i| {
                                 let body = ((t * per + i) as u64).to_be_bytes();
-                                packet::build_forward(&route, &dest, &body, &[Duration::ZERO; 2])
-                                    .ok()
-                                    .map(|(_, p)| p)
+                                packet::build_forward(
+                                    &route,
+                                    &dest,
+                                    &body,
+                                    &[delay, Duration::ZERO],
+                                )
+                                .ok()
+                                .map(|(_, p)| p)
                             })
                             .collect::<Vec<_>>()
                     })
@@ -171,7 +188,11 @@ impl Setup {
     /// unwrap and, for each of those packets, what the node will send on (its next group
     /// element), so the sink can recognise it.
     pub fn unwrap_floor(&self, packets: &[PacketBytes]) -> (Duration, HashMap<[u8; 32], usize>) {
-        let secret = self.node.sphinx.secret().clone();
+        let seed = &self.node.sphinx;
+        let Some(key) = seed.key(seed.schedule().epoch_at(crate::keys::unix_ms())) else {
+            return (Duration::ZERO, HashMap::new());
+        };
+        let secret = key.secret().clone();
         let mut expected = HashMap::new();
         let start = Instant::now();
         let mut done = 0u32;

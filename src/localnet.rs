@@ -95,13 +95,23 @@ pub fn plan_nodes(
         .collect()
 }
 
-/// Creates (or reuses) each node's keys and writes `DIR/topology.json`.
+/// Creates (or reuses) each node's keys and writes `DIR/topology.json`, for nodes that
+/// rotate their Sphinx keys at the default interval.
 pub fn prepare(nodes: &[LocalNode], dir: &Path) -> Result<PathBuf, LocalnetError> {
-    prepare_with(nodes, dir, |n| Advertised {
+    prepare_with(
+        nodes,
+        dir,
+        local_addresses,
+        crate::config::Config::default().key_rotation_interval.get(),
+    )
+}
+
+fn local_addresses(n: &LocalNode) -> Advertised {
+    Advertised {
         mixnet: n.mixnet.to_string(),
         client: n.client.to_string(),
         http: n.http.to_string(),
-    })
+    }
 }
 
 /// Where a node is reached, as the topology says it (host names allowed).
@@ -112,8 +122,35 @@ pub struct Advertised {
 }
 
 /// Like [`prepare`], with the addresses written into the topology chosen by `advertise`
-/// (the compose testnet names nodes by service name).
+/// (the compose testnet names nodes by service name) and Sphinx keys rotating every
+/// `rotation` (the nodes must run with the same `NYM_NODE_KEY_ROTATION_INTERVAL`).
 pub fn prepare_with(
+    nodes: &[LocalNode],
+    dir: &Path,
+    advertise: impl Fn(&LocalNode) -> Advertised,
+    rotation: Duration,
+) -> Result<PathBuf, LocalnetError> {
+    let schedule = crate::keys::EpochSchedule::new(rotation);
+    let now = schedule.epoch_at(crate::keys::unix_ms());
+    for node in nodes {
+        let keys_dir = node.dir.join("keys");
+        if NodeKeys::exist_in(&keys_dir) {
+            // Kept keys start a fresh seed if they rotated at another interval.
+            let mut keys = NodeKeys::load(&keys_dir)?;
+            let epoch = now.max(keys.sphinx.epoch());
+            if keys.sphinx.advance_to(&schedule, epoch)? {
+                keys.sphinx.save(&NodeKeys::sphinx_path(&keys_dir))?;
+            }
+        } else {
+            NodeKeys::generate(rotation)?.write(&keys_dir)?;
+        }
+    }
+    publish(nodes, dir, advertise)
+}
+
+/// Writes `DIR/topology.json` from the nodes' keys on disk, with each node's Sphinx keys
+/// of this epoch and the next, at the revision after the one already there.
+pub fn publish(
     nodes: &[LocalNode],
     dir: &Path,
     advertise: impl Fn(&LocalNode) -> Advertised,
@@ -123,22 +160,16 @@ pub fn prepare_with(
         move |e| LocalnetError::Io(what, e)
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join("topology.json");
     let mut entries = Vec::new();
     for node in nodes {
-        let keys_dir = node.dir.join("keys");
-        let keys = if NodeKeys::exist_in(&keys_dir) {
-            NodeKeys::load(&keys_dir)?
-        } else {
-            let k = NodeKeys::generate()?;
-            k.write(&keys_dir)?;
-            k
-        };
+        let keys = NodeKeys::load(&node.dir.join("keys"))?;
         let public = keys.public();
         let at = advertise(node);
         entries.push(NodeEntry {
             name: node.name.clone(),
             identity_key: public.identity_key,
-            sphinx_key: public.sphinx_key,
+            sphinx_keys: public.sphinx_keys,
             noise_key: public.noise_key,
             mode: node.mode,
             layer: node.layer,
@@ -154,26 +185,86 @@ pub fn prepare_with(
             serving: true,
         });
     }
+    let previous = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<TopologyDocument>(&b).ok())
+        .map_or(0, |d| d.revision);
     let doc = TopologyDocument {
         schema: SCHEMA_VERSION,
-        revision: 1,
+        revision: previous + 1,
         nodes: entries,
     };
-    let path = dir.join("topology.json");
     let json = serde_json::to_vec_pretty(&doc).map_err(|e| LocalnetError::Other(e.to_string()))?;
-    std::fs::write(&path, json).map_err(io(&path))?;
+    // Readers reload on their own schedule: never let them see half a document.
+    let tmp = dir.join(".topology.json.tmp");
+    std::fs::write(&tmp, json).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
     Ok(path)
+}
+
+/// `NYM_NODE_KEY_ROTATION_INTERVAL` from this process's environment, or the default.
+pub fn rotation_from_env() -> Result<Duration, LocalnetError> {
+    use crate::config::KnobValue;
+    match std::env::var("NYM_NODE_KEY_ROTATION_INTERVAL") {
+        Ok(raw) => crate::config::DurationKnob::parse_knob(&raw)
+            .map(|d| d.get())
+            .map_err(|e| LocalnetError::Other(format!("NYM_NODE_KEY_ROTATION_INTERVAL: {e}"))),
+        Err(_) => Ok(crate::config::Config::default().key_rotation_interval.get()),
+    }
+}
+
+/// The directory's job for a local network: republishes the topology just after every
+/// Sphinx key epoch boundary (each node's next key is then one epoch ahead again), until
+/// `stop`. The nodes' seeds are read fresh each time, so it follows their rotation.
+pub async fn keep_published(
+    nodes: Vec<LocalNode>,
+    dir: PathBuf,
+    advertise: impl Fn(&LocalNode) -> Advertised,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let schedule = nodes
+            .first()
+            .and_then(|n| NodeKeys::load(&n.dir.join("keys")).ok())
+            .map(|k| k.sphinx.schedule());
+        let Some(schedule) = schedule else {
+            tracing::error!("directory: cannot read the first node's keys; stopping");
+            return;
+        };
+        let now = crate::keys::unix_ms();
+        let boundary = schedule.end_ms(schedule.epoch_at(now));
+        // A moment past the boundary, so the nodes have ratcheted their seeds.
+        let wait = Duration::from_millis(boundary - now + 200);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match publish(&nodes, &dir, &advertise) {
+            Ok(path) => {
+                tracing::info!(topology = %path.display(), "directory: topology republished for the new key epoch")
+            }
+            Err(e) => tracing::error!(error = %e, "directory: republishing the topology failed"),
+        }
+    }
 }
 
 /// The compose testnet (`docker-compose.yml`): the standard eight nodes, each a service
 /// named after it, listening on the default ports, found by service name.
-pub fn prepare_compose(dir: &Path) -> Result<PathBuf, LocalnetError> {
-    let nodes = plan(dir, 21000);
-    prepare_with(&nodes, dir, |n| Advertised {
+pub fn prepare_compose(dir: &Path, rotation: Duration) -> Result<PathBuf, LocalnetError> {
+    prepare_with(&plan(dir, 21000), dir, compose_addresses, rotation)
+}
+
+/// Keeps the compose testnet's topology current as keys rotate (see [`keep_published`]).
+pub async fn keep_compose_published(dir: PathBuf, stop: tokio_util::sync::CancellationToken) {
+    keep_published(plan(&dir, 21000), dir, compose_addresses, stop).await
+}
+
+fn compose_addresses(n: &LocalNode) -> Advertised {
+    Advertised {
         mixnet: format!("{}:1789", n.name),
         client: format!("{}:9000", n.name),
         http: format!("{}:8080", n.name),
-    })
+    }
 }
 
 /// The environment that runs `node` as a child process.
@@ -200,6 +291,8 @@ pub fn node_env(node: &LocalNode, topology: &Path) -> Vec<(String, String)> {
     env.push(("NYM_NODE_SPHINX_WORKERS", "1".into()));
     env.push(("NYM_NODE_RUNTIME_THREADS", "1".into()));
     let mut env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    // Key rotation is network-wide: the nodes rotate as the localnet's directory publishes.
+    env.extend(std::env::vars().filter(|(k, _)| k.starts_with("NYM_NODE_KEY_")));
     if node.mode == Mode::ExitGateway {
         // The exit knobs (its policy above all) pass from localnet's own environment, so a
         // local test server can be allowed without editing anything.
@@ -300,7 +393,15 @@ pub fn check_ports_free(nodes: &[LocalNode]) -> Result<(), LocalnetError> {
 pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetError> {
     let nodes = plan(&options.dir, options.base_port);
     check_ports_free(&nodes)?;
-    let topology = prepare(&nodes, &options.dir)?;
+    let rotation = rotation_from_env()?;
+    let topology = prepare_with(&nodes, &options.dir, local_addresses, rotation)?;
+    let directory_stop = tokio_util::sync::CancellationToken::new();
+    let directory = tokio::spawn(keep_published(
+        nodes.clone(),
+        options.dir.clone(),
+        local_addresses,
+        directory_stop.clone(),
+    ));
     let mut children = Vec::new();
     for node in &nodes {
         children.push((node.name.clone(), spawn_node(&exe, node, &topology)?));
@@ -371,6 +472,8 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
     if let Some(t) = traffic {
         t.abort();
     }
+    directory_stop.cancel();
+    let _ = directory.await;
     println!("localnet: stopping nodes");
     for (_, child) in &children {
         if let Some(pid) = child.id() {

@@ -76,6 +76,10 @@ enum Command {
     TestnetInit {
         #[arg(long, default_value = "/data")]
         dir: PathBuf,
+        /// Keep running as the testnet's directory: republish the topology at every Sphinx
+        /// key epoch boundary until SIGTERM.
+        #[arg(long)]
+        watch: bool,
     },
     /// Print generated docs: README's knob or metric table, or the Helm values' config block.
     ConfigDocs {
@@ -118,9 +122,14 @@ fn main() -> ExitCode {
             mean_delay,
         }),
         Command::Health { path, addr } => health(&path, addr.as_deref()),
-        Command::TestnetInit { dir } => match localnet::prepare_compose(&dir) {
+        Command::TestnetInit { dir, watch } => match localnet::rotation_from_env()
+            .and_then(|rotation| localnet::prepare_compose(&dir, rotation))
+        {
             Ok(topology) => {
                 println!("testnet keys and topology written: {}", topology.display());
+                if watch {
+                    return watch_testnet(dir);
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -181,14 +190,53 @@ fn keys_dir(dir: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| Config::default().keys_dir)
 }
 
+/// `testnet-init --watch`: the compose testnet's directory, until SIGTERM or SIGINT.
+fn watch_testnet(dir: PathBuf) -> ExitCode {
+    telemetry::init_logging(config::LogFormat::Text, "info");
+    let rt = match runtime(Some(1)) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nym-node testnet-init: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let watcher = tokio::spawn(localnet::keep_compose_published(dir, stop.clone()));
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        stop.cancel();
+        let _ = watcher.await;
+    });
+    ExitCode::SUCCESS
+}
+
 fn keygen(dir: Option<PathBuf>, if_missing: bool) -> ExitCode {
     let dir = keys_dir(dir);
     if if_missing && NodeKeys::exist_in(&dir) {
         return print_public_keys("keygen", NodeKeys::load(&dir));
     }
+    // The seed is bound to the interval the node will rotate at.
+    let rotation = match localnet::rotation_from_env() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nym-node keygen: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
     print_public_keys(
         "keygen",
-        NodeKeys::generate().and_then(|k| k.write(&dir).map(|_| k)),
+        NodeKeys::generate(rotation).and_then(|k| k.write(&dir).map(|_| k)),
     )
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -24,6 +24,8 @@ pub enum DropReason {
     MalformedPacket,
     /// A Sphinx packet this node has already processed.
     Replay,
+    /// A Sphinx packet for none of this node's live keys: built for a key past its overlap, or never this node's.
+    ExpiredKey,
     /// A packet asking to be held longer than `NYM_NODE_MAX_PACKET_DELAY`.
     ExcessiveDelay,
     /// A next hop that is not in the topology.
@@ -53,13 +55,14 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::MalformedFrame,
         DropReason::OversizedFrame,
         DropReason::BadVersion,
         DropReason::DecryptFailed,
         DropReason::MalformedPacket,
         DropReason::Replay,
+        DropReason::ExpiredKey,
         DropReason::ExcessiveDelay,
         DropReason::UnknownPeer,
         DropReason::NoRoute,
@@ -83,6 +86,7 @@ impl DropReason {
             DropReason::DecryptFailed => "decrypt_failed",
             DropReason::MalformedPacket => "malformed_packet",
             DropReason::Replay => "replay",
+            DropReason::ExpiredKey => "expired_key",
             DropReason::ExcessiveDelay => "excessive_delay",
             DropReason::UnknownPeer => "unknown_peer",
             DropReason::NoRoute => "no_route",
@@ -243,6 +247,10 @@ pub struct Metrics {
     pub packets_released_early: IntCounter,
     drops: Vec<IntCounter>,
     pub delay_queue_packets: IntGauge,
+    pub sphinx_key_epoch: IntGauge,
+    pub sphinx_keys_retired: IntCounter,
+    pub replay_filter_bytes: IntGauge,
+    pub replay_filter_fill: Gauge,
     pub sphinx_queue_packets: IntGauge,
     pub held_delay: Histogram,
     stages: Vec<Histogram>,
@@ -477,6 +485,31 @@ impl Metrics {
                 "delay_queue_packets",
                 "Packets currently held in the delay queue.",
             ),
+            sphinx_key_epoch: gauge(
+                r,
+                "sphinx_key_epoch",
+                "The Sphinx key epoch this node is in (unix time / NYM_NODE_KEY_ROTATION_INTERVAL).",
+            ),
+            sphinx_keys_retired: counter(
+                r,
+                "sphinx_keys_retired_total",
+                "Sphinx keys deleted, with their replay filters, after their epoch and overlap ended.",
+            ),
+            replay_filter_bytes: gauge(
+                r,
+                "replay_filter_bytes",
+                "Bytes of the replay filters of all live Sphinx keys.",
+            ),
+            replay_filter_fill: {
+                let g = Gauge::new(
+                    "nym_node_replay_filter_fill_ratio",
+                    "Packets recorded in the current epoch's replay filter, as a fraction of the packets one filter stage is sized for (above 1 the filter has grown a stage).",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
             sphinx_queue_packets: gauge(
                 r,
                 "sphinx_queue_packets",

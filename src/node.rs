@@ -20,9 +20,10 @@ use crate::gateway::{
 };
 use crate::health::Health;
 use crate::http::{self, HttpState, description::Description};
-use crate::keys::NodeKeys;
+use crate::keys::{NodeKeys, PublicKeys, unix_ms};
 use crate::metrics::{DropReason, Metrics};
 use crate::mixnet::egress::{Egress, EgressContext, EgressSettings};
+use crate::mixnet::epochs::{self, KeyRing};
 use crate::mixnet::forward::Forwarder;
 use crate::mixnet::ingress::{self, IngressContext, IngressSettings};
 use crate::mixnet::intake::{Downstream, Intake};
@@ -49,6 +50,10 @@ pub enum NodeError {
     Mailbox(#[from] crate::gateway::mailbox::MailboxError),
     #[error(transparent)]
     ExitPolicy(#[from] crate::gateway::exit_policy::LoadError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("Sphinx keys: {0}")]
+    Epochs(#[from] crate::mixnet::epochs::EpochError),
 }
 
 /// The node's sockets, bound before anything else so a port clash fails fast.
@@ -185,10 +190,34 @@ pub async fn start(
         None
     };
 
+    // The key ring opens before anything can receive: its filters must be loaded first.
+    let (ring, opened) = KeyRing::open(config.epoch_settings(), keys.sphinx.clone(), unix_ms())?;
+    let ring = Arc::new(ring);
+    if !opened.filters_lost.is_empty() {
+        tracing::error!(epochs = ?opened.filters_lost, "replay filters could not be loaded: replays from before this start are not caught for these epochs");
+    }
+    tracing::info!(epochs = ?opened.added, "Sphinx keys live");
+    {
+        let ring = ring.clone();
+        metrics.add_sampler(Box::new(move |m| epochs::sample(&ring, m)));
+    }
+
     // Topology and HTTP outlive the pipeline: they stop last.
     let background = CancellationToken::new();
+    let key_epochs = tokio::spawn(epochs::run(
+        ring.clone(),
+        config.replay_filter_save_interval.get(),
+        metrics.clone(),
+        background.clone(),
+    ));
+    let signer = config.topology_signer()?;
+    if signer.is_none() {
+        tracing::warn!(
+            "NYM_NODE_TOPOLOGY_SIGNER is not set: topology documents are not authenticated"
+        );
+    }
     let refresh = tokio::spawn(topology::refresh_loop(
-        TopologySource::parse(&config.topology),
+        TopologySource::parse(&config.topology).signed_by(signer),
         topology.clone(),
         config.topology_refresh.get(),
         Some(metrics.clone()),
@@ -243,9 +272,8 @@ pub async fn start(
         (None, None)
     };
     let processor = Arc::new(SphinxProcessor::new(
-        keys.sphinx.secret().clone(),
+        ring.clone(),
         config.max_packet_delay.get(),
-        config.replay_filter_capacity,
     ));
     let (intake, workers) = Intake::start(
         processor,
@@ -346,6 +374,7 @@ pub async fn start(
                 }),
                 identity: network_requester::identity(&keys.identity),
                 topology: config.topology.clone(),
+                topology_signer: signer,
                 gateway: keys.identity.public(),
                 gateway_address: PeerAddress {
                     host: ip.to_string(),
@@ -366,6 +395,7 @@ pub async fn start(
     let describe = describer(
         &config,
         &keys,
+        &ring,
         &topology,
         mixnet_addr,
         http_addr,
@@ -440,6 +470,8 @@ pub async fn start(
         .instrument(drain)
         .await;
         background.cancel();
+        // The last save of the replay filters, now that no worker records tags.
+        let _ = key_epochs.await;
         let _ = refresh.await;
         let _ = http.await;
     });
@@ -462,19 +494,25 @@ pub async fn start(
 fn describer(
     config: &Config,
     keys: &NodeKeys,
+    ring: &Arc<KeyRing>,
     topology: &TopologyHandle,
     mixnet_addr: SocketAddr,
     http_addr: SocketAddr,
     client_addr: Option<SocketAddr>,
 ) -> http::Describe {
-    let (name, mode, keys, topology) = (
+    let (name, mode, keys, topology, ring) = (
         config.id.clone(),
         config.mode,
         keys.clone(),
         topology.clone(),
+        ring.clone(),
     );
     Arc::new(move || {
-        let public = keys.public();
+        let public = PublicKeys {
+            identity_key: keys.identity.public(),
+            sphinx_keys: ring.published(unix_ms()),
+            noise_key: keys.noise.public(),
+        };
         let current = topology.current();
         let entry = current.as_ref().and_then(|t| t.node(&public.identity_key));
         let description = Description::new(

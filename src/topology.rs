@@ -13,11 +13,11 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Mode;
-use crate::keys::{KeyBytes, NodeId};
+use crate::keys::{EpochKey, KeyBytes, NodeId};
 use crate::metrics::Metrics;
 
 /// The schema version this node reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Number of mix layers a route crosses.
 pub const MIX_LAYERS: u8 = 3;
@@ -34,6 +34,56 @@ pub enum TopologyError {
     TooLarge(String),
     #[error("revision {got} is older than the current {have}; keeping the current document")]
     OlderRevision { got: u64, have: u64 },
+    #[error("the document is not signed, and NYM_NODE_TOPOLOGY_SIGNER requires a signature by {0}")]
+    Unsigned(KeyBytes),
+    #[error("the document is signed by {got}, not by the configured directory {want}")]
+    WrongSigner { got: KeyBytes, want: KeyBytes },
+    #[error("the document's signature does not verify")]
+    BadSignature,
+    #[error(
+        "{0}: a plain http:// source can be trusted only with a signed document; set NYM_NODE_TOPOLOGY_SIGNER (or use https://)"
+    )]
+    PlainHttpUnsigned(String),
+}
+
+/// What a directory signs: this prefix, then the document's exact bytes.
+const SIGNING_CONTEXT: &[u8] = b"nym-node-rs/topology/1/";
+
+/// A signed document as written: the document's compact JSON, verbatim, with who signed it.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignedEnvelope<'a> {
+    signed_by: KeyBytes,
+    /// base58 ed25519 signature over [`SIGNING_CONTEXT`] followed by the bytes of `document`.
+    signature: String,
+    #[serde(borrow)]
+    document: &'a serde_json::value::RawValue,
+}
+
+/// Only to tell a signed document from a plain one.
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(default)]
+    signature: Option<serde::de::IgnoredAny>,
+}
+
+/// Signs `document` with the directory key `signer`: the signed form readers verify.
+pub fn sign_document(
+    document: &TopologyDocument,
+    signer: &crate::keys::Identity,
+) -> Result<Vec<u8>, TopologyError> {
+    let compact =
+        serde_json::to_string(document).map_err(|e| TopologyError::Parse(e.to_string()))?;
+    let mut message = SIGNING_CONTEXT.to_vec();
+    message.extend_from_slice(compact.as_bytes());
+    let raw = serde_json::value::RawValue::from_string(compact)
+        .map_err(|e| TopologyError::Parse(e.to_string()))?;
+    let envelope = SignedEnvelope {
+        signed_by: signer.public(),
+        signature: bs58::encode(signer.sign(&message)).into_string(),
+        document: &raw,
+    };
+    serde_json::to_vec_pretty(&envelope).map_err(|e| TopologyError::Parse(e.to_string()))
 }
 
 /// Largest topology document read (about 10,000 nodes); a larger one is refused unread, so
@@ -58,7 +108,9 @@ pub struct NodeEntry {
     /// Human-readable name (not used for routing).
     pub name: String,
     pub identity_key: NodeId,
-    pub sphinx_key: KeyBytes,
+    /// Sphinx keys with their windows (the current and the next epoch); a client encrypts
+    /// each hop to the key valid when the packet reaches it.
+    pub sphinx_keys: Vec<EpochKey>,
     pub noise_key: KeyBytes,
     pub mode: Mode,
     /// Mix layer 1..=3; absent for gateways.
@@ -175,6 +227,12 @@ impl Topology {
                 }
                 (_, None) => {}
             }
+            if node.sphinx_keys.is_empty() {
+                return Err(TopologyError::Invalid(format!(
+                    "{} lists no Sphinx key",
+                    node.name
+                )));
+            }
             if by_identity.insert(node.identity_key, i).is_some() {
                 return Err(TopologyError::Invalid(format!(
                     "identity key of {} appears twice",
@@ -195,9 +253,44 @@ impl Topology {
         })
     }
 
+    /// Parses a plain or a signed document, without a directory to trust: a signed one
+    /// must still verify under the key it names.
     pub fn parse(json: &[u8]) -> Result<Self, TopologyError> {
-        let doc: TopologyDocument =
-            serde_json::from_slice(json).map_err(|e| TopologyError::Parse(e.to_string()))?;
+        Self::parse_signed(json, None)
+    }
+
+    /// Parses a document; with `signer`, only one signed by that directory key is accepted.
+    pub fn parse_signed(json: &[u8], signer: Option<&KeyBytes>) -> Result<Self, TopologyError> {
+        let parse = |e: serde_json::Error| TopologyError::Parse(e.to_string());
+        let probe: Probe = serde_json::from_slice(json).map_err(parse)?;
+        let doc: TopologyDocument = if probe.signature.is_some() {
+            let envelope: SignedEnvelope = serde_json::from_slice(json).map_err(parse)?;
+            if let Some(want) = signer
+                && *want != envelope.signed_by
+            {
+                return Err(TopologyError::WrongSigner {
+                    got: envelope.signed_by,
+                    want: *want,
+                });
+            }
+            let signature: [u8; 64] = bs58::decode(&envelope.signature)
+                .into_vec()
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or(TopologyError::BadSignature)?;
+            let document = envelope.document.get().as_bytes();
+            let mut message = SIGNING_CONTEXT.to_vec();
+            message.extend_from_slice(document);
+            if !crate::keys::verify_signature(&envelope.signed_by, &message, &signature) {
+                return Err(TopologyError::BadSignature);
+            }
+            serde_json::from_slice(document).map_err(parse)?
+        } else {
+            if let Some(want) = signer {
+                return Err(TopologyError::Unsigned(*want));
+            }
+            serde_json::from_slice(json).map_err(parse)?
+        };
         Self::from_document(doc)
     }
 
@@ -238,25 +331,50 @@ impl Topology {
     }
 }
 
-/// Where the document comes from.
+/// Where the document comes from, and whose signature it must carry.
 #[derive(Debug, Clone)]
-pub enum TopologySource {
+pub struct TopologySource {
+    location: Location,
+    signer: Option<KeyBytes>,
+}
+
+#[derive(Debug, Clone)]
+enum Location {
     File(PathBuf),
     Http(String),
 }
 
 impl TopologySource {
+    /// A file path or an http(s) URL; no directory key (see [`signed_by`](Self::signed_by)).
     pub fn parse(raw: &str) -> Self {
-        if raw.starts_with("http://") || raw.starts_with("https://") {
-            TopologySource::Http(raw.to_string())
+        let location = if raw.starts_with("http://") || raw.starts_with("https://") {
+            Location::Http(raw.to_string())
         } else {
-            TopologySource::File(PathBuf::from(raw))
+            Location::File(PathBuf::from(raw))
+        };
+        TopologySource {
+            location,
+            signer: None,
         }
     }
 
+    /// Requires documents signed by the directory key `signer`.
+    pub fn signed_by(mut self, signer: Option<KeyBytes>) -> Self {
+        self.signer = signer;
+        self
+    }
+
+    /// A plain `http://` source: anyone on the path can change what it serves.
+    pub fn is_plain_http(&self) -> bool {
+        matches!(&self.location, Location::Http(u) if u.starts_with("http://"))
+    }
+
     pub async fn load(&self) -> Result<Topology, TopologyError> {
-        let bytes = match self {
-            TopologySource::File(path) => {
+        if self.is_plain_http() && self.signer.is_none() {
+            return Err(TopologyError::PlainHttpUnsigned(self.to_string()));
+        }
+        let bytes = match &self.location {
+            Location::File(path) => {
                 let name = path.display().to_string();
                 let read = |e: std::io::Error| TopologyError::Read(name.clone(), e.to_string());
                 let file = tokio::fs::File::open(path).await.map_err(read)?;
@@ -273,17 +391,17 @@ impl TopologySource {
                 }
                 bytes
             }
-            TopologySource::Http(url) => fetch(url).await?,
+            Location::Http(url) => fetch(url).await?,
         };
-        Topology::parse(&bytes)
+        Topology::parse_signed(&bytes, self.signer.as_ref())
     }
 }
 
 impl fmt::Display for TopologySource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TopologySource::File(p) => write!(f, "{}", p.display()),
-            TopologySource::Http(u) => f.write_str(u),
+        match &self.location {
+            Location::File(p) => write!(f, "{}", p.display()),
+            Location::Http(u) => f.write_str(u),
         }
     }
 }
@@ -445,7 +563,9 @@ mod tests {
         NodeEntry {
             name: name.into(),
             identity_key: KeyBytes([seed; 32]),
-            sphinx_key: KeyBytes([seed.wrapping_add(100); 32]),
+            sphinx_keys: vec![crate::keys::EpochKey::always(KeyBytes(
+                [seed.wrapping_add(100); 32],
+            ))],
             noise_key: KeyBytes([seed.wrapping_add(200); 32]),
             mode,
             layer,
@@ -460,7 +580,7 @@ mod tests {
     #[test]
     fn document_round_trips_and_indexes() {
         let doc = TopologyDocument {
-            schema: 1,
+            schema: crate::topology::SCHEMA_VERSION,
             revision: 3,
             nodes: vec![
                 entry("mix1", 1, Mode::Mixnode, Some(1)),
@@ -481,7 +601,7 @@ mod tests {
     #[test]
     fn invalid_documents_are_rejected_with_reason() {
         let mut doc = TopologyDocument {
-            schema: 1,
+            schema: crate::topology::SCHEMA_VERSION,
             revision: 1,
             nodes: vec![entry("mix1", 1, Mode::Mixnode, None)],
         };
@@ -518,7 +638,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.json");
         let doc = TopologyDocument {
-            schema: 1,
+            schema: crate::topology::SCHEMA_VERSION,
             revision: 1,
             nodes: vec![entry("mix1", 1, Mode::Mixnode, Some(1))],
         };
@@ -527,7 +647,7 @@ mod tests {
         let metrics = Metrics::new("mixnode");
         let stop = CancellationToken::new();
         let task = tokio::spawn(refresh_loop(
-            TopologySource::File(path.clone()),
+            TopologySource::parse(&path.display().to_string()),
             handle.clone(),
             Duration::from_millis(20),
             Some(metrics.clone()),
@@ -549,5 +669,54 @@ mod tests {
         }
         stop.cancel();
         task.await.unwrap();
+    }
+    #[tokio::test]
+    async fn signed_documents_verify_and_everything_else_is_refused() {
+        let directory = crate::keys::Identity::generate().unwrap();
+        let doc = TopologyDocument {
+            schema: SCHEMA_VERSION,
+            revision: 3,
+            nodes: vec![entry("mix1", 1, Mode::Mixnode, Some(1))],
+        };
+        let signed = sign_document(&doc, &directory).unwrap();
+        let me = directory.public();
+        let t = Topology::parse_signed(&signed, Some(&me)).unwrap();
+        assert_eq!(t.document(), &doc);
+        // Without a directory to trust, a signed document is still checked.
+        assert_eq!(Topology::parse(&signed).unwrap().document(), &doc);
+        // Another directory's signature.
+        let other = crate::keys::Identity::generate().unwrap();
+        assert!(matches!(
+            Topology::parse_signed(&sign_document(&doc, &other).unwrap(), Some(&me)),
+            Err(TopologyError::WrongSigner { .. })
+        ));
+        // One changed byte of the document (its revision 3 -> 4).
+        let text = String::from_utf8(signed.clone()).unwrap();
+        let tampered = text.replacen("\"revision\":3", "\"revision\":4", 1);
+        assert_ne!(tampered, text);
+        assert!(matches!(
+            Topology::parse_signed(tampered.as_bytes(), Some(&me)),
+            Err(TopologyError::BadSignature)
+        ));
+        assert!(matches!(
+            Topology::parse(tampered.as_bytes()),
+            Err(TopologyError::BadSignature)
+        ));
+        // A plain document where a signature is required.
+        let plain = serde_json::to_vec(&doc).unwrap();
+        assert!(matches!(
+            Topology::parse_signed(&plain, Some(&me)),
+            Err(TopologyError::Unsigned(_))
+        ));
+        // Plain http:// is refused before anything is fetched unless a signer is set.
+        let source = TopologySource::parse("http://127.0.0.1:9/topology.json");
+        assert!(matches!(
+            source.load().await,
+            Err(TopologyError::PlainHttpUnsigned(_))
+        ));
+        assert!(matches!(
+            source.signed_by(Some(me)).load().await,
+            Err(TopologyError::Read(..))
+        ));
     }
 }

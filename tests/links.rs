@@ -512,7 +512,7 @@ async fn a_peer_removed_from_the_topology_loses_its_links_at_the_next_reload() {
 
     // A new revision without `peer` and `next`.
     let doc = nym_node::topology::TopologyDocument {
-        schema: 1,
+        schema: nym_node::topology::SCHEMA_VERSION,
         revision: 2,
         nodes: net
             .members

@@ -129,7 +129,7 @@ async fn unknown_noise_key_is_refused_and_other_links_keep_working() {
     let mut net = Net::start(&relay_spec(), |_, _| {}, no_hooks).await;
     let mut sink = net.take_sink("next");
     let mut good = net.link("peer", "mix").await;
-    let stranger = NodeKeys::generate().unwrap();
+    let stranger = NodeKeys::generate(Duration::from_secs(3600)).unwrap();
     let mix = net.member("mix");
     let addr = mix.entry.mixnet_address.to_string().parse().unwrap();
     let refused = Link::connect(addr, &stranger, &mix.entry.noise_key).await;
@@ -186,9 +186,11 @@ async fn per_hop_delays_are_honoured() {
     assert_eq!(arrivals.len(), delays_ms.len());
     // Identify each packet by unwrapping it at the sink (the final hop).
     let unwrap = SphinxProcessor::new(
-        next_keys.sphinx.secret().clone(),
+        std::sync::Arc::new(nym_node::mixnet::epochs::KeyRing::fixed(
+            next_keys.sphinx.current().unwrap().secret().clone(),
+            1024,
+        )),
         Duration::from_secs(10),
-        1024,
     );
     let mut order = Vec::new();
     for a in &arrivals {
@@ -367,12 +369,14 @@ async fn packet_for_a_next_hop_outside_the_topology_is_dropped() {
         DropReason::UnknownPeer,
         false,
         async |l: &mut Link, net: &Net| {
-            let stranger = NodeKeys::generate().unwrap().public();
+            let stranger = NodeKeys::generate(Duration::from_secs(3600))
+                .unwrap()
+                .public();
             let hops = vec![
                 net.member("mix").hop(),
                 nym_node::client::route::Hop {
                     identity: stranger.identity_key,
-                    sphinx_key: stranger.sphinx_key,
+                    sphinx_keys: stranger.sphinx_keys,
                 },
             ];
             let p = nym_node::client::packet::build_forward(
@@ -420,7 +424,7 @@ async fn an_older_revision_or_ten_megabytes_of_junk_is_refused_and_the_last_good
     let failed = m.topology_reloads_failed.get();
     let next = net.member("next").entry.identity_key;
     let stale = nym_node::topology::TopologyDocument {
-        schema: 1,
+        schema: nym_node::topology::SCHEMA_VERSION,
         revision: 3,
         nodes: net
             .members

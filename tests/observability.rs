@@ -194,7 +194,7 @@ async fn readiness_waits_for_the_topology() {
     let dir = tempfile::tempdir().unwrap();
     let topology = dir.path().join("later.json");
     let config = base_config(dir.path(), "mix", Mode::Mixnode, &topology);
-    let keys = nym_node::keys::NodeKeys::generate().unwrap();
+    let keys = nym_node::keys::NodeKeys::generate(Duration::from_secs(3600)).unwrap();
     let listeners = nym_node::node::Listeners {
         mixnet: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -214,12 +214,12 @@ async fn readiness_waits_for_the_topology() {
 
     let p = keys.public();
     let doc = nym_node::topology::TopologyDocument {
-        schema: 1,
+        schema: nym_node::topology::SCHEMA_VERSION,
         revision: 1,
         nodes: vec![nym_node::topology::NodeEntry {
             name: "mix".into(),
             identity_key: p.identity_key,
-            sphinx_key: p.sphinx_key,
+            sphinx_keys: p.sphinx_keys.clone(),
             noise_key: p.noise_key,
             mode: Mode::Mixnode,
             layer: Some(1),
@@ -319,7 +319,7 @@ async fn description_is_signed_by_the_node_identity() {
     assert!(signed.verify());
     let member = net.member("mix-2b");
     assert_eq!(signed.description.identity_key, member.entry.identity_key);
-    assert_eq!(signed.description.sphinx_key, member.entry.sphinx_key);
+    assert_eq!(signed.description.sphinx_keys, member.entry.sphinx_keys);
     assert_eq!(signed.description.noise_key, member.entry.noise_key);
     assert_eq!(signed.description.layer, Some(2));
     assert_eq!(signed.description.mode, Mode::Mixnode);

@@ -260,3 +260,113 @@ async fn a_peers_newest_link_replaces_its_oldest_beyond_the_limit() {
     assert!(!third.closed_within(Duration::from_millis(300)).await);
     net.stop().await;
 }
+
+/// Peak and current resident memory of a process, in bytes, from `/proc/<pid>/status`.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (kb("VmHWM:"), kb("VmRSS:"))
+}
+
+/// The node as it ships (a process of its own), flooded with packets that all ask for a
+/// delay longer than the test: memory is bounded by the queues, not by the flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_flood_is_capped_and_memory_stays_within_the_queues_bound() {
+    use nym_node::loadgen::{self, Pace, SendTimes, Setup, SinkStats};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    const CAP: u64 = 10_000;
+    const QUEUES: u64 = 1024 + 1024;
+    const FLOOD: usize = 40_000;
+    // Per queued packet: its 2396 bytes, the allocator's rounding and the queue's entry,
+    // with room to spare (measured: see the printout).
+    const PER_PACKET: u64 = 4096;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut setup = Setup::new(dir.path(), 1).unwrap();
+    let packets = setup.build_packets_delayed(FLOOD, 2, Duration::from_secs(120));
+    let node = setup
+        .spawn_node(
+            std::path::Path::new(env!("CARGO_BIN_EXE_nym-node")),
+            &[
+                ("NYM_NODE_MAX_PACKET_DELAY", "120s".into()),
+                ("NYM_NODE_KEY_OVERLAP", "9m".into()),
+                ("NYM_NODE_DELAY_QUEUE_CAPACITY", CAP.to_string()),
+                ("NYM_NODE_SPHINX_QUEUE", "1024".into()),
+                ("NYM_NODE_SPHINX_QUEUE_PER_CONNECTION", "1024".into()),
+                ("NYM_NODE_FORWARDER_QUEUE", "1024".into()),
+                // A small replay filter, so the bound is about the queues.
+                ("NYM_NODE_REPLAY_FILTER_RATE", "10".into()),
+            ],
+        )
+        .unwrap();
+    let pid = node.pid();
+    let (_, baseline) = memory(pid);
+    let _sink = setup.sink_listener().unwrap();
+    let links = loadgen::prepare_links(&setup, &packets, 0..FLOOD)
+        .await
+        .unwrap();
+    loadgen::send(
+        links,
+        Pace::Rate(6000.0),
+        SendTimes::new(FLOOD),
+        Arc::new(SinkStats::default()),
+        Arc::new(AtomicU64::new(0)),
+    )
+    .await;
+    // Every packet is accounted for: held (up to the cap), dropped at the cap, or shed.
+    let counted = || {
+        let drops: std::collections::HashMap<String, u64> =
+            loadgen::drops(setup.node_http).into_iter().collect();
+        let held = loadgen::scrape(setup.node_http)
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("nym_node_delay_queue_packets "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0) as u64;
+        (held, drops)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (held, drops) = loop {
+        let (held, drops) = counted();
+        if held + drops.values().sum::<u64>() >= FLOOD as u64
+            || std::time::Instant::now() > deadline
+        {
+            break (held, drops);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (peak, now) = memory(pid);
+    node.stop();
+    let full = drops.get("delay_queue_full").copied().unwrap_or(0);
+    let shed = drops.get("overload").copied().unwrap_or(0);
+    println!(
+        "delay flood: {FLOOD} packets, held {held}, delay_queue_full {full}, overload {shed}; \
+         RSS baseline {} MB, now {} MB, peak {} MB; per held packet {} B",
+        baseline / 1_000_000,
+        now / 1_000_000,
+        peak / 1_000_000,
+        now.saturating_sub(baseline) / held.max(1)
+    );
+    assert_eq!(held, CAP, "the delay queue filled to its cap");
+    assert_eq!(
+        held + full + shed,
+        FLOOD as u64,
+        "every packet counted: {drops:?}"
+    );
+    assert!(full > 0);
+    let bound = baseline + (CAP + QUEUES) * PER_PACKET;
+    assert!(
+        peak <= bound,
+        "peak RSS {peak} over the stated bound {bound} (baseline {baseline})"
+    );
+}

@@ -479,7 +479,7 @@ impl Cluster {
                     .unwrap()
                     .insert(pod.clone(), obj);
                 s.nodes.entry(pod).or_insert_with(|| FakeNode {
-                    keys: NodeKeys::generate().unwrap(),
+                    keys: NodeKeys::generate(std::time::Duration::from_secs(3600)).unwrap(),
                     loaded: 0,
                     seen: 0,
                     forged: false,
@@ -550,7 +550,11 @@ impl Describer for Cluster {
             )
             .on_topology_revision(node.loaded);
             Some(if node.forged {
-                d.sign(&NodeKeys::generate().ok()?.identity)
+                d.sign(
+                    &NodeKeys::generate(std::time::Duration::from_secs(3600))
+                        .ok()?
+                        .identity,
+                )
             } else {
                 d.sign(&node.keys.identity)
             })

@@ -72,7 +72,7 @@ pub fn render(
                 Some(NodeEntry {
                     name: m.pod.clone(),
                     identity_key: d.identity_key,
-                    sphinx_key: d.sphinx_key,
+                    sphinx_keys: d.sphinx_keys.clone(),
                     noise_key: d.noise_key,
                     mode: m.mode.node_mode(),
                     layer: m.layer,
@@ -126,7 +126,7 @@ mod tests {
     use nym_node::keys::NodeKeys;
 
     pub(crate) fn member(pod: &str, layer: u8, ready: bool) -> (Member, NodeKeys) {
-        let keys = NodeKeys::generate().unwrap();
+        let keys = NodeKeys::generate(std::time::Duration::from_secs(3600)).unwrap();
         let d = Description::new(
             pod,
             nym_node::config::Mode::Mixnode,
@@ -154,7 +154,7 @@ mod tests {
 
     /// An exit pod whose description publishes `requester` as its network requester.
     fn exit(pod: &str, requester: impl Fn(&NodeKeys) -> String) -> Member {
-        let keys = NodeKeys::generate().unwrap();
+        let keys = NodeKeys::generate(std::time::Duration::from_secs(3600)).unwrap();
         let d = Description::new(
             pod,
             nym_node::config::Mode::ExitGateway,
@@ -181,7 +181,7 @@ mod tests {
     #[test]
     fn an_exit_is_listed_with_its_own_network_requester_and_never_with_another_nodes() {
         use nym_node::gateway::network_requester;
-        let stranger = NodeKeys::generate().unwrap();
+        let stranger = NodeKeys::generate(std::time::Duration::from_secs(3600)).unwrap();
         let members = [
             exit("exit-0", |k| {
                 network_requester::address(&k.identity).to_string()

@@ -161,6 +161,9 @@ pub struct ClientConfig {
     /// Where to reach the gateway's client API instead of the topology's address (an exit's
     /// own network requester connects over loopback).
     pub gateway_address: Option<topology::PeerAddress>,
+    /// The directory key the topology must be signed by; `None` accepts any document (a
+    /// signed one must still verify under the key it names).
+    pub topology_signer: Option<KeyBytes>,
 }
 
 impl Default for ClientConfig {
@@ -179,6 +182,7 @@ impl Default for ClientConfig {
             surb_store: None,
             hold_until_consumed: false,
             gateway_address: None,
+            topology_signer: None,
             topology_refresh: Duration::from_secs(30),
         }
     }
@@ -284,7 +288,7 @@ pub struct MixClient {
 impl MixClient {
     /// Loads the topology, connects to the gateway and starts the client task.
     pub async fn start(config: ClientConfig, identity: Identity) -> Result<MixClient, ClientError> {
-        let source = TopologySource::parse(&config.topology);
+        let source = TopologySource::parse(&config.topology).signed_by(config.topology_signer);
         let first = source.load().await?;
         let topology = TopologyHandle::with(first);
         let stop = CancellationToken::new();

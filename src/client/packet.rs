@@ -15,7 +15,7 @@ use sphinx_packet::version::SINGLE_SEED_SURB_VERSION;
 use sphinx_packet::{SURBMaterial, SphinxPacketBuilder, SurbReplyRecovery};
 
 use crate::client::route::Hop;
-use crate::keys::{KeyBytes, NodeId};
+use crate::keys::{KeyBytes, NodeId, key_at, unix_ms};
 use crate::mixnet::sphinx::{IDENTIFIER_SIZE, PACKET_SIZE, PAYLOAD_SIZE, PacketBytes};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,14 +41,28 @@ pub fn sample_delays(route_len: usize, mean: Duration) -> Vec<Duration> {
     delays
 }
 
-fn nodes(route: &[Hop]) -> Vec<Node> {
+/// Time allowed for a packet to cross one link (the key choice only has to land on the
+/// right side of an epoch boundary, and the node's overlap absorbs the rest).
+const LINK_ALLOWANCE: Duration = Duration::from_millis(50);
+
+/// The Sphinx nodes of `route`, each hop encrypted to its key valid when the packet
+/// reaches it: now, plus the delays of the hops before it, plus a link crossing per hop.
+fn nodes(route: &[Hop], delays: &[Duration]) -> Result<Vec<Node>, PacketError> {
+    let mut arrival = Duration::from_millis(unix_ms());
     route
         .iter()
-        .map(|h| {
-            Node::new(
+        .enumerate()
+        .map(|(i, h)| {
+            arrival += LINK_ALLOWANCE;
+            if i > 0 {
+                arrival += delays.get(i - 1).copied().unwrap_or_default();
+            }
+            let key = key_at(&h.sphinx_keys, arrival.as_millis() as u64)
+                .ok_or_else(|| PacketError(format!("{} publishes no Sphinx key", h.identity)))?;
+            Ok(Node::new(
                 NodeAddressBytes::from_bytes(h.identity.0),
-                x25519_dalek::PublicKey::from(h.sphinx_key.0),
-            )
+                x25519_dalek::PublicKey::from(key.0),
+            ))
         })
         .collect()
 }
@@ -77,7 +91,12 @@ pub fn build_forward(
     );
     let packet = SphinxPacketBuilder::new()
         .with_payload_size(PAYLOAD_SIZE)
-        .build_packet(plaintext, &nodes(route), &dest, &sphinx_delays(delays))
+        .build_packet(
+            plaintext,
+            &nodes(route, delays)?,
+            &dest,
+            &sphinx_delays(delays),
+        )
         .map_err(|e| PacketError(e.to_string()))?;
     let bytes: [u8; PACKET_SIZE] = packet
         .to_bytes()
@@ -95,7 +114,7 @@ pub fn build_surb(
     delays: &[Duration],
 ) -> Result<(Vec<u8>, SurbReplyRecovery), PacketError> {
     let material = SURBMaterial::new(
-        nodes(route),
+        nodes(route, delays)?,
         sphinx_delays(delays),
         Destination::new(
             DestinationAddressBytes::from_bytes(destination.0),

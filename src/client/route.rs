@@ -3,21 +3,22 @@
 
 use rand::seq::IndexedRandom;
 
-use crate::keys::{KeyBytes, NodeId};
+use crate::keys::{EpochKey, NodeId};
 use crate::topology::{MIX_LAYERS, NodeEntry, Topology};
 
-/// One hop of a route: who it is and the key its layer is encrypted to.
+/// One hop of a route: who it is and the keys its layer may be encrypted to (the packet
+/// builder picks the one valid when the packet gets there).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hop {
     pub identity: NodeId,
-    pub sphinx_key: KeyBytes,
+    pub sphinx_keys: Vec<EpochKey>,
 }
 
 impl From<&NodeEntry> for Hop {
     fn from(n: &NodeEntry) -> Self {
         Hop {
             identity: n.identity_key,
-            sphinx_key: n.sphinx_key,
+            sphinx_keys: n.sphinx_keys.clone(),
         }
     }
 }
@@ -81,13 +82,14 @@ pub fn choose_gateway(topology: &Topology) -> Result<&NodeEntry, RouteError> {
 mod tests {
     use super::*;
     use crate::config::Mode;
+    use crate::keys::KeyBytes;
     use crate::topology::TopologyDocument;
 
     fn entry(seed: u8, mode: Mode, layer: Option<u8>, serving: bool) -> NodeEntry {
         NodeEntry {
             name: format!("n{seed}"),
             identity_key: KeyBytes([seed; 32]),
-            sphinx_key: KeyBytes([seed; 32]),
+            sphinx_keys: vec![EpochKey::always(KeyBytes([seed; 32]))],
             noise_key: KeyBytes([seed.wrapping_add(100); 32]),
             mode,
             layer,
@@ -102,7 +104,7 @@ mod tests {
     #[test]
     fn one_serving_node_per_layer_then_the_gateway() {
         let t = Topology::from_document(TopologyDocument {
-            schema: 1,
+            schema: crate::topology::SCHEMA_VERSION,
             revision: 1,
             nodes: vec![
                 entry(1, Mode::Mixnode, Some(1), true),
@@ -128,7 +130,7 @@ mod tests {
     #[test]
     fn a_retry_avoids_the_mixes_of_the_lost_attempt_where_it_can() {
         let t = Topology::from_document(TopologyDocument {
-            schema: 1,
+            schema: crate::topology::SCHEMA_VERSION,
             revision: 1,
             nodes: vec![
                 entry(1, Mode::Mixnode, Some(1), true),
@@ -151,7 +153,7 @@ mod tests {
     #[test]
     fn empty_layer_is_an_error() {
         let t = Topology::from_document(TopologyDocument {
-            schema: 1,
+            schema: crate::topology::SCHEMA_VERSION,
             revision: 1,
             nodes: vec![
                 entry(1, Mode::Mixnode, Some(1), true),

@@ -301,7 +301,9 @@ mod tests {
         let recipient = ClientAddress::of(&id, crate::keys::KeyBytes([7; 32]));
         let hop = crate::client::route::Hop {
             identity: crate::keys::KeyBytes([9; 32]),
-            sphinx_key: crate::keys::KeyBytes([9; 32]),
+            sphinx_keys: vec![crate::keys::EpochKey::always(crate::keys::KeyBytes(
+                [9; 32],
+            ))],
         };
         let route = vec![hop; 2];
         let (_, recovery) = crate::client::packet::build_surb(

@@ -21,7 +21,7 @@ use crate::client::{
 };
 use crate::dns::Resolver;
 use crate::gateway::exit_policy::ExitPolicy;
-use crate::keys::Identity;
+use crate::keys::{Identity, KeyBytes};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::stream::relay::{ByteCounters, End, Outgoing, Settings as RelaySettings, Stream};
@@ -157,6 +157,8 @@ pub struct NetworkRequester {
     pub exit: Arc<Exit>,
     pub identity: Identity,
     pub topology: String,
+    /// The directory key the node's topology is signed by.
+    pub topology_signer: Option<KeyBytes>,
     pub gateway: crate::keys::NodeId,
     /// The gateway's own client API, reached over loopback.
     pub gateway_address: PeerAddress,
@@ -169,6 +171,7 @@ impl NetworkRequester {
         loop {
             let config = ClientConfig {
                 topology: self.topology.clone(),
+                topology_signer: self.topology_signer,
                 gateway: Some(self.gateway),
                 gateway_address: Some(self.gateway_address.clone()),
                 // It answers at once: its packets are replies through clients' SURBs, whose

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::Mode;
-use crate::keys::{Identity, KeyBytes, PublicKeys, verify_signature};
+use crate::keys::{EpochKey, Identity, KeyBytes, PublicKeys, verify_signature};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Description {
@@ -16,7 +16,8 @@ pub struct Description {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layer: Option<u8>,
     pub identity_key: KeyBytes,
-    pub sphinx_key: KeyBytes,
+    /// The Sphinx keys of the current and the next epoch, each with its window.
+    pub sphinx_keys: Vec<EpochKey>,
     pub noise_key: KeyBytes,
     pub mixnet_address: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -55,7 +56,7 @@ impl Description {
             mode,
             layer,
             identity_key: keys.identity_key,
-            sphinx_key: keys.sphinx_key,
+            sphinx_keys: keys.sphinx_keys,
             noise_key: keys.noise_key,
             mixnet_address,
             client_address,
@@ -116,7 +117,7 @@ mod tests {
 
     #[test]
     fn signature_verifies_and_breaks_when_changed() {
-        let keys = NodeKeys::generate().unwrap();
+        let keys = NodeKeys::generate(std::time::Duration::from_secs(3600)).unwrap();
         let d = Description::new(
             "mix1",
             Mode::Mixnode,
@@ -139,7 +140,11 @@ mod tests {
         older.description.topology_revision = 6;
         assert!(!older.verify());
         let mut other_key = signed;
-        other_key.description.identity_key = NodeKeys::generate().unwrap().public().identity_key;
+        other_key.description.identity_key =
+            NodeKeys::generate(std::time::Duration::from_secs(3600))
+                .unwrap()
+                .public()
+                .identity_key;
         assert!(!other_key.verify());
     }
 }

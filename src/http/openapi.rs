@@ -61,13 +61,26 @@ pub fn document() -> Value {
                     "properties": {
                         "description": {
                             "type": "object",
-                            "required": ["name", "mode", "identity_key", "sphinx_key", "noise_key", "mixnet_address", "http_address", "version", "topology_revision"],
+                            "required": ["name", "mode", "identity_key", "sphinx_keys", "noise_key", "mixnet_address", "http_address", "version", "topology_revision"],
                             "properties": {
                                 "name": { "type": "string" },
                                 "mode": { "type": "string", "enum": ["mixnode", "entry-gateway", "exit-gateway"] },
                                 "layer": { "type": "integer", "minimum": 1, "maximum": 3 },
                                 "identity_key": key,
-                                "sphinx_key": key,
+                                "sphinx_keys": {
+                                    "type": "array",
+                                    "description": "Sphinx keys of the current and the next epoch",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["epoch", "valid_from_ms", "valid_until_ms", "key"],
+                                        "properties": {
+                                            "epoch": { "type": "integer", "minimum": 0 },
+                                            "valid_from_ms": { "type": "integer", "minimum": 0 },
+                                            "valid_until_ms": { "type": "integer", "minimum": 0 },
+                                            "key": key
+                                        }
+                                    }
+                                },
                                 "noise_key": key,
                                 "mixnet_address": { "type": "string" },
                                 "client_address": { "type": "string" },

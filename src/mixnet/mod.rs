@@ -4,6 +4,7 @@
 
 pub mod delay;
 pub mod egress;
+pub mod epochs;
 pub mod forward;
 pub mod framing;
 pub mod ingress;

@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use sphinx_packet::header::HEADER_SIZE;
-use sphinx_packet::header::SphinxHeader;
-use sphinx_packet::{ProcessedPacketData, SphinxPacket};
-use x25519_dalek::StaticSecret;
+use std::sync::Arc;
 
-use crate::keys::{KeyBytes, NodeId};
+use sphinx_packet::header::HEADER_SIZE;
+use sphinx_packet::{ProcessedPacketData, SphinxPacket};
+
+use crate::keys::{KeyBytes, NodeId, unix_ms};
 use crate::metrics::DropReason;
-use crate::mixnet::replay::ReplayFilter;
+use crate::mixnet::epochs::KeyRing;
 
 /// Bytes of a Sphinx payload: fixed by the protocol so every packet has the same size.
 pub const PAYLOAD_SIZE: usize = 2048;
@@ -52,6 +52,8 @@ pub enum Rejection {
     Malformed(String),
     #[error("replayed packet")]
     Replay,
+    #[error("packet is for none of this node's live Sphinx keys (expired or unknown)")]
+    ExpiredKey,
     #[error("delay {0:?} exceeds the cap")]
     ExcessiveDelay(Duration),
 }
@@ -61,55 +63,59 @@ impl Rejection {
         match self {
             Rejection::Malformed(_) => DropReason::MalformedPacket,
             Rejection::Replay => DropReason::Replay,
+            Rejection::ExpiredKey => DropReason::ExpiredKey,
             Rejection::ExcessiveDelay(_) => DropReason::ExcessiveDelay,
         }
     }
 }
 
-/// Unwraps packets with this node's Sphinx key. Shared by all workers.
+/// Unwraps packets with this node's live Sphinx keys. Shared by all workers.
 pub struct SphinxProcessor {
-    secret: StaticSecret,
-    replay: ReplayFilter,
+    keys: Arc<KeyRing>,
     max_delay: Duration,
-    /// Replay tag produced by an all-zero Diffie-Hellman output: every low-order group
-    /// element gives it, and such a packet must not be processed (the crate does not check).
-    low_order_tag: [u8; 32],
 }
 
 impl SphinxProcessor {
-    pub fn new(secret: StaticSecret, max_delay: Duration, replay_capacity: usize) -> Self {
-        // u = 0 is a low-order point: x25519 with it yields the all-zero output.
-        let low_order_tag = SphinxHeader::from_bytes(&[0u8; HEADER_SIZE])
-            .map(|h| *h.compute_expanded_shared_secret(&secret).replay_tag())
-            .unwrap_or([0u8; 32]);
-        SphinxProcessor {
-            secret,
-            replay: ReplayFilter::new(replay_capacity),
-            max_delay,
-            low_order_tag,
-        }
+    pub fn new(keys: Arc<KeyRing>, max_delay: Duration) -> Self {
+        SphinxProcessor { keys, max_delay }
     }
 
-    /// Unwraps one packet. The Diffie-Hellman is done once: its expansion gives the replay
-    /// tag, a packet whose tag was seen is dropped before the rest of the work, and the tag
-    /// is recorded only once the packet has been authenticated and processed, so garbage
-    /// cannot fill the filter. Two copies racing on different workers are settled by the
-    /// final insert: only one of them is forwarded.
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.keys
+    }
+
+    /// Unwraps one packet. The key valid now is tried first; only packets near an epoch
+    /// boundary need a second Diffie-Hellman. A key is the packet's when the header's MAC
+    /// verifies under it; one under no live key is [`Rejection::ExpiredKey`]. The replay tag
+    /// is checked before the rest of the work and recorded only once the packet has been
+    /// processed, so garbage cannot fill the filter; of two copies racing on different
+    /// workers, the final insert lets only one through.
     pub fn process(&self, bytes: &[u8; PACKET_SIZE]) -> Result<Processed, Rejection> {
         let packet =
             SphinxPacket::from_bytes(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
-        let secret = packet.header.compute_expanded_shared_secret(&self.secret);
-        let tag = *secret.replay_tag();
-        if tag == self.low_order_tag {
-            return Err(Rejection::Malformed("low-order group element".into()));
+        let live = self.keys.live(unix_ms());
+        let mut found = None;
+        for key in live.iter() {
+            let secret = packet.header.compute_expanded_shared_secret(&key.secret);
+            if secret.replay_tag() == &key.low_order_tag {
+                return Err(Rejection::Malformed("low-order group element".into()));
+            }
+            if packet.header.ensure_header_integrity(&secret).is_ok() {
+                found = Some((key, secret));
+                break;
+            }
         }
-        if self.replay.contains(&tag) {
+        let Some((key, secret)) = found else {
+            return Err(Rejection::ExpiredKey);
+        };
+        let tag = *secret.replay_tag();
+        if key.filter.contains(&tag) {
             return Err(Rejection::Replay);
         }
         let processed = packet
             .process_with_expanded_secret(&secret)
             .map_err(|e| Rejection::Malformed(e.to_string()))?;
-        if !self.replay.check_and_insert(&tag) {
+        if !key.filter.check_and_insert(&tag) {
             return Err(Rejection::Replay);
         }
         match processed.data {
@@ -147,10 +153,6 @@ impl SphinxProcessor {
             })),
         }
     }
-
-    pub fn replay_entries(&self) -> usize {
-        self.replay.len()
-    }
 }
 
 #[cfg(test)]
@@ -161,6 +163,13 @@ mod tests {
     use sphinx_packet::SphinxPacketBuilder;
     use sphinx_packet::header::delays::Delay;
     use sphinx_packet::route::{Destination, DestinationAddressBytes, Node, NodeAddressBytes};
+
+    fn processor(key: &X25519, max_delay: Duration) -> SphinxProcessor {
+        SphinxProcessor::new(
+            Arc::new(KeyRing::fixed(key.secret().clone(), 100_000)),
+            max_delay,
+        )
+    }
 
     fn build(route: &[(&X25519, [u8; 32])], delays_ms: &[u64], message: &[u8]) -> PacketBytes {
         let nodes: Vec<Node> = route
@@ -188,8 +197,8 @@ mod tests {
     #[test]
     fn forward_then_final_then_replay() {
         let (k1, k2) = (X25519::generate().unwrap(), X25519::generate().unwrap());
-        let p1 = SphinxProcessor::new(k1.secret().clone(), Duration::from_secs(10), 10_000);
-        let p2 = SphinxProcessor::new(k2.secret().clone(), Duration::from_secs(10), 10_000);
+        let p1 = processor(&k1, Duration::from_secs(10));
+        let p2 = processor(&k2, Duration::from_secs(10));
         let packet = build(&[(&k1, [1; 32]), (&k2, [2; 32])], &[25, 0], b"hello mixnet");
 
         let Processed::Forward {
@@ -219,7 +228,7 @@ mod tests {
     #[test]
     fn excessive_delay_is_rejected() {
         let (k1, k2) = (X25519::generate().unwrap(), X25519::generate().unwrap());
-        let p1 = SphinxProcessor::new(k1.secret().clone(), Duration::from_secs(1), 10_000);
+        let p1 = processor(&k1, Duration::from_secs(1));
         let packet = build(&[(&k1, [1; 32]), (&k2, [2; 32])], &[5_000, 0], b"x");
         assert!(matches!(
             p1.process(&packet),
@@ -228,12 +237,50 @@ mod tests {
     }
 
     #[test]
-    fn corrupted_header_and_low_order_points_are_malformed() {
+    fn the_matching_live_key_is_found_and_a_foreign_one_is_expired() {
+        use crate::keys::{EpochSchedule, SphinxSeed};
+        use crate::mixnet::epochs::EpochSettings;
+        let dir = tempfile::tempdir().unwrap();
+        let schedule = EpochSchedule::new(Duration::from_secs(3600));
+        let seed = SphinxSeed::generate(&schedule).unwrap();
+        let e = seed.epoch();
+        let (ring, _) = KeyRing::open(
+            EpochSettings {
+                schedule,
+                overlap: Duration::from_secs(60),
+                filter_capacity: 1000,
+                filter_fp_rate: 1e-6,
+                seed_path: dir.path().join("sphinx.key"),
+                filter_dir: dir.path().join("replay"),
+            },
+            seed.clone(),
+            crate::keys::unix_ms(),
+        )
+        .unwrap();
+        let p = SphinxProcessor::new(Arc::new(ring), Duration::from_secs(10));
+        let next = seed.key(e + 1).unwrap();
+        let other = X25519::generate().unwrap();
+        // Built for the next epoch's key (published ahead): found on the second try.
+        let packet = build(&[(&next, [1; 32]), (&other, [2; 32])], &[1, 0], b"x");
+        assert!(matches!(p.process(&packet), Ok(Processed::Forward { .. })));
+        assert!(matches!(p.process(&packet), Err(Rejection::Replay)));
+        // Built for a key this node does not hold (retired, or never its own).
+        let foreign = build(&[(&other, [1; 32]), (&next, [2; 32])], &[1, 0], b"x");
+        assert!(matches!(p.process(&foreign), Err(Rejection::ExpiredKey)));
+        // The current epoch's key is the first tried.
+        let packet = build(&[(&seed.key(e).unwrap(), [1; 32])], &[0], b"x");
+        assert!(matches!(p.process(&packet), Ok(Processed::Final(_))));
+    }
+
+    #[test]
+    fn corrupted_headers_authenticate_under_no_key_and_low_order_points_are_malformed() {
         let (k1, k2) = (X25519::generate().unwrap(), X25519::generate().unwrap());
-        let p1 = SphinxProcessor::new(k1.secret().clone(), Duration::from_secs(1), 10_000);
+        let p1 = processor(&k1, Duration::from_secs(1));
         let mut packet = build(&[(&k1, [1; 32]), (&k2, [2; 32])], &[1, 0], b"x");
         packet[40] ^= 0x80;
-        assert!(matches!(p1.process(&packet), Err(Rejection::Malformed(_))));
+        // Links are authenticated, so a header whose MAC fails under every live key was
+        // built for a key this node does not hold.
+        assert!(matches!(p1.process(&packet), Err(Rejection::ExpiredKey)));
         let mut low = packet.clone();
         low[..32].copy_from_slice(&[0u8; 32]);
         assert!(matches!(p1.process(&low), Err(Rejection::Malformed(_))));
@@ -243,7 +290,7 @@ mod tests {
 
     fn fixture() -> (SphinxProcessor, PacketBytes) {
         let (k1, k2) = (X25519::generate().unwrap(), X25519::generate().unwrap());
-        let p = SphinxProcessor::new(k1.secret().clone(), Duration::from_secs(10), 100_000);
+        let p = processor(&k1, Duration::from_secs(10));
         let packet = build(&[(&k1, [1; 32]), (&k2, [2; 32])], &[1, 0], b"fuzz");
         (p, packet)
     }

@@ -46,7 +46,7 @@ impl Member {
     pub fn hop(&self) -> Hop {
         Hop {
             identity: self.entry.identity_key,
-            sphinx_key: self.entry.sphinx_key,
+            sphinx_keys: self.entry.sphinx_keys.clone(),
         }
     }
 }
@@ -92,7 +92,10 @@ impl Net {
         let mut listeners: HashMap<String, Listeners> = HashMap::new();
         let mut sinks = HashMap::new();
         for (name, role) in spec {
-            let keys = NodeKeys::generate().unwrap();
+            // Keys rotate at the interval the member's node will run with.
+            let mut probe = base_config(dir.path(), name, Mode::Mixnode, &topology_path);
+            tweak(name, &mut probe);
+            let keys = NodeKeys::generate(probe.key_rotation_interval.get()).unwrap();
             let (mode, layer, mixnet_address, client_address, http_address) = match role {
                 Role::Node(mode, layer) => {
                     let l = Listeners {
@@ -142,7 +145,7 @@ impl Net {
                 entry: NodeEntry {
                     name: name.to_string(),
                     identity_key: public.identity_key,
-                    sphinx_key: public.sphinx_key,
+                    sphinx_keys: public.sphinx_keys,
                     noise_key: public.noise_key,
                     mode,
                     layer,
@@ -198,7 +201,7 @@ impl Net {
     /// Writes the topology document from the members' entries.
     pub fn write_topology(&self, revision: u64) {
         let doc = TopologyDocument {
-            schema: 1,
+            schema: nym_node::topology::SCHEMA_VERSION,
             revision,
             nodes: self.members.iter().map(|m| m.entry.clone()).collect(),
         };
@@ -207,6 +210,25 @@ impl Net {
             serde_json::to_vec_pretty(&doc).unwrap(),
         )
         .unwrap();
+    }
+
+    /// Publishes each member's Sphinx keys of this epoch and the next again, as a directory
+    /// does at every epoch boundary: nodes' from the seed they keep on disk (they ratchet
+    /// it), the others' from memory.
+    pub fn republish(&mut self, revision: u64) {
+        for m in &mut self.members {
+            let seed_path = self
+                .dir
+                .path()
+                .join(&m.name)
+                .join("keys")
+                .join("sphinx.key");
+            if let Ok(seed) = nym_node::keys::SphinxSeed::load(&seed_path) {
+                m.keys.sphinx = seed;
+            }
+            m.entry.sphinx_keys = m.keys.public().sphinx_keys;
+        }
+        self.write_topology(revision);
     }
 
     pub fn member(&self, name: &str) -> &Member {
@@ -281,6 +303,44 @@ impl Net {
                 )
             })
             .collect()
+    }
+
+    /// Stops node `name` (a drain with its short grace) and starts it again on the same
+    /// addresses, keys and data directory, configured by `tweak` as at the start.
+    pub async fn restart(&mut self, name: &str, tweak: impl Fn(&str, &mut Config)) {
+        let old = self
+            .nodes
+            .remove(name)
+            .unwrap_or_else(|| panic!("no node {name}"));
+        let (mixnet, http, client) = (old.mixnet_addr, old.http_addr, old.client_addr);
+        old.shutdown.stop();
+        old.wait().await;
+        let member = self.member(name);
+        let Role::Node(mode, _) = member.role else {
+            panic!("{name} is not a node")
+        };
+        let listeners = Listeners {
+            mixnet: TcpListener::bind(mixnet).await.unwrap(),
+            http: TcpListener::bind(http).await.unwrap(),
+            client: match client {
+                Some(c) => Some(TcpListener::bind(c).await.unwrap()),
+                None => None,
+            },
+        };
+        let mut config = base_config(self.dir.path(), name, mode, &self.topology_path);
+        tweak(name, &mut config);
+        let running = node::start(config, member.keys.clone(), listeners, TestHooks::default())
+            .await
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || running
+                .health
+                .readiness()
+                .is_ok())
+            .await,
+            "{name} not ready after its restart"
+        );
+        self.nodes.insert(name.to_string(), running);
     }
 
     /// Stops every node (drain with a short grace) and waits for them.

@@ -1,0 +1,205 @@
+//! Sphinx key epochs over real sockets: traffic keeps flowing while every node rotates its
+//! key, a packet replayed after a restart is still a replay, and a packet for a key past
+//! its overlap is refused as `expired_key`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use nym_node::client::{ClientConfig, Event, MixClient};
+use nym_node::config::{Config, DurationKnob, Mode};
+use nym_node::keys::{EpochSchedule, Identity, KeyBytes, unix_ms};
+use nym_node::metrics::DropReason;
+
+const INTERVAL: Duration = Duration::from_secs(3);
+const OVERLAP: Duration = Duration::from_millis(1200);
+
+/// Short epochs: the overlap must cover 4 x the largest delay + the topology refresh.
+fn rotating(_: &str, config: &mut Config) {
+    config.key_rotation_interval = DurationKnob(INTERVAL);
+    config.key_overlap = DurationKnob(OVERLAP);
+    config.max_packet_delay = DurationKnob(Duration::from_millis(200));
+    config.replay_filter_rate = 100;
+}
+
+fn schedule() -> EpochSchedule {
+    EpochSchedule::new(INTERVAL)
+}
+
+/// Sleeps until `ms` past the start of the next epoch.
+async fn just_after_next_boundary(ms: u64) -> u64 {
+    let now = unix_ms();
+    let next = schedule().epoch_at(now) + 1;
+    tokio::time::sleep(Duration::from_millis(schedule().start_ms(next) + ms - now)).await;
+    next
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_flows_across_three_key_rotations_without_loss() {
+    let mut net = Net::start(&three_layers(), rotating, no_hooks).await;
+    let gateway = net.member("gateway").entry.identity_key;
+    // No acknowledgements and so no retransmission: a packet lost is a message lost.
+    let config = ClientConfig {
+        topology: net.topology_path.display().to_string(),
+        gateway: Some(gateway),
+        mean_delay: Duration::from_millis(10),
+        cover_rate: 0.0,
+        acks: false,
+        topology_refresh: Duration::from_millis(200),
+        ..ClientConfig::default()
+    };
+    let mut receiver = MixClient::start(config.clone(), Identity::generate().unwrap())
+        .await
+        .unwrap();
+    let to = receiver.address();
+    let sender = MixClient::start(config, Identity::generate().unwrap())
+        .await
+        .unwrap();
+
+    let first = schedule().epoch_at(unix_ms());
+    let collector = tokio::spawn(async move {
+        let mut got: HashMap<Vec<u8>, usize> = HashMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, receiver.next_event()).await {
+            if let Event::Received { body, .. } = event {
+                let done = body == b"end";
+                *got.entry(body).or_default() += 1;
+                if done {
+                    break;
+                }
+            }
+        }
+        got
+    });
+
+    // One message every 100 ms until three boundaries have passed and their overlaps ended;
+    // the directory's part (republishing each node's next key) is done after each boundary.
+    let mut published = first;
+    let mut revision = 1;
+    let mut sent = 0u32;
+    loop {
+        let now = unix_ms();
+        let epoch = schedule().epoch_at(now);
+        if epoch > published && now >= schedule().start_ms(epoch) + 200 {
+            revision += 1;
+            net.republish(revision);
+            published = epoch;
+        }
+        if epoch >= first + 3 && now > schedule().start_ms(first + 3) + OVERLAP.as_millis() as u64 {
+            break;
+        }
+        sender
+            .send(to, format!("message {sent}").into_bytes(), 0)
+            .await
+            .unwrap();
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Mixing may reorder: the end marker goes a second after the last message.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sender.send(to, b"end".to_vec(), 0).await.unwrap();
+    let got = collector.await.unwrap();
+
+    let missing: Vec<u32> = (0..sent)
+        .filter(|i| got.get(format!("message {i}").as_bytes()) != Some(&1))
+        .collect();
+    let drops: Vec<(String, DropReason, u64)> = net
+        .nodes
+        .iter()
+        .flat_map(|(name, n)| {
+            DropReason::ALL
+                .iter()
+                .map(|r| (name.clone(), *r, n.metrics.drop_count(*r)))
+                .filter(|(.., c)| *c > 0)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {sent} messages not received exactly once: {missing:?}; first epoch {first}; drops {drops:?}",
+        missing.len()
+    );
+    assert!(sent >= 50, "{sent}");
+    for (name, node) in &net.nodes {
+        let m = &node.metrics;
+        assert_eq!(m.drop_count(DropReason::ExpiredKey), 0, "{name}");
+        assert_eq!(m.drop_count(DropReason::Replay), 0, "{name}");
+        // Every node retired the key of the first epoch, then the next two.
+        assert!(
+            m.sphinx_keys_retired.get() >= 3,
+            "{name}: {}",
+            m.sphinx_keys_retired.get()
+        );
+        assert_eq!(
+            m.sphinx_key_epoch.get() as u64,
+            schedule().epoch_at(unix_ms()),
+            "{name}"
+        );
+    }
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_after_a_restart_is_caught_and_a_key_past_its_overlap_is_refused() {
+    let spec = [
+        ("peer", Role::Peer),
+        ("mix", Role::Node(Mode::Mixnode, Some(1))),
+        ("next", Role::Sink(Some(2))),
+    ];
+    let mut net = Net::start(&spec, rotating, no_hooks).await;
+    let mut sink = net.take_sink("next");
+    // Early in an epoch, so the restart happens while the packet's key is current.
+    let epoch = just_after_next_boundary(100).await;
+    net.republish(2);
+    let captured = net.packet(
+        &["mix", "next"],
+        KeyBytes([3; 32]),
+        b"captured",
+        &[Duration::ZERO; 2],
+    );
+    let mut link = net.link("peer", "mix").await;
+    link.send_packet(&captured).await.unwrap();
+    assert!(
+        sink.next(Duration::from_secs(5)).await.is_some(),
+        "the original is forwarded"
+    );
+
+    // A drain saves the filters; the restarted node loads them.
+    net.restart("mix", rotating).await;
+    assert_eq!(
+        schedule().epoch_at(unix_ms()),
+        epoch,
+        "the restart outlasted the epoch"
+    );
+    let mut link = net.link("peer", "mix").await;
+    link.send_packet(&captured).await.unwrap();
+    let m = net.node("mix").metrics.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || m.drop_count(DropReason::Replay)
+            == 1)
+        .await,
+        "the replay after the restart was not caught"
+    );
+    assert!(sink.next(Duration::from_millis(500)).await.is_none());
+
+    // Once the epoch and its overlap are over, the key is gone: the packet is not for any
+    // key the node holds.
+    let gone = schedule().end_ms(epoch) + OVERLAP.as_millis() as u64 + 300;
+    tokio::time::sleep(Duration::from_millis(gone.saturating_sub(unix_ms()))).await;
+    link.send_packet(&captured).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || m
+            .drop_count(DropReason::ExpiredKey)
+            == 1)
+        .await,
+        "a packet for a retired key was not refused as expired_key"
+    );
+    assert_eq!(m.drop_count(DropReason::Replay), 1);
+    assert!(sink.next(Duration::from_millis(500)).await.is_none());
+    // Its filter went with it.
+    let filters = net.dir.path().join("mix").join("replay");
+    assert!(!filters.join(format!("epoch-{epoch}.bloom")).exists());
+    net.stop().await;
+}
