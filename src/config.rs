@@ -360,22 +360,11 @@ impl Config {
         if raw.is_empty() {
             return Ok(None);
         }
-        let text = if raw.contains('/') {
-            std::fs::read_to_string(raw).map_err(|e| ConfigError::Invalid {
-                var: env_name("topology_signer"),
-                message: format!("reading {raw}: {e}"),
-            })?
-        } else {
-            raw.to_string()
-        };
-        text.trim()
-            .parse()
+        crate::keys::key_or_file(raw)
             .map(Some)
-            .map_err(|e| ConfigError::Invalid {
+            .map_err(|message| ConfigError::Invalid {
                 var: env_name("topology_signer"),
-                message: format!(
-                    "not an ed25519 public key (base58, or a file path holding one): {e}"
-                ),
+                message,
             })
     }
 

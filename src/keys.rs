@@ -97,6 +97,19 @@ impl<'de> serde::Deserialize<'de> for KeyBytes {
     }
 }
 
+/// A public key given as base58, or as the path of a file holding it (a value with a `/`).
+pub fn key_or_file(raw: &str) -> Result<KeyBytes, String> {
+    let raw = raw.trim();
+    let text = if raw.contains('/') {
+        fs::read_to_string(raw).map_err(|e| format!("reading {raw}: {e}"))?
+    } else {
+        raw.to_string()
+    };
+    text.trim()
+        .parse()
+        .map_err(|e| format!("not a base58 public key (or a file holding one): {e}"))
+}
+
 /// Fills a fresh 32-byte secret from the OS.
 pub fn random_bytes() -> Result<[u8; 32], KeyError> {
     let mut b = [0u8; 32];
@@ -107,6 +120,12 @@ pub fn random_bytes() -> Result<[u8; 32], KeyError> {
 /// An ed25519 identity key pair.
 #[derive(Clone)]
 pub struct Identity(SigningKey);
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Identity({})", self.public().short())
+    }
+}
 
 impl Identity {
     pub fn generate() -> Result<Self, KeyError> {
@@ -149,6 +168,42 @@ impl Identity {
     /// Loads an identity, refusing a file others can read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         Ok(Identity::from_secret(read_secret(path)?))
+    }
+
+    /// An identity from the text of a key file: base58 as [`write`](Self::write) writes it,
+    /// or a PKCS#8 PEM ed25519 private key (what Helm's `genPrivateKey "ed25519"` and
+    /// OpenSSL write). Where the file lives and who may read it is the caller's concern.
+    pub fn from_key_text(text: &str) -> Option<Self> {
+        if text.trim_start().starts_with("-----BEGIN") {
+            return Self::from_pkcs8_pem(text);
+        }
+        text.trim()
+            .parse::<KeyBytes>()
+            .ok()
+            .map(|k| Identity::from_secret(k.0))
+    }
+
+    /// The 32-byte seed of a PKCS#8 v1 ed25519 key: its DER is always these 16 bytes and
+    /// then the seed (RFC 8410).
+    fn from_pkcs8_pem(text: &str) -> Option<Self> {
+        use base64::Engine;
+        const PREFIX: [u8; 16] = [
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        let body: String = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with("-----") && !l.is_empty())
+            .collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .ok()?;
+        if der.len() != 48 || der[..16] != PREFIX {
+            return None;
+        }
+        let seed: [u8; 32] = der[16..].try_into().ok()?;
+        Some(Identity::from_secret(seed))
     }
 }
 
@@ -639,6 +694,23 @@ mod tests {
             .write(dir.path())
             .unwrap_err();
         assert!(matches!(err, KeyError::Exists(_)));
+    }
+
+    #[test]
+    fn a_pkcs8_pem_key_loads_as_its_seed() {
+        // RFC 8410 section 10.3's example private key.
+        let pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC\n-----END PRIVATE KEY-----\n";
+        let id = Identity::from_key_text(pem).unwrap();
+        assert_eq!(
+            id.secret_bytes()[..4],
+            [0xd4, 0xee, 0x72, 0xdb],
+            "the seed follows the 16-byte PKCS#8 prefix"
+        );
+        // The base58 form reads through the same call.
+        let b58 = bs58::encode(id.secret_bytes()).into_string();
+        assert_eq!(Identity::from_key_text(&b58).unwrap().public(), id.public());
+        let broken = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        assert!(Identity::from_key_text(broken).is_none());
     }
 
     #[test]

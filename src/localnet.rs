@@ -187,14 +187,15 @@ pub fn publish(
     }
     let previous = std::fs::read(&path)
         .ok()
-        .and_then(|b| serde_json::from_slice::<TopologyDocument>(&b).ok())
-        .map_or(0, |d| d.revision);
+        .and_then(|b| crate::topology::Topology::parse(&b).ok())
+        .map_or(0, |t| t.revision());
     let doc = TopologyDocument {
         schema: SCHEMA_VERSION,
         revision: previous + 1,
         nodes: entries,
     };
-    let json = serde_json::to_vec_pretty(&doc).map_err(|e| LocalnetError::Other(e.to_string()))?;
+    let json = crate::topology::sign_document(&doc, &directory_identity(dir)?)
+        .map_err(|e| LocalnetError::Other(e.to_string()))?;
     // Readers reload on their own schedule: never let them see half a document.
     let tmp = dir.join(".topology.json.tmp");
     std::fs::write(&tmp, json).map_err(io(&tmp))?;
@@ -212,6 +213,26 @@ pub fn rotation_from_env() -> Result<Duration, LocalnetError> {
         Err(_) => Ok(crate::config::Config::default().key_rotation_interval.get()),
     }
 }
+
+/// The local directory's signing key, `DIR/directory.key` (created on first use, with its
+/// public half in `DIR/directory.pub` for nodes and clients to be configured with).
+pub fn directory_identity(dir: &Path) -> Result<Identity, LocalnetError> {
+    let path = dir.join(DIRECTORY_KEY);
+    let identity = if path.exists() {
+        Identity::load(&path)?
+    } else {
+        let id = Identity::generate()?;
+        id.write(&path)?;
+        id
+    };
+    let public = dir.join(DIRECTORY_PUB);
+    std::fs::write(&public, format!("{}\n", identity.public()))
+        .map_err(|e| LocalnetError::Io(public.display().to_string(), e))?;
+    Ok(identity)
+}
+
+const DIRECTORY_KEY: &str = "directory.key";
+const DIRECTORY_PUB: &str = "directory.pub";
 
 /// The directory's job for a local network: republishes the topology just after every
 /// Sphinx key epoch boundary (each node's next key is then one epoch ahead again), until
@@ -291,6 +312,13 @@ pub fn node_env(node: &LocalNode, topology: &Path) -> Vec<(String, String)> {
     env.push(("NYM_NODE_SPHINX_WORKERS", "1".into()));
     env.push(("NYM_NODE_RUNTIME_THREADS", "1".into()));
     let mut env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    // The topology beside it is signed by the directory key beside it.
+    if let Ok(directory) = Identity::load(&topology.with_file_name(DIRECTORY_KEY)) {
+        env.push((
+            "NYM_NODE_TOPOLOGY_SIGNER".into(),
+            directory.public().to_base58(),
+        ));
+    }
     // Key rotation is network-wide: the nodes rotate as the localnet's directory publishes.
     env.extend(std::env::vars().filter(|(k, _)| k.starts_with("NYM_NODE_KEY_")));
     if node.mode == Mode::ExitGateway {
@@ -423,19 +451,28 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
             n.name, n.mixnet, n.http
         );
     }
+    let signer = topology_abs.with_file_name(DIRECTORY_PUB);
     println!(
-        "localnet: try        nym-client --topology {} probe --count 20",
-        topology_abs.display()
+        "localnet: signed by  {} (directory key {})",
+        directory_identity(&options.dir)?.public(),
+        signer.display()
     );
     println!(
-        "localnet: browse     nym-client --topology {} socks5   then  curl --socks5-hostname 127.0.0.1:1080 URL",
-        topology_abs.display()
+        "localnet: try        nym-client --topology {} --topology-signer {} probe --count 20",
+        topology_abs.display(),
+        signer.display()
+    );
+    println!(
+        "localnet: browse     nym-client --topology {} --topology-signer {} socks5   then  curl --socks5-hostname 127.0.0.1:1080 URL",
+        topology_abs.display(),
+        signer.display()
     );
     println!("localnet: Ctrl-C stops every node (each drains before it exits)");
 
     let traffic = if options.traffic {
         let config = ClientConfig {
             topology: topology.display().to_string(),
+            topology_signer: Some(directory_identity(&options.dir)?.public()),
             mean_delay: options.mean_delay,
             cover_rate: 0.0,
             ..ClientConfig::default()

@@ -20,11 +20,11 @@ pub enum DropReason {
     BadVersion,
     /// A frame that failed Noise authentication (the connection is closed).
     DecryptFailed,
-    /// A Sphinx packet whose header or payload does not verify or parse.
+    /// A Sphinx packet that does not parse or process (a low-order group element, a bad payload).
     MalformedPacket,
     /// A Sphinx packet this node has already processed.
     Replay,
-    /// A Sphinx packet for none of this node's live keys: built for a key past its overlap, or never this node's.
+    /// A Sphinx packet whose header authenticates under none of this node's live keys: built for a key past its overlap, for another node, or altered by its sender (links are authenticated, so nothing else can alter it).
     ExpiredKey,
     /// A packet asking to be held longer than `NYM_NODE_MAX_PACKET_DELAY`.
     ExcessiveDelay,

@@ -327,7 +327,28 @@ async fn frame_failing_authentication_is_rejected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn packet_with_bad_sphinx_header_is_dropped_and_the_link_survives() {
+async fn packet_with_an_altered_header_is_dropped_and_the_link_survives() {
+    // Links are authenticated, so an altered header comes from its sender: its MAC verifies
+    // under none of the node's keys, exactly like a packet built for a retired key.
+    bad_input_case(
+        DropReason::ExpiredKey,
+        false,
+        async |l: &mut Link, net: &Net| {
+            let mut p = net.packet(
+                &["mix", "next"],
+                KeyBytes([1; 32]),
+                b"x",
+                &[Duration::ZERO; 2],
+            );
+            p[100] ^= 0xff;
+            l.send_packet(&p).await.unwrap();
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_with_a_low_order_group_element_is_malformed_and_the_link_survives() {
     bad_input_case(
         DropReason::MalformedPacket,
         false,
@@ -338,7 +359,7 @@ async fn packet_with_bad_sphinx_header_is_dropped_and_the_link_survives() {
                 b"x",
                 &[Duration::ZERO; 2],
             );
-            p[100] ^= 0xff;
+            p[..32].copy_from_slice(&[0u8; 32]);
             l.send_packet(&p).await.unwrap();
         },
     )
@@ -407,8 +428,10 @@ async fn final_hop_packet_at_a_mix_node_is_dropped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_older_revision_or_ten_megabytes_of_junk_is_refused_and_the_last_good_document_kept() {
-    let mut net = Net::start(&relay_spec(), |_, _| {}, no_hooks).await;
+async fn an_older_revision_a_bad_signature_or_ten_megabytes_of_junk_is_refused_and_the_last_good_document_kept()
+ {
+    let directory = nym_node::keys::Identity::generate().unwrap();
+    let mut net = Net::start_signed(&relay_spec(), |_, _| {}, no_hooks, directory).await;
     let mut sink = net.take_sink("next");
     let node = net.node("mix");
     let (topology, m) = (node.topology.clone(), node.metrics.clone());
@@ -433,9 +456,33 @@ async fn an_older_revision_or_ten_megabytes_of_junk_is_refused_and_the_last_good
             .map(|x| x.entry.clone())
             .collect(),
     };
-    std::fs::write(&net.topology_path, serde_json::to_vec(&stale).unwrap()).unwrap();
+    net.write_document(&stale);
     assert!(eventually(WAIT, || m.topology_reloads_failed.get() > failed).await);
     assert_eq!(topology.current().unwrap().revision(), 5);
+
+    // A newer revision dropping `next`, but unsigned, signed by another key, or signed and
+    // then changed: each refused, revision 5 stays.
+    let forged = nym_node::topology::TopologyDocument {
+        revision: 9,
+        ..stale
+    };
+    let other = nym_node::keys::Identity::generate().unwrap();
+    let signed =
+        nym_node::topology::sign_document(&forged, net.directory.as_ref().unwrap()).unwrap();
+    let changed =
+        String::from_utf8(signed)
+            .unwrap()
+            .replacen("\"revision\":9", "\"revision\":10", 1);
+    for bytes in [
+        serde_json::to_vec(&forged).unwrap(),
+        nym_node::topology::sign_document(&forged, &other).unwrap(),
+        changed.into_bytes(),
+    ] {
+        let failed = m.topology_reloads_failed.get();
+        std::fs::write(&net.topology_path, bytes).unwrap();
+        assert!(eventually(WAIT, || m.topology_reloads_failed.get() > failed).await);
+        assert_eq!(topology.current().unwrap().revision(), 5);
+    }
 
     // 10 MB of junk: refused unread beyond the size limit.
     let failed = m.topology_reloads_failed.get();

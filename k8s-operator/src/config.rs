@@ -21,6 +21,9 @@ pub struct OperatorConfig {
     pub namespace: String,
     /// Name of each namespace's topology ConfigMap.
     pub topology_configmap: String,
+    /// The directory key the topology is signed with: base58 or a PKCS#8 PEM ed25519 key
+    /// (the Helm chart generates one into a Secret and keeps it across upgrades).
+    pub directory_key: String,
     /// Cluster DNS domain of the pods' stable names.
     pub cluster_domain: String,
     /// How long a replaced pod may take to become ready and serving before the rollout stops.
@@ -45,6 +48,7 @@ impl Default for OperatorConfig {
             http_bind: "0.0.0.0:8080".into(),
             namespace: String::new(),
             topology_configmap: "nym-topology".into(),
+            directory_key: "/etc/nym-operator/directory/directory.key".into(),
             cluster_domain: "cluster.local".into(),
             pod_ready_timeout: "10m".into(),
             description_timeout: "3s".into(),
@@ -84,6 +88,22 @@ fn duration(var: &str, raw: &str) -> Result<Duration, ConfigError> {
         })
 }
 
+impl Parsed {
+    /// Loads the directory key the topology is signed with.
+    pub fn load_directory_key(&mut self) -> Result<(), ConfigError> {
+        let path = &self.raw.directory_key;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{ENV_PREFIX}DIRECTORY_KEY: {path}: {e}")))?;
+        let key = nym_node::keys::Identity::from_key_text(&text).ok_or_else(|| {
+            ConfigError(format!(
+                "{ENV_PREFIX}DIRECTORY_KEY: {path}: not an ed25519 private key (PKCS#8 PEM or base58)"
+            ))
+        })?;
+        self.settings.sign_with(key);
+        Ok(())
+    }
+}
+
 impl OperatorConfig {
     pub fn from_vars(
         vars: impl IntoIterator<Item = (String, String)>,
@@ -107,6 +127,7 @@ impl OperatorConfig {
             build: BuildSettings {
                 topology_configmap: raw.topology_configmap.clone(),
                 cluster_domain: raw.cluster_domain.clone(),
+                ..BuildSettings::default()
             },
             pod_ready_timeout: duration("POD_READY_TIMEOUT", &raw.pod_ready_timeout)?,
             ..Settings::default()

@@ -41,6 +41,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("topology: {0}")]
     Topology(#[from] topology::RenderError),
+    #[error("signing the topology: {0}")]
+    Sign(#[from] nym_node::topology::TopologyError),
     #[error("{0} has no namespace")]
     NoNamespace(String),
 }
@@ -52,6 +54,7 @@ impl Error {
             Error::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
             Error::Kube(_) => "ApiError",
             Error::Topology(_) => "TopologyInvalid",
+            Error::Sign(_) => "TopologyNotSigned",
             Error::NoNamespace(_) => "NoNamespace",
         }
     }
@@ -112,6 +115,9 @@ impl Describer for HttpDescriber {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub build: BuildSettings,
+    /// The directory key topology documents are signed with (its public half is
+    /// `build.topology_signer`).
+    pub directory: nym_node::keys::Identity,
     /// How long a replacement pod may take to become ready and serving.
     pub pod_ready_timeout: Duration,
     /// Requeue interval while pods are starting or a rollout runs.
@@ -122,8 +128,27 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
+        // Tests and tools: a fresh key. The operator itself loads NYM_OPERATOR_DIRECTORY_KEY.
+        let directory = nym_node::keys::Identity::generate().expect("the OS provides randomness");
+        Settings::with_directory(directory, BuildSettings::default())
+    }
+}
+
+impl Settings {
+    /// Signs with `directory` from now on (and names it to the nodes).
+    pub fn sign_with(&mut self, directory: nym_node::keys::Identity) {
+        self.build.topology_signer = Some(directory.public());
+        self.directory = directory;
+    }
+
+    /// Settings signing with `directory`, which `build` then names to the nodes.
+    pub fn with_directory(directory: nym_node::keys::Identity, build: BuildSettings) -> Self {
         Settings {
-            build: BuildSettings::default(),
+            build: BuildSettings {
+                topology_signer: Some(directory.public()),
+                ..build
+            },
+            directory,
             pod_ready_timeout: Duration::from_secs(600),
             busy_requeue: Duration::from_secs(5),
             idle_requeue: Duration::from_secs(60),
@@ -270,7 +295,11 @@ async fn apply_children(nn: &NymNode, ctx: &Context, ns: &str) -> Result<(), Err
     let client = ctx.client.clone();
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    apply(&configmaps, &resources::env_configmap(nn)).await?;
+    apply(
+        &configmaps,
+        &resources::env_configmap(nn, &ctx.settings.build),
+    )
+    .await?;
     apply(&services, &resources::headless_service(nn)).await?;
     let replica_services = resources::replica_services(nn);
     for s in &replica_services {
@@ -354,7 +383,8 @@ async fn sync_network(ctx: &Context, ns: &str) -> Result<Network, Error> {
     let mut previous: Option<TopologyDocument> = current
         .as_ref()
         .and_then(|c| c.data.as_ref()?.get(TOPOLOGY_KEY))
-        .and_then(|json| serde_json::from_str(json).ok());
+        .and_then(|json| nym_node::topology::Topology::parse(json.as_bytes()).ok())
+        .map(|t| t.document().clone());
     let state: Rollout = current
         .as_ref()
         .and_then(|c| c.metadata.annotations.as_ref()?.get(ROLLOUT_ANNOTATION))
@@ -501,7 +531,11 @@ async fn sync_network(ctx: &Context, ns: &str) -> Result<Network, Error> {
             },
             data: Some(BTreeMap::from([(
                 TOPOLOGY_KEY.to_string(),
-                serde_json::to_string_pretty(&document).unwrap_or_default(),
+                String::from_utf8(nym_node::topology::sign_document(
+                    &document,
+                    &ctx.settings.directory,
+                )?)
+                .unwrap_or_default(),
             )])),
             ..Default::default()
         };
@@ -882,6 +916,23 @@ mod tests {
         assert_eq!(sts["spec"]["updateStrategy"]["type"], "OnDelete");
         assert_eq!(sts["metadata"]["ownerReferences"][0]["kind"], "NymNode");
         assert_eq!(sts["metadata"]["ownerReferences"][0]["controller"], true);
+        // The topology is signed with the operator's directory key, and the nodes are told
+        // to accept nothing else.
+        let signer = ctx.settings.directory.public();
+        let cm = cluster
+            .get(
+                &format!("/api/v1/namespaces/{NS}/configmaps"),
+                "nym-topology",
+            )
+            .unwrap();
+        let json = cm["data"]["topology.json"].as_str().unwrap();
+        assert!(nym_node::topology::Topology::parse_signed(json.as_bytes(), Some(&signer)).is_ok());
+        let other = nym_node::keys::Identity::generate().unwrap().public();
+        assert!(nym_node::topology::Topology::parse_signed(json.as_bytes(), Some(&other)).is_err());
+        let env = cluster
+            .get(&format!("/api/v1/namespaces/{NS}/configmaps"), "mix-l1-env")
+            .unwrap();
+        assert_eq!(env["data"]["NYM_NODE_TOPOLOGY_SIGNER"], signer.to_base58());
 
         // Pods come up; the next reconciles list them serving and report Ready.
         for _ in 0..3 {

@@ -509,7 +509,10 @@ impl State {
             .objects
             .get(&format!("/api/v1/namespaces/{NS}/configmaps"))?
             .get("nym-topology")?;
-        serde_json::from_str(cm["data"]["topology.json"].as_str()?).ok()
+        let json = cm["data"]["topology.json"].as_str()?;
+        nym_node::topology::Topology::parse(json.as_bytes())
+            .ok()
+            .map(|t| t.document().clone())
     }
 
     fn serving(&self, pod: &str) -> bool {

@@ -95,7 +95,10 @@ fn render(files: &[PathBuf]) -> ExitCode {
 }
 
 fn run() -> ExitCode {
-    let config = match OperatorConfig::from_vars(std::env::vars()) {
+    let config = match OperatorConfig::from_vars(std::env::vars()).and_then(|mut c| {
+        c.load_directory_key()?;
+        Ok(c)
+    }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("nym-operator: {e}");
@@ -103,6 +106,9 @@ fn run() -> ExitCode {
         }
     };
     init_logs(&config);
+    if let Some(signer) = &config.settings.build.topology_signer {
+        tracing::info!(directory_key = %signer, "topology documents are signed with this key");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

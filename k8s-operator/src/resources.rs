@@ -43,6 +43,9 @@ pub struct BuildSettings {
     pub topology_configmap: String,
     /// Cluster DNS domain, for the pods' stable names.
     pub cluster_domain: String,
+    /// The directory key the operator signs topology documents with: every node is
+    /// configured to accept only documents it signed.
+    pub topology_signer: Option<nym_node::keys::KeyBytes>,
 }
 
 impl Default for BuildSettings {
@@ -50,6 +53,7 @@ impl Default for BuildSettings {
         BuildSettings {
             topology_configmap: "nym-topology".into(),
             cluster_domain: "cluster.local".into(),
+            topology_signer: None,
         }
     }
 }
@@ -109,7 +113,7 @@ pub fn pod_host(nn: &NymNode, pod: &str, settings: &BuildSettings) -> String {
 }
 
 /// The node's environment: the operator's own settings, then the spec's overrides.
-pub fn env_configmap(nn: &NymNode) -> ConfigMap {
+pub fn env_configmap(nn: &NymNode, settings: &BuildSettings) -> ConfigMap {
     let mut data = BTreeMap::from([
         (
             "NYM_NODE_MODE".to_string(),
@@ -138,6 +142,9 @@ pub fn env_configmap(nn: &NymNode) -> ConfigMap {
         ("NYM_NODE_TOPOLOGY_REFRESH".into(), "10s".into()),
         ("NYM_NODE_LOG_FORMAT".into(), "json".into()),
     ]);
+    if let Some(signer) = &settings.topology_signer {
+        data.insert("NYM_NODE_TOPOLOGY_SIGNER".into(), signer.to_base58());
+    }
     data.extend(nn.spec.env.clone());
     ConfigMap {
         metadata: meta(nn, env_configmap_name(nn)),
@@ -466,7 +473,7 @@ pub fn desired_template_hash(nn: &NymNode, settings: &BuildSettings) -> String {
 /// Every object for one `NymNode`, in the order they are applied.
 pub fn all(nn: &NymNode, settings: &BuildSettings) -> Vec<serde_json::Value> {
     let mut out = vec![
-        serde_json::to_value(env_configmap(nn)),
+        serde_json::to_value(env_configmap(nn, settings)),
         serde_json::to_value(headless_service(nn)),
     ];
     out.extend(replica_services(nn).into_iter().map(serde_json::to_value));

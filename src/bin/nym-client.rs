@@ -37,6 +37,11 @@ struct Cli {
     /// Topology document: a file path or an http(s) URL. Defaults to the one given at init.
     #[arg(long, env = "NYM_CLIENT_TOPOLOGY", global = true)]
     topology: Option<String>,
+    /// The directory key the topology must be signed by (base58, or a file holding it, such
+    /// as the localnet's directory.pub). Without it any document is taken; a signed one must
+    /// still verify.
+    #[arg(long, env = "NYM_CLIENT_TOPOLOGY_SIGNER", global = true, value_parser = signer_key)]
+    topology_signer: Option<nym_node::keys::KeyBytes>,
     /// The client to use: DATA_DIR/NAME (created by `init --id NAME`).
     #[arg(long, global = true, conflicts_with = "identity")]
     id: Option<String>,
@@ -228,8 +233,13 @@ fn config_for(cli: &Cli, dir: Option<&ClientDir>) -> Result<ClientConfig, String
         acks: !cli.no_acks,
         max_retransmissions: cli.max_retransmissions,
         surb_store: dir.map(ClientDir::surb_store),
+        topology_signer: cli.topology_signer,
         ..ClientConfig::default()
     })
+}
+
+fn signer_key(raw: &str) -> Result<nym_node::keys::KeyBytes, String> {
+    nym_node::keys::key_or_file(raw)
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
@@ -443,6 +453,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             };
             let config = config_for(&cli, dir.as_ref())?;
             let topology = TopologySource::parse(&config.topology)
+                .signed_by(config.topology_signer)
                 .load()
                 .await
                 .map_err(|e| e.to_string())?;

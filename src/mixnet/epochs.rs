@@ -385,20 +385,31 @@ fn low_order_tag(secret: &StaticSecret) -> [u8; 32] {
         .unwrap_or([0u8; 32])
 }
 
+/// Settings for unit tests: small filters kept under `dir`.
+#[cfg(test)]
+pub(crate) fn test_settings(
+    dir: &std::path::Path,
+    interval: Duration,
+    overlap: Duration,
+) -> EpochSettings {
+    EpochSettings {
+        schedule: EpochSchedule::new(interval),
+        overlap,
+        filter_capacity: 1000,
+        filter_fp_rate: 1e-6,
+        seed_path: dir.join("sphinx.key"),
+        filter_dir: dir.join("replay"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn ring(dir: &std::path::Path, interval_ms: u64, now: u64) -> (KeyRing, Rotation) {
-        let schedule = EpochSchedule::new(Duration::from_millis(interval_ms));
-        let settings = EpochSettings {
-            schedule,
-            overlap: Duration::from_millis(interval_ms / 4),
-            filter_capacity: 1000,
-            filter_fp_rate: 1e-6,
-            seed_path: dir.join("sphinx.key"),
-            filter_dir: dir.join("replay"),
-        };
+        let interval = Duration::from_millis(interval_ms);
+        let settings = test_settings(dir, interval, interval / 4);
+        let schedule = settings.schedule;
         let seed = match SphinxSeed::load(&settings.seed_path) {
             Ok(s) => s,
             Err(_) => {
@@ -476,14 +487,11 @@ mod tests {
         // Bound to epoch 100, opened 100 ms into it (inside 99's overlap).
         seed.advance_to(&schedule, 100).unwrap();
         let published = seed.public_keys(100..=101);
-        let settings = EpochSettings {
-            schedule,
-            overlap: Duration::from_millis(250),
-            filter_capacity: 1000,
-            filter_fp_rate: 1e-6,
-            seed_path: dir.path().join("sphinx.key"),
-            filter_dir: dir.path().join("replay"),
-        };
+        let settings = test_settings(
+            dir.path(),
+            Duration::from_millis(1000),
+            Duration::from_millis(250),
+        );
         let (ring, opened) = KeyRing::open(settings, seed, 100_100).unwrap();
         assert_eq!(opened.added, vec![100, 101]);
         assert_eq!(ring.published(100_100), published);

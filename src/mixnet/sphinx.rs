@@ -238,25 +238,17 @@ mod tests {
 
     #[test]
     fn the_matching_live_key_is_found_and_a_foreign_one_is_expired() {
-        use crate::keys::{EpochSchedule, SphinxSeed};
-        use crate::mixnet::epochs::EpochSettings;
+        use crate::keys::SphinxSeed;
+        use crate::mixnet::epochs::test_settings;
         let dir = tempfile::tempdir().unwrap();
-        let schedule = EpochSchedule::new(Duration::from_secs(3600));
-        let seed = SphinxSeed::generate(&schedule).unwrap();
+        let settings = test_settings(
+            dir.path(),
+            Duration::from_secs(3600),
+            Duration::from_secs(60),
+        );
+        let seed = SphinxSeed::generate(&settings.schedule).unwrap();
         let e = seed.epoch();
-        let (ring, _) = KeyRing::open(
-            EpochSettings {
-                schedule,
-                overlap: Duration::from_secs(60),
-                filter_capacity: 1000,
-                filter_fp_rate: 1e-6,
-                seed_path: dir.path().join("sphinx.key"),
-                filter_dir: dir.path().join("replay"),
-            },
-            seed.clone(),
-            crate::keys::unix_ms(),
-        )
-        .unwrap();
+        let (ring, _) = KeyRing::open(settings, seed.clone(), crate::keys::unix_ms()).unwrap();
         let p = SphinxProcessor::new(Arc::new(ring), Duration::from_secs(10));
         let next = seed.key(e + 1).unwrap();
         let other = X25519::generate().unwrap();

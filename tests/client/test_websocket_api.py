@@ -70,8 +70,10 @@ def localnet():
     deadline = time.time() + 90
     while time.time() < deadline:
         if os.path.exists(topology):
-            probe = client(None, "--topology", topology, "--cover-rate", "0", "probe", "--count", "3",
-                           "--timeout", "20s", check=False)
+            probe = client(None, "--topology", topology,
+                           "--topology-signer", os.path.join(tmp, "directory.pub"),
+                           "--cover-rate", "0", "probe", "--count", "3", "--timeout", "20s",
+                           check=False)
             if probe.returncode == 0:
                 break
         time.sleep(0.5)
@@ -79,7 +81,11 @@ def localnet():
         proc.kill()
         raise RuntimeError("the localnet never carried a probe")
     with open(topology) as f:
-        gateways = [n for n in json.load(f)["nodes"] if n.get("client_address")]
+        signed = json.load(f)
+    # The localnet's directory signs the document (protocol.md §6).
+    with open(os.path.join(tmp, "directory.pub")) as f:
+        assert signed["signed_by"] == f.read().strip()
+    gateways = [n for n in signed["document"]["nodes"] if n.get("client_address")]
     assert len(gateways) == 2, "the localnet has an entry and an exit gateway"
     yield topology
     proc.send_signal(signal.SIGTERM)

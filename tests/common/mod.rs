@@ -52,6 +52,8 @@ impl Member {
 }
 
 pub struct Net {
+    /// The directory key the topology is signed with, when the test uses one.
+    pub directory: Option<nym_node::keys::Identity>,
     pub dir: TempDir,
     pub topology_path: PathBuf,
     pub members: Vec<Member>,
@@ -85,6 +87,30 @@ impl Net {
         spec: &[(&str, Role)],
         tweak: impl Fn(&str, &mut Config),
         hooks: impl Fn(&str) -> TestHooks,
+    ) -> Net {
+        Self::start_with(spec, tweak, hooks, None).await
+    }
+
+    /// Like [`Net::start`], the topology signed by `directory` and every node requiring it.
+    pub async fn start_signed(
+        spec: &[(&str, Role)],
+        tweak: impl Fn(&str, &mut Config),
+        hooks: impl Fn(&str) -> TestHooks,
+        directory: nym_node::keys::Identity,
+    ) -> Net {
+        let signer = directory.public().to_base58();
+        let tweak = move |name: &str, c: &mut Config| {
+            c.topology_signer = signer.clone();
+            tweak(name, c)
+        };
+        Self::start_with(spec, tweak, hooks, Some(directory)).await
+    }
+
+    async fn start_with(
+        spec: &[(&str, Role)],
+        tweak: impl Fn(&str, &mut Config),
+        hooks: impl Fn(&str) -> TestHooks,
+        directory: Option<nym_node::keys::Identity>,
     ) -> Net {
         let dir = tempfile::tempdir().unwrap();
         let topology_path = dir.path().join("topology.json");
@@ -161,6 +187,7 @@ impl Net {
             });
         }
         let net_members = Net {
+            directory,
             dir,
             topology_path,
             members,
@@ -198,18 +225,24 @@ impl Net {
         net
     }
 
-    /// Writes the topology document from the members' entries.
+    /// Writes the topology document from the members' entries (signed when the network
+    /// has a directory key).
     pub fn write_topology(&self, revision: u64) {
         let doc = TopologyDocument {
             schema: nym_node::topology::SCHEMA_VERSION,
             revision,
             nodes: self.members.iter().map(|m| m.entry.clone()).collect(),
         };
-        std::fs::write(
-            &self.topology_path,
-            serde_json::to_vec_pretty(&doc).unwrap(),
-        )
-        .unwrap();
+        self.write_document(&doc);
+    }
+
+    /// Writes `doc` as the topology (signed when the network has a directory key).
+    pub fn write_document(&self, doc: &TopologyDocument) {
+        let bytes = match &self.directory {
+            Some(d) => nym_node::topology::sign_document(doc, d).unwrap(),
+            None => serde_json::to_vec_pretty(doc).unwrap(),
+        };
+        std::fs::write(&self.topology_path, bytes).unwrap();
     }
 
     /// Publishes each member's Sphinx keys of this epoch and the next again, as a directory

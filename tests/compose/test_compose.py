@@ -58,7 +58,8 @@ PROBE_RE = re.compile(r"sent=(\d+) delivered=(\d+) failed=(\d+) duplicates=(\d+)
 
 def probe_cmd(count, cover_rate=20, retransmissions=6, timeout="180s", mean_delay="50ms"):
     return COMPOSE + ["run", "--rm", "--no-deps", "-T", "--entrypoint", "nym-client", "traffic",
-                      "--topology", "/data/topology.json", "--cover-rate", str(cover_rate),
+                      "--topology", "/data/topology.json", "--topology-signer", "/data/directory.pub",
+                      "--cover-rate", str(cover_rate),
                       "--max-retransmissions", str(retransmissions), "--mean-delay", mean_delay,
                       "probe", "--count", str(count), "--timeout", timeout]
 
@@ -158,6 +159,12 @@ def test_testnet_comes_up_and_delivers():
         time.sleep(2)
     assert up == len(NODES), f"Prometheus sees {up} of {len(NODES)} nodes up"
     log("prometheus: every node scraped and up")
+    # The directory signs the document; every node was started requiring its key.
+    doc = json.loads(compose("exec", "-T", "mix-1a", "cat", "/data/topology.json").stdout)
+    signer = compose("exec", "-T", "mix-1a", "cat", "/data/directory.pub").stdout.strip()
+    assert doc["signed_by"] == signer and doc["signature"], doc.keys()
+    assert "running" in compose("ps", "--format", "{{.State}}", "directory").stdout
+    log(f"topology revision {doc['document']['revision']} signed by the directory {signer[:8]}")
 
 
 def test_socks5_fetch_leaves_at_the_exit():

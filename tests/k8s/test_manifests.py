@@ -289,6 +289,35 @@ def test_operator_chart_renders_only_valid_objects(sets):
             ("entry-gateway", None), ("exit-gateway", None), ("mixnode", 1), ("mixnode", 2), ("mixnode", 3)]
 
 
+def test_operator_chart_makes_an_ed25519_directory_key_and_mounts_it():
+    import base64
+    objects = render(OPERATOR_CHART)
+    secret = next(o for o in objects if o["kind"] == "Secret")
+    pem = base64.b64decode(secret["data"]["directory.key"]).decode()
+    body = "".join(l for l in pem.splitlines() if l and not l.startswith("-----"))
+    der = base64.b64decode(body)
+    # RFC 8410: a PKCS#8 v1 ed25519 key is this 16-byte prefix and the 32-byte seed, the
+    # form the operator reads (Identity::from_key_text).
+    assert len(der) == 48 and der[:16].hex() == "302e020100300506032b657004220420"
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "directory-key")
+    assert env["NYM_OPERATOR_DIRECTORY_KEY"] == mount["mountPath"] + "/directory.key"
+    volume = next(v for v in pod["volumes"] if v["name"] == "directory-key")
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    # Two renders make two keys; an install keeps its own through `lookup` (not testable
+    # without a cluster). An existing Secret is used as it is.
+    objects = render(OPERATOR_CHART, "--set", "directoryKey.existingSecret=my-directory")
+    assert "Secret" not in {o["kind"] for o in objects}
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == "directory-key")
+    assert volume["secret"]["secretName"] == "my-directory"
+
+
 # --- the operator -------------------------------------------------------------------------
 
 def test_crd_validates_and_the_chart_ships_exactly_crdgen_output():

@@ -26,3 +26,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
+
+{{/* The Secret holding the topology signing key. */}}
+{{- define "nym-operator.directoryKeySecret" -}}
+{{- .Values.directoryKey.existingSecret | default (printf "%s-directory-key" (include "nym-operator.fullname" .)) -}}
+{{- end }}
