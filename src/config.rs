@@ -510,6 +510,18 @@ impl KnobValue for LogFormat {
     }
 }
 
+/// `NYM_NODE_KEY_ROTATION_INTERVAL` alone, for the tools that write a node's keys before
+/// it runs (keygen, the localnet, the compose init): its default when unset.
+pub fn key_rotation_interval_from_env() -> Result<Duration, ConfigError> {
+    let var = env_name("key_rotation_interval");
+    match std::env::var(&var) {
+        Ok(raw) => DurationKnob::parse_knob(&raw)
+            .map(DurationKnob::get)
+            .map_err(|message| ConfigError::Invalid { var, message }),
+        Err(_) => Ok(Config::default().key_rotation_interval.get()),
+    }
+}
+
 /// A duration written `500ms`, `5s`, `5m` or `1h`; `0` is allowed where it means "disabled".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DurationKnob(pub Duration);

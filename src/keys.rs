@@ -427,6 +427,23 @@ impl SphinxSeed {
         Ok(false)
     }
 
+    /// Makes this seed serve the epochs `live`: it is kept where it starts inside them (a
+    /// seed made during the previous epoch's overlap starts at the current epoch: the
+    /// earlier key never existed, which is no reason to replace it), otherwise brought to
+    /// their first (see [`advance_to`](Self::advance_to)). Returns `true` if it was replaced.
+    pub fn bring_to(
+        &mut self,
+        schedule: &EpochSchedule,
+        live: std::ops::RangeInclusive<u64>,
+    ) -> Result<bool, KeyError> {
+        let target = if self.epoch > *live.start() && self.epoch <= *live.end() {
+            self.epoch
+        } else {
+            *live.start()
+        };
+        self.advance_to(schedule, target)
+    }
+
     /// File form: `INTERVAL_MS EPOCH SEED` (the seed in base58).
     fn to_line(&self) -> String {
         format!(

@@ -137,8 +137,7 @@ pub fn prepare_with(
         if NodeKeys::exist_in(&keys_dir) {
             // Kept keys start a fresh seed if they rotated at another interval.
             let mut keys = NodeKeys::load(&keys_dir)?;
-            let epoch = now.max(keys.sphinx.epoch());
-            if keys.sphinx.advance_to(&schedule, epoch)? {
+            if keys.sphinx.bring_to(&schedule, now..=now + 1)? {
                 keys.sphinx.save(&NodeKeys::sphinx_path(&keys_dir))?;
             }
         } else {
@@ -201,17 +200,6 @@ pub fn publish(
     std::fs::write(&tmp, json).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
     Ok(path)
-}
-
-/// `NYM_NODE_KEY_ROTATION_INTERVAL` from this process's environment, or the default.
-pub fn rotation_from_env() -> Result<Duration, LocalnetError> {
-    use crate::config::KnobValue;
-    match std::env::var("NYM_NODE_KEY_ROTATION_INTERVAL") {
-        Ok(raw) => crate::config::DurationKnob::parse_knob(&raw)
-            .map(|d| d.get())
-            .map_err(|e| LocalnetError::Other(format!("NYM_NODE_KEY_ROTATION_INTERVAL: {e}"))),
-        Err(_) => Ok(crate::config::Config::default().key_rotation_interval.get()),
-    }
 }
 
 /// The local directory's signing key, `DIR/directory.key` (created on first use, with its
@@ -421,8 +409,10 @@ pub fn check_ports_free(nodes: &[LocalNode]) -> Result<(), LocalnetError> {
 pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetError> {
     let nodes = plan(&options.dir, options.base_port);
     check_ports_free(&nodes)?;
-    let rotation = rotation_from_env()?;
+    let rotation = crate::config::key_rotation_interval_from_env()
+        .map_err(|e| LocalnetError::Other(e.to_string()))?;
     let topology = prepare_with(&nodes, &options.dir, local_addresses, rotation)?;
+    let signed_by = directory_identity(&options.dir)?.public();
     let directory_stop = tokio_util::sync::CancellationToken::new();
     let directory = tokio::spawn(keep_published(
         nodes.clone(),
@@ -454,7 +444,7 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
     let signer = topology_abs.with_file_name(DIRECTORY_PUB);
     println!(
         "localnet: signed by  {} (directory key {})",
-        directory_identity(&options.dir)?.public(),
+        signed_by,
         signer.display()
     );
     println!(
@@ -472,7 +462,7 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
     let traffic = if options.traffic {
         let config = ClientConfig {
             topology: topology.display().to_string(),
-            topology_signer: Some(directory_identity(&options.dir)?.public()),
+            topology_signer: Some(signed_by),
             mean_delay: options.mean_delay,
             cover_rate: 0.0,
             ..ClientConfig::default()

@@ -122,7 +122,8 @@ fn main() -> ExitCode {
             mean_delay,
         }),
         Command::Health { path, addr } => health(&path, addr.as_deref()),
-        Command::TestnetInit { dir, watch } => match localnet::rotation_from_env()
+        Command::TestnetInit { dir, watch } => match config::key_rotation_interval_from_env()
+            .map_err(|e| localnet::LocalnetError::Other(e.to_string()))
             .and_then(|rotation| localnet::prepare_compose(&dir, rotation))
         {
             Ok(topology) => {
@@ -227,7 +228,7 @@ fn keygen(dir: Option<PathBuf>, if_missing: bool) -> ExitCode {
         return print_public_keys("keygen", NodeKeys::load(&dir));
     }
     // The seed is bound to the interval the node will rotate at.
-    let rotation = match localnet::rotation_from_env() {
+    let rotation = match config::key_rotation_interval_from_env() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("nym-node keygen: {e}");

@@ -40,7 +40,7 @@ struct Cli {
     /// The directory key the topology must be signed by (base58, or a file holding it, such
     /// as the localnet's directory.pub). Without it any document is taken; a signed one must
     /// still verify.
-    #[arg(long, env = "NYM_CLIENT_TOPOLOGY_SIGNER", global = true, value_parser = signer_key)]
+    #[arg(long, env = "NYM_CLIENT_TOPOLOGY_SIGNER", global = true, value_parser = nym_node::keys::key_or_file)]
     topology_signer: Option<nym_node::keys::KeyBytes>,
     /// The client to use: DATA_DIR/NAME (created by `init --id NAME`).
     #[arg(long, global = true, conflicts_with = "identity")]
@@ -236,10 +236,6 @@ fn config_for(cli: &Cli, dir: Option<&ClientDir>) -> Result<ClientConfig, String
         topology_signer: cli.topology_signer,
         ..ClientConfig::default()
     })
-}
-
-fn signer_key(raw: &str) -> Result<nym_node::keys::KeyBytes, String> {
-    nym_node::keys::key_or_file(raw)
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {

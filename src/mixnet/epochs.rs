@@ -130,10 +130,6 @@ impl KeyRing {
         Ok((ring, rotation))
     }
 
-    pub fn settings(&self) -> &EpochSettings {
-        &self.settings
-    }
-
     /// Epochs live at `now_ms`.
     fn wanted(&self, now_ms: u64) -> std::ops::RangeInclusive<u64> {
         let schedule = &self.settings.schedule;
@@ -157,16 +153,9 @@ impl KeyRing {
         let wanted = self.wanted(now_ms);
         let current = self.live.load_full();
         let mut seed = seed.lock();
-        // A seed made during the previous epoch's overlap starts at the current epoch: the
-        // earlier key never existed, which is not a reason to replace it.
-        let target = if seed.epoch() > *wanted.start() && seed.epoch() <= *wanted.end() {
-            seed.epoch()
-        } else {
-            *wanted.start()
-        };
-        if seed.advance_to(&self.settings.schedule, target)? {
+        if seed.bring_to(&self.settings.schedule, wanted.clone())? {
             tracing::warn!(
-                epoch = target,
+                epoch = *wanted.start(),
                 "the Sphinx seed could not reach this epoch (new rotation interval, or the clock went back): fresh Sphinx keys"
             );
         }
@@ -217,6 +206,11 @@ impl KeyRing {
         for old in current.iter().filter(|k| !wanted.contains(&k.epoch)) {
             rotation.retired.push(old.epoch);
         }
+        // Kept in the order unwrapping tries them: the current key (nearly every packet's),
+        // then the previous, then the next. Rotation runs at every boundary, so the order
+        // holds until the next one and the per-packet path only loads it.
+        let current_epoch = self.settings.schedule.epoch_at(now_ms);
+        next.sort_by_key(|k| (k.epoch != current_epoch, k.epoch > current_epoch));
         self.live.store(Arc::new(next));
         // Filter files of epochs no longer live (including any left by an earlier run).
         if let Ok(entries) = std::fs::read_dir(&self.settings.filter_dir) {
@@ -235,16 +229,9 @@ impl KeyRing {
         Ok(rotation)
     }
 
-    /// The live keys, the one valid at `now_ms` first (the one nearly every packet uses).
-    pub fn live(&self, now_ms: u64) -> Arc<Vec<Arc<LiveKey>>> {
-        let live = self.live.load_full();
-        let e = self.settings.schedule.epoch_at(now_ms);
-        if live.first().is_some_and(|k| k.epoch == e) {
-            return live;
-        }
-        let mut ordered: Vec<Arc<LiveKey>> = live.iter().cloned().collect();
-        ordered.sort_by_key(|k| (k.epoch != e, k.epoch.abs_diff(e)));
-        Arc::new(ordered)
+    /// The live keys in the order to try them: current, previous, next.
+    pub fn live(&self) -> arc_swap::Guard<Arc<Vec<Arc<LiveKey>>>> {
+        self.live.load()
     }
 
     /// The keys a description publishes at `now_ms`: the current and the next.
@@ -421,8 +408,8 @@ mod tests {
         KeyRing::open(settings, seed, now).unwrap()
     }
 
-    fn epochs(ring: &KeyRing, now: u64) -> Vec<u64> {
-        ring.live(now).iter().map(|k| k.epoch).collect()
+    fn epochs(ring: &KeyRing) -> Vec<u64> {
+        ring.live().iter().map(|k| k.epoch).collect()
     }
 
     #[test]
@@ -431,7 +418,7 @@ mod tests {
         // Epochs of 1000 ms, overlap 250 ms; start in the middle of epoch 100.
         let (ring, opened) = ring(dir.path(), 1000, 100_500);
         assert_eq!(opened.added, vec![100, 101]);
-        assert_eq!(epochs(&ring, 100_500), vec![100, 101]);
+        assert_eq!(epochs(&ring), vec![100, 101]);
         let published: Vec<u64> = ring.published(100_500).iter().map(|k| k.epoch).collect();
         assert_eq!(published, vec![100, 101]);
         assert_eq!(ring.next_change_ms(100_500), 101_000);
@@ -439,14 +426,14 @@ mod tests {
         // Into epoch 101: 100 stays for the overlap, 102 comes.
         let r = ring.rotate(101_000).unwrap();
         assert_eq!(r.added, vec![102]);
-        assert_eq!(epochs(&ring, 101_000), vec![101, 100, 102]);
+        assert_eq!(epochs(&ring), vec![101, 100, 102]);
         assert_eq!(ring.next_change_ms(101_000), 101_250);
         let published: Vec<u64> = ring.published(101_000).iter().map(|k| k.epoch).collect();
         assert_eq!(published, vec![101, 102]);
 
         // Past the overlap: 100 retires, and the seed on disk no longer reaches it.
         let key_100 = ring
-            .live(101_000)
+            .live()
             .iter()
             .find(|k| k.epoch == 100)
             .unwrap()
@@ -456,7 +443,7 @@ mod tests {
         assert!(dir.path().join("replay/epoch-100.bloom").exists());
         let r = ring.rotate(101_250).unwrap();
         assert_eq!(r.retired, vec![100]);
-        assert_eq!(epochs(&ring, 101_250), vec![101, 102]);
+        assert_eq!(epochs(&ring), vec![101, 102]);
         assert!(!dir.path().join("replay/epoch-100.bloom").exists());
         let seed = SphinxSeed::load(&dir.path().join("sphinx.key")).unwrap();
         assert_eq!(seed.epoch(), 101);
@@ -470,12 +457,12 @@ mod tests {
         let tag = [7u8; 32];
         {
             let (ring, _) = ring(dir.path(), 1000, 100_500);
-            assert!(ring.live(100_500)[0].filter.check_and_insert(&tag));
+            assert!(ring.live()[0].filter.check_and_insert(&tag));
             ring.save_filters().unwrap();
         }
         let (ring, opened) = ring(dir.path(), 1000, 100_600);
         assert!(opened.filters_lost.is_empty());
-        assert!(!ring.live(100_600)[0].filter.check_and_insert(&tag));
+        assert!(!ring.live()[0].filter.check_and_insert(&tag));
         // The same keys as before the restart.
         assert_eq!(opened.added, vec![100, 101]);
     }

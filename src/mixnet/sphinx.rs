@@ -8,7 +8,7 @@ use std::sync::Arc;
 use sphinx_packet::header::HEADER_SIZE;
 use sphinx_packet::{ProcessedPacketData, SphinxPacket};
 
-use crate::keys::{KeyBytes, NodeId, unix_ms};
+use crate::keys::{KeyBytes, NodeId};
 use crate::metrics::DropReason;
 use crate::mixnet::epochs::KeyRing;
 
@@ -80,10 +80,6 @@ impl SphinxProcessor {
         SphinxProcessor { keys, max_delay }
     }
 
-    pub fn keys(&self) -> &Arc<KeyRing> {
-        &self.keys
-    }
-
     /// Unwraps one packet. The key valid now is tried first; only packets near an epoch
     /// boundary need a second Diffie-Hellman. A key is the packet's when the header's MAC
     /// verifies under it; one under no live key is [`Rejection::ExpiredKey`]. The replay tag
@@ -93,7 +89,7 @@ impl SphinxProcessor {
     pub fn process(&self, bytes: &[u8; PACKET_SIZE]) -> Result<Processed, Rejection> {
         let packet =
             SphinxPacket::from_bytes(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
-        let live = self.keys.live(unix_ms());
+        let live = self.keys.live();
         let mut found = None;
         for key in live.iter() {
             let secret = packet.header.compute_expanded_shared_secret(&key.secret);

@@ -250,12 +250,7 @@ impl Net {
     /// it), the others' from memory.
     pub fn republish(&mut self, revision: u64) {
         for m in &mut self.members {
-            let seed_path = self
-                .dir
-                .path()
-                .join(&m.name)
-                .join("keys")
-                .join("sphinx.key");
+            let seed_path = NodeKeys::sphinx_path(&self.dir.path().join(&m.name).join("keys"));
             if let Ok(seed) = nym_node::keys::SphinxSeed::load(&seed_path) {
                 m.keys.sphinx = seed;
             }
