@@ -2,8 +2,9 @@
 //! mix node running as its own process (default settings), fed by 4 Noise links posing as
 //! topology peers and drained by a counting sink posing as the next hop.
 //!
-//! Each step restarts the node (so the same pre-built packets can be replayed through a fresh
-//! replay filter), sends `rate x STEP` packets paced evenly over `STEP`, and waits for the
+//! Each step restarts the node with an empty data directory (so the same pre-built packets
+//! can be replayed through a fresh replay filter: the node keeps its filters across
+//! restarts), sends `rate x STEP` packets paced evenly over `STEP`, and waits for the
 //! stragglers. The sweep finds the highest lossless rate, then measures the node at half of it
 //! (latency) and at twice it (overload goodput), and prints:
 //!

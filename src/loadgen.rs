@@ -214,12 +214,18 @@ impl Setup {
         (per, expected)
     }
 
-    /// Starts the node under test as a child process and waits until it is ready.
+    /// Starts the node under test as a child process and waits until it is ready. Its data
+    /// directory starts empty every time: the node keeps its replay filters across restarts,
+    /// and the same pre-built packets are sent to each run.
     pub fn spawn_node(
         &self,
         exe: &Path,
         extra_env: &[(&str, String)],
     ) -> Result<NodeProcess, LoadError> {
+        let data = self.dir.join("node-data");
+        if data.exists() {
+            std::fs::remove_dir_all(&data).map_err(err)?;
+        }
         let log = std::fs::File::create(self.dir.join("node.log")).map_err(err)?;
         let mut cmd = Command::new(exe);
         cmd.arg("run")
@@ -227,7 +233,7 @@ impl Setup {
             .env("NYM_NODE_ID", "node-under-test")
             .env("NYM_NODE_TOPOLOGY", &self.topology)
             .env("NYM_NODE_KEYS_DIR", self.dir.join("node-keys"))
-            .env("NYM_NODE_DATA_DIR", self.dir.join("node-data"))
+            .env("NYM_NODE_DATA_DIR", &data)
             .env("NYM_NODE_MIXNET_BIND", self.node_mixnet.to_string())
             .env("NYM_NODE_HTTP_BIND", self.node_http.to_string())
             .env("NYM_NODE_LOG_LEVEL", "warn")
