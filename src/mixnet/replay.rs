@@ -7,8 +7,8 @@
 //! false-positive rate `p` take `m = -n ln p / (ln 2)^2` bits and `k = (m / n) ln 2` probes.
 //! A false positive drops one honest packet as a replay (the sender's retransmission
 //! recovers it); a replay is never missed. Written here rather than taken from a crate:
-//! the replay tag is already a uniform hash output, so the probes are read straight from
-//! its bytes (no hashing), the bits are split into independently locked shards so workers
+//! the replay tag is already a uniform hash output, so it seeds the probes directly (no
+//! rehashing), the bits are split into independently locked shards so workers
 //! on different cores rarely meet and a check-and-set is atomic per tag, and the file is
 //! the bit array itself, written sparsely.
 
@@ -23,7 +23,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 const SHARDS: usize = 64;
-const MAGIC: &[u8; 8] = b"NYMRPLY1";
+const MAGIC: &[u8; 8] = b"NYMRPLY2";
 /// Magic, shard count, words per shard, probes, stages: 8 bytes each; then per stage its
 /// tag count and bits.
 const HEADER_BYTES: usize = 40;
@@ -65,7 +65,7 @@ impl Stage {
         }
     }
 
-    /// The shard and the probe sequence of `tag` (double hashing on disjoint tag bytes).
+    /// The shard and the probe sequence of `tag`.
     fn locate(&self, tag: &[u8; 32]) -> (usize, impl Iterator<Item = u64> + use<>) {
         let word = |i: usize| {
             let mut b = [0u8; 8];
@@ -73,9 +73,18 @@ impl Stage {
             u64::from_le_bytes(b)
         };
         let shard = usize::from(u16::from_le_bytes([tag[30], tag[31]])) % SHARDS;
-        let (h1, h2, bits) = (word(0), word(8) | 1, self.bits);
-        let probes =
-            (0..u64::from(self.probes)).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % bits);
+        // Each probe from a SplitMix64 step seeded by the tag: double hashing (`h1 + i h2`)
+        // measured about twice the modelled false-positive rate in shards of a few hundred
+        // words (15 against 7 in 120 million inserts), independent probes do not.
+        let bits = self.bits;
+        let mut state = word(0) ^ word(8).rotate_left(32);
+        let probes = (0..self.probes).map(move |_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (z ^ (z >> 31)) % bits
+        });
         (shard, probes)
     }
 
