@@ -303,9 +303,11 @@ fn run_node() -> ExitCode {
     };
     let grace = config.drain_grace.get();
     let result = rt.block_on(async move {
+        // Before the node can turn ready, so no SIGTERM meets the default disposition.
+        let signals = shutdown::Signals::install().map_err(node::NodeError::Signals)?;
         let listeners = Listeners::bind(&config).await?;
         let node = node::start(config, keys, listeners, TestHooks::from_env()).await?;
-        tokio::spawn(shutdown::on_signals(node.shutdown.clone(), grace));
+        tokio::spawn(signals.drive(node.shutdown.clone(), grace));
         node.wait().await;
         Ok::<(), node::NodeError>(())
     });

@@ -54,6 +54,8 @@ pub enum NodeError {
     Config(#[from] crate::config::ConfigError),
     #[error("Sphinx keys: {0}")]
     Epochs(#[from] crate::mixnet::epochs::EpochError),
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
 }
 
 /// The node's sockets, bound before anything else so a port clash fails fast.

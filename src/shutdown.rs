@@ -66,45 +66,51 @@ impl Shutdown {
     }
 }
 
-/// Waits for SIGTERM or SIGINT, drains for `grace`, and exits the process on a second signal.
-pub async fn on_signals(shutdown: Shutdown, grace: Duration) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; the node will not drain on SIGTERM");
-        return;
-    };
-    let first = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(
-        signal = first,
-        grace_ms = grace.as_millis() as u64,
-        "draining: readiness is false, client intake stopped, peers' packets still accepted"
-    );
-    let second = async {
+/// SIGTERM and SIGINT handlers, installed before the node can report ready: a signal
+/// that arrives between readiness and the first poll of a spawned handler would
+/// otherwise meet the default disposition and kill the process without a drain.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; must run inside the runtime.
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    };
-    tokio::select! {
-        _ = shutdown.drain_for(grace) => {
-            tracing::info!("grace period over: stopping ingress and releasing held packets");
-        }
-        _ = second => {
-            tracing::warn!("second signal: exiting without finishing the drain");
-            std::process::exit(1);
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
     }
-    // Keep honouring a second signal while the pipeline empties.
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+
+    /// Waits for the first signal, drains for `grace`, and exits the process on a second.
+    pub async fn drive(mut self, shutdown: Shutdown, grace: Duration) {
+        let first = self.next().await;
+        tracing::info!(
+            signal = first,
+            grace_ms = grace.as_millis() as u64,
+            "draining: readiness is false, client intake stopped, peers' packets still accepted"
+        );
+        tokio::select! {
+            _ = shutdown.drain_for(grace) => {
+                tracing::info!("grace period over: stopping ingress and releasing held packets");
+            }
+            _ = self.next() => {
+                tracing::warn!("second signal: exiting without finishing the drain");
+                std::process::exit(1);
+            }
+        }
+        // Keep honouring a second signal while the pipeline empties.
+        self.next().await;
+        tracing::warn!("second signal: exiting without finishing the drain");
+        std::process::exit(1);
     }
-    tracing::warn!("second signal: exiting without finishing the drain");
-    std::process::exit(1);
 }

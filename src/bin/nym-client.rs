@@ -467,12 +467,12 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 requester.gateway,
                 listen
             );
+            let stop = CancellationToken::new();
+            tokio::spawn(stop_on_signals(stop.clone()));
             if let Some(path) = ready_file {
                 std::fs::write(path, b"serving\n")
                     .map_err(|e| format!("--ready-file {}: {e}", path.display()))?;
             }
-            let stop = CancellationToken::new();
-            tokio::spawn(stop_on_signals(stop.clone()));
             socks5::serve(listener, client, requester, stop).await;
             if let Some(path) = ready_file {
                 let _ = std::fs::remove_file(path);
@@ -500,19 +500,24 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     }
 }
 
-async fn stop_on_signals(stop: CancellationToken) {
+/// Installs SIGTERM/SIGINT handlers now (before the caller reports itself ready, so no
+/// signal meets the default disposition) and returns the task that cancels `stop` on one.
+fn stop_on_signals(stop: CancellationToken) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        stop.cancel();
     }
-    stop.cancel();
 }
 
 /// Hands one request to the running client's WebSocket API; an error it answers with
