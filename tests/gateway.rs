@@ -158,7 +158,7 @@ async fn acknowledged_payloads_are_deleted_and_the_rest_redelivered() {
         .await,
         "three deleted"
     );
-    tx.close().await;
+    connection::close((tx, rx), Duration::from_secs(2)).await;
 
     // The next session gets exactly the two that were not acknowledged.
     let (_tx, mut rx) =
@@ -566,21 +566,24 @@ async fn open_stopped_mailbox(path: &Path) -> nym_node::gateway::mailbox::Mailbo
 }
 
 /// Payloads stored and acks sent by the gateway while `phase` runs, once both settled.
+/// `phase` gives back how many acks at least it expects, so a slow straggler under a busy
+/// machine is waited for (for up to 30 s) rather than mistaken for a loss.
 async fn gateway_counts<T>(
     net: &Net,
-    phase: impl std::future::Future<Output = T>,
+    phase: impl std::future::Future<Output = (T, u64)>,
 ) -> (T, u64, u64) {
     let m = net.node("gateway").metrics.clone();
     let (d0, a0) = (m.packets_delivered.get(), m.acks_sent.get());
-    let out = phase.await;
-    // Let everything in flight land: the counters stop moving (for a second).
+    let (out, expected) = phase.await;
+    // Let everything in flight land: the expected acks are in and the counters stop
+    // moving (for a second).
     let mut last = (0, 0);
     let mut still = 0;
     for _ in 0..120 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let now = (m.packets_delivered.get() - d0, m.acks_sent.get() - a0);
         still = if now == last { still + 1 } else { 0 };
-        if still == 4 {
+        if still >= 4 && now.1 >= expected {
             break;
         }
         last = now;
@@ -614,6 +617,7 @@ async fn cover_and_messages_look_the_same_at_the_gateway() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         looping.stop().await;
+        ((), N)
     })
     .await;
 
@@ -645,10 +649,14 @@ async fn cover_and_messages_look_the_same_at_the_gateway() {
                 .load(std::sync::atomic::Ordering::Relaxed),
             st.acks_received.load(std::sync::atomic::Ordering::Relaxed)
         );
-        // Stopped here, so no loop of its own is still on its way when counting ends.
-        let packets = st.packets_sent.load(std::sync::atomic::Ordering::Relaxed);
+        // Stopped here, so no loop of its own is still on its way when counting ends;
+        // counted after the stop, which may still send what was queued.
+        let stats = sender.stats_handle();
         sender.stop().await;
-        packets
+        let packets = stats
+            .packets_sent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (packets, packets)
     })
     .await;
 

@@ -137,10 +137,23 @@ impl Sender {
             .await
             .map_err(|e| ConnectionError::Ws(e.to_string()))
     }
+}
 
-    pub async fn close(mut self) {
-        let _ = self.sink.close().await;
-    }
+/// Closes a session without losing what was last sent: sends a Close frame, then reads
+/// (and discards) until the gateway answers it or hangs up, at most `within`. Dropping the
+/// socket with unread data in it would send a TCP reset, and a reset can destroy frames the
+/// gateway had received but not yet read (the client's last packets and acks).
+pub async fn close(session: (Sender, Receiver), within: Duration) {
+    let (mut sender, mut receiver) = session;
+    let _ = tokio::time::timeout(within, async {
+        let _ = sender.sink.close().await;
+        while let Some(Ok(message)) = receiver.stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 impl Receiver {

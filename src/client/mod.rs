@@ -378,6 +378,11 @@ impl MixClient {
         &self.stats
     }
 
+    /// The counters, readable after [`MixClient::stop`] (for the final count of a run).
+    pub fn stats_handle(&self) -> Arc<ClientStats> {
+        self.stats.clone()
+    }
+
     /// Queues a message for `to`, with `reply_surbs` SURBs attached for its answer.
     pub async fn send(
         &self,
@@ -660,8 +665,8 @@ impl Actor {
             self.flush_acks().await;
         })
         .await;
-        if let Some((sender, _)) = self.session.take() {
-            sender.close().await;
+        if let Some(session) = self.session.take() {
+            connection::close(session, Duration::from_secs(2)).await;
         }
     }
 
