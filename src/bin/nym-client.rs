@@ -503,20 +503,12 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
 /// Installs SIGTERM/SIGINT handlers now (before the caller reports itself ready, so no
 /// signal meets the default disposition) and returns the task that cancels `stop` on one.
 fn stop_on_signals(stop: CancellationToken) -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let handlers = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    );
+    let signals = nym_node::shutdown::Signals::install();
     async move {
-        let (Ok(mut term), Ok(mut int)) = handlers else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        if let Ok(mut signals) = signals {
+            signals.next().await;
+            stop.cancel();
         }
-        stop.cancel();
     }
 }
 
