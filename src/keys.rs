@@ -121,6 +121,11 @@ pub fn random_bytes() -> Result<[u8; 32], KeyError> {
 #[derive(Clone)]
 pub struct Identity(SigningKey);
 
+/// The DER of a PKCS#8 v1 ed25519 private key, up to its 32-byte seed (RFC 8410).
+const PKCS8_ED25519_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Identity({})", self.public().short())
@@ -183,14 +188,21 @@ impl Identity {
             .map(|k| Identity::from_secret(k.0))
     }
 
-    /// The 32-byte seed of a PKCS#8 v1 ed25519 key: its DER is always these 16 bytes and
-    /// then the seed (RFC 8410).
+    /// The identity as a PKCS#8 PEM private key, the form OpenSSL and Kubernetes tooling
+    /// read (what the operator stores its directory key as).
+    pub fn to_pkcs8_pem(&self) -> String {
+        use base64::Engine;
+        let mut der = PKCS8_ED25519_PREFIX.to_vec();
+        der.extend_from_slice(&self.secret_bytes());
+        let body = base64::engine::general_purpose::STANDARD.encode(der);
+        format!("-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----\n")
+    }
+
+    /// The 32-byte seed of a PKCS#8 v1 ed25519 key: its DER is always
+    /// [`PKCS8_ED25519_PREFIX`] and then the seed (RFC 8410).
     fn from_pkcs8_pem(text: &str) -> Option<Self> {
         use base64::Engine;
-        const PREFIX: [u8; 16] = [
-            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
-            0x04, 0x20,
-        ];
+        const PREFIX: [u8; 16] = PKCS8_ED25519_PREFIX;
         let body: String = text
             .lines()
             .map(str::trim)
@@ -723,6 +735,8 @@ mod tests {
             [0xd4, 0xee, 0x72, 0xdb],
             "the seed follows the 16-byte PKCS#8 prefix"
         );
+        // And writes back byte for byte.
+        assert_eq!(id.to_pkcs8_pem(), pem);
         // The base58 form reads through the same call.
         let b58 = bs58::encode(id.secret_bytes()).into_string();
         assert_eq!(Identity::from_key_text(&b58).unwrap().public(), id.public());

@@ -21,19 +21,29 @@ pub struct OperatorConfig {
     pub namespace: String,
     /// Name of each namespace's topology ConfigMap.
     pub topology_configmap: String,
-    /// The directory key the topology is signed with: base58 or a PKCS#8 PEM ed25519 key
-    /// (the Helm chart generates one into a Secret and keeps it across upgrades).
+    /// Name of the Secret holding the directory key the topology is signed with, in the
+    /// operator's namespace; the operator creates it on first start if absent and publishes
+    /// the public key in a ConfigMap of the same name.
+    pub directory_name: String,
+    /// A file holding the directory key (base58 or PKCS#8 PEM ed25519) instead of the
+    /// Secret, for runs outside a cluster; empty uses the Secret.
     pub directory_key: String,
     /// Cluster DNS domain of the pods' stable names.
     pub cluster_domain: String,
-    /// How long a replaced pod may take to become ready and serving before the rollout stops.
+    /// How long a replaced pod may take to become ready and serving before the rollout stops
+    /// (and how long upgrades wait for unhealthy pods before the waiting NymNodes turn
+    /// Degraded).
     pub pod_ready_timeout: String,
+    /// How long every running node may take to load the revision that withdraws a pod; an
+    /// upgrade then gives the pod back and halts, a scale-down or deletion turns Degraded.
+    pub withdrawal_timeout: String,
     /// Deadline for fetching one pod's description.
     pub description_timeout: String,
     /// Leader election: take part (two replicas run; one leads).
     pub leader_election: bool,
-    /// Namespace of the leader Lease (defaults to the operator's own, from the service account).
-    pub lease_namespace: String,
+    /// The operator's own namespace, where its Lease, directory key Secret and public key
+    /// ConfigMap live (defaults to the service account's namespace).
+    pub operator_namespace: String,
     pub lease_name: String,
     /// Lease duration; a new leader takes over at most this long after the old one died.
     pub lease_duration: String,
@@ -48,12 +58,14 @@ impl Default for OperatorConfig {
             http_bind: "0.0.0.0:8080".into(),
             namespace: String::new(),
             topology_configmap: "nym-topology".into(),
-            directory_key: "/etc/nym-operator/directory/directory.key".into(),
+            directory_name: "nym-operator-directory".into(),
+            directory_key: String::new(),
             cluster_domain: "cluster.local".into(),
             pod_ready_timeout: "10m".into(),
+            withdrawal_timeout: "5m".into(),
             description_timeout: "3s".into(),
             leader_election: true,
-            lease_namespace: String::new(),
+            operator_namespace: String::new(),
             lease_name: "nym-operator".into(),
             lease_duration: "15s".into(),
             log_format: "json".into(),
@@ -71,7 +83,9 @@ pub struct ConfigError(String);
 pub struct Parsed {
     pub raw: OperatorConfig,
     pub http_bind: SocketAddr,
-    pub settings: Settings,
+    pub build: BuildSettings,
+    pub pod_ready_timeout: Duration,
+    pub withdrawal_timeout: Duration,
     pub description_timeout: Duration,
     pub lease_duration: Duration,
 }
@@ -89,18 +103,40 @@ fn duration(var: &str, raw: &str) -> Result<Duration, ConfigError> {
 }
 
 impl Parsed {
-    /// Loads the directory key the topology is signed with.
-    pub fn load_directory_key(&mut self) -> Result<(), ConfigError> {
+    /// The reconciler's settings, signing with `directory`.
+    pub fn settings(&self, directory: nym_node::keys::Identity) -> Settings {
+        Settings {
+            pod_ready_timeout: self.pod_ready_timeout,
+            withdrawal_timeout: self.withdrawal_timeout,
+            ..Settings::with_directory(directory, self.build.clone())
+        }
+    }
+
+    /// The directory key from `NYM_OPERATOR_DIRECTORY_KEY`'s file, when one is named.
+    pub fn directory_key_file(&self) -> Result<Option<nym_node::keys::Identity>, ConfigError> {
         let path = &self.raw.directory_key;
+        if path.is_empty() {
+            return Ok(None);
+        }
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{ENV_PREFIX}DIRECTORY_KEY: {path}: {e}")))?;
-        let key = nym_node::keys::Identity::from_key_text(&text).ok_or_else(|| {
-            ConfigError(format!(
-                "{ENV_PREFIX}DIRECTORY_KEY: {path}: not an ed25519 private key (PKCS#8 PEM or base58)"
-            ))
-        })?;
-        self.settings.sign_with(key);
-        Ok(())
+        nym_node::keys::Identity::from_key_text(&text)
+            .map(Some)
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "{ENV_PREFIX}DIRECTORY_KEY: {path}: not an ed25519 private key (PKCS#8 PEM or base58)"
+                ))
+            })
+    }
+
+    /// The operator's namespace: the setting, else the service account's.
+    pub fn operator_namespace(&self) -> String {
+        if !self.raw.operator_namespace.is_empty() {
+            return self.raw.operator_namespace.clone();
+        }
+        std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+            .map(|ns| ns.trim().to_string())
+            .unwrap_or_else(|_| "default".into())
     }
 }
 
@@ -117,24 +153,27 @@ impl OperatorConfig {
                 raw.http_bind
             ))
         })?;
+        if raw.directory_name.is_empty() || raw.directory_name.len() > 253 {
+            return Err(ConfigError(format!(
+                "{ENV_PREFIX}DIRECTORY_NAME: expected a Secret name (got '{}')",
+                raw.directory_name
+            )));
+        }
         if !matches!(raw.log_format.as_str(), "json" | "text") {
             return Err(ConfigError(format!(
                 "{ENV_PREFIX}LOG_FORMAT: expected json or text (got '{}')",
                 raw.log_format
             )));
         }
-        let settings = Settings {
+        Ok(Parsed {
+            http_bind,
             build: BuildSettings {
                 topology_configmap: raw.topology_configmap.clone(),
                 cluster_domain: raw.cluster_domain.clone(),
                 ..BuildSettings::default()
             },
             pod_ready_timeout: duration("POD_READY_TIMEOUT", &raw.pod_ready_timeout)?,
-            ..Settings::default()
-        };
-        Ok(Parsed {
-            http_bind,
-            settings,
+            withdrawal_timeout: duration("WITHDRAWAL_TIMEOUT", &raw.withdrawal_timeout)?,
             description_timeout: duration("DESCRIPTION_TIMEOUT", &raw.description_timeout)?,
             lease_duration: duration("LEASE_DURATION", &raw.lease_duration)?,
             raw,
@@ -156,7 +195,14 @@ mod tests {
     #[test]
     fn defaults_run_and_bad_values_name_the_variable() {
         let p = OperatorConfig::from_vars(vars(&[])).unwrap();
-        assert_eq!(p.settings.pod_ready_timeout, Duration::from_secs(600));
+        assert_eq!(p.pod_ready_timeout, Duration::from_secs(600));
+        assert_eq!(p.withdrawal_timeout, Duration::from_secs(300));
+        assert_eq!(p.raw.directory_name, "nym-operator-directory");
+        let key = nym_node::keys::Identity::generate().unwrap();
+        assert_eq!(
+            p.settings(key.clone()).build.topology_signer,
+            Some(key.public())
+        );
         assert!(p.raw.leader_election);
         let e = OperatorConfig::from_vars(vars(&[("NYM_OPERATOR_POD_READY_TIMEOUT", "soon")]))
             .unwrap_err();

@@ -15,17 +15,26 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "mixnet.nym-node.dev";
 
 /// Variables the operator sets itself; `spec.env` may not override them, because the pod's
-/// identity, its topology and its storage layout are the operator's to decide.
+/// identity, its topology and its storage layout are the operator's to decide, and the
+/// upgrade depends on how the nodes read the topology (who signs it, how often it is read).
 pub const RESERVED_ENV: &[&str] = &[
     "NYM_NODE_ID",
     "NYM_NODE_MODE",
     "NYM_NODE_TOPOLOGY",
+    "NYM_NODE_TOPOLOGY_SIGNER",
+    "NYM_NODE_TOPOLOGY_REFRESH",
     "NYM_NODE_KEYS_DIR",
     "NYM_NODE_DATA_DIR",
     "NYM_NODE_MIXNET_BIND",
     "NYM_NODE_HTTP_BIND",
     "NYM_NODE_CLIENT_BIND",
 ];
+
+/// Most entries `spec.env` may hold (the node has fewer knobs); bounds the cost the API
+/// server estimates for the CRD's CEL rules over the map.
+pub const MAX_ENV_ENTRIES: usize = 96;
+/// Longest value of one `spec.env` entry.
+pub const MAX_ENV_VALUE: usize = 4096;
 
 /// One group of identical nym-nodes: a mix layer's nodes, or a set of gateways.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -59,8 +68,10 @@ pub struct NymNodeSpec {
     /// Container image of nym-node. A change is rolled out one pod of the network at a time.
     pub image: String,
     /// Overrides of the node's `NYM_NODE_*` settings (see the node's configuration table);
-    /// values are checked with the node's own parser before anything is applied.
+    /// values are checked with the node's own parser before anything is applied. A change is
+    /// rolled out like an image change, one pod of the network at a time.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "env_schema")]
     pub env: BTreeMap<String, String>,
     /// CPU and memory requests and limits of the node container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,13 +79,25 @@ pub struct NymNodeSpec {
     /// How the nodes are reached from outside the cluster.
     #[serde(default)]
     pub exposure: Exposure,
-    /// Persistent volume for keys and the gateway mailbox, one per pod.
+    /// Persistent volume for keys and the gateway mailbox, one per pod. Fixed at creation:
+    /// a StatefulSet's volume claims cannot change.
     #[serde(default)]
     pub storage: Storage,
 }
 
 fn one() -> i32 {
     1
+}
+
+/// `spec.env`: a bounded map of bounded strings (the CEL rules iterate over it).
+fn env_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let _ = generator;
+    schemars::json_schema!({
+        "type": "object",
+        "description": "Overrides of the node's `NYM_NODE_*` settings (see the node's configuration table); values are checked with the node's own parser before anything is applied. A change is rolled out like an image change, one pod of the network at a time.",
+        "maxProperties": MAX_ENV_ENTRIES,
+        "additionalProperties": { "type": "string", "maxLength": MAX_ENV_VALUE },
+    })
 }
 
 /// The node's duties, as `NYM_NODE_MODE` names them.
@@ -214,6 +237,10 @@ pub struct NymNodeStatus {
     /// Revision of the namespace's topology document when this status was written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology_revision: Option<u64>,
+    /// base58 ed25519 public key the topology documents are signed with (the directory key
+    /// the operator keeps in its own namespace); nodes accept no document signed by another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory_key: Option<String>,
     /// One entry per pod.
     #[serde(default)]
     pub replicas: Vec<ReplicaStatus>,
@@ -250,45 +277,62 @@ pub fn crd()
         else {
             continue;
         };
-        let rule = |rule: &str, message: &str, field: &str| {
-            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::ValidationRule {
-                rule: rule.into(),
-                message: Some(message.into()),
-                field_path: Some(field.into()),
-                ..Default::default()
-            }
-        };
-        spec.x_kubernetes_validations = Some(vec![
-            rule(
-                "self.mode != 'mixnode' || has(self.layer)",
-                "a mixnode needs spec.layer (1, 2 or 3)",
-                ".layer",
-            ),
-            rule(
-                "self.mode == 'mixnode' || !has(self.layer)",
-                "gateways have no layer: remove spec.layer",
-                ".layer",
-            ),
-            rule(
-                "!has(self.env) || self.env.all(k, k.startsWith('NYM_NODE_'))",
-                "spec.env takes only NYM_NODE_* variables",
-                ".env",
-            ),
-            rule(
-                &format!(
-                    "!has(self.env) || self.env.all(k, !(k in [{}]))",
-                    RESERVED_ENV
-                        .iter()
-                        .map(|k| format!("'{k}'"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                "spec.env may not set variables the operator owns (NYM_NODE_ID, _MODE, _TOPOLOGY, _KEYS_DIR, _DATA_DIR and the binds)",
-                ".env",
-            ),
-        ]);
+        spec.x_kubernetes_validations = Some(spec_rules());
+        if let Some(storage) = spec.properties.as_mut().and_then(|p| p.get_mut("storage")) {
+            storage.x_kubernetes_validations = Some(vec![validation_rule(
+                "self == oldSelf",
+                STORAGE_IMMUTABLE,
+                "",
+            )]);
+        }
     }
     crd
+}
+
+/// Why `spec.storage` is refused when it changes (the CRD's rule and the reconciler say it).
+pub const STORAGE_IMMUTABLE: &str = "spec.storage cannot change once the NymNode exists: a StatefulSet's volume claims are fixed at creation (delete and re-create the NymNode to change them)";
+
+type ValidationRule =
+    k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::ValidationRule;
+
+fn validation_rule(rule: &str, message: &str, field: &str) -> ValidationRule {
+    ValidationRule {
+        rule: rule.into(),
+        message: Some(message.into()),
+        field_path: (!field.is_empty()).then(|| field.into()),
+        ..Default::default()
+    }
+}
+
+/// The rules on `spec` as a whole.
+fn spec_rules() -> Vec<ValidationRule> {
+    let reserved = RESERVED_ENV
+        .iter()
+        .map(|k| format!("'{k}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    vec![
+        validation_rule(
+            "self.mode != 'mixnode' || has(self.layer)",
+            "a mixnode needs spec.layer (1, 2 or 3)",
+            ".layer",
+        ),
+        validation_rule(
+            "self.mode == 'mixnode' || !has(self.layer)",
+            "gateways have no layer: remove spec.layer",
+            ".layer",
+        ),
+        validation_rule(
+            "!has(self.env) || self.env.all(k, k.startsWith('NYM_NODE_'))",
+            "spec.env takes only NYM_NODE_* variables",
+            ".env",
+        ),
+        validation_rule(
+            &format!("!has(self.env) || self.env.all(k, !(k in [{reserved}]))"),
+            "spec.env may not set variables the operator owns (NYM_NODE_ID, _MODE, _TOPOLOGY, _TOPOLOGY_SIGNER, _TOPOLOGY_REFRESH, _KEYS_DIR, _DATA_DIR and the binds)",
+            ".env",
+        ),
+    ]
 }
 
 /// A spec the operator refuses, with the reason in words (for `Degraded` and Events).
@@ -318,6 +362,17 @@ impl NymNodeSpec {
             return Err(InvalidSpec(format!(
                 "spec.replicas must not be negative (got {})",
                 self.replicas
+            )));
+        }
+        if self.env.len() > MAX_ENV_ENTRIES {
+            return Err(InvalidSpec(format!(
+                "spec.env holds {} entries; at most {MAX_ENV_ENTRIES}",
+                self.env.len()
+            )));
+        }
+        if let Some((key, _)) = self.env.iter().find(|(_, v)| v.len() > MAX_ENV_VALUE) {
+            return Err(InvalidSpec(format!(
+                "spec.env: {key} is longer than {MAX_ENV_VALUE} characters"
             )));
         }
         for key in self.env.keys() {
@@ -352,7 +407,9 @@ impl NymNodeSpec {
             .map_err(|e| InvalidSpec(format!("spec.env: {e}")))
     }
 
-    /// The node configuration these pods run with (the spec's env over the defaults).
+    /// The node configuration these pods run with (the spec's env over the defaults). Only
+    /// meaningful for a spec that [`validate`](Self::validate)s; an invalid one reads as the
+    /// defaults.
     pub fn node_config(&self) -> nym_node::config::Config {
         let vars = self
             .env

@@ -13,13 +13,14 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
-use kube_lease_manager::LeaseManagerBuilder;
 
 use nym_operator::config::{OperatorConfig, Parsed};
-use nym_operator::controller::{self, Context, HttpDescriber};
+use nym_operator::controller::{self, Context};
 use nym_operator::crd::NymNode;
+use nym_operator::describe::HttpDescriber;
 use nym_operator::metrics::Metrics;
 use nym_operator::resources::{self, NYMNODE_LABEL};
+use nym_operator::{directory, leader};
 
 /// Exit code for a bad setting (EX_USAGE), as the node uses.
 const EX_USAGE: u8 = 64;
@@ -95,20 +96,21 @@ fn render(files: &[PathBuf]) -> ExitCode {
 }
 
 fn run() -> ExitCode {
-    let config = match OperatorConfig::from_vars(std::env::vars()).and_then(|mut c| {
-        c.load_directory_key()?;
-        Ok(c)
-    }) {
+    let config = match OperatorConfig::from_vars(std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("nym-operator: {e}");
             return ExitCode::from(EX_USAGE);
         }
     };
+    let key_file = match config.directory_key_file() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("nym-operator: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
     init_logs(&config);
-    if let Some(signer) = &config.settings.build.topology_signer {
-        tracing::info!(directory_key = %signer, "topology documents are signed with this key");
-    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -116,7 +118,7 @@ fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(operate(config)) {
+    match runtime.block_on(operate(config, key_file)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "operator stopped");
@@ -138,27 +140,58 @@ fn init_logs(config: &Parsed) {
     }
 }
 
-async fn operate(config: Parsed) -> anyhow::Result<()> {
-    let client = Client::try_default().await?;
-    let metrics = Arc::new(Metrics::new());
-    let alive = Arc::new(AtomicBool::new(true));
-    let ready = Arc::new(AtomicBool::new(true));
+/// The directory key: from the file when one is named, else from the operator's Secret
+/// (made on first start); its public half is published either way.
+async fn directory_key(
+    client: &Client,
+    config: &Parsed,
+    key_file: Option<nym_node::keys::Identity>,
+) -> anyhow::Result<nym_node::keys::Identity> {
+    let namespace = config.operator_namespace();
+    let name = &config.raw.directory_name;
+    let key = match key_file {
+        Some(key) => key,
+        None => directory::load_or_create(client.clone(), &namespace, name).await?,
+    };
+    directory::publish_public_key(client.clone(), &namespace, name, &key).await?;
+    tracing::info!(
+        directory_key = %key.public(),
+        configmap = %format!("{namespace}/{name}"),
+        "topology documents are signed with this key"
+    );
+    Ok(key)
+}
+
+async fn serve_http(config: &Parsed, state: nym_operator::http::HttpState) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_bind).await?;
-    let app = nym_operator::http::router(nym_operator::http::HttpState {
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-        alive: alive.clone(),
-    });
+    let app = nym_operator::http::router(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });
-    let identity = std::env::var("POD_NAME")
-        .unwrap_or_else(|_| format!("nym-operator-{}", std::process::id()));
+    Ok(())
+}
+
+async fn operate(config: Parsed, key_file: Option<nym_node::keys::Identity>) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::new());
+    let alive = Arc::new(AtomicBool::new(true));
+    let ready = Arc::new(AtomicBool::new(true));
+    serve_http(
+        &config,
+        nym_operator::http::HttpState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+            alive: alive.clone(),
+        },
+    )
+    .await?;
+    let key = directory_key(&client, &config, key_file).await?;
+    let identity = leader::identity();
     let ctx = Arc::new(Context::new(
         client.clone(),
-        config.settings.clone(),
+        config.settings(key),
         metrics.clone(),
         Arc::new(HttpDescriber::new(config.description_timeout)),
         Arc::new(|| k8s_openapi::jiff::Timestamp::now().as_second()),
@@ -175,22 +208,27 @@ async fn operate(config: Parsed) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let manager = leader::lease_manager(
+        client,
+        &config.operator_namespace(),
+        &config.raw.lease_name,
+        &identity,
+        config.lease_duration.as_secs(),
+    )
+    .await?;
+    lead(manager, ctx, &config, &metrics, &alive, &identity, shutdown).await
+}
 
-    let lease_namespace = if config.raw.lease_namespace.is_empty() {
-        std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-            .unwrap_or_else(|_| "default".into())
-    } else {
-        config.raw.lease_namespace.clone()
-    };
-    let duration = config.lease_duration.as_secs().max(3);
-    let manager = LeaseManagerBuilder::new(client, &config.raw.lease_name)
-        .with_namespace(lease_namespace.trim())
-        .with_identity(&identity)
-        .with_duration(duration)
-        .with_grace((duration / 3).max(1))
-        .with_field_manager(controller::FIELD_MANAGER)
-        .build()
-        .await?;
+/// Runs the controller while this replica holds the lease; stands by otherwise.
+async fn lead(
+    manager: kube_lease_manager::LeaseManager,
+    ctx: Arc<Context>,
+    config: &Parsed,
+    metrics: &Metrics,
+    alive: &AtomicBool,
+    identity: &str,
+    mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> anyhow::Result<()> {
     let (mut leading, lease_task) = manager.watch().await;
     loop {
         // Standby: wait for the lease (or for shutdown).
@@ -203,7 +241,7 @@ async fn operate(config: Parsed) -> anyhow::Result<()> {
         tracing::info!(identity, "leading: starting the controller");
         metrics.leader.set(1);
         tokio::select! {
-            _ = run_controller(ctx.clone(), &config) => {
+            _ = run_controller(ctx.clone(), config) => {
                 alive.store(false, Ordering::Relaxed);
                 anyhow::bail!("the controller stopped");
             }
@@ -256,7 +294,8 @@ async fn run_controller(ctx: Arc<Context>, config: &Parsed) {
         .default_backoff()
         .reflect(writer)
         .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+        // Spec changes and the start of a deletion; not status writes.
+        .predicate_filter(spec_or_deletion, Default::default());
     Controller::for_stream(trigger, reader)
         .owns(statefulsets, managed.clone())
         .watches(pods, managed, |pod: Pod| {
@@ -271,6 +310,12 @@ async fn run_controller(ctx: Arc<Context>, config: &Parsed) {
             }
         })
         .await;
+}
+
+/// Changes when the spec's generation does, or when a deletion starts.
+fn spec_or_deletion(nn: &NymNode) -> Option<u64> {
+    let generation = predicates::generation(nn)?;
+    Some(generation.wrapping_mul(2) | u64::from(nn.metadata.deletion_timestamp.is_some()))
 }
 
 async fn shutdown_signal() {

@@ -21,7 +21,7 @@ pub struct Metrics {
     pub leader: IntGauge,
 }
 
-const PHASES: [&str; 4] = ["idle", "withdrawing", "replacing", "halted"];
+const PHASES: [&str; 5] = ["idle", "blocked", "withdrawing", "replacing", "halted"];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -58,7 +58,7 @@ impl Metrics {
             )
             .expect("static metric definition"),
             rollout_phase: IntGaugeVec::new(
-                Opts::new("rollout_phase", "1 for the namespace's current rollout phase (idle, withdrawing, replacing, halted)."),
+                Opts::new("rollout_phase", "1 for the namespace's current rollout phase (idle, blocked, withdrawing, replacing, halted)."),
                 &["namespace", "phase"],
             )
             .expect("static metric definition"),
@@ -93,12 +93,7 @@ impl Metrics {
         self.topology_nodes
             .with_label_values(&[ns, "false"])
             .set(doc.nodes.len() as i64 - serving);
-        let current = match rollout {
-            Rollout::Idle => "idle",
-            Rollout::Withdrawing { .. } => "withdrawing",
-            Rollout::Replacing { .. } => "replacing",
-            Rollout::Halted { .. } => "halted",
-        };
+        let current = rollout.phase();
         for phase in PHASES {
             self.rollout_phase
                 .with_label_values(&[ns, phase])

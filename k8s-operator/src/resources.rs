@@ -24,6 +24,9 @@ use crate::crd::{NymNode, ServiceType};
 
 /// Label naming the `NymNode` a child object belongs to.
 pub const NYMNODE_LABEL: &str = "mixnet.nym-node.dev/nymnode";
+/// Label on the env ConfigMaps (value [`ENV_ROLE`]), so old ones can be found and removed.
+pub const ROLE_LABEL: &str = "mixnet.nym-node.dev/role";
+pub const ENV_ROLE: &str = "env";
 /// Pod label with the hash of the pod template it was created from; a pod whose hash
 /// differs from its `NymNode`'s current one is due for an upgrade.
 pub const TEMPLATE_HASH_LABEL: &str = "mixnet.nym-node.dev/template-hash";
@@ -84,8 +87,17 @@ pub fn labels(nn: &NymNode) -> BTreeMap<String, String> {
     l
 }
 
-fn owner(nn: &NymNode) -> Vec<OwnerReference> {
-    nn.controller_owner_ref(&()).into_iter().collect()
+/// The `NymNode` as controller of a child, so deleting it deletes the child. Without
+/// `blockOwnerDeletion`: setting it needs update rights on `nymnodes/finalizers`, and the
+/// operator's own finalizer already holds the `NymNode` until its pods are withdrawn.
+pub fn owner(nn: &NymNode) -> Vec<OwnerReference> {
+    nn.controller_owner_ref(&())
+        .map(|r| OwnerReference {
+            block_owner_deletion: None,
+            ..r
+        })
+        .into_iter()
+        .collect()
 }
 
 fn meta(nn: &NymNode, name: String) -> ObjectMeta {
@@ -98,8 +110,19 @@ fn meta(nn: &NymNode, name: String) -> ObjectMeta {
     }
 }
 
-pub fn env_configmap_name(nn: &NymNode) -> String {
-    format!("{}-env", nn.name_any())
+/// Name of the env ConfigMap holding `data`: the `NymNode`'s name and the data's hash, so
+/// a change of the env is a new ConfigMap, a new pod template and a rollout.
+fn env_configmap_name(nn: &NymNode, data: &BTreeMap<String, String>) -> String {
+    let json = serde_json::to_vec(data).unwrap_or_default();
+    format!("{}-env-{}", nn.name_any(), short_hash(&json))
+}
+
+/// Ten hex digits of SHA-256: names and labels that change exactly when their input does.
+fn short_hash(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)[..5]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The stable DNS name of a pod behind the headless Service.
@@ -112,8 +135,25 @@ pub fn pod_host(nn: &NymNode, pod: &str, settings: &BuildSettings) -> String {
     )
 }
 
-/// The node's environment: the operator's own settings, then the spec's overrides.
+/// The node's environment: the operator's own settings, then the spec's overrides. Immutable
+/// and named by its content: a pod only ever sees the env of the template it was created
+/// from (a container restart cannot pick up settings its pod was not rolled for), and old
+/// ones are removed once no pod uses them.
 pub fn env_configmap(nn: &NymNode, settings: &BuildSettings) -> ConfigMap {
+    let data = env_data(nn, settings);
+    let mut metadata = meta(nn, env_configmap_name(nn, &data));
+    if let Some(labels) = metadata.labels.as_mut() {
+        labels.insert(ROLE_LABEL.into(), ENV_ROLE.into());
+    }
+    ConfigMap {
+        metadata,
+        immutable: Some(true),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn env_data(nn: &NymNode, settings: &BuildSettings) -> BTreeMap<String, String> {
     let mut data = BTreeMap::from([
         (
             "NYM_NODE_MODE".to_string(),
@@ -146,11 +186,7 @@ pub fn env_configmap(nn: &NymNode, settings: &BuildSettings) -> ConfigMap {
         data.insert("NYM_NODE_TOPOLOGY_SIGNER".into(), signer.to_base58());
     }
     data.extend(nn.spec.env.clone());
-    ConfigMap {
-        metadata: meta(nn, env_configmap_name(nn)),
-        data: Some(data),
-        ..Default::default()
-    }
+    data
 }
 
 fn ports(nn: &NymNode) -> Vec<ServicePort> {
@@ -232,6 +268,9 @@ pub fn pod_disruption_budget(nn: &NymNode) -> PodDisruptionBudget {
         metadata: meta(nn, nn.name_any()),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
+            // Unready pods (a node waiting for its topology) can always be evicted, so a
+            // node drain never hangs on them.
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
             selector: Some(LabelSelector {
                 match_labels: Some(selector_labels(nn)),
                 ..Default::default()
@@ -303,6 +342,17 @@ fn pod_template(nn: &NymNode, settings: &BuildSettings) -> PodTemplateSpec {
     // The pod outlives its own drain: SIGTERM, the drain grace, then flushing egress.
     let drain = nn.spec.node_config().drain_grace.get().as_secs() as i64;
     let keys_dir = format!("{DATA_MOUNT}/keys");
+    // keygen reads the node's env too (the rotation interval its first keys are made for).
+    let env_from = vec![EnvFromSource {
+        config_map_ref: Some(ConfigMapEnvSource {
+            name: env_configmap(nn, settings)
+                .metadata
+                .name
+                .unwrap_or_default(),
+            optional: Some(false),
+        }),
+        ..Default::default()
+    }];
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels(nn)),
@@ -337,6 +387,7 @@ fn pod_template(nn: &NymNode, settings: &BuildSettings) -> PodTemplateSpec {
                     "--dir".into(),
                     keys_dir,
                 ]),
+                env_from: Some(env_from.clone()),
                 volume_mounts: Some(vec![data_mount.clone()]),
                 security_context: Some(restricted_container_security()),
                 ..Default::default()
@@ -345,13 +396,7 @@ fn pod_template(nn: &NymNode, settings: &BuildSettings) -> PodTemplateSpec {
                 name: "nym-node".into(),
                 image: Some(image),
                 args: Some(vec!["run".into()]),
-                env_from: Some(vec![EnvFromSource {
-                    config_map_ref: Some(ConfigMapEnvSource {
-                        name: env_configmap_name(nn),
-                        optional: Some(false),
-                    }),
-                    ..Default::default()
-                }]),
+                env_from: Some(env_from),
                 env: Some(vec![EnvVar {
                     name: "NYM_NODE_ID".into(),
                     value_from: Some(EnvVarSource {
@@ -409,14 +454,16 @@ fn pod_template(nn: &NymNode, settings: &BuildSettings) -> PodTemplateSpec {
 
 /// Hash of a pod template: what distinguishes an up-to-date pod from one due for upgrade.
 pub fn template_hash(template: &PodTemplateSpec) -> String {
+    // Serialising k8s-openapi types cannot fail.
     let json = serde_json::to_vec(template).unwrap_or_default();
     let digest = Sha256::digest(&json);
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The StatefulSet. `OnDelete`: the operator, not the StatefulSet controller, decides when
-/// each pod is replaced (after withdrawing it from the topology).
-pub fn statefulset(nn: &NymNode, settings: &BuildSettings) -> StatefulSet {
+/// The StatefulSet with `replicas` pods (the spec's count, or more while pods beyond it
+/// are still being withdrawn from the topology). `OnDelete`: the operator, not the
+/// StatefulSet controller, decides when each pod is replaced (after withdrawing it).
+pub fn statefulset(nn: &NymNode, settings: &BuildSettings, replicas: i32) -> StatefulSet {
     let mut template = pod_template(nn, settings);
     let hash = template_hash(&template);
     if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
@@ -430,7 +477,7 @@ pub fn statefulset(nn: &NymNode, settings: &BuildSettings) -> StatefulSet {
     StatefulSet {
         metadata: meta(nn, nn.name_any()),
         spec: StatefulSetSpec {
-            replicas: Some(nn.spec.replicas.max(0)),
+            replicas: Some(replicas.max(0)),
             service_name: Some(nn.name_any()),
             pod_management_policy: Some("Parallel".into()),
             update_strategy: Some(StatefulSetUpdateStrategy {
@@ -465,6 +512,50 @@ pub fn statefulset(nn: &NymNode, settings: &BuildSettings) -> StatefulSet {
     }
 }
 
+/// What a StatefulSet's volume claim asks for: bytes (quantities compared by value, as the
+/// API server canonicalises them) and storage class.
+pub fn storage_of(sts: &StatefulSet) -> Vec<(Option<f64>, Option<String>)> {
+    sts.spec
+        .volume_claim_templates
+        .iter()
+        .flatten()
+        .map(|claim| {
+            let spec = claim.spec.as_ref();
+            let size = spec
+                .and_then(|s| s.resources.as_ref())
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get("storage"))
+                .and_then(|q| quantity_bytes(&q.0));
+            (size, spec.and_then(|s| s.storage_class_name.clone()))
+        })
+        .collect()
+}
+
+/// The value of a Kubernetes quantity such as `1Gi`, `500M` or `1.5Ti`.
+pub fn quantity_bytes(q: &str) -> Option<f64> {
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let multiplier: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        _ => return None,
+    };
+    number.parse::<f64>().ok().map(|n| n * multiplier)
+}
+
 /// The template hash pods of this `NymNode` must carry to be up to date.
 pub fn desired_template_hash(nn: &NymNode, settings: &BuildSettings) -> String {
     template_hash(&pod_template(nn, settings))
@@ -478,7 +569,11 @@ pub fn all(nn: &NymNode, settings: &BuildSettings) -> Vec<serde_json::Value> {
     ];
     out.extend(replica_services(nn).into_iter().map(serde_json::to_value));
     out.push(serde_json::to_value(pod_disruption_budget(nn)));
-    out.push(serde_json::to_value(statefulset(nn, settings)));
+    out.push(serde_json::to_value(statefulset(
+        nn,
+        settings,
+        nn.spec.replicas,
+    )));
     // k8s-openapi writes `apiVersion` and `kind` itself; serialising these cannot fail.
     out.into_iter().filter_map(Result::ok).collect()
 }

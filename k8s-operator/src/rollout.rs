@@ -1,39 +1,49 @@
 //! The upgrade state machine: one pod of the whole namespace at a time, and nothing lost.
 //!
 //! ```text
-//!  Idle ──(an outdated pod; every other pod ready and serving)──► Withdrawing
-//!  Withdrawing: the pod is published as not serving at revision R;
-//!     wait until every serving node reports revision ≥ R, then the largest per-hop delay
-//!     (nothing is routed to the pod or held for it any more) ──► delete it ──► Replacing
-//!  Replacing: wait until the new pod (same name, new uid) is ready, up to date and serving
-//!     ──► Idle                   (not ready within the deadline ──► Halted)
-//!  Halted: no pod is touched until the NymNode's pod template changes.
+//!  Idle/Blocked ──(an outdated pod that serves nobody already, or else an outdated pod
+//!                  while every other wanted pod is in service)──► Withdrawing
+//!  Idle/Blocked ──(outdated pods, none can be taken)──► Blocked (Degraded after the
+//!                  ready timeout, naming the pods it waits for)
+//!  Withdrawing: published as not serving; every running node loads that revision, then the
+//!     largest per-hop delay passes (withdrawal.rs) ──► re-check: if the pod still serves
+//!     traffic and another wanted pod is out of service, give it back (Idle); else delete
+//!     it ──► Replacing
+//!     (not caught up within the withdrawal timeout ──► Halted, the pod given back)
+//!  Replacing: the new pod (same name, new uid) is ready and its description verifies
+//!     ──► Idle      (not within the ready timeout ──► Halted)
+//!  Halted: nothing is touched until its NymNode's template changes, or what it waited for
+//!     happened after all (the pod turned ready; every node caught up).
+//!  Any phase ──(its NymNode deleted, or the pod scaled away)──► Idle (retirement.rs
+//!     withdraws pods that are no longer wanted).
 //! ```
 //!
-//! Pure: it reads a snapshot and the clock it is given and returns the next state and at
-//! most one action, so tests drive it exactly. The state is persisted by the reconciler
-//! (an annotation on the topology ConfigMap) in the same write that publishes a withdrawal,
-//! so a restarted or newly elected operator resumes where the last one stopped.
-
-use std::collections::BTreeMap;
-use std::time::Duration;
+//! Pure: it reads a snapshot and returns the next state and at most one action, so tests
+//! drive it exactly. The reconciler persists the state (an annotation on the topology
+//! ConfigMap) in the same write that publishes its effect, so a restarted or newly elected
+//! operator resumes where the last one stopped.
 
 use serde::{Deserialize, Serialize};
+
+use crate::snapshot::{PodState, Snapshot};
+use crate::withdrawal::{Progress, Withdrawal};
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "camelCase")]
 pub enum Rollout {
     #[default]
     Idle,
+    /// Outdated pods wait because these wanted pods are out of service.
+    #[serde(rename_all = "camelCase")]
+    Blocked {
+        since: i64,
+        waiting_for: Vec<String>,
+    },
     #[serde(rename_all = "camelCase")]
     Withdrawing {
         pod: String,
         nymnode: String,
-        uid: String,
-        /// Revision that first listed the pod as not serving (set when published).
-        revision: Option<u64>,
-        /// When every serving node first reported `revision` (unix seconds).
-        caught_up_at: Option<i64>,
+        withdrawal: Withdrawal,
     },
     #[serde(rename_all = "camelCase")]
     Replacing {
@@ -48,14 +58,33 @@ pub enum Rollout {
         nymnode: String,
         /// The template hash the halted rollout was heading for; a different one resumes.
         template_hash: String,
+        cause: HaltCause,
         reason: String,
     },
+}
+
+/// Why a rollout halted, and so what resumes it besides a new template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum HaltCause {
+    /// The replacement was not ready in time; resumes once it is.
+    NotReady,
+    /// Running nodes did not load the withdrawing revision in time; resumes once every
+    /// running node reports the document published after the halt.
+    NotCaughtUp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Delete this pod (its drain releases what it holds); the uid guards against deleting
+    /// a replacement that already took the name.
+    DeletePod { name: String, uid: String },
 }
 
 impl Rollout {
     /// The pod the topology must list as not serving: from its withdrawal until its
     /// replacement is ready (the old pod keeps serving the packets in flight, but nothing
-    /// new is routed to it; the new one is listed once it is ready and up to date).
+    /// new is routed to it; the new one is listed once it is ready).
     pub fn withdrawn(&self) -> Option<&str> {
         match self {
             Rollout::Withdrawing { pod, .. } | Rollout::Replacing { pod, .. } => Some(pod),
@@ -66,10 +95,21 @@ impl Rollout {
     /// The `NymNode` whose pod is being upgraded (or whose rollout is halted).
     pub fn nymnode(&self) -> Option<&str> {
         match self {
-            Rollout::Idle => None,
+            Rollout::Idle | Rollout::Blocked { .. } => None,
             Rollout::Withdrawing { nymnode, .. }
             | Rollout::Replacing { nymnode, .. }
             | Rollout::Halted { nymnode, .. } => Some(nymnode),
+        }
+    }
+
+    /// The phase's name, for metrics and logs.
+    pub fn phase(&self) -> &'static str {
+        match self {
+            Rollout::Idle => "idle",
+            Rollout::Blocked { .. } => "blocked",
+            Rollout::Withdrawing { .. } => "withdrawing",
+            Rollout::Replacing { .. } => "replacing",
+            Rollout::Halted { .. } => "halted",
         }
     }
 
@@ -77,18 +117,22 @@ impl Rollout {
     pub fn describe(&self) -> String {
         match self {
             Rollout::Idle => "no upgrade in progress".into(),
+            Rollout::Blocked { waiting_for, .. } => format!(
+                "upgrades wait: {} out of service (the network upgrades one pod at a time, and only while the others serve)",
+                waiting_for.join(", ")
+            ),
             Rollout::Withdrawing {
-                pod,
-                revision,
-                caught_up_at: None,
-                ..
-            } => format!(
-                "upgrading {pod}: withdrawn from the topology (revision {}), waiting for every serving node to load it",
-                revision.map_or("pending".into(), |r| r.to_string())
-            ),
-            Rollout::Withdrawing { pod, .. } => format!(
-                "upgrading {pod}: every node stopped routing to it; waiting out the largest per-hop delay"
-            ),
+                pod, withdrawal, ..
+            } => {
+                let progress = match (withdrawal.revision, withdrawal.caught_up_at) {
+                    (None, _) => Progress::Publishing,
+                    (Some(_), Some(_)) => Progress::Settling,
+                    (Some(_), None) => Progress::Waiting {
+                        laggards: vec!["every running node".into()],
+                    },
+                };
+                format!("upgrading {}", withdrawal.describe(pod, &progress))
+            }
             Rollout::Replacing { pod, .. } => {
                 format!(
                     "upgrading {pod}: deleted; waiting for its replacement to be ready and serving"
@@ -99,251 +143,237 @@ impl Rollout {
     }
 }
 
-/// One pod of the namespace, as the rollout sees it.
-#[derive(Debug, Clone)]
-pub struct PodState {
-    pub name: String,
-    pub nymnode: String,
-    pub uid: String,
-    pub ready: bool,
-    pub terminating: bool,
-    /// Carries its `NymNode`'s current template hash.
-    pub up_to_date: bool,
-    /// Listed as serving in the published topology document.
-    pub serving: bool,
-    /// The topology revision its verified description reports.
-    pub reported_revision: Option<u64>,
-}
-
-/// Everything a step looks at.
-#[derive(Debug, Clone)]
-pub struct Snapshot<'a> {
-    pub pods: &'a [PodState],
-    /// Pods each `NymNode` should have (its replicas).
-    pub desired: &'a BTreeMap<String, usize>,
-    /// Current template hash of each `NymNode`.
-    pub template_hashes: &'a BTreeMap<String, String>,
-    /// Unix seconds.
-    pub now: i64,
-    /// Largest per-hop delay any node of the namespace accepts.
-    pub settle: Duration,
-    /// How long a replacement pod may take to become ready.
-    pub ready_timeout: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// Delete this pod (its drain releases what it holds); the uid guards against deleting
-    /// a replacement that already took the name.
-    DeletePod { name: String, uid: String },
-}
-
 /// Advances the rollout by at most one transition.
 pub fn step(state: &Rollout, s: &Snapshot) -> (Rollout, Option<Action>) {
-    let pod = |name: &str| s.pods.iter().find(|p| p.name == name);
     match state {
-        Rollout::Halted {
-            nymnode,
-            template_hash,
-            ..
-        } if s.template_hashes.get(nymnode) == Some(template_hash) => (state.clone(), None),
-        Rollout::Idle | Rollout::Halted { .. } => match next_candidate(s) {
-            Some(p) => (
-                Rollout::Withdrawing {
-                    pod: p.name.clone(),
-                    nymnode: p.nymnode.clone(),
-                    uid: p.uid.clone(),
-                    revision: None,
-                    caught_up_at: None,
-                },
-                None,
-            ),
-            None => (Rollout::Idle, None),
-        },
+        Rollout::Idle | Rollout::Blocked { .. } => (start(state, s), None),
+        Rollout::Halted { .. } if resumes(state, s) => (start(&Rollout::Idle, s), None),
+        Rollout::Halted { .. } => (state.clone(), None),
         Rollout::Withdrawing {
-            pod: name,
+            pod,
             nymnode,
-            uid,
-            revision,
-            caught_up_at,
-        } => {
-            let Some(p) = pod(name).filter(|p| &p.uid == uid && !p.terminating) else {
-                // Deleted by someone else meanwhile: carry on as if we had.
-                return (
-                    Rollout::Replacing {
-                        pod: name.clone(),
-                        nymnode: nymnode.clone(),
-                        old_uid: uid.clone(),
-                        deleted_at: s.now,
-                    },
-                    None,
-                );
-            };
-            let Some(revision) = revision else {
-                return (state.clone(), None);
-            };
-            let caught_up = s
-                .pods
-                .iter()
-                .filter(|q| q.serving && q.name != p.name)
-                .all(|q| q.reported_revision.is_some_and(|r| r >= *revision));
-            match caught_up_at {
-                None if caught_up => (
-                    Rollout::Withdrawing {
-                        pod: name.clone(),
-                        nymnode: nymnode.clone(),
-                        uid: uid.clone(),
-                        revision: Some(*revision),
-                        caught_up_at: Some(s.now),
-                    },
-                    None,
-                ),
-                Some(t) if s.now - t >= s.settle.as_secs() as i64 => (
-                    Rollout::Replacing {
-                        pod: name.clone(),
-                        nymnode: nymnode.clone(),
-                        old_uid: uid.clone(),
-                        deleted_at: s.now,
-                    },
-                    Some(Action::DeletePod {
-                        name: name.clone(),
-                        uid: uid.clone(),
-                    }),
-                ),
-                _ => (state.clone(), None),
-            }
-        }
+            withdrawal,
+        } => withdraw(pod, nymnode, withdrawal, s),
         Rollout::Replacing {
-            pod: name,
+            pod,
             nymnode,
             old_uid,
             deleted_at,
-        } => match pod(name) {
-            // The delete did not happen (or failed): ask again.
-            Some(p) if &p.uid == old_uid && !p.terminating => (
-                state.clone(),
-                Some(Action::DeletePod {
-                    name: name.clone(),
-                    uid: old_uid.clone(),
-                }),
-            ),
-            // Ready and up to date: back in service with this step's document.
-            Some(p) if &p.uid != old_uid && p.ready && p.up_to_date && !p.terminating => {
-                (Rollout::Idle, None)
-            }
-            _ if s.now - deleted_at > s.ready_timeout.as_secs() as i64 => (
-                Rollout::Halted {
-                    pod: name.clone(),
-                    nymnode: nymnode.clone(),
-                    template_hash: s.template_hashes.get(nymnode).cloned().unwrap_or_default(),
-                    reason: format!(
-                        "rollout stopped: {name} was not ready and serving within {}s of its replacement; no further pod is touched until the spec changes",
-                        s.ready_timeout.as_secs()
-                    ),
-                },
-                None,
-            ),
-            _ => (state.clone(), None),
+        } => replace(state, pod, nymnode, old_uid, *deleted_at, s),
+    }
+}
+
+/// Picks the next pod to upgrade, or says what the upgrades wait for.
+fn start(state: &Rollout, s: &Snapshot) -> Rollout {
+    let mut outdated: Vec<&PodState> = s.pods.iter().filter(|p| s.outdated(p)).collect();
+    outdated.sort_by(|a, b| (&a.nymnode, &a.name).cmp(&(&b.nymnode, &b.name)));
+    // One that serves nobody already (crash-looping, unready): replacing it first takes
+    // nothing more out of service, and may be what heals the network.
+    let idle = outdated.iter().find(|p| !p.serving);
+    let next = idle.or_else(|| {
+        let first = outdated.first()?;
+        s.out_of_service(&first.name).is_empty().then_some(first)
+    });
+    match (next, outdated.is_empty()) {
+        (Some(p), _) => Rollout::Withdrawing {
+            pod: p.name.clone(),
+            nymnode: p.nymnode.clone(),
+            withdrawal: Withdrawal::new(&p.uid, s.now),
+        },
+        (None, true) => Rollout::Idle,
+        (None, false) => Rollout::Blocked {
+            since: match state {
+                Rollout::Blocked { since, .. } => *since,
+                _ => s.now,
+            },
+            waiting_for: s.out_of_service(""),
         },
     }
 }
 
-/// The next pod to upgrade, if the network can spare it: every other pod exists, is ready
-/// and is serving, so taking this one out leaves at most one node out of service.
-fn next_candidate<'a>(s: &Snapshot<'a>) -> Option<&'a PodState> {
-    let outdated = s
-        .pods
-        .iter()
-        .filter(|p| !p.up_to_date && !p.terminating)
-        .min_by(|a, b| (&a.nymnode, &a.name).cmp(&(&b.nymnode, &b.name)))?;
-    let complete = s
-        .desired
-        .iter()
-        .all(|(nn, want)| s.pods.iter().filter(|p| &p.nymnode == nn).count() >= *want);
-    let others_healthy = s
-        .pods
-        .iter()
-        .filter(|p| p.name != outdated.name)
-        .all(|p| p.ready && p.serving && !p.terminating);
-    (complete && others_healthy).then_some(outdated)
+/// Whether a halted rollout may go on.
+fn resumes(state: &Rollout, s: &Snapshot) -> bool {
+    let Rollout::Halted {
+        pod,
+        nymnode,
+        template_hash,
+        cause,
+        ..
+    } = state
+    else {
+        return true;
+    };
+    let Some(n) = s.nymnodes.get(nymnode).filter(|n| !n.deleting) else {
+        return true;
+    };
+    if n.template_hash.as_ref().is_some_and(|h| h != template_hash) {
+        return true;
+    }
+    match cause {
+        HaltCause::NotReady => s
+            .pod(pod)
+            .is_none_or(|p| !s.pod_wanted(p) || (p.ready && p.verified && !p.terminating)),
+        HaltCause::NotCaughtUp => s.laggards("", s.revision).is_empty(),
+    }
+}
+
+fn withdraw(pod: &str, nymnode: &str, w: &Withdrawal, s: &Snapshot) -> (Rollout, Option<Action>) {
+    let Some(p) = s.pod(pod).filter(|p| p.uid == w.uid && !p.terminating) else {
+        // Deleted by someone else meanwhile: wait for its replacement as if we had deleted it.
+        return if s.wanted(nymnode, crate::snapshot::ordinal_of(pod)) {
+            (replacing(pod, nymnode, &w.uid, s.now), None)
+        } else {
+            (Rollout::Idle, None)
+        };
+    };
+    // Scaled away, its NymNode deleted or invalid, or the spec reverted: give it back.
+    if !s.outdated(p) {
+        return (Rollout::Idle, None);
+    }
+    let (next, progress) = w.advance(pod, s);
+    match progress {
+        Progress::Publishing | Progress::Waiting { .. } | Progress::Settling => (
+            Rollout::Withdrawing {
+                pod: pod.into(),
+                nymnode: nymnode.into(),
+                withdrawal: next,
+            },
+            None,
+        ),
+        Progress::TimedOut { laggards } => (
+            Rollout::Halted {
+                pod: pod.into(),
+                nymnode: nymnode.into(),
+                template_hash: template_hash(s, nymnode),
+                cause: HaltCause::NotCaughtUp,
+                reason: format!(
+                    "rollout stopped: {} did not load revision {} (which withdrew {pod}) within {}s; {pod} serves again, and the rollout resumes once every running node reports the current document",
+                    laggards.join(", "),
+                    w.revision.unwrap_or_default(),
+                    s.withdrawal_timeout.as_secs()
+                ),
+            },
+            None,
+        ),
+        // Re-checked at the last moment: deleting a pod that still works while another is
+        // out of service would take two out at once.
+        Progress::Done if p.ready && !s.out_of_service(pod).is_empty() => (Rollout::Idle, None),
+        Progress::Done => (
+            replacing(pod, nymnode, &w.uid, s.now),
+            Some(Action::DeletePod {
+                name: pod.into(),
+                uid: w.uid.clone(),
+            }),
+        ),
+    }
+}
+
+fn replacing(pod: &str, nymnode: &str, uid: &str, now: i64) -> Rollout {
+    Rollout::Replacing {
+        pod: pod.into(),
+        nymnode: nymnode.into(),
+        old_uid: uid.into(),
+        deleted_at: now,
+    }
+}
+
+fn template_hash(s: &Snapshot, nymnode: &str) -> String {
+    s.nymnodes
+        .get(nymnode)
+        .and_then(|n| n.template_hash.clone())
+        .unwrap_or_default()
+}
+
+fn replace(
+    state: &Rollout,
+    pod: &str,
+    nymnode: &str,
+    old_uid: &str,
+    deleted_at: i64,
+    s: &Snapshot,
+) -> (Rollout, Option<Action>) {
+    if !s.wanted(nymnode, crate::snapshot::ordinal_of(pod)) {
+        return (Rollout::Idle, None);
+    }
+    match s.pod(pod) {
+        // The delete did not happen (or failed): ask again.
+        Some(p) if p.uid == old_uid && !p.terminating => (
+            state.clone(),
+            Some(Action::DeletePod {
+                name: pod.into(),
+                uid: old_uid.into(),
+            }),
+        ),
+        // Back in service with this pass's document (up to date or not: a spec that changed
+        // meanwhile is the next step's business).
+        Some(p) if p.uid != old_uid && p.ready && p.verified && !p.terminating => {
+            (Rollout::Idle, None)
+        }
+        _ if s.elapsed_since(deleted_at) > s.ready_timeout => (
+            Rollout::Halted {
+                pod: pod.into(),
+                nymnode: nymnode.into(),
+                template_hash: template_hash(s, nymnode),
+                cause: HaltCause::NotReady,
+                reason: format!(
+                    "rollout stopped: {pod} was not ready and serving within {}s of its replacement; no further pod is touched until it is, or until the spec changes",
+                    s.ready_timeout.as_secs()
+                ),
+            },
+            None,
+        ),
+        _ => (state.clone(), None),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::tests::{nymnodes, pod, snapshot};
 
-    fn pod(name: &str, up_to_date: bool) -> PodState {
+    fn outdated(nymnode: &str, ordinal: usize) -> PodState {
         PodState {
-            name: name.into(),
-            nymnode: "mix".into(),
-            uid: format!("{name}-uid"),
-            ready: true,
-            terminating: false,
-            up_to_date,
-            serving: true,
-            reported_revision: Some(1),
+            up_to_date: false,
+            ..pod(nymnode, ordinal)
         }
     }
 
-    fn snapshot<'a>(
-        pods: &'a [PodState],
-        desired: &'a BTreeMap<String, usize>,
-        hashes: &'a BTreeMap<String, String>,
-        now: i64,
-    ) -> Snapshot<'a> {
-        Snapshot {
-            pods,
-            desired,
-            template_hashes: hashes,
-            now,
-            settle: Duration::from_secs(10),
-            ready_timeout: Duration::from_secs(60),
+    /// Runs `step` and marks a fresh withdrawal as published at `revision`.
+    fn published(state: Rollout, revision: u64) -> Rollout {
+        match state {
+            Rollout::Withdrawing {
+                pod,
+                nymnode,
+                withdrawal,
+            } => Rollout::Withdrawing {
+                pod,
+                nymnode,
+                withdrawal: Withdrawal {
+                    revision: Some(revision),
+                    ..withdrawal
+                },
+            },
+            other => panic!("{other:?}"),
         }
     }
 
     #[test]
     fn withdraw_wait_for_revision_and_delay_then_delete() {
-        let desired = BTreeMap::from([("mix".to_string(), 2)]);
-        let hashes = BTreeMap::from([("mix".to_string(), "new".to_string())]);
-        let mut pods = vec![pod("mix-0", false), pod("mix-1", true)];
-        let (s1, a) = step(&Rollout::Idle, &snapshot(&pods, &desired, &hashes, 0));
+        let nn = nymnodes(&[("mix", 2)]);
+        let mut pods = vec![outdated("mix", 0), pod("mix", 1)];
+        let (s1, a) = step(&Rollout::Idle, &snapshot(&pods, &nn, 1, 0));
         assert!(a.is_none());
         assert_eq!(s1.withdrawn(), Some("mix-0"));
-        // Published at revision 2; mix-1 still reports 1: keep waiting.
-        let s1 = match s1 {
-            Rollout::Withdrawing {
-                pod, nymnode, uid, ..
-            } => Rollout::Withdrawing {
-                pod,
-                nymnode,
-                uid,
-                revision: Some(2),
-                caught_up_at: None,
-            },
-            other => panic!("{other:?}"),
-        };
+        let s1 = published(s1, 2);
         pods[0].serving = false;
-        let (s2, a) = step(&s1, &snapshot(&pods, &desired, &hashes, 5));
+        // mix-1 still reports 1: keep waiting.
+        let (s2, a) = step(&s1, &snapshot(&pods, &nn, 2, 5));
         assert_eq!((s2.clone(), a), (s1.clone(), None));
         pods[1].reported_revision = Some(2);
-        let (s3, a) = step(&s2, &snapshot(&pods, &desired, &hashes, 6));
-        assert!(
-            a.is_none()
-                && matches!(
-                    s3,
-                    Rollout::Withdrawing {
-                        caught_up_at: Some(6),
-                        ..
-                    }
-                )
-        );
+        let (s3, _) = step(&s2, &snapshot(&pods, &nn, 2, 6));
         // Not before the largest per-hop delay has passed since.
-        assert!(
-            step(&s3, &snapshot(&pods, &desired, &hashes, 15))
-                .1
-                .is_none()
-        );
-        let (s4, a) = step(&s3, &snapshot(&pods, &desired, &hashes, 16));
+        assert!(step(&s3, &snapshot(&pods, &nn, 2, 15)).1.is_none());
+        let (s4, a) = step(&s3, &snapshot(&pods, &nn, 2, 16));
         assert_eq!(
             a,
             Some(Action::DeletePod {
@@ -355,54 +385,200 @@ mod tests {
     }
 
     #[test]
-    fn no_withdrawal_while_another_pod_is_out_of_service() {
-        let desired = BTreeMap::from([("mix".to_string(), 2)]);
-        let hashes = BTreeMap::from([("mix".to_string(), "new".to_string())]);
-        let mut pods = vec![pod("mix-0", false), pod("mix-1", true)];
+    fn no_withdrawal_while_another_pod_is_out_of_service_and_blocked_says_why() {
+        let nn = nymnodes(&[("mix", 2)]);
+        let mut pods = vec![outdated("mix", 0), pod("mix", 1)];
         pods[1].ready = false;
+        let blocked = step(&Rollout::Idle, &snapshot(&pods, &nn, 1, 0)).0;
         assert_eq!(
-            step(&Rollout::Idle, &snapshot(&pods, &desired, &hashes, 0)).0,
+            blocked,
+            Rollout::Blocked {
+                since: 0,
+                waiting_for: vec!["mix-1".into()]
+            }
+        );
+        // The wait keeps its start, for the deadline.
+        let again = step(&blocked, &snapshot(&pods, &nn, 1, 50)).0;
+        assert!(matches!(again, Rollout::Blocked { since: 0, .. }));
+        // A missing pod (still being created) also holds the rollout back.
+        let pods = vec![outdated("mix", 0)];
+        assert!(matches!(
+            step(&Rollout::Idle, &snapshot(&pods, &nn, 1, 0)).0,
+            Rollout::Blocked { waiting_for, .. } if waiting_for == ["mix-1"]
+        ));
+    }
+
+    #[test]
+    fn crash_looping_outdated_pods_are_replaced_without_waiting_for_health() {
+        // Two pods of one NymNode crash-loop on a bad image; the fix must reach them.
+        let nn = nymnodes(&[("mix", 3)]);
+        let mut pods = vec![outdated("mix", 0), outdated("mix", 1), pod("mix", 2)];
+        for p in &mut pods[..2] {
+            p.ready = false;
+            p.serving = false;
+            p.verified = false;
+        }
+        let s1 = published(step(&Rollout::Idle, &snapshot(&pods, &nn, 1, 0)).0, 1);
+        assert_eq!(s1.withdrawn(), Some("mix-0"));
+        let (s2, _) = step(&s1, &snapshot(&pods, &nn, 1, 1));
+        let (_, a) = step(&s2, &snapshot(&pods, &nn, 1, 11));
+        assert!(
+            matches!(a, Some(Action::DeletePod { ref name, .. }) if name == "mix-0"),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_working_pod_is_given_back_if_another_fell_out_before_the_delete() {
+        let nn = nymnodes(&[("mix", 3)]);
+        let mut pods = vec![outdated("mix", 0), pod("mix", 1), pod("mix", 2)];
+        let s1 = published(step(&Rollout::Idle, &snapshot(&pods, &nn, 1, 0)).0, 1);
+        let (s2, _) = step(&s1, &snapshot(&pods, &nn, 1, 1));
+        pods[2].ready = false;
+        pods[2].reported_revision = None;
+        assert_eq!(
+            step(&s2, &snapshot(&pods, &nn, 1, 11)),
+            (Rollout::Idle, None)
+        );
+    }
+
+    #[test]
+    fn a_node_that_never_loads_the_withdrawal_halts_the_rollout_and_gives_the_pod_back() {
+        let nn = nymnodes(&[("mix", 2)]);
+        let mut pods = vec![outdated("mix", 0), pod("mix", 1)];
+        pods[1].reported_revision = None; // its description fails: it may still route
+        let s1 = published(step(&Rollout::Idle, &snapshot(&pods, &nn, 1, 0)).0, 2);
+        let (halted, a) = step(&s1, &snapshot(&pods, &nn, 2, 31));
+        assert!(a.is_none());
+        assert!(
+            matches!(&halted, Rollout::Halted { cause: HaltCause::NotCaughtUp, reason, .. } if reason.contains("mix-1")),
+            "{halted:?}"
+        );
+        assert_eq!(halted.withdrawn(), None);
+        // Resumes once every running node reports the current document.
+        assert_eq!(step(&halted, &snapshot(&pods, &nn, 3, 40)).0, halted);
+        pods[0].reported_revision = Some(3);
+        pods[1].reported_revision = Some(3);
+        assert!(matches!(
+            step(&halted, &snapshot(&pods, &nn, 3, 41)).0,
+            Rollout::Withdrawing { .. }
+        ));
+    }
+
+    #[test]
+    fn a_replacement_that_never_gets_ready_halts_until_it_does_or_the_spec_changes() {
+        let mut nn = nymnodes(&[("mix", 2)]);
+        let mut new = pod("mix", 0);
+        new.uid = "fresh".into();
+        new.ready = false;
+        new.serving = false;
+        new.verified = false;
+        let mut pods = vec![new, outdated("mix", 1)];
+        let replacing = replacing("mix-0", "mix", "mix-0-uid", 0);
+        assert_eq!(step(&replacing, &snapshot(&pods, &nn, 1, 60)).0, replacing);
+        let (halted, _) = step(&replacing, &snapshot(&pods, &nn, 1, 61));
+        assert!(matches!(&halted, Rollout::Halted { template_hash, .. } if template_hash == "new"));
+        // mix-1 is outdated but is not touched while halted ...
+        assert_eq!(step(&halted, &snapshot(&pods, &nn, 1, 1000)).0, halted);
+        // ... until the template changes (then it waits for the network to be whole) ...
+        nn.get_mut("mix").unwrap().template_hash = Some("newer".into());
+        assert!(matches!(
+            step(&halted, &snapshot(&pods, &nn, 1, 1001)).0,
+            Rollout::Blocked { waiting_for, .. } if waiting_for == ["mix-0"]
+        ));
+        // ... or the replacement turns ready after all.
+        nn.get_mut("mix").unwrap().template_hash = Some("new".into());
+        pods[0].ready = true;
+        pods[0].verified = true;
+        pods[0].serving = true;
+        assert!(matches!(
+            step(&halted, &snapshot(&pods, &nn, 1, 1002)).0,
+            Rollout::Withdrawing { pod, .. } if pod == "mix-1"
+        ));
+    }
+
+    #[test]
+    fn scaling_away_or_deleting_the_nymnode_under_upgrade_frees_the_rollout() {
+        let mut nn = nymnodes(&[("mix", 2), ("other", 1)]);
+        let pods = vec![pod("mix", 0), outdated("mix", 1), outdated("other", 0)];
+        let replacing = replacing("mix-1", "mix", "old", 0);
+        nn.get_mut("mix").unwrap().replicas = 1;
+        assert_eq!(
+            step(&replacing, &snapshot(&pods, &nn, 1, 1)).0,
             Rollout::Idle
         );
-        // A missing pod (still being created) also holds the rollout back.
-        let pods = vec![pod("mix-0", false)];
+        nn.get_mut("mix").unwrap().replicas = 2;
+        nn.get_mut("mix").unwrap().deleting = true;
         assert_eq!(
-            step(&Rollout::Idle, &snapshot(&pods, &desired, &hashes, 0)).0,
+            step(&replacing, &snapshot(&pods, &nn, 1, 1)).0,
+            Rollout::Idle
+        );
+        let withdrawing = Rollout::Withdrawing {
+            pod: "mix-1".into(),
+            nymnode: "mix".into(),
+            withdrawal: Withdrawal::new("mix-1-uid", 0),
+        };
+        assert_eq!(
+            step(&withdrawing, &snapshot(&pods, &nn, 1, 1)).0,
+            Rollout::Idle
+        );
+        nn.remove("mix");
+        assert_eq!(
+            step(&withdrawing, &snapshot(&pods, &nn, 1, 1)).0,
             Rollout::Idle
         );
     }
 
     #[test]
-    fn a_replacement_that_never_gets_ready_halts_until_the_spec_changes() {
-        let desired = BTreeMap::from([("mix".to_string(), 2)]);
-        let mut hashes = BTreeMap::from([("mix".to_string(), "new".to_string())]);
-        let mut new = pod("mix-0", true);
+    fn a_spec_change_during_the_replacement_does_not_halt_it() {
+        let nn = nymnodes(&[("mix", 2)]);
+        // The replacement came up from the previous template: not up to date, but back.
+        let mut new = outdated("mix", 0);
         new.uid = "fresh".into();
-        new.ready = false;
-        new.serving = false;
-        let pods = vec![new, pod("mix-1", false)];
-        let replacing = Rollout::Replacing {
-            pod: "mix-0".into(),
-            nymnode: "mix".into(),
-            old_uid: "mix-0-uid".into(),
-            deleted_at: 0,
-        };
+        let pods = vec![new, pod("mix", 1)];
+        let replacing = replacing("mix-0", "mix", "mix-0-uid", 0);
         assert_eq!(
-            step(&replacing, &snapshot(&pods, &desired, &hashes, 60)).0,
-            replacing
-        );
-        let (halted, _) = step(&replacing, &snapshot(&pods, &desired, &hashes, 61));
-        assert!(matches!(&halted, Rollout::Halted { template_hash, .. } if template_hash == "new"));
-        // mix-1 is outdated but is not touched while halted ...
-        assert_eq!(
-            step(&halted, &snapshot(&pods, &desired, &hashes, 1000)).0,
-            halted
-        );
-        // ... until the template changes (and then only once the network is healthy again).
-        hashes.insert("mix".into(), "newer".into());
-        assert_eq!(
-            step(&halted, &snapshot(&pods, &desired, &hashes, 1001)).0,
+            step(&replacing, &snapshot(&pods, &nn, 1, 5)).0,
             Rollout::Idle
         );
+        // And the next pass takes it again for the newer template.
+        assert!(matches!(
+            step(&Rollout::Idle, &snapshot(&pods, &nn, 1, 6)).0,
+            Rollout::Withdrawing { pod, .. } if pod == "mix-0"
+        ));
+    }
+
+    #[test]
+    fn state_round_trips_through_its_annotation() {
+        for state in [
+            Rollout::Idle,
+            Rollout::Blocked {
+                since: 3,
+                waiting_for: vec!["a-0".into()],
+            },
+            published(
+                Rollout::Withdrawing {
+                    pod: "a-0".into(),
+                    nymnode: "a".into(),
+                    withdrawal: Withdrawal::new("u", 1),
+                },
+                4,
+            ),
+            replacing("a-0", "a", "u", 2),
+            Rollout::Halted {
+                pod: "a-0".into(),
+                nymnode: "a".into(),
+                template_hash: "h".into(),
+                cause: HaltCause::NotCaughtUp,
+                reason: "r".into(),
+            },
+        ] {
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Rollout>(&json).unwrap(),
+                state,
+                "{json}"
+            );
+        }
     }
 }

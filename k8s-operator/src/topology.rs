@@ -1,37 +1,47 @@
 //! The namespace's topology document, rendered from what the pods say about themselves.
 //!
 //! The operator is the network's directory: a node is listed with the keys of its own
-//! signed description (private keys never leave the pod), at the addresses the operator
-//! gave it, and serving only while its pod is ready, its description verifies, and no
-//! rollout has withdrawn it. A node that stops qualifying stays listed as not serving,
-//! so packets already in flight to it still arrive; a pod that no longer exists is
-//! dropped. The revision goes up on every change and never on a no-op.
+//! signed description (private keys never leave the pod), at the place the operator gave
+//! it, and serving only while its pod is ready, its description verifies, and nothing
+//! withdrew it. A node that stops qualifying stays listed as not serving, so packets
+//! already in flight to it still arrive; a pod that no longer exists is dropped. Revisions
+//! are the publisher's business (`network::publish`).
+
+use std::collections::BTreeSet;
 
 use nym_node::http::description::SignedDescription;
-use nym_node::topology::{NodeEntry, SCHEMA_VERSION, Topology, TopologyDocument};
+use nym_node::topology::NodeEntry;
 
 use crate::crd::NodeMode;
 
-/// One pod, as the operator sees it.
-#[derive(Debug, Clone)]
-pub struct Member {
-    pub pod: String,
+/// Where the operator put a pod: its duties and the addresses peers and clients use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
     pub mode: NodeMode,
     pub layer: Option<u8>,
-    pub ready: bool,
-    /// The description the pod served, if it was fetched (only ready pods are asked).
-    pub description: Option<SignedDescription>,
     pub mixnet_address: String,
     pub http_address: String,
     pub client_address: Option<String>,
 }
 
+/// One pod, as the operator sees it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub pod: String,
+    /// From its `NymNode`'s spec; `None` for a pod of an invalid `NymNode`, which keeps the
+    /// place its previous entry gave it (and is not listed if it never had one).
+    pub placement: Option<Placement>,
+    pub ready: bool,
+    /// The description the pod served, if it was fetched (only ready pods are asked).
+    pub description: Option<SignedDescription>,
+}
+
 impl Member {
     /// The description, if it verifies and claims the mode the operator gave the pod.
-    pub fn verified(&self) -> Option<&SignedDescription> {
+    pub fn verified(&self, mode: NodeMode) -> Option<&SignedDescription> {
         self.description
             .as_ref()
-            .filter(|d| d.verify() && d.description.mode == self.mode.node_mode())
+            .filter(|d| d.verify() && d.description.mode == mode.node_mode())
     }
 }
 
@@ -51,72 +61,89 @@ pub enum RenderError {
     Invalid(#[from] nym_node::topology::TopologyError),
 }
 
-/// Renders the document. `withdrawn` is the pod a rollout has taken out of service.
-/// Returns the previous document unchanged (same revision) when nothing changed.
+/// The place a previous entry gave a node.
+pub fn placement_of(entry: &NodeEntry) -> Option<Placement> {
+    Some(Placement {
+        mode: match entry.mode {
+            nym_node::config::Mode::Mixnode => NodeMode::Mixnode,
+            nym_node::config::Mode::EntryGateway => NodeMode::EntryGateway,
+            nym_node::config::Mode::ExitGateway => NodeMode::ExitGateway,
+        },
+        layer: entry.layer,
+        mixnet_address: entry.mixnet_address.to_string(),
+        http_address: entry.http_address.as_ref()?.to_string(),
+        client_address: entry.client_address.as_ref().map(ToString::to_string),
+    })
+}
+
+/// One member's entry: fresh from its verified description, else its previous entry as not
+/// serving, else none.
+fn entry(
+    m: &Member,
+    previous: Option<&NodeEntry>,
+    withdrawn: &BTreeSet<String>,
+) -> Result<Option<NodeEntry>, RenderError> {
+    let Some(place) = m
+        .placement
+        .clone()
+        .or_else(|| previous.and_then(placement_of))
+    else {
+        return Ok(None);
+    };
+    let Some(signed) = m.verified(place.mode) else {
+        // Not ready, or its description does not verify: keep what was known, not serving.
+        return Ok(previous.map(|n| NodeEntry {
+            serving: false,
+            ..n.clone()
+        }));
+    };
+    let d = &signed.description;
+    let addr = |a: &str| {
+        a.parse().map_err(|message| RenderError::Address {
+            pod: m.pod.clone(),
+            message,
+        })
+    };
+    Ok(Some(NodeEntry {
+        name: m.pod.clone(),
+        identity_key: d.identity_key,
+        sphinx_keys: d.sphinx_keys.clone(),
+        noise_key: d.noise_key,
+        mode: place.mode.node_mode(),
+        layer: place.layer,
+        mixnet_address: addr(&place.mixnet_address)?,
+        client_address: place.client_address.as_deref().map(addr).transpose()?,
+        http_address: Some(addr(&place.http_address)?),
+        network_requester: requester_of(d),
+        serving: m.ready && !withdrawn.contains(&m.pod),
+    }))
+}
+
+/// Renders the nodes of the document, sorted by name. `withdrawn` are the pods an upgrade,
+/// a scale-down or a deletion has taken out of service.
 pub fn render(
-    previous: Option<&TopologyDocument>,
+    previous: &[NodeEntry],
     members: &[Member],
-    withdrawn: Option<&str>,
-) -> Result<TopologyDocument, RenderError> {
+    withdrawn: &BTreeSet<String>,
+) -> Result<Vec<NodeEntry>, RenderError> {
     let mut nodes: Vec<NodeEntry> = Vec::new();
     for m in members {
-        let entry = match m.verified() {
-            Some(signed) => {
-                let d = &signed.description;
-                let addr = |a: &str| {
-                    a.parse().map_err(|message| RenderError::Address {
-                        pod: m.pod.clone(),
-                        message,
-                    })
-                };
-                Some(NodeEntry {
-                    name: m.pod.clone(),
-                    identity_key: d.identity_key,
-                    sphinx_keys: d.sphinx_keys.clone(),
-                    noise_key: d.noise_key,
-                    mode: m.mode.node_mode(),
-                    layer: m.layer,
-                    mixnet_address: addr(&m.mixnet_address)?,
-                    client_address: m.client_address.as_deref().map(addr).transpose()?,
-                    http_address: Some(addr(&m.http_address)?),
-                    network_requester: requester_of(d),
-                    serving: m.ready && withdrawn != Some(m.pod.as_str()),
-                })
-            }
-            // Not ready, or its description does not verify: keep what was known, not serving.
-            None => previous
-                .and_then(|p| p.nodes.iter().find(|n| n.name == m.pod))
-                .map(|n| NodeEntry {
-                    serving: false,
-                    ..n.clone()
-                }),
+        let before = previous.iter().find(|n| n.name == m.pod);
+        let Some(entry) = entry(m, before, withdrawn)? else {
+            continue;
         };
-        if let Some(entry) = entry {
-            // Two pods claiming one identity (a copied volume) must not both be listed.
-            let clash = nodes
-                .iter()
-                .any(|n| n.identity_key == entry.identity_key || n.noise_key == entry.noise_key);
-            if clash {
-                tracing::warn!(pod = %m.pod, "identity already listed for another pod; left out");
-                continue;
-            }
-            nodes.push(entry);
+        // Two pods claiming one identity (a copied volume) must not both be listed.
+        let clash = nodes
+            .iter()
+            .any(|n| n.identity_key == entry.identity_key || n.noise_key == entry.noise_key);
+        if clash {
+            tracing::warn!(pod = %m.pod, "identity already listed for another pod; left out");
+            continue;
         }
+        nodes.push(entry);
     }
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
-    let revision = match previous {
-        Some(p) if p.nodes == nodes => return Ok(p.clone()),
-        Some(p) => p.revision + 1,
-        None => 1,
-    };
-    let document = TopologyDocument {
-        schema: SCHEMA_VERSION,
-        revision,
-        nodes,
-    };
-    // What a node would refuse, the operator must not publish.
-    Topology::from_document(document.clone())?;
-    Ok(document)
+    Ok(nodes)
 }
 
 #[cfg(test)]
@@ -125,28 +152,33 @@ mod tests {
     use nym_node::http::description::Description;
     use nym_node::keys::NodeKeys;
 
-    pub(crate) fn member(pod: &str, layer: u8, ready: bool) -> (Member, NodeKeys) {
-        let keys = NodeKeys::generate(std::time::Duration::from_secs(3600)).unwrap();
-        let d = Description::new(
+    fn description(pod: &str, mode: nym_node::config::Mode, keys: &NodeKeys) -> Description {
+        Description::new(
             pod,
-            nym_node::config::Mode::Mixnode,
+            mode,
             None,
             keys.public(),
             "0.0.0.0:1789".into(),
-            None,
+            mode.is_gateway().then(|| "0.0.0.0:9000".into()),
             "0.0.0.0:8080".into(),
         )
-        .sign(&keys.identity);
+    }
+
+    fn member(pod: &str, layer: u8, ready: bool) -> (Member, NodeKeys) {
+        let keys = NodeKeys::generate(std::time::Duration::from_secs(3600)).unwrap();
+        let d = description(pod, nym_node::config::Mode::Mixnode, &keys).sign(&keys.identity);
         (
             Member {
                 pod: pod.into(),
-                mode: NodeMode::Mixnode,
-                layer: Some(layer),
+                placement: Some(Placement {
+                    mode: NodeMode::Mixnode,
+                    layer: Some(layer),
+                    mixnet_address: format!("{pod}.mix.ns.svc.cluster.local:1789"),
+                    http_address: format!("{pod}.mix.ns.svc.cluster.local:8080"),
+                    client_address: None,
+                }),
                 ready,
                 description: ready.then_some(d),
-                mixnet_address: format!("{pod}.mix.ns.svc.cluster.local:1789"),
-                http_address: format!("{pod}.mix.ns.svc.cluster.local:8080"),
-                client_address: None,
             },
             keys,
         )
@@ -155,27 +187,25 @@ mod tests {
     /// An exit pod whose description publishes `requester` as its network requester.
     fn exit(pod: &str, requester: impl Fn(&NodeKeys) -> String) -> Member {
         let keys = NodeKeys::generate(std::time::Duration::from_secs(3600)).unwrap();
-        let d = Description::new(
-            pod,
-            nym_node::config::Mode::ExitGateway,
-            None,
-            keys.public(),
-            "0.0.0.0:1789".into(),
-            Some("0.0.0.0:9000".into()),
-            "0.0.0.0:8080".into(),
-        )
-        .with_network_requester(requester(&keys))
-        .sign(&keys.identity);
+        let d = description(pod, nym_node::config::Mode::ExitGateway, &keys)
+            .with_network_requester(requester(&keys))
+            .sign(&keys.identity);
         Member {
             pod: pod.into(),
-            mode: NodeMode::ExitGateway,
-            layer: None,
+            placement: Some(Placement {
+                mode: NodeMode::ExitGateway,
+                layer: None,
+                mixnet_address: format!("{pod}.gw.ns.svc.cluster.local:1789"),
+                http_address: format!("{pod}.gw.ns.svc.cluster.local:8080"),
+                client_address: Some(format!("{pod}.gw.ns.svc.cluster.local:9000")),
+            }),
             ready: true,
             description: Some(d),
-            mixnet_address: format!("{pod}.gw.ns.svc.cluster.local:1789"),
-            http_address: format!("{pod}.gw.ns.svc.cluster.local:8080"),
-            client_address: Some(format!("{pod}.gw.ns.svc.cluster.local:9000")),
         }
+    }
+
+    fn none() -> BTreeSet<String> {
+        BTreeSet::new()
     }
 
     #[test]
@@ -192,13 +222,13 @@ mod tests {
             }),
             exit("exit-2", |_| "not an address".into()),
         ];
-        let doc = render(None, &members, None).unwrap();
-        let own = doc.nodes[0].network_requester.as_deref().unwrap();
+        let nodes = render(&[], &members, &none()).unwrap();
+        let own = nodes[0].network_requester.as_deref().unwrap();
         let parsed: nym_node::client::ClientAddress = own.parse().unwrap();
-        assert_eq!(parsed.gateway, doc.nodes[0].identity_key);
-        assert_eq!(doc.nodes[1].network_requester, None);
-        assert_eq!(doc.nodes[2].network_requester, None);
-        assert!(doc.nodes.iter().all(|n| n.serving));
+        assert_eq!(parsed.gateway, nodes[0].identity_key);
+        assert_eq!(nodes[1].network_requester, None);
+        assert_eq!(nodes[2].network_requester, None);
+        assert!(nodes.iter().all(|n| n.serving));
     }
 
     #[test]
@@ -213,48 +243,58 @@ mod tests {
         d.signature = other.description.unwrap().signature;
         forged.description = Some(d);
         members.push(forged);
-        let doc = render(None, &members, None).unwrap();
-        let names: Vec<_> = doc.nodes.iter().map(|n| n.name.as_str()).collect();
+        let nodes = render(&[], &members, &none()).unwrap();
+        let names: Vec<_> = nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["mix-0", "mix-1", "mix-2"]);
-        assert!(doc.nodes.iter().all(|n| n.serving));
-        assert_eq!(doc.revision, 1);
+        assert!(nodes.iter().all(|n| n.serving));
     }
 
     #[test]
-    fn revision_rises_on_every_change_and_never_on_a_no_op() {
+    fn withdrawn_and_unready_pods_stay_listed_not_serving_and_gone_pods_are_dropped() {
         let mut members: Vec<Member> = (0..3)
             .map(|i| member(&format!("mix-{i}"), 2, true).0)
             .collect();
-        let r1 = render(None, &members, None).unwrap();
-        assert_eq!(
-            render(Some(&r1), &members, None).unwrap().revision,
-            r1.revision
-        );
-        // Withdrawn: still listed, not serving, new revision.
-        let r2 = render(Some(&r1), &members, Some("mix-1")).unwrap();
-        assert_eq!(r2.revision, r1.revision + 1);
-        assert!(!r2.nodes[1].serving && r2.nodes[1].identity_key == r1.nodes[1].identity_key);
+        let r1 = render(&[], &members, &none()).unwrap();
+        assert_eq!(render(&r1, &members, &none()).unwrap(), r1, "no change");
+        // Withdrawn: still listed, not serving.
+        let r2 = render(&r1, &members, &BTreeSet::from(["mix-1".to_string()])).unwrap();
+        assert!(!r2[1].serving && r2[1].identity_key == r1[1].identity_key);
         // Pod not ready: its last known entry stays, not serving (packets in flight arrive).
         members[1].ready = false;
         members[1].description = None;
-        let r3 = render(Some(&r2), &members, None).unwrap();
-        assert_eq!(
-            r3.revision, r2.revision,
-            "same document: withdrawn and unready look alike"
-        );
-        assert!(!r3.nodes[1].serving);
+        let r3 = render(&r2, &members, &none()).unwrap();
+        assert_eq!(r3, r2, "withdrawn and unready look alike");
         // A pod that is gone is dropped.
         members.remove(1);
-        let r4 = render(Some(&r3), &members, None).unwrap();
-        assert_eq!(r4.revision, r3.revision + 1);
-        assert_eq!(r4.nodes.len(), 2);
+        let r4 = render(&r3, &members, &none()).unwrap();
+        assert_eq!(r4.len(), 2);
+    }
+
+    #[test]
+    fn a_pod_of_an_invalid_nymnode_keeps_its_place_with_fresh_keys() {
+        let (m, keys) = member("mix-0", 3, true);
+        let before = render(&[], std::slice::from_ref(&m), &none()).unwrap();
+        // Its NymNode's spec turned invalid: no placement from the spec any more.
+        let invalid = Member {
+            placement: None,
+            ..m
+        };
+        let after = render(&before, std::slice::from_ref(&invalid), &none()).unwrap();
+        assert_eq!(after, before);
+        assert!(after[0].serving && after[0].layer == Some(3));
+        // Its keys still come from its own description (the next epoch's key, say).
+        assert_eq!(after[0].identity_key, keys.identity.public());
+        // Never listed before: there is no place to keep.
+        assert!(render(&[], &[invalid], &none()).unwrap().is_empty());
     }
 
     #[test]
     fn a_description_claiming_another_mode_is_not_serving() {
         let (mut m, _) = member("mix-0", 1, true);
-        m.mode = NodeMode::EntryGateway;
-        m.layer = None;
-        assert!(render(None, &[m], None).unwrap().nodes.is_empty());
+        if let Some(p) = m.placement.as_mut() {
+            p.mode = NodeMode::EntryGateway;
+            p.layer = None;
+        }
+        assert!(render(&[], &[m], &none()).unwrap().is_empty());
     }
 }

@@ -27,7 +27,8 @@ app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | qu
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
-{{/* The Secret holding the topology signing key. */}}
-{{- define "nym-operator.directoryKeySecret" -}}
-{{- .Values.directoryKey.existingSecret | default (printf "%s-directory-key" (include "nym-operator.fullname" .)) -}}
+{{/* The directory: the Secret holding the topology signing key (the operator makes it on
+first start unless it exists) and the ConfigMap where it publishes the public key. */}}
+{{- define "nym-operator.directoryName" -}}
+{{- .Values.directoryKey.existingSecret | default (printf "%s-directory" (include "nym-operator.fullname" .)) -}}
 {{- end }}

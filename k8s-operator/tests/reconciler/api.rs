@@ -1,0 +1,306 @@
+//! What a real API server refuses and the fake now refuses too: immutable fields, stale
+//! writes, rights the chart does not grant; and what the operator does about it.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
+use nym_operator::controller::reconcile;
+use nym_operator::crd::{NodeMode, STORAGE_IMMUTABLE};
+use nym_operator::fixtures::{Cluster, DIRECTORY, NS, OPERATOR_NS};
+use nym_operator::network::{observe, plan, publish};
+
+use super::*;
+
+#[tokio::test]
+async fn the_fake_refuses_what_a_real_api_server_refuses() {
+    let (cluster, ctx) = Cluster::start(1).await;
+    cluster.insert_nymnode(&nymnode("mix-l1", NodeMode::Mixnode, Some(1), 1));
+    step(&cluster, &ctx).await;
+    let client = cluster.client();
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    let mut sts = sts_api.get("mix-l1").await.unwrap();
+    sts.metadata.managed_fields = None;
+    sts.metadata.resource_version = None;
+    // Volume claims cannot change: 422.
+    let mut changed = sts.clone();
+    changed.spec.volume_claim_templates.as_mut().unwrap()[0]
+        .spec
+        .as_mut()
+        .unwrap()
+        .resources
+        .as_mut()
+        .unwrap()
+        .requests = Some(
+        [(
+            "storage".to_string(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity("5Gi".into()),
+        )]
+        .into(),
+    );
+    let e = sts_api
+        .patch(
+            "mix-l1",
+            &PatchParams::apply("nym-operator").force(),
+            &Patch::Apply(&changed),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, kube::Error::Api(s) if s.code == 422), "{e}");
+    // Another field manager without force: 409 on fields the operator owns.
+    let mut replicas = serde_json::json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "spec": {"replicas": 7}});
+    let e = sts_api
+        .patch(
+            "mix-l1",
+            &PatchParams::apply("kubectl"),
+            &Patch::Apply(&replicas),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, kube::Error::Api(s) if s.code == 409 && s.message.contains("nym-operator")),
+        "{e}"
+    );
+    // A stale resourceVersion: 409.
+    replicas["metadata"] = serde_json::json!({"resourceVersion": "1"});
+    let e = sts_api
+        .patch(
+            "mix-l1",
+            &PatchParams::apply("nym-operator").force(),
+            &Patch::Apply(&replicas),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, kube::Error::Api(s) if s.code == 409), "{e}");
+    // blockOwnerDeletion needs update rights on nymnodes/finalizers, which the chart does
+    // not grant: 403.
+    let nn = cluster.nymnode("mix-l1");
+    let mut owner = kube::Resource::controller_owner_ref(&nn, &()).unwrap();
+    owner.block_owner_deletion = Some(true);
+    let cm = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some("blocking".into()),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let e = Api::<ConfigMap>::namespaced(client.clone(), NS)
+        .patch(
+            "blocking",
+            &PatchParams::apply("nym-operator").force(),
+            &Patch::Apply(&cm),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, kube::Error::Api(s) if s.code == 403 && s.message.contains("blockOwnerDeletion")),
+        "{e}"
+    );
+    // Outside the rights the chart grants: 403 (secrets in the watched namespace).
+    let e = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client, NS)
+        .list(&Default::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, kube::Error::Api(s) if s.code == 403), "{e}");
+}
+
+#[tokio::test]
+async fn a_storage_change_is_refused_with_a_clear_message_not_a_422_on_every_reconcile() {
+    let (cluster, ctx) = Cluster::start(1).await;
+    cluster.insert_nymnode(&nymnode("mix-l1", NodeMode::Mixnode, Some(1), 1));
+    for _ in 0..4 {
+        step(&cluster, &ctx).await;
+    }
+    // The CRD's CEL rule refuses this; a CRD not yet upgraded (Helm never upgrades crds/)
+    // lets it through.
+    cluster.edit_nymnode("mix-l1", |nn| nn.spec.storage.size = "5Gi".into());
+    for _ in 0..3 {
+        step(&cluster, &ctx).await;
+    }
+    let degraded = condition(&cluster.nymnode("mix-l1"), "Degraded");
+    assert_eq!(
+        (degraded.reason.as_str(), degraded.message.as_str()),
+        ("InvalidSpec", STORAGE_IMMUTABLE)
+    );
+    assert!(serving(&cluster, "mix-l1-0"), "its pod serves on");
+    // The same size written another way is no change.
+    cluster.edit_nymnode("mix-l1", |nn| nn.spec.storage.size = "1024Mi".into());
+    step(&cluster, &ctx).await;
+    assert_eq!(
+        condition(&cluster.nymnode("mix-l1"), "Degraded").status,
+        "False"
+    );
+}
+
+#[tokio::test]
+async fn two_writers_cannot_publish_out_of_order() {
+    let (cluster, ctx) = settled_network().await;
+    cluster.hang("mix-l2-0", true);
+    cluster.tick();
+    // A second replica that still believes it leads (a split brain) reads the namespace and
+    // plans to take the hung node out of service ...
+    let stale = cluster.operator("stale-leader").await;
+    let observed = observe::observe(&stale, NS).await.unwrap();
+    let planned = plan::plan(&stale, &observed).unwrap();
+    assert!(
+        planned
+            .nodes
+            .iter()
+            .any(|n| n.name == "mix-l2-0" && !n.serving)
+    );
+    // ... the leader publishes meanwhile ...
+    let _ = reconcile_all(&cluster, &ctx).await;
+    let revision = cluster.topology().unwrap().revision;
+    // ... and the stale write is refused instead of overwriting it.
+    let e = publish::publish(&stale, NS, &observed, &planned)
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "Conflict", "{e}");
+    assert_eq!(cluster.topology().unwrap().revision, revision);
+    let revisions: Vec<u64> = cluster
+        .documents()
+        .iter()
+        .map(|(_, d)| d.revision)
+        .collect();
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "{revisions:?}");
+}
+
+#[tokio::test]
+async fn the_revision_never_goes_back_whatever_happens_to_the_configmap_or_the_leader() {
+    let (cluster, ctx) = settled_network().await;
+    let highest = |c: &Cluster| {
+        c.documents()
+            .iter()
+            .map(|(_, d)| d.revision)
+            .max()
+            .unwrap_or(0)
+    };
+    let top = highest(&cluster);
+    // Deleted: the next document is above the last.
+    cluster.delete_topology_configmap();
+    step(&cluster, &ctx).await;
+    assert!(cluster.topology().unwrap().revision > top);
+    // Garbled: the same.
+    let top = highest(&cluster);
+    cluster.garble_topology_configmap("{ not a document");
+    step(&cluster, &ctx).await;
+    assert!(cluster.topology().unwrap().revision > top);
+    // A new leader that never saw the ConfigMap, which is gone: it learns the floor from
+    // what the nodes report.
+    let top = highest(&cluster);
+    cluster.delete_topology_configmap();
+    let leader = cluster.operator("new-leader").await;
+    for _ in 0..3 {
+        step(&cluster, &leader).await;
+    }
+    assert!(cluster.topology().unwrap().revision > top);
+    // No node ever refused a document as older than the one it runs, or as foreign.
+    for rt in cluster.runtimes().values() {
+        assert_eq!((rt.refused_older, rt.refused_foreign), (0, 0), "{}", rt.pod);
+    }
+    assert!(cluster.out_of_service().is_empty());
+    drop(ctx);
+}
+
+#[tokio::test]
+async fn the_operator_makes_its_directory_key_once_and_a_racing_replica_takes_the_same() {
+    let cluster = Cluster::new(1, 0);
+    let first = cluster.operator("first").await;
+    // The second replica found no Secret (it looked before the first created it) and then
+    // lost the race to create it: it must use the winner's key.
+    cluster.fail_next("GET", &format!("/secrets/{DIRECTORY}"), 404);
+    let second = cluster.operator("second").await;
+    assert_eq!(
+        first.settings.directory.public(),
+        second.settings.directory.public()
+    );
+    let public = cluster
+        .get(
+            &format!("/api/v1/namespaces/{OPERATOR_NS}/configmaps"),
+            DIRECTORY,
+        )
+        .unwrap();
+    assert_eq!(
+        public["data"]["publicKey"],
+        first.settings.directory.public().to_base58()
+    );
+    let secrets = cluster.list(&format!("/api/v1/namespaces/{OPERATOR_NS}/secrets"));
+    assert_eq!(secrets.len(), 1);
+    // The key is a PKCS#8 PEM ed25519 key, what OpenSSL and `kubectl` users expect.
+    let secret =
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(cluster.client(), OPERATOR_NS)
+            .get(DIRECTORY)
+            .await
+            .unwrap();
+    let pem = secret.data.unwrap()["directory.key"].0.clone();
+    assert!(
+        String::from_utf8(pem)
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----")
+    );
+}
+
+#[tokio::test]
+async fn a_free_lease_goes_to_one_replica_only() {
+    let cluster = Cluster::new(1, 0);
+    let client = cluster.client();
+    let a = nym_operator::leader::lease_manager(
+        client.clone(),
+        OPERATOR_NS,
+        "nym-operator",
+        "replica-a",
+        15,
+    )
+    .await
+    .unwrap();
+    assert!(a.changed().await.unwrap(), "replica-a takes the free lease");
+    // replica-b claims it the way kube-lease-manager claims a free lease: a server-side
+    // apply of holderIdentity, not forced, under its own field manager.
+    let claim = serde_json::json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "spec": {"holderIdentity": "replica-b", "leaseDurationSeconds": 15},
+    });
+    let leases: Api<Lease> = Api::namespaced(client, OPERATOR_NS);
+    let mine = PatchParams::apply(&nym_operator::leader::field_manager("replica-b"));
+    let e = leases
+        .patch("nym-operator", &mine, &Patch::Apply(&claim))
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, kube::Error::Api(s) if s.code == 409), "{e}");
+    // The same claim under replica-a's field manager (one manager for every replica, as
+    // before) goes through: both would lead.
+    let shared = PatchParams::apply(&nym_operator::leader::field_manager("replica-a"));
+    assert!(
+        leases
+            .patch("nym-operator", &shared, &Patch::Apply(&claim))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn the_keygen_init_container_reads_the_node_env() {
+    let (cluster, ctx) = Cluster::start(1).await;
+    let mut nn = nymnode("mix-l1", NodeMode::Mixnode, Some(1), 1);
+    nn.spec
+        .env
+        .insert("NYM_NODE_KEY_ROTATION_INTERVAL".into(), "30m".into());
+    cluster.insert_nymnode(&nn);
+    reconcile(Arc::new(cluster.nymnode("mix-l1")), ctx.clone())
+        .await
+        .unwrap();
+    let sts = cluster
+        .get(
+            &format!("/apis/apps/v1/namespaces/{NS}/statefulsets"),
+            "mix-l1",
+        )
+        .unwrap();
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["initContainers"][0]["envFrom"],
+        pod["containers"][0]["envFrom"]
+    );
+}
