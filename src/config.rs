@@ -189,6 +189,13 @@ knobs! {
     log_level: String = "info";
 }
 
+/// The variable name of every knob (the table is built once).
+pub fn knob_names() -> &'static std::collections::BTreeSet<String> {
+    static NAMES: std::sync::OnceLock<std::collections::BTreeSet<String>> =
+        std::sync::OnceLock::new();
+    NAMES.get_or_init(|| knobs().into_iter().map(|k| k.env).collect())
+}
+
 /// Metadata of one knob, for docs and tests.
 #[derive(Debug, Clone)]
 pub struct Knob {
@@ -219,10 +226,9 @@ impl Config {
             .into_iter()
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
             .collect();
-        let known: Vec<String> = knobs().into_iter().map(|k| k.env).collect();
         let unknown = ours
             .keys()
-            .filter(|k| !known.contains(k))
+            .filter(|k| !knob_names().contains(*k))
             .cloned()
             .collect();
         let tracked: Tracked = envy::prefixed(ENV_PREFIX)

@@ -127,6 +127,15 @@ pub struct Context {
     namespace_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Highest revision this process published per namespace (part of the revision floor).
     revisions: Mutex<HashMap<String, u64>>,
+    /// What this process published last per namespace: where entries of pods that cannot
+    /// describe themselves, and the rollout's progress, come from when the ConfigMap was lost.
+    publications: Mutex<HashMap<String, network::publish::Publication>>,
+    /// Publications by this process per namespace: a pass that observed before another
+    /// published observes again under the lock.
+    generations: Mutex<HashMap<String, u64>>,
+    /// Template hash per `NymNode` (uid, generation): building and hashing a pod template
+    /// is the costliest part of planning, and a spec only changes with its generation.
+    template_hashes: Mutex<HashMap<(String, i64), String>>,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -157,6 +166,9 @@ impl Context {
             clock,
             namespace_locks: Mutex::default(),
             revisions: Mutex::default(),
+            publications: Mutex::default(),
+            generations: Mutex::default(),
+            template_hashes: Mutex::default(),
             failures: Mutex::default(),
         }
     }
@@ -174,10 +186,44 @@ impl Context {
         self.revisions.lock().get(ns).copied().unwrap_or(0)
     }
 
-    pub fn raise_revision_floor(&self, ns: &str, revision: u64) {
+    /// Records what was published in `ns` (its revision raises the floor).
+    pub fn published(&self, ns: &str, publication: &network::publish::Publication) {
         let mut revisions = self.revisions.lock();
         let floor = revisions.entry(ns.to_string()).or_default();
-        *floor = (*floor).max(revision);
+        *floor = (*floor).max(publication.document.revision);
+        self.publications
+            .lock()
+            .insert(ns.to_string(), publication.clone());
+        *self.generations.lock().entry(ns.to_string()).or_default() += 1;
+    }
+
+    /// How many times this process published in `ns`.
+    pub fn generation(&self, ns: &str) -> u64 {
+        self.generations.lock().get(ns).copied().unwrap_or(0)
+    }
+
+    /// The hash of the pod template `nn`'s spec builds (a valid spec).
+    pub fn template_hash(&self, nn: &NymNode) -> String {
+        let key = (
+            nn.metadata.uid.clone().unwrap_or_default(),
+            nn.metadata.generation.unwrap_or_default(),
+        );
+        if key.0.is_empty() {
+            return resources::desired_template_hash(nn, &self.settings.build);
+        }
+        let mut hashes = self.template_hashes.lock();
+        if hashes.len() > 4096 {
+            hashes.clear();
+        }
+        hashes
+            .entry(key)
+            .or_insert_with(|| resources::desired_template_hash(nn, &self.settings.build))
+            .clone()
+    }
+
+    /// What this process published last in `ns`.
+    pub fn last_published(&self, ns: &str) -> Option<network::publish::Publication> {
+        self.publications.lock().get(ns).cloned()
     }
 
     /// Publishes an Event about `nn` (best effort: the API may be what failed).
@@ -407,7 +453,12 @@ async fn prune_env_configmaps(
     let empty = BTreeSet::new();
     let in_use = network.env_in_use.get(&nn.name_any()).unwrap_or(&empty);
     let mine = configmaps
-        .list(&ListParams::default().labels(&format!("{NYMNODE_LABEL}={}", nn.name_any())))
+        .list(&ListParams::default().labels(&format!(
+            "{NYMNODE_LABEL}={},{}={}",
+            nn.name_any(),
+            resources::ROLE_LABEL,
+            resources::ENV_ROLE
+        )))
         .await?;
     for cm in mine {
         let name = cm.name_any();

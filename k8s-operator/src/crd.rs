@@ -387,11 +387,11 @@ impl NymNodeSpec {
                 )));
             }
         }
-        let known: Vec<String> = nym_node::config::knobs()
-            .into_iter()
-            .map(|k| k.env)
-            .collect();
-        if let Some(unknown) = self.env.keys().find(|k| !known.contains(k)) {
+        if let Some(unknown) = self
+            .env
+            .keys()
+            .find(|k| !nym_node::config::knob_names().contains(*k))
+        {
             return Err(InvalidSpec(format!(
                 "spec.env: {unknown} is not a nym-node setting"
             )));

@@ -63,7 +63,8 @@ impl Describer for HttpDescriber {
     }
 }
 
-/// A pod to ask: its uid (the cache key: a replacement is another pod), IP and HTTP port.
+/// A node to ask: its process (the cache key: a replacement or a restart is another node),
+/// name, IP and HTTP port.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub uid: String,
@@ -80,7 +81,7 @@ struct Entry {
     failures: u32,
 }
 
-/// Descriptions by pod uid.
+/// Descriptions by node process.
 pub struct Descriptions {
     entries: Mutex<HashMap<String, Entry>>,
     /// How long an answer (or a failure) is reused.
@@ -160,11 +161,9 @@ impl Descriptions {
             .collect()
     }
 
-    /// Forgets pods that no longer exist.
-    pub fn retain(&self, live_uids: &[&str]) {
-        self.entries
-            .lock()
-            .retain(|uid, _| live_uids.contains(&uid.as_str()));
+    /// Forgets nodes that no longer run.
+    pub fn retain(&self, live: &[String]) {
+        self.entries.lock().retain(|uid, _| live.contains(uid));
     }
 }
 

@@ -36,6 +36,8 @@ pub const DATA_MOUNT: &str = "/var/lib/nym-node";
 /// Where the topology ConfigMap is mounted; the node reads `topology.json` from it.
 pub const TOPOLOGY_MOUNT: &str = "/etc/nym-node/topology";
 pub const TOPOLOGY_KEY: &str = "topology.json";
+/// Name of the node's container in every pod.
+pub const NODE_CONTAINER: &str = "nym-node";
 /// The image's non-root user (Dockerfile); the volume is group-owned by it.
 pub const NODE_UID: i64 = 10001;
 
@@ -393,7 +395,7 @@ fn pod_template(nn: &NymNode, settings: &BuildSettings) -> PodTemplateSpec {
                 ..Default::default()
             }]),
             containers: vec![Container {
-                name: "nym-node".into(),
+                name: NODE_CONTAINER.into(),
                 image: Some(image),
                 args: Some(vec!["run".into()]),
                 env_from: Some(env_from),

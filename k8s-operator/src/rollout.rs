@@ -415,6 +415,7 @@ mod tests {
         let mut pods = vec![outdated("mix", 0), outdated("mix", 1), pod("mix", 2)];
         for p in &mut pods[..2] {
             p.ready = false;
+            p.running = false;
             p.serving = false;
             p.verified = false;
         }
@@ -435,6 +436,7 @@ mod tests {
         let s1 = published(step(&Rollout::Idle, &snapshot(&pods, &nn, 1, 0)).0, 1);
         let (s2, _) = step(&s1, &snapshot(&pods, &nn, 1, 1));
         pods[2].ready = false;
+        pods[2].running = false;
         pods[2].reported_revision = None;
         assert_eq!(
             step(&s2, &snapshot(&pods, &nn, 1, 11)),

@@ -13,7 +13,11 @@ pub struct PodState {
     pub uid: String,
     /// The StatefulSet ordinal (the number after the last `-` of the name).
     pub ordinal: Option<usize>,
-    /// Its readiness probe passes and it is not terminating: the node runs and routes.
+    /// One run of its node (uid and restart count): a restart is a new process.
+    pub process: String,
+    /// Its node's process runs (ready or not): it may route.
+    pub running: bool,
+    /// Its readiness probe passes and it is not terminating.
     pub ready: bool,
     pub terminating: bool,
     /// Carries its `NymNode`'s current template hash (pods of an invalid `NymNode` count as
@@ -92,15 +96,20 @@ impl Snapshot<'_> {
     }
 
     /// Running nodes, other than `except`, that may still route on a document older than
-    /// `revision`: every ready pod whose description does not report `revision` yet
-    /// (a pod whose description could not be read counts, since it may still route).
+    /// `revision`: every running node whose description does not report `revision` yet
+    /// (one whose description could not be read counts, since it may still route).
     pub fn laggards(&self, except: &str, revision: u64) -> Vec<String> {
-        self.pods
-            .iter()
-            .filter(|p| p.name != except && p.ready && !p.terminating)
+        self.running(except)
             .filter(|p| p.reported_revision.is_none_or(|r| r < revision))
             .map(|p| p.name.clone())
             .collect()
+    }
+
+    /// The node processes, other than `except`'s, that run now.
+    pub fn running<'s>(&'s self, except: &'s str) -> impl Iterator<Item = &'s PodState> + 's {
+        self.pods
+            .iter()
+            .filter(move |p| p.name != except && p.running && !p.terminating)
     }
 
     /// Wanted pods that are not in service, and wanted ordinals with no pod at all.
@@ -147,6 +156,8 @@ pub(crate) mod tests {
         let name = format!("{nymnode}-{ordinal}");
         PodState {
             uid: format!("{name}-uid"),
+            process: format!("{name}-uid/0"),
+            running: true,
             name,
             nymnode: nymnode.into(),
             ordinal: Some(ordinal),
@@ -196,7 +207,7 @@ pub(crate) mod tests {
     fn laggards_are_every_ready_pod_behind_even_without_a_description() {
         let mut pods = vec![pod("mix", 0), pod("mix", 1), pod("mix", 2)];
         pods[1].reported_revision = None; // description failed: it may still route
-        pods[2].ready = false; // not running: routes nothing
+        pods[2].running = false; // not running: routes nothing
         let nn = nymnodes(&[("mix", 3)]);
         let s = snapshot(&pods, &nn, 2, 0);
         assert_eq!(s.laggards("mix-0", 2), ["mix-1"]);

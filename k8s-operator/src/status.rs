@@ -86,18 +86,28 @@ fn progressing(
     }
 }
 
+type Verdict = (bool, &'static str, String);
+
 /// `Degraded`: the first thing that needs a human, most specific first.
-fn degraded(
+fn degraded(nn: &NymNode, network: &Network, mine: &[&PodReport], inputs: &Inputs) -> Verdict {
+    if let Some(invalid) = inputs.invalid {
+        return (true, "InvalidSpec", invalid.0.clone());
+    }
+    rollout_degraded(nn, network, mine, inputs)
+        .or_else(|| withdrawal_degraded(network, mine))
+        .or_else(|| not_ready_too_long(nn, network, mine, inputs))
+        .unwrap_or((false, "AsExpected", "no error".into()))
+}
+
+/// This `NymNode`'s rollout halted, or its outdated pods wait on the network too long.
+fn rollout_degraded(
     nn: &NymNode,
     network: &Network,
     mine: &[&PodReport],
     inputs: &Inputs,
-) -> (bool, &'static str, String) {
+) -> Option<Verdict> {
     let name = nn.name_any();
     let outdated = mine.iter().any(|p| !p.up_to_date);
-    if let Some(invalid) = inputs.invalid {
-        return (true, "InvalidSpec", invalid.0.clone());
-    }
     match &network.rollout {
         Rollout::Halted {
             nymnode,
@@ -109,25 +119,27 @@ fn degraded(
                 HaltCause::NotReady => "RolloutStuck",
                 HaltCause::NotCaughtUp => "CatchUpTimeout",
             };
-            return (true, r, reason.clone());
+            Some((true, r, reason.clone()))
         }
         Rollout::Halted {
             nymnode, reason, ..
-        } if outdated => {
-            return (
-                true,
-                "RolloutBlocked",
-                format!("the network's rollout is halted at {nymnode}: {reason}"),
-            );
-        }
+        } if outdated => Some((
+            true,
+            "RolloutBlocked",
+            format!("the network's rollout is halted at {nymnode}: {reason}"),
+        )),
         Rollout::Blocked { since, .. }
             if outdated
                 && network.now.saturating_sub(*since) > inputs.ready_timeout.as_secs() as i64 =>
         {
-            return (true, "RolloutBlocked", network.rollout.describe());
+            Some((true, "RolloutBlocked", network.rollout.describe()))
         }
-        _ => {}
+        _ => None,
     }
+}
+
+/// Pods leaving the network still withdrawn past the withdrawal timeout.
+fn withdrawal_degraded(network: &Network, mine: &[&PodReport]) -> Option<Verdict> {
     let stuck: Vec<String> = mine
         .iter()
         .filter_map(|p| {
@@ -135,17 +147,55 @@ fn degraded(
             Some(format!("{} (waiting for {})", p.name, laggards.join(", ")))
         })
         .collect();
-    if !stuck.is_empty() {
-        return (
+    (!stuck.is_empty()).then(|| {
+        (
             true,
             "WithdrawalStuck",
             format!(
                 "pods leaving the network are still withdrawn: {}",
                 stuck.join("; ")
             ),
-        );
+        )
+    })
+}
+
+/// Pods not ready and serving for longer than the ready timeout (a crash-looping image, a
+/// node that cannot start), with nothing the operator can do about it.
+fn not_ready_too_long(
+    nn: &NymNode,
+    network: &Network,
+    mine: &[&PodReport],
+    inputs: &Inputs,
+) -> Option<Verdict> {
+    let desired = nn.spec.replicas.max(0);
+    // The pod an upgrade is replacing is the rollout's business (it has its own deadline).
+    let replacing = network.rollout.withdrawn();
+    let mut down: Vec<String> = (0..desired)
+        .map(|i| format!("{}-{i}", nn.name_any()))
+        .filter(|name| Some(name.as_str()) != replacing)
+        .filter(|name| !mine.iter().any(|p| &p.name == name && p.ready && p.serving))
+        .collect();
+    down.sort();
+    if down.is_empty() {
+        return None;
     }
-    (false, "AsExpected", "no error".into())
+    let since = nn
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "False")?
+        .last_transition_time
+        .0
+        .as_second();
+    let waited = network.now.saturating_sub(since);
+    (waited > inputs.ready_timeout.as_secs() as i64).then(|| {
+        (
+            true,
+            "PodsNotReady",
+            format!("{} not ready and serving for {waited}s", down.join(", ")),
+        )
+    })
 }
 
 /// The status of `nn` after a sync.

@@ -32,16 +32,32 @@ pub struct Member {
     /// place its previous entry gave it (and is not listed if it never had one).
     pub placement: Option<Placement>,
     pub ready: bool,
-    /// The description the pod served, if it was fetched (only ready pods are asked).
-    pub description: Option<SignedDescription>,
+    /// The description the pod served, kept only if its signature verifies (running pods
+    /// are asked; only a ready one is listed as serving).
+    description: Option<SignedDescription>,
 }
 
 impl Member {
-    /// The description, if it verifies and claims the mode the operator gave the pod.
+    /// A pod and the description it served; the signature is checked here, once.
+    pub fn new(
+        pod: String,
+        placement: Option<Placement>,
+        ready: bool,
+        description: Option<SignedDescription>,
+    ) -> Member {
+        Member {
+            pod,
+            placement,
+            ready,
+            description: description.filter(SignedDescription::verify),
+        }
+    }
+
+    /// The description, if it verified and claims the mode the operator gave the pod.
     pub fn verified(&self, mode: NodeMode) -> Option<&SignedDescription> {
         self.description
             .as_ref()
-            .filter(|d| d.verify() && d.description.mode == mode.node_mode())
+            .filter(|d| d.description.mode == mode.node_mode())
     }
 }
 
@@ -90,7 +106,7 @@ fn entry(
     else {
         return Ok(None);
     };
-    let Some(signed) = m.verified(place.mode) else {
+    let Some(signed) = m.verified(place.mode).filter(|_| m.ready) else {
         // Not ready, or its description does not verify: keep what was known, not serving.
         return Ok(previous.map(|n| NodeEntry {
             serving: false,
@@ -168,9 +184,9 @@ mod tests {
         let keys = NodeKeys::generate(std::time::Duration::from_secs(3600)).unwrap();
         let d = description(pod, nym_node::config::Mode::Mixnode, &keys).sign(&keys.identity);
         (
-            Member {
-                pod: pod.into(),
-                placement: Some(Placement {
+            Member::new(
+                pod.into(),
+                Some(Placement {
                     mode: NodeMode::Mixnode,
                     layer: Some(layer),
                     mixnet_address: format!("{pod}.mix.ns.svc.cluster.local:1789"),
@@ -178,8 +194,8 @@ mod tests {
                     client_address: None,
                 }),
                 ready,
-                description: ready.then_some(d),
-            },
+                ready.then_some(d),
+            ),
             keys,
         )
     }
@@ -190,18 +206,18 @@ mod tests {
         let d = description(pod, nym_node::config::Mode::ExitGateway, &keys)
             .with_network_requester(requester(&keys))
             .sign(&keys.identity);
-        Member {
-            pod: pod.into(),
-            placement: Some(Placement {
+        Member::new(
+            pod.into(),
+            Some(Placement {
                 mode: NodeMode::ExitGateway,
                 layer: None,
                 mixnet_address: format!("{pod}.gw.ns.svc.cluster.local:1789"),
                 http_address: format!("{pod}.gw.ns.svc.cluster.local:8080"),
                 client_address: Some(format!("{pod}.gw.ns.svc.cluster.local:9000")),
             }),
-            ready: true,
-            description: Some(d),
-        }
+            true,
+            Some(d),
+        )
     }
 
     fn none() -> BTreeSet<String> {
@@ -237,12 +253,16 @@ mod tests {
             .map(|i| member(&format!("mix-{i}"), 1, true).0)
             .collect();
         // The fourth pod serves a description signed by someone else's key.
-        let (mut forged, _) = member("mix-3", 1, true);
+        let (genuine, _) = member("mix-3", 1, true);
         let (other, _) = member("other", 1, true);
-        let mut d = forged.description.take().unwrap();
+        let mut d = genuine.description.clone().unwrap();
         d.signature = other.description.unwrap().signature;
-        forged.description = Some(d);
-        members.push(forged);
+        members.push(Member::new(
+            "mix-3".into(),
+            genuine.placement,
+            true,
+            Some(d),
+        ));
         let nodes = render(&[], &members, &none()).unwrap();
         let names: Vec<_> = nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["mix-0", "mix-1", "mix-2"]);
@@ -260,8 +280,7 @@ mod tests {
         let r2 = render(&r1, &members, &BTreeSet::from(["mix-1".to_string()])).unwrap();
         assert!(!r2[1].serving && r2[1].identity_key == r1[1].identity_key);
         // Pod not ready: its last known entry stays, not serving (packets in flight arrive).
-        members[1].ready = false;
-        members[1].description = None;
+        members[1] = Member::new("mix-1".into(), members[1].placement.clone(), false, None);
         let r3 = render(&r2, &members, &none()).unwrap();
         assert_eq!(r3, r2, "withdrawn and unready look alike");
         // A pod that is gone is dropped.

@@ -3,11 +3,15 @@
 //!
 //! ```text
 //!  published as not serving at revision R
-//!    → every running node reports R or later (one that falls behind resets the wait)
+//!    → every running node reports R or later
 //!    → the largest per-hop delay passes (nothing is routed to the pod or held for it)
 //!    → done: the pod may be deleted
+//!  a node that falls behind, or a node process that was not counted (a restart, a new
+//!  pod: it may have started from an older document) starts the wait again
 //!  not caught up within the withdrawal timeout → timed out (the caller decides)
 //! ```
+
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +28,10 @@ pub struct Withdrawal {
     pub since: i64,
     /// When every running node was first seen on `revision`.
     pub caught_up_at: Option<i64>,
+    /// The node processes running at `caught_up_at`: one that starts later begins the
+    /// delay again.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub counted: BTreeSet<String>,
 }
 
 /// Where a withdrawal stands after a pass.
@@ -48,6 +56,7 @@ impl Withdrawal {
             revision: None,
             since: now,
             caught_up_at: None,
+            counted: BTreeSet::new(),
         }
     }
 
@@ -60,6 +69,7 @@ impl Withdrawal {
         if !laggards.is_empty() {
             let next = Withdrawal {
                 caught_up_at: None,
+                counted: BTreeSet::new(),
                 ..self.clone()
             };
             return if s.elapsed_since(self.since) > s.withdrawal_timeout {
@@ -68,12 +78,17 @@ impl Withdrawal {
                 (next, Progress::Waiting { laggards })
             };
         }
+        let running: BTreeSet<String> = s.running(pod).map(|p| p.process.clone()).collect();
         match self.caught_up_at {
-            Some(t) if s.elapsed_since(t) >= s.settle => (self.clone(), Progress::Done),
-            Some(_) => (self.clone(), Progress::Settling),
-            None => (
+            Some(t) if running.is_subset(&self.counted) && s.elapsed_since(t) >= s.settle => {
+                (self.clone(), Progress::Done)
+            }
+            Some(_) if running.is_subset(&self.counted) => (self.clone(), Progress::Settling),
+            // First caught up, or a node process started since: the delay starts now.
+            _ => (
                 Withdrawal {
                     caught_up_at: Some(s.now),
+                    counted: running,
                     ..self.clone()
                 },
                 Progress::Settling,

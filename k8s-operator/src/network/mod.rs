@@ -1,7 +1,8 @@
 //! One namespace's network, synced as one unit: observe it, plan the next document and the
 //! next step of the rollout and retirements, publish them, act (delete the pod an upgrade
 //! replaces). Every `NymNode`'s reconcile syncs its namespace, under one lock per namespace
-//! so the whole network moves one step at a time; descriptions are fetched before the lock.
+//! so the whole network moves one step at a time; it observes (and fetches descriptions)
+//! before taking the lock.
 
 pub mod observe;
 pub mod plan;
@@ -53,10 +54,14 @@ pub struct Network {
 /// Syncs the namespace `ns`.
 #[instrument(skip(ctx), fields(namespace = ns))]
 pub async fn sync(ctx: &Context, ns: &str) -> Result<Network, Error> {
-    observe::prefetch_descriptions(ctx, ns).await?;
+    let mut observed = observe::observe(ctx, ns).await?;
     let lock = ctx.namespace_lock(ns);
     let _guard = lock.lock().await;
-    let observed = observe::observe(ctx, ns).await?;
+    // Another pass of this process published while this one waited: read again (its
+    // descriptions are fresh in the cache). Other writers are caught by the conditional write.
+    if ctx.generation(ns) != observed.generation {
+        observed = observe::observe(ctx, ns).await?;
+    }
     let plan = plan::plan(ctx, &observed)?;
     let published = publish::publish(ctx, ns, &observed, &plan).await?;
     ctx.metrics

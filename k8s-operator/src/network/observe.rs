@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use kube::{Resource, ResourceExt};
 use nym_node::http::description::SignedDescription;
 use nym_node::topology::{Topology, TopologyDocument};
 
@@ -30,8 +30,11 @@ pub const REVISION_ANNOTATION: &str = "mixnet.nym-node.dev/revision";
 pub struct Published {
     /// `None`: there is no ConfigMap (never written, or deleted).
     pub resource_version: Option<String>,
-    /// The document, if it parses and is signed by this operator's directory key.
+    /// The previous document: the ConfigMap's if it parses and is signed by this
+    /// operator's directory key, or the last this process published if that is newer.
     pub document: Option<TopologyDocument>,
+    /// Whether the ConfigMap itself holds `document` (else it must be written again).
+    pub in_configmap: bool,
     pub rollout: Rollout,
     pub retiring: Retirements,
     /// The revision annotation (0 when absent or unreadable).
@@ -46,10 +49,12 @@ pub struct Observed {
     /// Ingress address of every per-replica LoadBalancer Service, by Service (= pod) name.
     pub lb_addresses: BTreeMap<String, String>,
     pub published: Published,
-    /// Verified or not, by pod uid (only ready pods are asked).
+    /// Verified or not, by node process ([`process_of`]; only running nodes are asked).
     pub descriptions: BTreeMap<String, SignedDescription>,
     /// Unix seconds.
     pub now: i64,
+    /// This process's publication count in the namespace when it was read.
+    pub generation: u64,
 }
 
 fn managed() -> ListParams {
@@ -70,10 +75,41 @@ pub fn pod_ready(pod: &Pod) -> bool {
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// The ready pods to ask for a description, with the HTTP port their `NymNode` gives them.
+/// The node container's status, if the kubelet reported one.
+fn node_container(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerStatus> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == resources::NODE_CONTAINER)
+}
+
+/// Whether the node's process runs: it may route, ready or not (a restarted node routes on
+/// whatever its volume held before its readiness probe passes). Without a container status,
+/// readiness stands in.
+pub fn pod_running(pod: &Pod) -> bool {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    match node_container(pod) {
+        Some(c) => c.state.as_ref().is_some_and(|s| s.running.is_some()),
+        None => pod_ready(pod),
+    }
+}
+
+/// One run of a pod's node: its uid and container restart count. A restarted node is a new
+/// process, which may have started from an older document than the one before it.
+pub fn process_of(pod: &Pod) -> Option<String> {
+    let restarts = node_container(pod).map_or(0, |c| c.restart_count);
+    Some(format!("{}/{restarts}", pod.uid()?))
+}
+
+/// The running nodes to ask for a description, with the HTTP port their `NymNode` gives
+/// them.
 pub fn targets(pods: &[Pod], nymnodes: &[NymNode]) -> Vec<Target> {
     pods.iter()
-        .filter(|p| pod_ready(p))
+        .filter(|p| pod_running(p))
         .filter_map(|p| {
             let owner = p.labels().get(NYMNODE_LABEL)?;
             let port = nymnodes
@@ -81,7 +117,7 @@ pub fn targets(pods: &[Pod], nymnodes: &[NymNode]) -> Vec<Target> {
                 .find(|n| &n.name_any() == owner)
                 .map_or(8080, |n| n.spec.exposure.http_port);
             Some(Target {
-                uid: p.uid()?,
+                uid: process_of(p)?,
                 name: p.name_any(),
                 ip: p.status.as_ref()?.pod_ip.clone()?,
                 port,
@@ -90,25 +126,10 @@ pub fn targets(pods: &[Pod], nymnodes: &[NymNode]) -> Vec<Target> {
         .collect()
 }
 
-/// Lists the namespace's pods and brings their descriptions up to date, concurrently.
-/// Runs before the namespace lock is taken: it is the slow part of a pass.
-pub async fn prefetch_descriptions(ctx: &Context, ns: &str) -> Result<(), Error> {
-    let nymnodes = Api::<NymNode>::namespaced(ctx.client.clone(), ns)
-        .list(&ListParams::default())
-        .await?;
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), ns)
-        .list(&managed())
-        .await?;
-    let targets = targets(&pods.items, &nymnodes.items);
-    ctx.descriptions
-        .refresh(ctx.describer.as_ref(), &targets, (ctx.clock)())
-        .await;
-    Ok(())
-}
-
-/// Reads the namespace (under its lock; descriptions come from the prefetch, and only pods
-/// it did not see are asked now).
+/// Reads the namespace, and asks its running nodes for their descriptions (concurrently, and
+/// outside the namespace lock: it is the slow part of a pass).
 pub async fn observe(ctx: &Context, ns: &str) -> Result<Observed, Error> {
+    let generation = ctx.generation(ns);
     let client = ctx.client.clone();
     let nymnodes = Api::<NymNode>::namespaced(client.clone(), ns)
         .list(&ListParams::default())
@@ -130,10 +151,7 @@ pub async fn observe(ctx: &Context, ns: &str) -> Result<Observed, Error> {
     ctx.descriptions
         .refresh(ctx.describer.as_ref(), &targets, now)
         .await;
-    let live: Vec<&str> = pods
-        .iter()
-        .filter_map(|p| p.meta().uid.as_deref())
-        .collect();
+    let live: Vec<String> = pods.iter().filter_map(process_of).collect();
     ctx.descriptions.retain(&live);
     Ok(Observed {
         descriptions: ctx.descriptions.current(&targets),
@@ -142,6 +160,7 @@ pub async fn observe(ctx: &Context, ns: &str) -> Result<Observed, Error> {
         nymnodes,
         pods,
         now,
+        generation,
     })
 }
 
@@ -149,6 +168,24 @@ pub async fn observe(ctx: &Context, ns: &str) -> Result<Observed, Error> {
 /// revision floor (memory, the annotation, the nodes' own reports) keeps the next document
 /// above whatever the nodes already run.
 fn read_published(ctx: &Context, ns: &str, cm: Option<&ConfigMap>) -> Published {
+    let mut published = read_configmap(ctx, ns, cm);
+    // The ConfigMap lost (deleted, garbled, overwritten): what this process published last
+    // still says where every node was, and how far the rollout and retirements got.
+    if let Some(last) = ctx.last_published(ns)
+        && published
+            .document
+            .as_ref()
+            .is_none_or(|d| d.revision < last.document.revision)
+    {
+        published.document = Some(last.document);
+        published.rollout = last.rollout;
+        published.retiring = last.retiring;
+        published.in_configmap = false;
+    }
+    published
+}
+
+fn read_configmap(ctx: &Context, ns: &str, cm: Option<&ConfigMap>) -> Published {
     let Some(cm) = cm else {
         return Published::default();
     };
@@ -166,6 +203,7 @@ fn read_published(ctx: &Context, ns: &str, cm: Option<&ConfigMap>) -> Published 
     };
     Published {
         resource_version: cm.metadata.resource_version.clone(),
+        in_configmap: document.is_some(),
         document,
         rollout: parse_state(ns, ROLLOUT_ANNOTATION, annotation(ROLLOUT_ANNOTATION)),
         retiring: parse_state(ns, RETIRING_ANNOTATION, annotation(RETIRING_ANNOTATION)),

@@ -10,7 +10,7 @@ use nym_node::topology::NodeEntry;
 
 use crate::controller::{Context, Error};
 use crate::crd::{NymNode, ServiceType};
-use crate::network::observe::{Observed, pod_ready};
+use crate::network::observe::{Observed, pod_ready, pod_running, process_of};
 use crate::resources::{self, NYMNODE_LABEL, TEMPLATE_HASH_LABEL};
 use crate::retirement;
 use crate::rollout::{self, Rollout};
@@ -35,7 +35,12 @@ pub struct Plan {
 }
 
 pub fn plan(ctx: &Context, o: &Observed) -> Result<Plan, Error> {
-    let nymnodes = nymnode_states(ctx, &o.nymnodes);
+    let valid: Vec<bool> = o
+        .nymnodes
+        .iter()
+        .map(|n| n.spec.validate().is_ok())
+        .collect();
+    let nymnodes = nymnode_states(ctx, &o.nymnodes, &valid);
     let previous: &[NodeEntry] = o
         .published
         .document
@@ -51,7 +56,8 @@ pub fn plan(ctx: &Context, o: &Observed) -> Result<Plan, Error> {
         pods.push(pod_state(pod, owner, &member, &nymnodes, previous));
         members.push(member);
     }
-    let settle = settle(&o.nymnodes);
+    members.extend(absent_members(previous, &pods, &nymnodes));
+    let settle = settle(&o.nymnodes, &valid);
     let snapshot = Snapshot {
         pods: &pods,
         nymnodes: &nymnodes,
@@ -97,21 +103,48 @@ impl Plan {
 
 /// What each `NymNode` asks for: a valid spec's template hash and replicas; an invalid one
 /// keeps its pods as they are.
-fn nymnode_states(ctx: &Context, nymnodes: &[NymNode]) -> BTreeMap<String, NymNodeState> {
+fn nymnode_states(
+    ctx: &Context,
+    nymnodes: &[NymNode],
+    valid: &[bool],
+) -> BTreeMap<String, NymNodeState> {
     nymnodes
         .iter()
-        .map(|n| {
-            let valid = n.spec.validate().is_ok();
+        .zip(valid)
+        .map(|(n, &valid)| {
             (
                 n.name_any(),
                 NymNodeState {
-                    template_hash: valid
-                        .then(|| resources::desired_template_hash(n, &ctx.settings.build)),
+                    template_hash: valid.then(|| ctx.template_hash(n)),
                     replicas: n.spec.replicas.max(0) as usize,
                     deleting: n.metadata.deletion_timestamp.is_some(),
                 },
             )
         })
+        .collect()
+}
+
+/// Wanted pods that have no pod object right now (between an eviction or a replacement and
+/// the StatefulSet creating the pod again): they keep their entry, not serving, so peers
+/// still resolve them and the new incarnation (same volume, same keys) comes back in place.
+fn absent_members(
+    previous: &[NodeEntry],
+    pods: &[PodState],
+    nymnodes: &BTreeMap<String, NymNodeState>,
+) -> Vec<Member> {
+    previous
+        .iter()
+        .filter(|entry| !pods.iter().any(|p| p.name == entry.name))
+        .filter(|entry| {
+            let Some((nymnode, ordinal)) = entry.name.rsplit_once('-') else {
+                return false;
+            };
+            let ordinal: Option<usize> = ordinal.parse().ok();
+            nymnodes
+                .get(nymnode)
+                .is_some_and(|n| !n.deleting && ordinal.is_some_and(|o| o < n.replicas))
+        })
+        .map(|entry| Member::new(entry.name.clone(), None, false, None))
         .collect()
 }
 
@@ -122,12 +155,13 @@ fn owner_of<'a>(pod: &Pod, nymnodes: &'a [NymNode]) -> Option<&'a NymNode> {
 
 /// The largest per-hop delay any node may hold a packet for. An invalid spec's delay is
 /// taken from its env when that one value parses, else the node's default.
-fn settle(nymnodes: &[NymNode]) -> Duration {
+fn settle(nymnodes: &[NymNode], valid: &[bool]) -> Duration {
     nymnodes
         .iter()
-        .map(|n| match n.spec.validate() {
-            Ok(()) => n.spec.node_config().max_packet_delay.get(),
-            Err(_) => n
+        .zip(valid)
+        .map(|(n, valid)| match valid {
+            true => n.spec.node_config().max_packet_delay.get(),
+            false => n
                 .spec
                 .env
                 .get("NYM_NODE_MAX_PACKET_DELAY")
@@ -164,16 +198,8 @@ fn member(
                 .then(|| client_address(owner, &host, o.lb_addresses.get(&name))),
         }
     });
-    let ready = pod_ready(pod);
-    Member {
-        pod: name,
-        placement,
-        ready,
-        description: pod
-            .uid()
-            .filter(|_| ready)
-            .and_then(|uid| o.descriptions.get(&uid).cloned()),
-    }
+    let description = process_of(pod).and_then(|p| o.descriptions.get(&p).cloned());
+    Member::new(name, placement, pod_ready(pod), description)
 }
 
 fn pod_state(
@@ -199,6 +225,8 @@ fn pod_state(
         ordinal: ordinal_of(&name),
         nymnode: owner.name_any(),
         uid: pod.uid().unwrap_or_default(),
+        process: process_of(pod).unwrap_or_default(),
+        running: pod_running(pod),
         ready: member.ready,
         terminating: pod.metadata.deletion_timestamp.is_some(),
         up_to_date: match state.and_then(|s| s.template_hash.as_ref()) {
@@ -206,7 +234,7 @@ fn pod_state(
             None => true,
         },
         serving: previous.iter().any(|n| n.name == name && n.serving),
-        verified: verified.is_some(),
+        verified: member.ready && verified.is_some(),
         reported_revision: verified.map(|d| d.description.topology_revision),
         name,
     }

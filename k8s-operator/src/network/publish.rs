@@ -77,7 +77,8 @@ pub async fn publish(
         retiring: stamp_retiring(&plan.retirement.retiring, revision),
         document,
     };
-    let unchanged = previous == Some(&published.document)
+    let unchanged = o.published.in_configmap
+        && previous == Some(&published.document)
         && published.rollout == o.published.rollout
         && published.retiring == o.published.retiring
         && o.published.revision_floor == revision;
@@ -85,7 +86,7 @@ pub async fn publish(
         write(ctx, ns, o, &published).await?;
         log_changes(ns, o, &published);
     }
-    ctx.raise_revision_floor(ns, revision);
+    ctx.published(ns, &published);
     Ok(published)
 }
 

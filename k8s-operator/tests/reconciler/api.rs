@@ -178,16 +178,37 @@ async fn the_revision_never_goes_back_whatever_happens_to_the_configmap_or_the_l
             .max()
             .unwrap_or(0)
     };
-    let top = highest(&cluster);
-    // Deleted: the next document is above the last.
+    let configmap = |c: &Cluster| {
+        c.get(
+            &format!("/api/v1/namespaces/{NS}/configmaps"),
+            "nym-topology",
+        )
+        .and_then(|cm| {
+            let json = cm["data"]["topology.json"].as_str()?.to_string();
+            nym_node::topology::Topology::parse(json.as_bytes()).ok()
+        })
+        .map(|t| t.document().clone())
+    };
+    let last = cluster.topology().unwrap();
+    // Deleted: written again, never below the last (the same document keeps its revision).
     cluster.delete_topology_configmap();
     step(&cluster, &ctx).await;
-    assert!(cluster.topology().unwrap().revision > top);
+    assert_eq!(configmap(&cluster), Some(last.clone()));
     // Garbled: the same.
-    let top = highest(&cluster);
     cluster.garble_topology_configmap("{ not a document");
     step(&cluster, &ctx).await;
-    assert!(cluster.topology().unwrap().revision > top);
+    assert_eq!(configmap(&cluster), Some(last));
+    // Deleted while a node changes: a higher revision.
+    let top = highest(&cluster);
+    cluster.delete_topology_configmap();
+    cluster.hang("mix-l1-0", true);
+    step(&cluster, &ctx).await;
+    step(&cluster, &ctx).await;
+    assert!(configmap(&cluster).unwrap().revision > top);
+    cluster.hang("mix-l1-0", false);
+    for _ in 0..3 {
+        step(&cluster, &ctx).await;
+    }
     // A new leader that never saw the ConfigMap, which is gone: it learns the floor from
     // what the nodes report.
     let top = highest(&cluster);
