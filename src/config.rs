@@ -33,8 +33,15 @@ pub enum ConfigError {
 pub trait KnobValue: Sized {
     /// The accepted form, in words, for error messages and the docs.
     const EXPECTED: &'static str;
+    /// The accepted form as JSON Schema, for the Helm chart's `values.schema.json` (which
+    /// takes an integer where the env takes its digits).
+    const SCHEMA: &'static str = r#"{"type": "string"}"#;
     fn parse_knob(raw: &str) -> Result<Self, String>;
 }
+
+/// Schema of a non-negative integer knob: digits, or a YAML integer.
+const INTEGER_SCHEMA: &str =
+    r#"{"anyOf": [{"type": "string", "pattern": "^[0-9]+$"}, {"type": "integer", "minimum": 0}]}"#;
 
 macro_rules! knobs {
     ($( $(#[doc = $doc:literal])+ $field:ident : $ty:ty = $default:literal; )+) => {
@@ -71,6 +78,7 @@ macro_rules! knobs {
                     env: env_name(stringify!($field)),
                     default: $default,
                     expected: <$ty as KnobValue>::EXPECTED,
+                    schema: <$ty as KnobValue>::SCHEMA,
                     doc: concat!($($doc, "\n"),+).lines().map(str::trim).collect::<Vec<_>>().join(" ").trim().to_string(),
                 },
             )+]
@@ -203,6 +211,8 @@ pub struct Knob {
     pub env: String,
     pub default: &'static str,
     pub expected: &'static str,
+    /// JSON Schema of the value (see [`KnobValue::SCHEMA`]).
+    pub schema: &'static str,
     pub doc: String,
 }
 
@@ -493,6 +503,7 @@ impl FromStr for Mode {
 
 impl KnobValue for Mode {
     const EXPECTED: &'static str = "one of mixnode, entry-gateway, exit-gateway";
+    const SCHEMA: &'static str = r#"{"enum": ["mixnode", "entry-gateway", "exit-gateway"]}"#;
     fn parse_knob(raw: &str) -> Result<Self, String> {
         raw.parse()
     }
@@ -507,6 +518,7 @@ pub enum LogFormat {
 
 impl KnobValue for LogFormat {
     const EXPECTED: &'static str = "text or json";
+    const SCHEMA: &'static str = r#"{"enum": ["text", "json"]}"#;
     fn parse_knob(raw: &str) -> Result<Self, String> {
         match raw {
             "text" => Ok(LogFormat::Text),
@@ -544,6 +556,7 @@ impl DurationKnob {
 
 impl KnobValue for DurationKnob {
     const EXPECTED: &'static str = "a duration such as 500ms, 5s, 5m or 1h (0 where it disables)";
+    const SCHEMA: &'static str = r#"{"anyOf": [{"type": "string", "pattern": "^(0|[0-9]+(ms|s|m|h))$"}, {"type": "integer", "enum": [0]}]}"#;
     fn parse_knob(raw: &str) -> Result<Self, String> {
         parse_duration(raw).map(DurationKnob)
     }
@@ -598,6 +611,7 @@ impl KnobValue for String {
 
 impl KnobValue for PathBuf {
     const EXPECTED: &'static str = "a filesystem path";
+    const SCHEMA: &'static str = r#"{"type": "string", "minLength": 1}"#;
     fn parse_knob(raw: &str) -> Result<Self, String> {
         if raw.is_empty() {
             return Err("empty".into());
@@ -608,6 +622,7 @@ impl KnobValue for PathBuf {
 
 impl KnobValue for usize {
     const EXPECTED: &'static str = "a non-negative integer";
+    const SCHEMA: &'static str = INTEGER_SCHEMA;
     fn parse_knob(raw: &str) -> Result<Self, String> {
         raw.parse().map_err(|_| String::new())
     }
@@ -615,6 +630,7 @@ impl KnobValue for usize {
 
 impl KnobValue for u64 {
     const EXPECTED: &'static str = "a non-negative integer";
+    const SCHEMA: &'static str = INTEGER_SCHEMA;
     fn parse_knob(raw: &str) -> Result<Self, String> {
         raw.parse().map_err(|_| String::new())
     }
@@ -622,6 +638,7 @@ impl KnobValue for u64 {
 
 impl KnobValue for u32 {
     const EXPECTED: &'static str = "a non-negative integer below 2^32";
+    const SCHEMA: &'static str = r#"{"anyOf": [{"type": "string", "pattern": "^[0-9]{1,10}$"}, {"type": "integer", "minimum": 0, "maximum": 4294967295}]}"#;
     fn parse_knob(raw: &str) -> Result<Self, String> {
         raw.parse().map_err(|_| String::new())
     }
@@ -652,6 +669,8 @@ impl KnobValue for DnsServers {
 
 impl KnobValue for SocketAddr {
     const EXPECTED: &'static str = "an IP:port socket address such as 0.0.0.0:1789";
+    const SCHEMA: &'static str =
+        r#"{"type": "string", "pattern": "^(\\[[0-9a-fA-F:.]+\\]|[0-9.]+):[0-9]{1,5}$"}"#;
     fn parse_knob(raw: &str) -> Result<Self, String> {
         raw.parse().map_err(|_| String::new())
     }
@@ -683,14 +702,23 @@ pub const DEPLOYMENT_OWNED: &[&str] = &[
     "NYM_NODE_CLIENT_BIND",
 ];
 
+/// Knobs that hold secrets: a deployment passes them from a Secret (the Helm chart through
+/// `secretKeyRef`), never as plain configuration.
+pub const SECRET_KNOBS: &[&str] = &["NYM_NODE_METRICS_TOKEN"];
+
+/// The knobs a deployment offers as plain settings: neither its own nor secrets.
+fn configurable_knobs() -> impl Iterator<Item = Knob> {
+    knobs().into_iter().filter(|k| {
+        !DEPLOYMENT_OWNED.contains(&k.env.as_str()) && !SECRET_KNOBS.contains(&k.env.as_str())
+    })
+}
+
 /// The `config:` block of the Helm chart's values.yaml: every knob a deployment does not
-/// own, with its doc comment and its default, indented under `config:`.
+/// own and that holds no secret, with its doc comment and its default, indented under
+/// `config:`.
 pub fn knobs_helm_values() -> String {
     let mut out = String::new();
-    for k in knobs()
-        .into_iter()
-        .filter(|k| !DEPLOYMENT_OWNED.contains(&k.env.as_str()))
-    {
+    for k in configurable_knobs() {
         let mut line = String::from("  #");
         for word in k.doc.split_whitespace() {
             if line.len() + word.len() > 96 {
@@ -706,6 +734,27 @@ pub fn knobs_helm_values() -> String {
         out.push_str(&format!("  {}: {:?}\n", k.env, k.default));
     }
     out
+}
+
+/// The JSON Schema of the Helm chart's `config:` block: each knob's accepted form (durations,
+/// integers, enums as patterns), so a bad value is refused before anything renders.
+pub fn knobs_helm_schema() -> String {
+    let properties: serde_json::Map<String, serde_json::Value> = configurable_knobs()
+        .map(|k| {
+            let mut schema: serde_json::Value =
+                serde_json::from_str(k.schema).unwrap_or_else(|_| serde_json::json!({}));
+            schema["description"] =
+                serde_json::Value::String(format!("{} Expected: {}.", k.doc, k.expected));
+            (k.env, schema)
+        })
+        .collect();
+    let schema = serde_json::json!({
+        "description": "NYM_NODE_* settings (nym-node config-docs --format helm-schema); the node itself parses each value. Secrets (NYM_NODE_METRICS_TOKEN) come from a Secret, not from here.",
+        "type": "object",
+        "additionalProperties": false,
+        "properties": properties,
+    });
+    serde_json::to_string_pretty(&schema).unwrap_or_default() + "\n"
 }
 
 #[cfg(test)]
@@ -735,6 +784,15 @@ mod tests {
         assert_eq!(names.len(), dedup.len());
         assert!(names.iter().all(|n| n.starts_with("NYM_NODE_")));
         assert!(knobs().iter().all(|k| !k.doc.is_empty()));
+        for k in knobs() {
+            let schema: serde_json::Value = serde_json::from_str(k.schema)
+                .unwrap_or_else(|e| panic!("{}: schema {}: {e}", k.env, k.schema));
+            assert!(schema.is_object(), "{}", k.env);
+        }
+        // Secrets never appear among the plain settings.
+        let schema: serde_json::Value = serde_json::from_str(&knobs_helm_schema()).unwrap();
+        assert!(schema["properties"].get("NYM_NODE_METRICS_TOKEN").is_none());
+        assert!(!knobs_helm_values().contains("NYM_NODE_METRICS_TOKEN"));
     }
 
     #[test]

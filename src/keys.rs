@@ -554,6 +554,34 @@ impl NodeKeys {
         write_private(&dir.join(SPHINX_FILE), &self.sphinx.to_line())
     }
 
+    /// Writes the keys `dir` lacks, keeping those it has (a Secret may provide the identity
+    /// and Noise keys; the Sphinx seed is always made where the node runs). Returns the names
+    /// of the files written.
+    pub fn write_missing(&self, dir: &Path) -> Result<Vec<&'static str>, KeyError> {
+        let mut written = Vec::new();
+        for (name, secret) in [
+            (IDENTITY_FILE, self.identity.secret_bytes()),
+            (NOISE_FILE, self.noise.secret_bytes()),
+        ] {
+            if !dir.join(name).exists() {
+                write_secret(&dir.join(name), &secret)?;
+                written.push(name);
+            }
+        }
+        if !dir.join(SPHINX_FILE).exists() {
+            write_private(&dir.join(SPHINX_FILE), &self.sphinx.to_line())?;
+            written.push(SPHINX_FILE);
+        }
+        Ok(written)
+    }
+
+    /// True when `dir` holds every key file.
+    pub fn complete_in(dir: &Path) -> bool {
+        [IDENTITY_FILE, NOISE_FILE, SPHINX_FILE]
+            .iter()
+            .all(|f| dir.join(f).exists())
+    }
+
     /// Loads the keys from `dir`, refusing files that group or others can access.
     pub fn load(dir: &Path) -> Result<Self, KeyError> {
         Ok(NodeKeys {

@@ -38,8 +38,9 @@ enum Command {
         /// Where to write them; defaults to NYM_NODE_KEYS_DIR or ./nym-node-data/keys.
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Keep keys that already exist (and print their public halves) instead of refusing;
-        /// for a pod's init step, which runs on every start but must generate keys only once.
+        /// Keep keys that already exist and make only the missing ones (printing the public
+        /// halves) instead of refusing; for a pod's init step, which runs on every start but
+        /// must generate each key only once.
         #[arg(long)]
         if_missing: bool,
     },
@@ -81,7 +82,15 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
-    /// Print generated docs: README's knob or metric table, or the Helm values' config block.
+    /// Check a node environment without running the node: every NYM_NODE_* variable of this
+    /// process (or of KEY=VALUE lines in FILE) through the node's own parser. Exit 0 when it
+    /// would start, 64 with the error naming the variable when it would not.
+    CheckEnv {
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Print generated docs: README's knob or metric table, or the Helm values' config block
+    /// and its schema.
     ConfigDocs {
         #[arg(long, value_enum, default_value_t = DocsFormat::Markdown)]
         format: DocsFormat,
@@ -96,6 +105,8 @@ enum DocsFormat {
     Metrics,
     /// The `config:` block of the Helm chart's values.yaml.
     HelmValues,
+    /// The JSON Schema of that block, for the chart's values.schema.json.
+    HelmSchema,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -143,8 +154,41 @@ fn main() -> ExitCode {
                 DocsFormat::Markdown => print!("{}", config::knobs_markdown()),
                 DocsFormat::Metrics => print!("{}", nym_node::metrics::metrics_markdown()),
                 DocsFormat::HelmValues => print!("{}", config::knobs_helm_values()),
+                DocsFormat::HelmSchema => print!("{}", config::knobs_helm_schema()),
             }
             ExitCode::SUCCESS
+        }
+        Command::CheckEnv { file } => check_env(file.as_deref()),
+    }
+}
+
+fn check_env(file: Option<&std::path::Path>) -> ExitCode {
+    let vars: Vec<(String, String)> = match file {
+        None => std::env::vars().collect(),
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                .collect(),
+            Err(e) => {
+                eprintln!("nym-node check-env: {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    match Config::from_vars(vars) {
+        Ok((_, unknown)) if unknown.is_empty() => ExitCode::SUCCESS,
+        Ok((_, unknown)) => {
+            eprintln!(
+                "nym-node check-env: unknown variables: {}",
+                unknown.join(", ")
+            );
+            ExitCode::from(EX_USAGE)
+        }
+        Err(e) => {
+            eprintln!("nym-node check-env: {e}");
+            ExitCode::from(EX_USAGE)
         }
     }
 }
@@ -224,7 +268,7 @@ fn watch_testnet(dir: PathBuf) -> ExitCode {
 
 fn keygen(dir: Option<PathBuf>, if_missing: bool) -> ExitCode {
     let dir = keys_dir(dir);
-    if if_missing && NodeKeys::exist_in(&dir) {
+    if if_missing && NodeKeys::complete_in(&dir) {
         return print_public_keys("keygen", NodeKeys::load(&dir));
     }
     // The seed is bound to the interval the node will rotate at.
@@ -235,10 +279,14 @@ fn keygen(dir: Option<PathBuf>, if_missing: bool) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    print_public_keys(
-        "keygen",
-        NodeKeys::generate(rotation).and_then(|k| k.write(&dir).map(|_| k)),
-    )
+    let written = NodeKeys::generate(rotation).and_then(|k| {
+        if if_missing && NodeKeys::exist_in(&dir) {
+            k.write_missing(&dir).map(|_| ())
+        } else {
+            k.write(&dir)
+        }
+    });
+    print_public_keys("keygen", written.and_then(|_| NodeKeys::load(&dir)))
 }
 
 fn describe(dir: Option<PathBuf>) -> ExitCode {

@@ -207,3 +207,61 @@ fn keygen_if_missing_keeps_existing_keys_and_plain_keygen_refuses_to_overwrite()
     let plain = keygen(&[]);
     assert!(!plain.status.success());
 }
+
+#[test]
+fn keygen_if_missing_makes_only_the_missing_keys() {
+    // The Helm chart's existingSecret provides the identity and Noise keys; the Sphinx seed
+    // is always made in the pod.
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let run = |args: &[&str]| {
+        Command::new(NODE)
+            .args(["keygen", "--dir"])
+            .arg(&keys)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let full: serde_json::Value = serde_json::from_slice(&run(&[]).stdout).unwrap();
+    std::fs::remove_file(keys.join("sphinx.key")).unwrap();
+    let out = run(&["--if-missing"]);
+    assert!(out.status.success(), "{out:?}");
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["identity_key"], full["identity_key"]);
+    assert_eq!(again["noise_key"], full["noise_key"]);
+    assert!(keys.join("sphinx.key").exists());
+}
+
+#[test]
+fn check_env_runs_the_node_parser_and_names_the_bad_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join("env");
+    std::fs::write(
+        &env,
+        "NYM_NODE_TOPOLOGY=/etc/t.json\nNYM_NODE_MAILBOX_MAX_BYTES=2147483648\nNYM_NODE_SPHINX_QUEUE=1000000\n",
+    )
+    .unwrap();
+    let check = |path: &std::path::Path| {
+        Command::new(NODE)
+            .args(["check-env", "--file"])
+            .arg(path)
+            .env_clear()
+            .output()
+            .unwrap()
+    };
+    let out = check(&env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What a values file with bare numbers used to render.
+    std::fs::write(
+        &env,
+        "NYM_NODE_TOPOLOGY=/etc/t.json\nNYM_NODE_SPHINX_QUEUE=1e+06\n",
+    )
+    .unwrap();
+    let out = check(&env);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NYM_NODE_SPHINX_QUEUE"));
+}

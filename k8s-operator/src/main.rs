@@ -45,6 +45,11 @@ enum Command {
         /// YAML files, each one or more NymNode documents.
         files: Vec<PathBuf>,
     },
+    /// Exit 0 if URL answers 200 (the chart's `helm test`; the image has no curl).
+    Probe {
+        #[arg(long)]
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +57,35 @@ fn main() -> ExitCode {
     match Cli::parse().command.unwrap_or(Command::Run) {
         Command::Run => run(),
         Command::Render { files } => render(&files),
+        Command::Probe { url } => probe(&url),
+    }
+}
+
+fn probe(url: &str) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                let client = reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(5))
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(response.status())
+            })
+        });
+    match result {
+        Ok(status) if status.is_success() => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("nym-operator probe: {url}: HTTP {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("nym-operator probe: {url}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -310,42 +310,33 @@ fn restricted_container_security() -> SecurityContext {
     }
 }
 
-/// The pod template, without its template-hash label (which is computed over it).
-fn pod_template(nn: &NymNode, settings: &BuildSettings) -> PodTemplateSpec {
-    let image = nn.spec.image.clone();
-    let data_mount = VolumeMount {
+fn data_mount() -> VolumeMount {
+    VolumeMount {
         name: "data".into(),
         mount_path: DATA_MOUNT.into(),
         ..Default::default()
-    };
-    let e = &nn.spec.exposure;
-    let mut container_ports = vec![
-        ContainerPort {
-            name: Some("mixnet".into()),
-            container_port: e.mixnet_port,
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        },
-        ContainerPort {
-            name: Some("http".into()),
-            container_port: e.http_port,
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        },
-    ];
-    if nn.spec.mode.is_gateway() {
-        container_ports.push(ContainerPort {
-            name: Some("client".into()),
-            container_port: e.client_port,
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        });
     }
-    // The pod outlives its own drain: SIGTERM, the drain grace, then flushing egress.
-    let drain = nn.spec.node_config().drain_grace.get().as_secs() as i64;
-    let keys_dir = format!("{DATA_MOUNT}/keys");
-    // keygen reads the node's env too (the rotation interval its first keys are made for).
-    let env_from = vec![EnvFromSource {
+}
+
+fn container_ports(nn: &NymNode) -> Vec<ContainerPort> {
+    let e = &nn.spec.exposure;
+    let port = |name: &str, number: i32| ContainerPort {
+        name: Some(name.into()),
+        container_port: number,
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    let mut ports = vec![port("mixnet", e.mixnet_port), port("http", e.http_port)];
+    if nn.spec.mode.is_gateway() {
+        ports.push(port("client", e.client_port));
+    }
+    ports
+}
+
+/// The pod's env: its template's own immutable ConfigMap (the node and keygen both read it:
+/// the rotation interval the first keys are made for is the node's).
+fn env_from(nn: &NymNode, settings: &BuildSettings) -> Vec<EnvFromSource> {
+    vec![EnvFromSource {
         config_map_ref: Some(ConfigMapEnvSource {
             name: env_configmap(nn, settings)
                 .metadata
@@ -354,7 +345,129 @@ fn pod_template(nn: &NymNode, settings: &BuildSettings) -> PodTemplateSpec {
             optional: Some(false),
         }),
         ..Default::default()
-    }];
+    }]
+}
+
+/// Non-root (the image's user), and group-owned volumes whose key files stay 0600.
+fn pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(NODE_UID),
+        run_as_group: Some(NODE_UID),
+        fs_group: Some(NODE_UID),
+        // Only on a fresh volume: a recursive change on every start would make the 0600 key
+        // files group-readable, and the node refuses such keys.
+        fs_group_change_policy: Some("OnRootMismatch".into()),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Keys are generated inside the pod, onto its own volume, only when absent: private keys
+/// never leave the pod.
+fn keygen_container(nn: &NymNode, settings: &BuildSettings) -> Container {
+    Container {
+        name: "keygen".into(),
+        image: Some(nn.spec.image.clone()),
+        args: Some(vec![
+            "keygen".into(),
+            "--if-missing".into(),
+            "--dir".into(),
+            format!("{DATA_MOUNT}/keys"),
+        ]),
+        env_from: Some(env_from(nn, settings)),
+        resources: Some(small_resources()),
+        volume_mounts: Some(vec![data_mount()]),
+        security_context: Some(restricted_container_security()),
+        ..Default::default()
+    }
+}
+
+/// What keygen needs (namespaces with a ResourceQuota refuse containers that name none).
+fn small_resources() -> k8s_openapi::api::core::v1::ResourceRequirements {
+    let quantity = |q: &str| Quantity(q.into());
+    k8s_openapi::api::core::v1::ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), quantity("10m")),
+            ("memory".to_string(), quantity("16Mi")),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), quantity("64Mi"))])),
+        ..Default::default()
+    }
+}
+
+fn node_container(nn: &NymNode, settings: &BuildSettings) -> Container {
+    // Liveness and readiness wait until /livez first answers: loading a large replay filter
+    // at start can take a while.
+    let startup = http_probe("/livez", 5, 60);
+    Container {
+        name: NODE_CONTAINER.into(),
+        image: Some(nn.spec.image.clone()),
+        args: Some(vec!["run".into()]),
+        env_from: Some(env_from(nn, settings)),
+        env: Some(vec![EnvVar {
+            name: "NYM_NODE_ID".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        ports: Some(container_ports(nn)),
+        startup_probe: Some(startup),
+        liveness_probe: Some(http_probe("/livez", 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", 5, 1)),
+        resources: nn.spec.resources.clone(),
+        security_context: Some(restricted_container_security()),
+        volume_mounts: Some(vec![
+            data_mount(),
+            VolumeMount {
+                name: "topology".into(),
+                mount_path: TOPOLOGY_MOUNT.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    }
+}
+
+fn volumes(settings: &BuildSettings) -> Vec<Volume> {
+    vec![
+        Volume {
+            name: "topology".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: settings.topology_configmap.clone(),
+                // The operator writes it on its first pass; until then the node simply is
+                // not ready.
+                optional: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+    ]
+}
+
+/// The pod template, without its template-hash label (which is computed over it).
+fn pod_template(nn: &NymNode, settings: &BuildSettings) -> PodTemplateSpec {
+    // The pod outlives its own drain: SIGTERM, the drain grace, then flushing egress.
+    let drain = nn.spec.node_config().drain_grace.get().as_secs() as i64;
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels(nn)),
@@ -364,91 +477,10 @@ fn pod_template(nn: &NymNode, settings: &BuildSettings) -> PodTemplateSpec {
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             termination_grace_period_seconds: Some(drain + 30),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(NODE_UID),
-                run_as_group: Some(NODE_UID),
-                fs_group: Some(NODE_UID),
-                // Only on a fresh volume: a recursive change on every start would make the
-                // 0600 key files group-readable, and the node refuses such keys.
-                fs_group_change_policy: Some("OnRootMismatch".into()),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            // Keys are generated inside the pod, onto its own volume, only when absent:
-            // private keys never leave the pod.
-            init_containers: Some(vec![Container {
-                name: "keygen".into(),
-                image: Some(image.clone()),
-                args: Some(vec![
-                    "keygen".into(),
-                    "--if-missing".into(),
-                    "--dir".into(),
-                    keys_dir,
-                ]),
-                env_from: Some(env_from.clone()),
-                volume_mounts: Some(vec![data_mount.clone()]),
-                security_context: Some(restricted_container_security()),
-                ..Default::default()
-            }]),
-            containers: vec![Container {
-                name: NODE_CONTAINER.into(),
-                image: Some(image),
-                args: Some(vec!["run".into()]),
-                env_from: Some(env_from),
-                env: Some(vec![EnvVar {
-                    name: "NYM_NODE_ID".into(),
-                    value_from: Some(EnvVarSource {
-                        field_ref: Some(ObjectFieldSelector {
-                            field_path: "metadata.name".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }]),
-                ports: Some(container_ports),
-                liveness_probe: Some(http_probe("/livez", 10, 3)),
-                readiness_probe: Some(http_probe("/readyz", 5, 1)),
-                resources: nn.spec.resources.clone(),
-                security_context: Some(restricted_container_security()),
-                volume_mounts: Some(vec![
-                    data_mount,
-                    VolumeMount {
-                        name: "topology".into(),
-                        mount_path: TOPOLOGY_MOUNT.into(),
-                        read_only: Some(true),
-                        ..Default::default()
-                    },
-                    VolumeMount {
-                        name: "tmp".into(),
-                        mount_path: "/tmp".into(),
-                        ..Default::default()
-                    },
-                ]),
-                ..Default::default()
-            }],
-            volumes: Some(vec![
-                Volume {
-                    name: "topology".into(),
-                    config_map: Some(ConfigMapVolumeSource {
-                        name: settings.topology_configmap.clone(),
-                        // The operator writes it on its first pass; until then the node
-                        // simply is not ready.
-                        optional: Some(true),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                Volume {
-                    name: "tmp".into(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Default::default()
-                },
-            ]),
+            security_context: Some(pod_security_context()),
+            init_containers: Some(vec![keygen_container(nn, settings)]),
+            containers: vec![node_container(nn, settings)],
+            volumes: Some(volumes(settings)),
             ..Default::default()
         }),
     }
@@ -578,4 +610,94 @@ pub fn all(nn: &NymNode, settings: &BuildSettings) -> Vec<serde_json::Value> {
     )));
     // k8s-openapi writes `apiVersion` and `kind` itself; serialising these cannot fail.
     out.into_iter().filter_map(Result::ok).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{Exposure, NodeMode, NymNodeSpec, Storage};
+
+    fn nymnode(env: &[(&str, &str)]) -> NymNode {
+        let mut nn = NymNode::new(
+            "mix-l1",
+            NymNodeSpec {
+                mode: NodeMode::Mixnode,
+                layer: Some(1),
+                replicas: 2,
+                image: "nym-node:1".into(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                resources: None,
+                exposure: Exposure::default(),
+                storage: Storage::default(),
+            },
+        );
+        nn.metadata.namespace = Some("mixnet".into());
+        nn.metadata.uid = Some("uid-1".into());
+        nn
+    }
+
+    #[test]
+    fn an_env_change_is_a_new_immutable_configmap_and_a_new_template() {
+        let settings = BuildSettings::default();
+        let before = nymnode(&[]);
+        let after = nymnode(&[("NYM_NODE_CLIENT_RATE", "100")]);
+        let (a, b) = (
+            env_configmap(&before, &settings),
+            env_configmap(&after, &settings),
+        );
+        assert_eq!(a.immutable, Some(true));
+        assert_ne!(a.metadata.name, b.metadata.name);
+        assert!(
+            a.metadata
+                .name
+                .as_deref()
+                .unwrap()
+                .starts_with("mix-l1-env-")
+        );
+        assert_ne!(
+            desired_template_hash(&before, &settings),
+            desired_template_hash(&after, &settings),
+            "a spec.env change must roll out"
+        );
+        // The same env is the same ConfigMap and the same template.
+        assert_eq!(
+            desired_template_hash(&before, &settings),
+            desired_template_hash(&nymnode(&[]), &settings)
+        );
+    }
+
+    #[test]
+    fn keygen_reads_the_node_env_and_children_never_block_owner_deletion() {
+        let nn = nymnode(&[("NYM_NODE_KEY_ROTATION_INTERVAL", "30m")]);
+        let sts = statefulset(&nn, &BuildSettings::default(), 2);
+        let pod = sts.spec.template.spec.unwrap();
+        let keygen = &pod.init_containers.unwrap()[0];
+        assert_eq!(keygen.env_from, pod.containers[0].env_from);
+        assert!(
+            keygen
+                .resources
+                .as_ref()
+                .is_some_and(|r| r.requests.is_some())
+        );
+        assert!(pod.containers[0].startup_probe.is_some());
+        let owners = sts.metadata.owner_references.unwrap();
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(owners[0].block_owner_deletion, None);
+        let pdb = pod_disruption_budget(&nn).spec.unwrap();
+        assert_eq!(
+            pdb.unhealthy_pod_eviction_policy.as_deref(),
+            Some("AlwaysAllow")
+        );
+    }
+
+    #[test]
+    fn quantities_compare_by_value() {
+        assert_eq!(quantity_bytes("1Gi"), quantity_bytes("1024Mi"));
+        assert_ne!(quantity_bytes("1Gi"), quantity_bytes("1G"));
+        assert_eq!(quantity_bytes("1.5Ki"), Some(1536.0));
+        assert_eq!(quantity_bytes("lots"), None);
+    }
 }

@@ -13,11 +13,9 @@
 - The chart's `config:` block is the node's own knob definitions (`nym-node config-docs`).
 """
 
-import copy
 import glob
 import json
 import os
-import subprocess
 import tempfile
 
 import celpy
@@ -26,49 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOLS = os.environ.get("NYM_TOOLS_DIR", os.path.expanduser("~/.cache/nym-node-tools"))
-K8S_VERSION = "1.37.0"
-NODE_CHART = os.path.join(ROOT, "helm", "nym-node")
-OPERATOR_CHART = os.path.join(ROOT, "helm", "nym-operator")
-ENV = dict(os.environ, PATH=os.path.join(TOOLS, "bin") + os.pathsep + os.environ["PATH"])
-
-
-def run(*cmd, check=True):
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, check=check)
-
-
-_BUILT = None
-
-
-def built_binaries():
-    """Where `cargo test` left the workspace's binaries, brought up to date once per session.
-
-    `cargo test --no-run` builds them with the test run's features, which is free after
-    scripts/test.sh's `cargo test`; `cargo run -p` would resolve features per package and
-    rebuild much of the dependency tree a second time.
-    """
-    global _BUILT
-    if _BUILT is None:
-        build = run("cargo", "test", "--workspace", "--locked", "--no-run", check=False)
-        assert build.returncode == 0, build.stderr
-        meta = json.loads(run("cargo", "metadata", "--format-version", "1", "--no-deps").stdout)
-        _BUILT = os.path.join(meta["target_directory"], "debug")
-    return _BUILT
-
-
-def cargo_bin(binary, *args):
-    out = run(os.path.join(built_binaries(), binary), *args, check=False)
-    assert out.returncode == 0, f"{binary} {' '.join(args)} failed:\n{out.stderr}"
-    return out
-
-
-def docs(text):
-    return [d for d in yaml.safe_load_all(text) if d]
-
-
-def render(chart, *args):
-    return docs(run("helm", "template", "release", chart, "--namespace", "mixnet", *args).stdout)
+from k8s_tools import (K8S_VERSION, NODE_CHART, OPERATOR_CHART, ROOT, cargo_bin, docs, render,
+                       run)
 
 
 # --- validation against schemas -------------------------------------------------------------
@@ -181,7 +138,6 @@ def test_node_chart_renders_only_valid_objects(values):
         validate(o)
     sts = next(o for o in objects if o["kind"] == "StatefulSet")
     pod = sts["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsUser"] == 10001
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     for c in pod["containers"] + pod["initContainers"]:
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
@@ -199,7 +155,12 @@ def test_everything_enabled_renders_monitoring_policy_and_dashboards():
     for d in dashboards:
         for name, text in d["data"].items():
             with open(os.path.join(ROOT, "grafana", "dashboards", name)) as f:
-                assert json.loads(text) == json.load(f)
+                original = json.load(f)
+            shipped = json.loads(text)
+            # The release's own uid, title and node selector; every panel exactly as in grafana/.
+            for key in ("uid", "title", "templating"):
+                shipped.pop(key), original.pop(key)
+            assert shipped == original
 
 
 def test_an_exit_policy_is_mounted_and_named_by_the_env():
@@ -228,11 +189,21 @@ def test_a_config_change_changes_the_pod_template_checksum():
     assert checksum() != checksum("--set", "config.NYM_NODE_CLIENT_RATE=100")
 
 
-def test_prometheus_rule_is_exactly_the_alerts_and_passes_promtool():
-    objects = render(NODE_CHART, "--set", "prometheusRule.enabled=true")
+def test_prometheus_rule_is_the_alerts_scoped_to_the_release_and_passes_promtool():
+    objects = render(NODE_CHART, "--set", "prometheusRule.enabled=true", "--set", "serviceMonitor.enabled=true")
     rule = next(o for o in objects if o["kind"] == "PrometheusRule")
     with open(os.path.join(ROOT, "grafana", "alerts.yml")) as f:
-        assert rule["spec"] == yaml.safe_load(f)
+        alerts = yaml.safe_load(f)
+    scope = ' and on (instance) up{nym_release="mixnet/release"}'
+    assert len(rule["spec"]["groups"]) == len(alerts["groups"])
+    for shipped, original in zip(rule["spec"]["groups"], alerts["groups"]):
+        assert shipped["name"] == original["name"] + "-mixnet/release"
+        for s, o in zip(shipped["rules"], original["rules"], strict=True):
+            assert s["expr"] == f"({o['expr'].strip()}){scope}"
+            assert {k: v for k, v in s.items() if k != "expr"} == {k: v for k, v in o.items() if k != "expr"}
+    monitor = next(o for o in objects if o["kind"] == "ServiceMonitor")
+    labels = {r["targetLabel"]: r["replacement"] for r in monitor["spec"]["endpoints"][0]["relabelings"]}
+    assert labels["nym_release"] == "mixnet/release"
     with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
         yaml.safe_dump(rule["spec"], f)
         f.flush()
@@ -261,7 +232,7 @@ def test_bad_values_are_refused_with_a_clear_message(values):
     assert expect in out.stderr, out.stderr
 
 
-def test_chart_config_block_is_the_node_knob_definitions():
+def test_chart_config_block_and_its_schema_are_the_node_knob_definitions():
     generated = cargo_bin("nym-node", "config-docs", "--format", "helm-values").stdout
     with open(os.path.join(NODE_CHART, "values.yaml")) as f:
         values = f.read()
@@ -269,15 +240,21 @@ def test_chart_config_block_is_the_node_knob_definitions():
     assert block == generated, "helm/nym-node/values.yaml config block is stale: regenerate it"
     with open(os.path.join(NODE_CHART, "values.schema.json")) as f:
         schema = json.load(f)
+    generated = json.loads(cargo_bin("nym-node", "config-docs", "--format", "helm-schema").stdout)
+    assert schema["properties"]["config"] == generated, \
+        "values.schema.json's config schema is stale: regenerate it with nym-node config-docs --format helm-schema"
     knobs = set(yaml.safe_load(values)["config"])
     assert set(schema["properties"]["config"]["properties"]) == knobs
 
 
 OPERATOR_SETS = [[], ["--set", "exampleNetwork.enabled=true", "--set", "serviceMonitor.enabled=true"],
-                 ["--set", "operator.watchNamespace=mixnet"]]
+                 ["--set", "operator.watchNamespace=mixnet"]] + [
+    ["-f", v] for v in sorted(glob.glob(os.path.join(OPERATOR_CHART, "ci", "*.yaml")))]
 
 
-@pytest.mark.parametrize("sets", OPERATOR_SETS, ids=["defaults", "example-network", "one-namespace"])
+@pytest.mark.parametrize("sets", OPERATOR_SETS,
+                         ids=["defaults", "example-network", "one-namespace"] + [
+                             os.path.basename(v) for v in sorted(glob.glob(os.path.join(OPERATOR_CHART, "ci", "*.yaml")))])
 def test_operator_chart_renders_only_valid_objects(sets):
     objects = render(OPERATOR_CHART, *sets)
     assert "Deployment" in {o["kind"] for o in objects}
@@ -289,33 +266,28 @@ def test_operator_chart_renders_only_valid_objects(sets):
             ("entry-gateway", None), ("exit-gateway", None), ("mixnode", 1), ("mixnode", 2), ("mixnode", 3)]
 
 
-def test_operator_chart_makes_an_ed25519_directory_key_and_mounts_it():
-    import base64
+def test_operator_chart_renders_no_key_and_lets_the_operator_make_one():
     objects = render(OPERATOR_CHART)
-    secret = next(o for o in objects if o["kind"] == "Secret")
-    pem = base64.b64decode(secret["data"]["directory.key"]).decode()
-    body = "".join(l for l in pem.splitlines() if l and not l.startswith("-----"))
-    der = base64.b64decode(body)
-    # RFC 8410: a PKCS#8 v1 ed25519 key is this 16-byte prefix and the 32-byte seed, the
-    # form the operator reads (Identity::from_key_text).
-    assert len(der) == 48 and der[:16].hex() == "302e020100300506032b657004220420"
-    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert "Secret" not in {o["kind"] for o in objects}, "the chart must render no key"
     deployment = next(o for o in objects if o["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    mount = next(m for m in container["volumeMounts"] if m["name"] == "directory-key")
-    assert env["NYM_OPERATOR_DIRECTORY_KEY"] == mount["mountPath"] + "/directory.key"
-    volume = next(v for v in pod["volumes"] if v["name"] == "directory-key")
-    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
-    # Two renders make two keys; an install keeps its own through `lookup` (not testable
-    # without a cluster). An existing Secret is used as it is.
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["NYM_OPERATOR_DIRECTORY_NAME"] == "release-nym-operator-directory"
+    assert env["NYM_OPERATOR_OPERATOR_NAMESPACE"] == "mixnet"
+    assert "NYM_OPERATOR_DIRECTORY_KEY" not in env
+    assert not pod.get("volumes"), "nothing mounted: the operator reads the key through the API"
+    # Its own namespace's Role: get on exactly that Secret and ConfigMap, create (which RBAC
+    # cannot limit by name).
+    role = next(o for o in objects if o["kind"] == "Role" and o["metadata"]["name"].endswith("-self"))
+    assert role["metadata"]["namespace"] == "mixnet"
+    secrets = [r for r in role["rules"] if r["resources"] == ["secrets"]]
+    assert {tuple(r["verbs"]) for r in secrets} == {("get",), ("create",)}
+    assert next(r for r in secrets if r["verbs"] == ["get"])["resourceNames"] == ["release-nym-operator-directory"]
+    # An existing Secret is used as it is, under its own name.
     objects = render(OPERATOR_CHART, "--set", "directoryKey.existingSecret=my-directory")
-    assert "Secret" not in {o["kind"] for o in objects}
     deployment = next(o for o in objects if o["kind"] == "Deployment")
-    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"]
-                  if v["name"] == "directory-key")
-    assert volume["secret"]["secretName"] == "my-directory"
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NYM_OPERATOR_DIRECTORY_NAME"] == "my-directory"
 
 
 # --- the operator -------------------------------------------------------------------------
@@ -354,3 +326,23 @@ def test_every_object_the_operator_builds_is_valid(example):
     assert {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"} <= {o["kind"] for o in objects}
     for o in objects:
         kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+
+
+def test_crd_refuses_a_storage_change_and_bounds_what_its_rules_iterate():
+    storage = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["storage"]
+    rule = storage["x-kubernetes-validations"][0]
+    assert rule["rule"] == "self == oldSelf" and "cannot change" in rule["message"]
+    env = celpy.Environment()
+    program = env.program(env.compile(rule["rule"]))
+    old = {"size": "1Gi"}
+    assert bool(program.evaluate({"self": celpy.json_to_cel(old), "oldSelf": celpy.json_to_cel(old)}))
+    assert not bool(program.evaluate({"self": celpy.json_to_cel({"size": "5Gi"}),
+                                      "oldSelf": celpy.json_to_cel(old)}))
+    # The env map is bounded, so the API server's estimated cost of the rules over it is too.
+    spec = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["env"]["maxProperties"] <= 128
+    assert spec["properties"]["env"]["additionalProperties"]["maxLength"] <= 4096
+    # The topology's signer and refresh are the operator's: the upgrade depends on them.
+    reserved = next(r for r in spec["x-kubernetes-validations"] if "operator owns" in r["message"])
+    for var in ("NYM_NODE_TOPOLOGY_SIGNER", "NYM_NODE_TOPOLOGY_REFRESH"):
+        assert f"'{var}'" in reserved["rule"]
