@@ -479,6 +479,16 @@ mod tests {
             e.0.contains("NYM_NODE_TOPOLOGY is set by the operator"),
             "{e}"
         );
+        // The upgrade depends on who signs the topology and how often nodes read it.
+        for var in ["NYM_NODE_TOPOLOGY_SIGNER", "NYM_NODE_TOPOLOGY_REFRESH"] {
+            let mut s = spec(NodeMode::Mixnode, Some(1));
+            s.env.insert(var.into(), "1s".into());
+            let e = s.validate().unwrap_err();
+            assert!(
+                e.0.contains(&format!("{var} is set by the operator")),
+                "{e}"
+            );
+        }
         let mut s = spec(NodeMode::Mixnode, Some(1));
         s.env.insert("NYM_NODE_NO_SUCH_KNOB".into(), "1".into());
         assert!(

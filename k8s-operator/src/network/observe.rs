@@ -33,7 +33,8 @@ pub struct Published {
     /// The previous document: the ConfigMap's if it parses and is signed by this
     /// operator's directory key, or the last this process published if that is newer.
     pub document: Option<TopologyDocument>,
-    /// Whether the ConfigMap itself holds `document` (else it must be written again).
+    /// Whether the ConfigMap itself holds `document` and readable state (else it must be
+    /// written again).
     pub in_configmap: bool,
     pub rollout: Rollout,
     pub retiring: Retirements,
@@ -201,30 +202,34 @@ fn read_configmap(ctx: &Context, ns: &str, cm: Option<&ConfigMap>) -> Published 
             }
         },
     };
+    let (rollout, rollout_ok) = parse_state(ns, ROLLOUT_ANNOTATION, annotation(ROLLOUT_ANNOTATION));
+    let (retiring, retiring_ok) =
+        parse_state(ns, RETIRING_ANNOTATION, annotation(RETIRING_ANNOTATION));
     Published {
         resource_version: cm.metadata.resource_version.clone(),
-        in_configmap: document.is_some(),
+        in_configmap: document.is_some() && rollout_ok && retiring_ok,
         document,
-        rollout: parse_state(ns, ROLLOUT_ANNOTATION, annotation(ROLLOUT_ANNOTATION)),
-        retiring: parse_state(ns, RETIRING_ANNOTATION, annotation(RETIRING_ANNOTATION)),
+        rollout,
+        retiring,
         revision_floor: annotation(REVISION_ANNOTATION)
             .and_then(|r| r.parse().ok())
             .unwrap_or(0),
     }
 }
 
-/// A persisted state annotation; unreadable reads as the default, loudly.
+/// A persisted state annotation, and whether it was readable; unreadable reads as the
+/// default, loudly, and is written again at once.
 fn parse_state<T: serde::de::DeserializeOwned + Default>(
     ns: &str,
     key: &str,
     raw: Option<String>,
-) -> T {
+) -> (T, bool) {
     match raw.map(|json| serde_json::from_str(&json)) {
-        None => T::default(),
-        Some(Ok(state)) => state,
+        None => (T::default(), true),
+        Some(Ok(state)) => (state, true),
         Some(Err(e)) => {
             tracing::warn!(namespace = ns, annotation = key, error = %e, "unreadable operator state on the topology ConfigMap; starting from the default");
-            T::default()
+            (T::default(), false)
         }
     }
 }

@@ -325,3 +325,29 @@ async fn the_keygen_init_container_reads_the_node_env() {
         pod["containers"][0]["envFrom"]
     );
 }
+
+#[tokio::test]
+async fn unreadable_operator_state_is_replaced_not_silently_kept() {
+    let (cluster, ctx) = settled_network().await;
+    let rollout = "mixnet.nym-node.dev/rollout";
+    cluster.annotate_topology_configmap(rollout, "{ not json");
+    step(&cluster, &ctx).await;
+    let cm = cluster
+        .get(
+            &format!("/api/v1/namespaces/{NS}/configmaps"),
+            "nym-topology",
+        )
+        .unwrap();
+    let state = cm["metadata"]["annotations"][rollout].as_str().unwrap();
+    assert!(
+        serde_json::from_str::<nym_operator::rollout::Rollout>(state).is_ok(),
+        "{state}"
+    );
+    let revision: u64 = cm["metadata"]["annotations"]["mixnet.nym-node.dev/revision"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(revision, cluster.topology().unwrap().revision);
+    assert!(cluster.out_of_service().is_empty());
+}
