@@ -100,10 +100,47 @@ def test_existing_secret_provides_identity_and_noise_keys_only_and_only_when_abs
     assert list(init) == ["keys", "keygen"], "the Secret's keys first, then keygen for the rest"
     copy = " ".join(init["keys"]["command"])
     assert "sphinx" not in copy, "the Sphinx seed never comes from the Secret"
-    assert "[ -e /var/lib/nym-node/keys/$f ] ||" in copy, "keys on the volume are kept"
+    assert "[ -e /var/lib/nym-node/keys/$f ] && continue" in copy, "keys on the volume are kept"
     secret = next(v for v in pod["volumes"] if v["name"] == "secret-keys")["secret"]
     assert sorted(i["key"] for i in secret["items"]) == ["identity.key", "noise.key"]
     assert init["keygen"]["args"][:2] == ["keygen", "--if-missing"]
+
+
+def run_key_copy(script, volume, secret):
+    """The keys init container's script, run by sh against two temporary directories."""
+    script = script.replace("/var/lib/nym-node/keys", volume).replace("/run/nym-node/secret-keys", secret)
+    return run("sh", "-c", script, check=False)
+
+
+def test_the_key_copy_survives_a_missing_secret_and_never_invents_an_identity():
+    objects = render(NODE_CHART, "--set", "keys.existingSecret=my-keys")
+    pod = statefulset_pod(objects)
+    script = next(c for c in pod["initContainers"] if c["name"] == "keys")["command"][2]
+    volume = next(v for v in pod["volumes"] if v["name"] == "secret-keys")["secret"]
+    assert volume["optional"] is True, "a deleted Secret must not hold the pod in ContainerCreating"
+    with tempfile.TemporaryDirectory() as tmp:
+        vol, sec = os.path.join(tmp, "vol"), os.path.join(tmp, "sec")
+        os.makedirs(sec)
+        # First start: both keys come from the Secret, 0600.
+        for f in ("identity.key", "noise.key"):
+            with open(os.path.join(sec, f), "w") as out:
+                out.write(f"secret {f}")
+        assert run_key_copy(script, vol, sec).returncode == 0
+        for f in ("identity.key", "noise.key"):
+            assert os.stat(os.path.join(vol, f)).st_mode & 0o777 == 0o600
+        # The Secret is gone later (or lacks noise.key): the volume's keys stand, no error.
+        for f in os.listdir(sec):
+            os.remove(os.path.join(sec, f))
+        with open(os.path.join(vol, "identity.key"), "w") as out:
+            out.write("kept")
+        assert run_key_copy(script, vol, sec).returncode == 0
+        with open(os.path.join(vol, "identity.key")) as f:
+            assert f.read() == "kept"
+        # Neither place has an identity: stop with the Secret's name, never make a new one.
+        os.remove(os.path.join(vol, "identity.key"))
+        out = run_key_copy(script, vol, sec)
+        assert out.returncode != 0 and "my-keys" in out.stderr and "identity.key" in out.stderr
+        assert not os.path.exists(os.path.join(vol, "identity.key"))
 
 
 def test_the_metrics_token_comes_from_a_secret_the_service_monitor_shares():
@@ -163,6 +200,23 @@ def test_probes_and_security_contexts_are_values():
     assert openshift["securityContext"]["runAsNonRoot"] is True
 
 
+def test_the_operator_chart_runs_under_openshift_and_its_test_pod_is_placed_like_the_operator():
+    objects = render(OPERATOR_CHART, "-f", os.path.join(OPERATOR_CHART, "ci", "openshift-values.yaml"))
+    for where, spec in pod_specs(objects):
+        for field in ("runAsUser", "runAsGroup", "fsGroup"):
+            assert field not in spec.get("securityContext", {}), f"{where}: OpenShift assigns {field}"
+    placed = ["--set", "imagePullSecrets[0].name=registry", "--set", "nodeSelector.pool=ops",
+              "--set", "tolerations[0].operator=Exists"]
+    for chart in (NODE_CHART, OPERATOR_CHART):
+        specs = dict(pod_specs(render(chart, *placed)))
+        for where, spec in specs.items():
+            assert spec["imagePullSecrets"] == [{"name": "registry"}], where
+            assert spec["nodeSelector"] == {"pool": "ops"}, where
+            assert spec["tolerations"] == [{"operator": "Exists"}], where
+            for c in spec["containers"]:
+                assert c.get("imagePullPolicy") == "IfNotPresent", f"{where}: {c['name']}"
+
+
 def test_keygen_reads_the_node_env():
     pod = statefulset_pod(render(NODE_CHART))
     keygen = next(c for c in pod["initContainers"] if c["name"] == "keygen")
@@ -204,6 +258,19 @@ def test_long_release_names_still_fit_statefulset_labels():
             assert len(o["metadata"]["name"]) <= 63, o["metadata"]["name"]
         for value in (o["metadata"].get("labels") or {}).values():
             assert len(value) <= 63, value
+
+
+def test_long_release_names_fit_the_operator_chart_and_long_overrides_are_refused():
+    release = "a-very-long-release-name-for-the-mixnet-operator-xyz"
+    assert len(release) == 52
+    for o in render(OPERATOR_CHART, release=release):
+        limit = 63 if o["kind"] == "Service" else 253
+        assert len(o["metadata"]["name"]) <= limit, o["metadata"]["name"]
+        for value in (o["metadata"].get("labels") or {}).values():
+            assert len(value) <= 63, value
+    for chart in (NODE_CHART, OPERATOR_CHART):
+        out = run("helm", "template", "r", chart, "--set", "nameOverride=" + "n" * 60, check=False)
+        assert out.returncode != 0 and "nameOverride" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("chart,values", [(NODE_CHART, v) for v in NODE_VALUES] + [(OPERATOR_CHART, v) for v in OPERATOR_VALUES],
@@ -259,7 +326,22 @@ def test_two_releases_monitoring_objects_never_collide():
         rule = next(o for o in objects if o["kind"] == "PrometheusRule")
         return {g["name"] for g in rule["spec"]["groups"]}
 
+    def dashboard_keys(objects):
+        return {k for o in objects if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"]["labels"]
+                for k in o["data"]}
+
+    def instance_variables(objects):
+        return [v for o in objects if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"]["labels"]
+                for text in o["data"].values() for v in json.loads(text)["templating"]["list"]
+                if v["name"] == "instance"]
+
     assert uids(first) and uids(first).isdisjoint(uids(second))
+    # Grafana's sidecar writes every key into one folder: one release must not overwrite another.
+    assert dashboard_keys(first) and dashboard_keys(first).isdisjoint(dashboard_keys(second))
+    for variable in instance_variables(first):
+        # "All" means this release's instances, not every instance Prometheus holds.
+        assert "allValue" not in variable
+        assert 'nym_release="mixnet/mix-l1"' in variable["query"]["query"]
     assert all(len(u) <= 40 for u in uids(first)), "Grafana uids hold 40 characters"
     assert groups(first).isdisjoint(groups(second))
     for objects, release in ((first, "mix-l1"), (second, "mix-l2")):

@@ -52,7 +52,7 @@ mixnet.nym-node.dev/layer: {{ . | quote }}
 Services nor the PodDisruptionBudget select it. */}}
 {{- define "nym-node.testLabels" -}}
 {{ include "nym-node.commonLabels" . }}
-app.kubernetes.io/name: {{ include "nym-node.name" . }}-test
+app.kubernetes.io/name: {{ include "nym-node.name" . | trunc 58 | trimSuffix "-" }}-test
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: test
 {{- end }}
