@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::instrument;
 
-use crate::crd::{InvalidSpec, NymNode, STORAGE_IMMUTABLE};
+use crate::crd::{self, InvalidSpec, NymNode, STORAGE_IMMUTABLE};
 use crate::describe::{Describer, Descriptions};
 use crate::metrics::Metrics;
 use crate::network::{self, Network};
@@ -44,8 +44,10 @@ pub enum Error {
     Topology(#[from] crate::topology::RenderError),
     #[error("signing the topology: {0}")]
     Sign(#[from] nym_node::topology::TopologyError),
-    #[error("the signed topology and state take {0} bytes, more than a ConfigMap holds")]
-    TopologyTooLarge(usize),
+    #[error(
+        "the signed topology ({data} bytes, at most 1 MiB) or the rollout state ({state} bytes, at most 256 KiB) is more than a ConfigMap holds"
+    )]
+    TopologyTooLarge { data: usize, state: usize },
     #[error("the topology revision cannot go higher")]
     RevisionExhausted,
     #[error("operator state: {0}")]
@@ -60,7 +62,7 @@ impl Error {
         match self {
             Error::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
             Error::Kube(_) => "ApiError",
-            Error::Topology(_) | Error::TopologyTooLarge(_) | Error::RevisionExhausted => {
+            Error::Topology(_) | Error::TopologyTooLarge { .. } | Error::RevisionExhausted => {
                 "TopologyInvalid"
             }
             Error::Sign(_) => "TopologyNotSigned",
@@ -231,7 +233,7 @@ impl Context {
         let event = Event {
             type_,
             reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
+            note: Some(event_note(note)),
             action: "Reconcile".into(),
             secondary: None,
         };
@@ -352,7 +354,7 @@ async fn validate(
     ctx: &Context,
     ns: &str,
 ) -> Result<(Option<StatefulSet>, Option<InvalidSpec>), Error> {
-    if let Err(invalid) = nn.spec.validate() {
+    if let Err(invalid) = crd::validate_name(&nn.name_any()).and_then(|()| nn.spec.validate()) {
         return Ok((None, Some(invalid)));
     }
     let existing = Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
@@ -540,4 +542,28 @@ async fn finalize(nn: &NymNode, ctx: &Context, ns: &str) -> Result<Action, Error
     .await?;
     tracing::info!("every pod withdrawn from the topology; finalizer removed");
     Ok(Action::await_change())
+}
+
+/// An Event's note within the 1024 bytes `events.k8s.io/v1` allows, cut at a character.
+fn event_note(note: &str) -> String {
+    const MAX_NOTE_BYTES: usize = 1024;
+    let mut end = note.len().min(MAX_NOTE_BYTES);
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_notes_fit_in_1024_bytes_without_splitting_a_character() {
+        let note = "é".repeat(600);
+        let cut = event_note(&note);
+        assert!(cut.len() <= 1024 && cut.len() > 1020);
+        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(event_note("short"), "short");
+    }
 }

@@ -268,13 +268,21 @@ pub fn crd()
 -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
     let mut crd = NymNode::crd();
     for version in &mut crd.spec.versions {
-        let Some(spec) = version
+        let Some(root) = version
             .schema
             .as_mut()
             .and_then(|s| s.open_api_v3_schema.as_mut())
-            .and_then(|s| s.properties.as_mut())
-            .and_then(|p| p.get_mut("spec"))
         else {
+            continue;
+        };
+        root.x_kubernetes_validations = Some(vec![validation_rule(
+            &format!(
+                "size(self.metadata.name) <= {MAX_NAME_LENGTH} && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
+            ),
+            NAME_RULE,
+            "",
+        )]);
+        let Some(spec) = root.properties.as_mut().and_then(|p| p.get_mut("spec")) else {
             continue;
         };
         spec.x_kubernetes_validations = Some(spec_rules());
@@ -287,6 +295,30 @@ pub fn crd()
         }
     }
     crd
+}
+
+/// The longest `NymNode` name: its StatefulSet's pods carry the label
+/// `controller-revision-hash: <name>-<10 characters>`, and a label value holds 63.
+pub const MAX_NAME_LENGTH: usize = 52;
+
+/// Why a `NymNode` name is refused (the CRD's rule and the reconciler say it).
+pub const NAME_RULE: &str = "a NymNode name is at most 52 lower-case letters, digits and '-', starting with a letter: it names the StatefulSet, its pods and their Services (DNS labels), and the pods' revision label adds 11 characters";
+
+/// A `NymNode` name its children can carry (the CRD's rule, for objects made before it).
+pub fn validate_name(name: &str) -> Result<(), InvalidSpec> {
+    let bytes = name.as_bytes();
+    let valid = !bytes.is_empty()
+        && bytes.len() <= MAX_NAME_LENGTH
+        && bytes[0].is_ascii_lowercase()
+        && bytes[bytes.len() - 1] != b'-'
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(InvalidSpec(format!("{NAME_RULE} (got \"{name}\")")))
+    }
 }
 
 /// Why `spec.storage` is refused when it changes (the CRD's rule and the reconciler say it).
@@ -453,6 +485,18 @@ mod tests {
         let crd = serde_json::to_string(&crd()).unwrap();
         assert!(crd.contains("has(self.layer)"));
         assert!(crd.contains("x-kubernetes-validations"));
+        assert!(crd.contains("size(self.metadata.name) <= 52"));
+    }
+
+    #[test]
+    fn names_are_ones_every_child_object_can_carry() {
+        for good in ["mix-l1", "a", &"m".repeat(MAX_NAME_LENGTH)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["mix.l1", "1mix", "Mix", "mix-", "", &"m".repeat(MAX_NAME_LENGTH + 1)] {
+            let e = validate_name(bad).unwrap_err();
+            assert!(e.0.contains("at most 52"), "{e}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod network;
+pub mod quantity;
 pub mod resources;
 pub mod retirement;
 pub mod rollout;

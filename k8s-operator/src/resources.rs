@@ -21,6 +21,7 @@ use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::crd::{NymNode, ServiceType};
+use crate::quantity;
 
 /// Label naming the `NymNode` a child object belongs to.
 pub const NYMNODE_LABEL: &str = "mixnet.nym-node.dev/nymnode";
@@ -546,9 +547,9 @@ pub fn statefulset(nn: &NymNode, settings: &BuildSettings, replicas: i32) -> Sta
     }
 }
 
-/// What a StatefulSet's volume claim asks for: bytes (quantities compared by value, as the
-/// API server canonicalises them) and storage class.
-pub fn storage_of(sts: &StatefulSet) -> Vec<(Option<f64>, Option<String>)> {
+/// What a StatefulSet's volume claim asks for: its size (by value: the API server stores a
+/// canonical spelling, not the one written) and storage class.
+pub fn storage_of(sts: &StatefulSet) -> Vec<(Option<quantity::Quantity>, Option<String>)> {
     sts.spec
         .volume_claim_templates
         .iter()
@@ -559,35 +560,11 @@ pub fn storage_of(sts: &StatefulSet) -> Vec<(Option<f64>, Option<String>)> {
                 .and_then(|s| s.resources.as_ref())
                 .and_then(|r| r.requests.as_ref())
                 .and_then(|r| r.get("storage"))
-                .and_then(|q| quantity_bytes(&q.0));
+                .and_then(|q| quantity::Quantity::parse(&q.0))
+                .map(|(size, _)| size);
             (size, spec.and_then(|s| s.storage_class_name.clone()))
         })
         .collect()
-}
-
-/// The value of a Kubernetes quantity such as `1Gi`, `500M` or `1.5Ti`.
-pub fn quantity_bytes(q: &str) -> Option<f64> {
-    let split = q
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(q.len());
-    let (number, suffix) = q.split_at(split);
-    let multiplier: f64 = match suffix {
-        "" => 1.0,
-        "Ki" => 1024f64,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        _ => return None,
-    };
-    number.parse::<f64>().ok().map(|n| n * multiplier)
 }
 
 /// The template hash pods of this `NymNode` must carry to be up to date.
@@ -691,13 +668,5 @@ mod tests {
             pdb.unhealthy_pod_eviction_policy.as_deref(),
             Some("AlwaysAllow")
         );
-    }
-
-    #[test]
-    fn quantities_compare_by_value() {
-        assert_eq!(quantity_bytes("1Gi"), quantity_bytes("1024Mi"));
-        assert_ne!(quantity_bytes("1Gi"), quantity_bytes("1G"));
-        assert_eq!(quantity_bytes("1.5Ki"), Some(1536.0));
-        assert_eq!(quantity_bytes("lots"), None);
     }
 }

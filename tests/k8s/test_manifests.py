@@ -111,11 +111,15 @@ def validate_nymnode(doc):
     # CEL rules, as the API server evaluates them.
     env = celpy.Environment()
     spec_schema = schema["properties"]["spec"]
-    for rule in spec_schema.get("x-kubernetes-validations", []):
-        program = env.program(env.compile(rule["rule"]))
-        result = program.evaluate({"self": celpy.json_to_cel(doc["spec"])})
-        if not bool(result):
-            raise jsonschema.ValidationError(rule["message"])
+    # Rules at the root see the object's metadata.name (the only metadata CEL may read).
+    whole = {**body, "metadata": {"name": doc["metadata"]["name"]}}
+    for rules, subject in ((schema.get("x-kubernetes-validations", []), whole),
+                           (spec_schema.get("x-kubernetes-validations", []), doc["spec"])):
+        for rule in rules:
+            program = env.program(env.compile(rule["rule"]))
+            result = program.evaluate({"self": celpy.json_to_cel(subject)})
+            if not bool(result):
+                raise jsonschema.ValidationError(rule["message"])
 
 
 # --- the charts ---------------------------------------------------------------------------

@@ -26,8 +26,10 @@ use crate::resources::{self, TOPOLOGY_KEY};
 use crate::retirement::Retirements;
 use crate::rollout::Rollout;
 
-/// Largest ConfigMap the API server stores (data and annotations together, about).
+/// Largest ConfigMap data the API server stores.
 pub const MAX_CONFIGMAP_BYTES: usize = 1024 * 1024;
+/// Largest total of an object's annotations the API server stores (the rollout state).
+pub const MAX_ANNOTATION_BYTES: usize = 256 * 1024;
 
 /// What was published.
 #[derive(Debug, Clone)]
@@ -147,9 +149,13 @@ fn configmap(ctx: &Context, ns: &str, o: &Observed, p: &Publication) -> Result<C
             p.document.revision.to_string(),
         ),
     ]);
-    let size = signed.len() + annotations.values().map(String::len).sum::<usize>();
-    if size > MAX_CONFIGMAP_BYTES {
-        return Err(Error::TopologyTooLarge(size));
+    let data = TOPOLOGY_KEY.len() + signed.len();
+    let state = annotations
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum::<usize>();
+    if data > MAX_CONFIGMAP_BYTES || state > MAX_ANNOTATION_BYTES {
+        return Err(Error::TopologyTooLarge { data, state });
     }
     Ok(ConfigMap {
         metadata: ObjectMeta {

@@ -136,6 +136,59 @@ async fn a_storage_change_is_refused_with_a_clear_message_not_a_422_on_every_rec
 }
 
 #[tokio::test]
+async fn a_size_the_server_spells_its_own_way_is_no_storage_change() {
+    let (cluster, ctx) = Cluster::start(1).await;
+    let mut nn = nymnode("mix-l1", NodeMode::Mixnode, Some(1), 1);
+    nn.spec.storage.size = "1.1Gi".into();
+    cluster.insert_nymnode(&nn);
+    for _ in 0..4 {
+        step(&cluster, &ctx).await;
+    }
+    let sts_api: Api<StatefulSet> = Api::namespaced(cluster.client(), NS);
+    let storage = |sts: &StatefulSet| {
+        sts.spec.volume_claim_templates.as_ref().unwrap()[0]
+            .spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .map(|r| r["storage"].0.clone())
+    };
+    // The server keeps its canonical spelling, not the one the operator wrote.
+    let sts = sts_api.get("mix-l1").await.unwrap();
+    assert_eq!(storage(&sts).as_deref(), Some("1181116006400m"));
+    assert_eq!(
+        condition(&cluster.nymnode("mix-l1"), "Degraded").status,
+        "False"
+    );
+    // And the NymNode is still managed: a scale-up reaches its StatefulSet.
+    cluster.edit_nymnode("mix-l1", |nn| nn.spec.replicas = 2);
+    for _ in 0..4 {
+        step(&cluster, &ctx).await;
+    }
+    assert_eq!(sts_api.get("mix-l1").await.unwrap().spec.replicas, Some(2));
+}
+
+#[tokio::test]
+async fn a_name_its_pods_or_services_cannot_carry_is_refused_with_the_rule() {
+    let (cluster, ctx) = Cluster::start(1).await;
+    // 53 characters: every apply succeeds, but the pods' revision label would be 64.
+    let long = format!("mix-{}", "l".repeat(49));
+    for name in [long.as_str(), "mix.l1"] {
+        cluster.insert_nymnode(&nymnode(name, NodeMode::Mixnode, Some(1), 1));
+    }
+    for _ in 0..3 {
+        step(&cluster, &ctx).await;
+    }
+    let sts_api: Api<StatefulSet> = Api::namespaced(cluster.client(), NS);
+    for name in [long.as_str(), "mix.l1"] {
+        let degraded = condition(&cluster.nymnode(name), "Degraded");
+        assert_eq!(degraded.reason, "InvalidSpec", "{name}");
+        assert!(degraded.message.contains("at most 52"), "{}", degraded.message);
+        assert!(sts_api.get_opt(name).await.unwrap().is_none(), "{name}");
+    }
+}
+
+#[tokio::test]
 async fn two_writers_cannot_publish_out_of_order() {
     let (cluster, ctx) = settled_network().await;
     cluster.hang("mix-l2-0", true);
