@@ -493,7 +493,14 @@ mod tests {
         for good in ["mix-l1", "a", &"m".repeat(MAX_NAME_LENGTH)] {
             assert!(validate_name(good).is_ok(), "{good}");
         }
-        for bad in ["mix.l1", "1mix", "Mix", "mix-", "", &"m".repeat(MAX_NAME_LENGTH + 1)] {
+        for bad in [
+            "mix.l1",
+            "1mix",
+            "Mix",
+            "mix-",
+            "",
+            &"m".repeat(MAX_NAME_LENGTH + 1),
+        ] {
             let e = validate_name(bad).unwrap_err();
             assert!(e.0.contains("at most 52"), "{e}");
         }

@@ -68,7 +68,10 @@ impl Quantity {
                 value /= 1024;
                 suffix += 1;
             }
-            return format!("{value}{}", ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"][suffix]);
+            return format!(
+                "{value}{}",
+                ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"][suffix]
+            );
         }
         let mut value = self.nanos;
         let mut suffix = 0;

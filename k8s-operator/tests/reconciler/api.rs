@@ -183,7 +183,11 @@ async fn a_name_its_pods_or_services_cannot_carry_is_refused_with_the_rule() {
     for name in [long.as_str(), "mix.l1"] {
         let degraded = condition(&cluster.nymnode(name), "Degraded");
         assert_eq!(degraded.reason, "InvalidSpec", "{name}");
-        assert!(degraded.message.contains("at most 52"), "{}", degraded.message);
+        assert!(
+            degraded.message.contains("at most 52"),
+            "{}",
+            degraded.message
+        );
         assert!(sts_api.get_opt(name).await.unwrap().is_none(), "{name}");
     }
 }
