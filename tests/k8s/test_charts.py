@@ -386,6 +386,15 @@ def test_operator_notes_say_how_to_read_the_directory_key():
               "--dry-run=client", check=False)
     assert out.returncode == 0, out.stderr
     assert "get configmap nym-operator-directory -o jsonpath='{.data.publicKey}'" in out.stdout, out.stdout
+    # Helm never upgrades crds/: the notes say how.
+    assert "kubectl apply --server-side -f helm/nym-operator/crds/nymnodes.yaml" in out.stdout
+
+
+def test_node_notes_say_chart_nodes_need_a_directory_of_their_own():
+    out = run("helm", "install", "mix", NODE_CHART, "--namespace", "mixnet", "--dry-run=client", check=False)
+    assert out.returncode == 0, out.stderr
+    notes = " ".join(out.stdout.split())
+    assert "lists only the pods it manages" in notes and "a directory of their own" in notes, out.stdout
 
 
 def test_the_example_network_follows_the_chart_version():
