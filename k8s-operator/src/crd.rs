@@ -191,8 +191,9 @@ impl Default for Exposure {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Storage {
-    /// Size of each pod's volume.
+    /// Size of each pod's volume, a Kubernetes quantity such as `10Gi`.
     #[serde(default = "storage_size")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
     pub size: String,
     /// Storage class; the cluster's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -396,6 +397,14 @@ impl NymNodeSpec {
                 self.replicas
             )));
         }
+        if !crate::quantity::Quantity::parse(&self.storage.size)
+            .is_some_and(|(size, _)| size > crate::quantity::Quantity::ZERO)
+        {
+            return Err(InvalidSpec(format!(
+                "spec.storage.size {:?} is not a size (a Kubernetes quantity such as 10Gi)",
+                self.storage.size
+            )));
+        }
         if self.env.len() > MAX_ENV_ENTRIES {
             return Err(InvalidSpec(format!(
                 "spec.env holds {} entries; at most {MAX_ENV_ENTRIES}",
@@ -486,6 +495,22 @@ mod tests {
         assert!(crd.contains("has(self.layer)"));
         assert!(crd.contains("x-kubernetes-validations"));
         assert!(crd.contains("size(self.metadata.name) <= 52"));
+    }
+
+    #[test]
+    fn storage_sizes_are_quantities_above_zero() {
+        for (size, ok) in [
+            ("10Gi", true),
+            ("1.5Ti", true),
+            ("0", false),
+            ("lots", false),
+        ] {
+            let mut s = spec(NodeMode::Mixnode, Some(1));
+            s.storage.size = size.into();
+            assert_eq!(s.validate().is_ok(), ok, "{size}");
+        }
+        let crd = serde_json::to_string(&crd()).unwrap();
+        assert!(crd.contains("(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)"));
     }
 
     #[test]

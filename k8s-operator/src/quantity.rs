@@ -1,7 +1,7 @@
 //! Kubernetes resource quantities (`1Gi`, `500M`, `1181116006400m`, `1e3`), held exactly.
 //!
 //! The API server stores a quantity in its canonical spelling, not as written: `1.1Gi` comes
-//! back as `1181116006400m`, `1.5` as `1500m`, `1e3` as `1k`. Comparing what the operator
+//! back as `1181116006400m`, `1.5` as `1500m`, `1024Mi` as `1Gi`. Comparing what the operator
 //! asks for with what the server holds must therefore compare values, and exactly (floats
 //! make `1.1Gi` and its canonical form differ in the last bit).
 
@@ -16,16 +16,22 @@ pub struct Quantity {
     nanos: i128,
 }
 
-/// How a quantity is spelled: binary suffixes (`Ki`…`Ei`) or decimal ones and exponents.
+/// How a quantity is spelled: binary suffixes (`Ki`…`Ei`), decimal ones (`m`, `k`, `M`…), or
+/// an exponent (`1e3`, which the server keeps as an exponent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     BinarySi,
     DecimalSi,
+    DecimalExponent,
 }
 
 impl Quantity {
-    /// Parses a quantity as the API server does; `None` for anything it would refuse.
+    pub const ZERO: Quantity = Quantity { nanos: 0 };
+
+    /// Parses a quantity as the API server does (surrounding spaces included); `None` for
+    /// what it cannot read, or a value beyond about 10^29.
     pub fn parse(text: &str) -> Option<(Self, Format)> {
+        let text = text.trim();
         let (negative, unsigned) = match text.as_bytes().first()? {
             b'-' => (true, &text[1..]),
             b'+' => (false, &text[1..]),
@@ -56,9 +62,17 @@ impl Quantity {
         ))
     }
 
+    /// What to compare a quantity's text by: its value, or the text itself when it cannot be
+    /// read (so two different unreadable sizes are never taken as equal).
+    pub fn comparable(text: &str) -> Result<Self, String> {
+        Self::parse(text)
+            .map(|(q, _)| q)
+            .ok_or_else(|| text.trim().to_string())
+    }
+
     /// The spelling the API server stores, as its `CanonicalizeBytes` makes it: binary
-    /// suffixes only for whole values of 1024 or more, otherwise the decimal suffix that
-    /// leaves a whole mantissa (`1500m`, `1k`).
+    /// suffixes only for whole values of 1024 or more, otherwise the decimal suffix (or
+    /// exponent, a multiple of 3) that leaves a whole mantissa (`1500m`, `1k`, `1e9`).
     pub fn canonical(self, format: Format) -> String {
         let whole = self.nanos % NANOS_PER_UNIT == 0;
         if format == Format::BinarySi && whole && self.nanos.abs() >= 1024 * NANOS_PER_UNIT {
@@ -81,6 +95,13 @@ impl Quantity {
         }
         if value == 0 {
             return "0".into();
+        }
+        if format == Format::DecimalExponent {
+            let exponent = 3 * (i32::try_from(suffix).unwrap_or(3) - 3);
+            return match exponent {
+                0 => value.to_string(),
+                e => format!("{value}e{e}"),
+            };
         }
         format!(
             "{value}{}",
@@ -121,7 +142,7 @@ fn suffix_powers(suffix: &str) -> Option<(u32, i32, Format)> {
             if exponent.is_empty() {
                 return None;
             }
-            decimal(exponent.parse().ok()?)
+            Some((0, exponent.parse().ok()?, Format::DecimalExponent))
         }
     }
 }
@@ -164,7 +185,11 @@ mod tests {
         };
         assert_eq!(canonical("1.1Gi"), "1181116006400m");
         assert_eq!(canonical("1.5"), "1500m");
-        assert_eq!(canonical("1e3"), "1k");
+        assert_eq!(canonical("1.5Gi"), "1536Mi");
+        assert_eq!(canonical("0.5Ti"), "512Gi");
+        assert_eq!(canonical("1000000000000"), "1T");
+        assert_eq!(canonical("1E3"), "1e3");
+        assert_eq!(canonical("1e9"), "1e9");
         assert_eq!(canonical("1024Mi"), "1Gi");
         assert_eq!(canonical("1.5Mi"), "1536Ki");
         assert_eq!(canonical("10Gi"), "10Gi");
@@ -174,9 +199,11 @@ mod tests {
     }
 
     #[test]
-    fn what_the_server_refuses_does_not_parse() {
-        for bad in ["", "lots", "1..5", "1.2.3Gi", "1Xi", "1e", "Gi", "."] {
+    fn unreadable_text_does_not_parse_and_compares_as_text() {
+        for bad in ["", "lots", "1..5", "1.2.3Gi", "1Xi", "1e", "1e40"] {
             assert_eq!(Quantity::parse(bad), None, "{bad}");
         }
+        assert_eq!(Quantity::comparable("1Gi "), Ok(value("1Gi")));
+        assert_ne!(Quantity::comparable("1e40"), Quantity::comparable("2e40"));
     }
 }

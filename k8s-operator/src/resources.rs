@@ -549,7 +549,9 @@ pub fn statefulset(nn: &NymNode, settings: &BuildSettings, replicas: i32) -> Sta
 
 /// What a StatefulSet's volume claim asks for: its size (by value: the API server stores a
 /// canonical spelling, not the one written) and storage class.
-pub fn storage_of(sts: &StatefulSet) -> Vec<(Option<quantity::Quantity>, Option<String>)> {
+pub fn storage_of(
+    sts: &StatefulSet,
+) -> Vec<(Option<Result<quantity::Quantity, String>>, Option<String>)> {
     sts.spec
         .volume_claim_templates
         .iter()
@@ -560,8 +562,7 @@ pub fn storage_of(sts: &StatefulSet) -> Vec<(Option<quantity::Quantity>, Option<
                 .and_then(|s| s.resources.as_ref())
                 .and_then(|r| r.requests.as_ref())
                 .and_then(|r| r.get("storage"))
-                .and_then(|q| quantity::Quantity::parse(&q.0))
-                .map(|(size, _)| size);
+                .map(|q| quantity::Quantity::comparable(&q.0));
             (size, spec.and_then(|s| s.storage_class_name.clone()))
         })
         .collect()
