@@ -397,9 +397,8 @@ impl NymNodeSpec {
                 self.replicas
             )));
         }
-        if !crate::quantity::Quantity::parse(&self.storage.size)
-            .is_some_and(|(size, _)| size > crate::quantity::Quantity::ZERO)
-        {
+        let size = crate::quantity::Quantity::parse(&self.storage.size);
+        if size.is_none_or(|(size, _)| size <= crate::quantity::Quantity::ZERO) {
             return Err(InvalidSpec(format!(
                 "spec.storage.size {:?} is not a size (a Kubernetes quantity such as 10Gi)",
                 self.storage.size

@@ -547,11 +547,12 @@ pub fn statefulset(nn: &NymNode, settings: &BuildSettings, replicas: i32) -> Sta
     }
 }
 
+/// A volume claim's size by value, or its text when unreadable.
+pub type ClaimSize = Result<quantity::Quantity, String>;
+
 /// What a StatefulSet's volume claim asks for: its size (by value: the API server stores a
 /// canonical spelling, not the one written) and storage class.
-pub fn storage_of(
-    sts: &StatefulSet,
-) -> Vec<(Option<Result<quantity::Quantity, String>>, Option<String>)> {
+pub fn storage_of(sts: &StatefulSet) -> Vec<(Option<ClaimSize>, Option<String>)> {
     sts.spec
         .volume_claim_templates
         .iter()
