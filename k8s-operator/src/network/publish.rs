@@ -5,6 +5,10 @@
 //! ConfigMap's revision annotation, what this process published, every node's reported
 //! revision and the document itself; so a deleted or garbled ConfigMap, or a new leader that
 //! never saw it, still publishes above what every node runs (a node refuses older ones).
+//! And it is at least the clock in milliseconds: when every record is gone at once (the
+//! ConfigMap deleted, the operator restarted, no node left to report, only clients holding
+//! the last document), the next revision is still above every earlier one, unless the
+//! clock went back or the operator published more than one revision per millisecond.
 //! The write carries the `resourceVersion` that was read (or is a create when there was
 //! none), so two writers (a split brain, two installs) cannot publish out of order: the
 //! second gets a conflict and re-reads.
@@ -54,6 +58,13 @@ fn revision_floor(ctx: &Context, ns: &str, o: &Observed, plan: &Plan) -> u64 {
         .max(document)
 }
 
+/// The clock as a revision: milliseconds since the epoch.
+fn clock_revision(ctx: &Context) -> u64 {
+    u64::try_from((ctx.clock)())
+        .unwrap_or(0)
+        .saturating_mul(1000)
+}
+
 /// Decides the document and writes it with the state, when anything changed.
 pub async fn publish(
     ctx: &Context,
@@ -65,7 +76,10 @@ pub async fn publish(
     let previous = o.published.document.as_ref();
     let revision = match previous {
         Some(p) if p.nodes == plan.nodes && p.revision >= floor => p.revision,
-        _ => floor.checked_add(1).ok_or(Error::RevisionExhausted)?,
+        _ => floor
+            .checked_add(1)
+            .ok_or(Error::RevisionExhausted)?
+            .max(clock_revision(ctx)),
     };
     let document = TopologyDocument {
         schema: SCHEMA_VERSION,

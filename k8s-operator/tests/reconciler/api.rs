@@ -280,6 +280,30 @@ async fn the_revision_never_goes_back_whatever_happens_to_the_configmap_or_the_l
         assert_eq!((rt.refused_older, rt.refused_foreign), (0, 0), "{}", rt.pod);
     }
     assert!(cluster.out_of_service().is_empty());
+    // Every record lost at once: every NymNode gone (no node left to report), the ConfigMap
+    // deleted, a new operator. Clients still hold the last document: the next is above it.
+    for name in cluster.nymnode_names() {
+        cluster.delete_nymnode(&name);
+    }
+    for _ in 0..60 {
+        let _ = reconcile_all(&cluster, &leader).await;
+        cluster.tick();
+        if cluster.pods().is_empty() && cluster.nymnode_names().is_empty() {
+            break;
+        }
+    }
+    assert!(cluster.pods().is_empty(), "every pod withdrawn and gone");
+    let top = highest(&cluster);
+    cluster.delete_topology_configmap();
+    let fresh = cluster.operator("after-the-loss").await;
+    cluster.insert_nymnode(&nymnode("mix-l1", NodeMode::Mixnode, Some(1), 1));
+    for _ in 0..3 {
+        step(&cluster, &fresh).await;
+    }
+    assert!(cluster.topology().unwrap().revision > top);
+    for rt in cluster.runtimes().values() {
+        assert_eq!((rt.refused_older, rt.refused_foreign), (0, 0), "{}", rt.pod);
+    }
     drop(ctx);
 }
 
