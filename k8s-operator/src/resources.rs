@@ -32,6 +32,8 @@ pub const ENV_ROLE: &str = "env";
 /// differs from its `NymNode`'s current one is due for an upgrade.
 pub const TEMPLATE_HASH_LABEL: &str = "mixnet.nym-node.dev/template-hash";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "nym-operator");
+/// A mix node pod's layer, from the template it runs.
+pub const LAYER_LABEL: &str = "mixnet.nym-node.dev/layer";
 /// Where the pod's volume is mounted; keys and the mailbox live under it.
 pub const DATA_MOUNT: &str = "/var/lib/nym-node";
 /// Where the topology ConfigMap is mounted; the node reads `topology.json` from it.
@@ -85,7 +87,7 @@ pub fn labels(nn: &NymNode) -> BTreeMap<String, String> {
         nn.spec.mode.as_str().into(),
     );
     if let Some(layer) = nn.spec.layer {
-        l.insert("mixnet.nym-node.dev/layer".into(), layer.to_string());
+        l.insert(LAYER_LABEL.into(), layer.to_string());
     }
     l
 }

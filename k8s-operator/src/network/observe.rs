@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -47,6 +48,8 @@ pub struct Published {
 pub struct Observed {
     pub nymnodes: Vec<NymNode>,
     pub pods: Vec<Pod>,
+    /// The operator's StatefulSets: which pods belong to their `NymNode` as it is now.
+    pub statefulsets: Vec<StatefulSet>,
     /// Ingress address of every per-replica LoadBalancer Service, by Service (= pod) name.
     pub lb_addresses: BTreeMap<String, String>,
     pub published: Published,
@@ -106,6 +109,28 @@ pub fn process_of(pod: &Pod) -> Option<String> {
     Some(format!("{}/{restarts}", pod.uid()?))
 }
 
+/// Whether a pod belongs to its `NymNode` as it is now: controlled by the live StatefulSet
+/// that `NymNode` controls. A pod of an earlier `NymNode` of the same name (deleted and
+/// created again) hangs on a StatefulSet that is gone or going, and the garbage collector
+/// deletes it whatever the operator does: it must never be listed as serving again.
+pub fn current_incarnation(pod: &Pod, owner: &NymNode, statefulsets: &[StatefulSet]) -> bool {
+    let controller = |meta: &kube::api::ObjectMeta| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .find(|r| r.controller == Some(true))
+            .map(|r| r.uid.clone())
+    };
+    statefulsets
+        .iter()
+        .find(|s| s.name_any() == owner.name_any())
+        .is_some_and(|sts| {
+            sts.metadata.deletion_timestamp.is_none()
+                && controller(&sts.metadata) == owner.uid()
+                && controller(&pod.metadata) == sts.uid()
+        })
+}
+
 /// The running nodes to ask for a description, with the HTTP port their `NymNode` gives
 /// them.
 pub fn targets(pods: &[Pod], nymnodes: &[NymNode]) -> Vec<Target> {
@@ -144,6 +169,10 @@ pub async fn observe(ctx: &Context, ns: &str) -> Result<Observed, Error> {
         .list(&managed())
         .await?
         .items;
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), ns)
+        .list(&managed())
+        .await?
+        .items;
     let configmap = Api::<ConfigMap>::namespaced(client, ns)
         .get_opt(&ctx.settings.build.topology_configmap)
         .await?;
@@ -160,6 +189,7 @@ pub async fn observe(ctx: &Context, ns: &str) -> Result<Observed, Error> {
         published: read_published(ctx, ns, configmap.as_ref()),
         nymnodes,
         pods,
+        statefulsets,
         now,
         generation,
     })

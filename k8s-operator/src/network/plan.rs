@@ -9,8 +9,8 @@ use kube::ResourceExt;
 use nym_node::topology::NodeEntry;
 
 use crate::controller::{Context, Error};
-use crate::crd::{NymNode, ServiceType};
-use crate::network::observe::{Observed, pod_ready, pod_running, process_of};
+use crate::crd::{NodeMode, NymNode, ServiceType};
+use crate::network::observe::{Observed, current_incarnation, pod_ready, pod_running, process_of};
 use crate::resources::{self, NYMNODE_LABEL, TEMPLATE_HASH_LABEL};
 use crate::retirement;
 use crate::rollout::{self, Rollout};
@@ -52,7 +52,9 @@ pub fn plan(ctx: &Context, o: &Observed) -> Result<Plan, Error> {
         let Some(owner) = owner_of(pod, &o.nymnodes) else {
             continue;
         };
-        let member = member(ctx, o, pod, owner, nymnodes.get(&owner.name_any()));
+        let mut member = member(ctx, o, pod, owner, nymnodes.get(&owner.name_any()));
+        // A pod left by an earlier NymNode of this name is on its way out: never serving.
+        member.ready &= current_incarnation(pod, owner, &o.statefulsets);
         pods.push(pod_state(pod, owner, &member, &nymnodes, previous));
         members.push(member);
     }
@@ -198,8 +200,65 @@ fn member(
                 .then(|| client_address(owner, &host, o.lb_addresses.get(&name))),
         }
     });
+    // An invalid spec places nothing: the pod keeps its previous entry, or, when there is
+    // none to keep (the ConfigMap lost with the memory of it), is placed by the template it
+    // runs, which its labels and ports say.
+    let listed = o
+        .published
+        .document
+        .as_ref()
+        .is_some_and(|d| d.nodes.iter().any(|n| n.name == name));
+    let placement = match placement {
+        None if !listed => placement_of_running_template(ctx, pod, owner),
+        placement => placement,
+    };
     let description = process_of(pod).and_then(|p| o.descriptions.get(&p).cloned());
     Member::new(name, placement, pod_ready(pod), description)
+}
+
+/// Where a pod sits by the template it runs: the mode and layer its labels carry and the
+/// ports its node container declares.
+fn placement_of_running_template(ctx: &Context, pod: &Pod, owner: &NymNode) -> Option<Placement> {
+    let labels = pod.labels();
+    let mode = [
+        NodeMode::Mixnode,
+        NodeMode::EntryGateway,
+        NodeMode::ExitGateway,
+    ]
+    .into_iter()
+    .find(|m| {
+        labels
+            .get("app.kubernetes.io/component")
+            .map(String::as_str)
+            == Some(m.as_str())
+    })?;
+    let layer = match labels.get(resources::LAYER_LABEL) {
+        Some(l) => Some(l.parse().ok()?),
+        None => None,
+    };
+    let port = |wanted: &str| {
+        pod.spec
+            .as_ref()?
+            .containers
+            .iter()
+            .find(|c| c.name == resources::NODE_CONTAINER)?
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(wanted))
+            .map(|p| p.container_port)
+    };
+    let host = resources::pod_host(owner, &pod.name_any(), &ctx.settings.build);
+    Some(Placement {
+        mode,
+        layer,
+        mixnet_address: format!("{host}:{}", port("mixnet")?),
+        http_address: format!("{host}:{}", port("http")?),
+        client_address: match mode.is_gateway() {
+            true => Some(format!("{host}:{}", port("client")?)),
+            false => None,
+        },
+    })
 }
 
 fn pod_state(

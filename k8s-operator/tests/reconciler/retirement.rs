@@ -146,4 +146,60 @@ async fn an_invalid_nymnode_keeps_its_running_pods_in_the_topology() {
     let degraded = condition(&cluster.nymnode("mix-l2"), "Degraded");
     assert_eq!(degraded.reason, "InvalidSpec");
     assert!(degraded.message.contains("NYM_NODE_NO_SUCH_SETTING"));
+    // The ConfigMap garbled and a new leader with no memory of it: there is no previous
+    // entry to keep, so the pods are placed by the template they run.
+    cluster.garble_topology_configmap("{ not a document");
+    let leader = cluster.operator("new-leader").await;
+    for _ in 0..3 {
+        step(&cluster, &leader).await;
+    }
+    let lost = cluster.topology().unwrap();
+    for pod in ["mix-l2-0", "mix-l2-1"] {
+        let (b, a) = (
+            before.nodes.iter().find(|n| n.name == pod).unwrap(),
+            lost.nodes
+                .iter()
+                .find(|n| n.name == pod)
+                .expect("still listed"),
+        );
+        assert!(a.serving, "{pod} still serves");
+        assert_eq!((a.layer, &a.mixnet_address), (b.layer, &b.mixnet_address));
+    }
+}
+
+#[tokio::test]
+async fn a_nymnode_created_again_never_lists_the_pods_its_predecessor_left() {
+    let (cluster, ctx) = settled_network().await;
+    cluster.delete_nymnode("mix-l2");
+    for _ in 0..60 {
+        step(&cluster, &ctx).await;
+        if cluster.try_nymnode("mix-l2").is_none() {
+            break;
+        }
+    }
+    assert!(
+        cluster.try_nymnode("mix-l2").is_none(),
+        "withdrawn, then released"
+    );
+    // Created again before the garbage collector took the old StatefulSet's pods: those are
+    // doomed, whatever the new NymNode's pods will be called.
+    cluster.insert_nymnode(&nymnode("mix-l2", NodeMode::Mixnode, Some(2), 2));
+    for _ in 0..20 {
+        step(&cluster, &ctx).await;
+    }
+    for d in cluster.deletion_log() {
+        assert!(
+            !d.serving,
+            "{} deleted ({:?}) while listed as serving",
+            d.pod, d.cause
+        );
+    }
+    assert!(
+        cluster
+            .deletion_log()
+            .iter()
+            .any(|d| d.cause == DeletionCause::GarbageCollection),
+        "the predecessor's pods went by garbage collection"
+    );
+    assert!(serving(&cluster, "mix-l2-0") && serving(&cluster, "mix-l2-1"));
 }
