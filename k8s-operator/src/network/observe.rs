@@ -109,11 +109,13 @@ pub fn process_of(pod: &Pod) -> Option<String> {
     Some(format!("{}/{restarts}", pod.uid()?))
 }
 
-/// Whether a pod belongs to its `NymNode` as it is now: controlled by the live StatefulSet
-/// that `NymNode` controls. A pod of an earlier `NymNode` of the same name (deleted and
-/// created again) hangs on a StatefulSet that is gone or going, and the garbage collector
-/// deletes it whatever the operator does: it must never be listed as serving again.
-pub fn current_incarnation(pod: &Pod, owner: &NymNode, statefulsets: &[StatefulSet]) -> bool {
+/// Whether a pod is on its way out with a StatefulSet that is no longer its `NymNode`'s: a
+/// pod of an earlier `NymNode` of the same name (deleted and created again) hangs on a
+/// StatefulSet that is gone, going, or controlled by that earlier `NymNode`, and the garbage
+/// collector deletes it whatever the operator does: it must never be listed as serving
+/// again. A pod with no controller (its StatefulSet deleted with `--cascade=orphan`) is
+/// not: the next StatefulSet adopts it.
+pub fn doomed(pod: &Pod, owner: &NymNode, statefulsets: &[StatefulSet]) -> bool {
     let controller = |meta: &kube::api::ObjectMeta| {
         meta.owner_references
             .iter()
@@ -121,14 +123,24 @@ pub fn current_incarnation(pod: &Pod, owner: &NymNode, statefulsets: &[StatefulS
             .find(|r| r.controller == Some(true))
             .map(|r| r.uid.clone())
     };
-    statefulsets
+    let Some(controlled_by) = controller(&pod.metadata) else {
+        return false;
+    };
+    let Some(sts) = statefulsets
         .iter()
         .find(|s| s.name_any() == owner.name_any())
-        .is_some_and(|sts| {
-            sts.metadata.deletion_timestamp.is_none()
-                && controller(&sts.metadata) == owner.uid()
-                && controller(&pod.metadata) == sts.uid()
-        })
+    else {
+        return true;
+    };
+    let orphaning = sts
+        .metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == "orphan");
+    let going = sts.metadata.deletion_timestamp.is_some() && !orphaning;
+    let predecessors = controller(&sts.metadata).is_some_and(|uid| Some(uid) != owner.uid());
+    sts.uid() != Some(controlled_by) || going || predecessors
 }
 
 /// The running nodes to ask for a description, with the HTTP port their `NymNode` gives
@@ -281,4 +293,89 @@ fn load_balancer_addresses(services: &[Service]) -> BTreeMap<String, String> {
             Some((s.name_any(), addr))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+    use kube::api::ObjectMeta;
+
+    use super::*;
+    use crate::crd::{NodeMode, NymNodeSpec};
+
+    fn controlled_by(uid: &str) -> Option<Vec<OwnerReference>> {
+        Some(vec![OwnerReference {
+            uid: uid.into(),
+            controller: Some(true),
+            ..Default::default()
+        }])
+    }
+
+    fn statefulset(uid: &str, controller: &str) -> StatefulSet {
+        StatefulSet {
+            metadata: ObjectMeta {
+                name: Some("mix-l1".into()),
+                uid: Some(uid.into()),
+                owner_references: controlled_by(controller),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn pod(controller: Option<&str>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("mix-l1-0".into()),
+                owner_references: controller.and_then(controlled_by),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_pods_hanging_on_a_statefulset_that_is_not_their_nymnodes_are_doomed() {
+        let mut nn = NymNode::new(
+            "mix-l1",
+            NymNodeSpec {
+                mode: NodeMode::Mixnode,
+                layer: Some(1),
+                replicas: 1,
+                image: "nym-node:1".into(),
+                env: BTreeMap::new(),
+                resources: None,
+                exposure: Default::default(),
+                storage: Default::default(),
+            },
+        );
+        nn.metadata.uid = Some("nn-2".into());
+        let live = statefulset("sts-2", "nn-2");
+        assert!(!doomed(
+            &pod(Some("sts-2")),
+            &nn,
+            std::slice::from_ref(&live)
+        ));
+        // Orphaned (--cascade=orphan): the next StatefulSet adopts it.
+        assert!(!doomed(&pod(None), &nn, &[]));
+        // Its StatefulSet is gone, or another one took the name.
+        assert!(doomed(&pod(Some("sts-1")), &nn, &[]));
+        assert!(doomed(
+            &pod(Some("sts-1")),
+            &nn,
+            std::slice::from_ref(&live)
+        ));
+        // Its StatefulSet still belongs to the NymNode's predecessor.
+        assert!(doomed(
+            &pod(Some("sts-1")),
+            &nn,
+            &[statefulset("sts-1", "nn-1")]
+        ));
+        // Being deleted: doomed, unless its pods are being orphaned.
+        let mut going = live.clone();
+        going.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        assert!(doomed(&pod(Some("sts-2")), &nn, &[going.clone()]));
+        going.metadata.finalizers = Some(vec!["orphan".into()]);
+        assert!(!doomed(&pod(Some("sts-2")), &nn, &[going]));
+    }
 }

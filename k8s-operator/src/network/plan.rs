@@ -10,7 +10,7 @@ use nym_node::topology::NodeEntry;
 
 use crate::controller::{Context, Error};
 use crate::crd::{NodeMode, NymNode, ServiceType};
-use crate::network::observe::{Observed, current_incarnation, pod_ready, pod_running, process_of};
+use crate::network::observe::{Observed, doomed, pod_ready, pod_running, process_of};
 use crate::resources::{self, NYMNODE_LABEL, TEMPLATE_HASH_LABEL};
 use crate::retirement;
 use crate::rollout::{self, Rollout};
@@ -54,7 +54,7 @@ pub fn plan(ctx: &Context, o: &Observed) -> Result<Plan, Error> {
         };
         let mut member = member(ctx, o, pod, owner, nymnodes.get(&owner.name_any()));
         // A pod left by an earlier NymNode of this name is on its way out: never serving.
-        member.ready &= current_incarnation(pod, owner, &o.statefulsets);
+        member.ready &= !doomed(pod, owner, &o.statefulsets);
         pods.push(pod_state(pod, owner, &member, &nymnodes, previous));
         members.push(member);
     }
@@ -209,7 +209,7 @@ fn member(
         .as_ref()
         .is_some_and(|d| d.nodes.iter().any(|n| n.name == name));
     let placement = match placement {
-        None if !listed => placement_of_running_template(ctx, pod, owner),
+        None if !listed => placement_of_running_template(ctx, o, pod, owner),
         placement => placement,
     };
     let description = process_of(pod).and_then(|p| o.descriptions.get(&p).cloned());
@@ -218,7 +218,12 @@ fn member(
 
 /// Where a pod sits by the template it runs: the mode and layer its labels carry and the
 /// ports its node container declares.
-fn placement_of_running_template(ctx: &Context, pod: &Pod, owner: &NymNode) -> Option<Placement> {
+fn placement_of_running_template(
+    ctx: &Context,
+    o: &Observed,
+    pod: &Pod,
+    owner: &NymNode,
+) -> Option<Placement> {
     let labels = pod.labels();
     let mode = [
         NodeMode::Mixnode,
@@ -233,9 +238,13 @@ fn placement_of_running_template(ctx: &Context, pod: &Pod, owner: &NymNode) -> O
             == Some(m.as_str())
     })?;
     let layer = match labels.get(resources::LAYER_LABEL) {
-        Some(l) => Some(l.parse().ok()?),
+        Some(l) => Some(l.parse().ok().filter(|l| (1..=3).contains(l))?),
         None => None,
     };
+    // A mix node has a layer and a gateway none; anything else is no placement at all.
+    if mode.is_gateway() == layer.is_some() {
+        return None;
+    }
     let port = |wanted: &str| {
         pod.spec
             .as_ref()?
@@ -255,7 +264,12 @@ fn placement_of_running_template(ctx: &Context, pod: &Pod, owner: &NymNode) -> O
         mixnet_address: format!("{host}:{}", port("mixnet")?),
         http_address: format!("{host}:{}", port("http")?),
         client_address: match mode.is_gateway() {
-            true => Some(format!("{host}:{}", port("client")?)),
+            // The address a LoadBalancer was given, as for any gateway.
+            true => Some(format!(
+                "{}:{}",
+                o.lb_addresses.get(&pod.name_any()).unwrap_or(&host),
+                port("client")?
+            )),
             false => None,
         },
     })
