@@ -16,7 +16,7 @@ use kube::{Api, Client, ResourceExt};
 
 use nym_operator::config::{OperatorConfig, Parsed};
 use nym_operator::controller::{self, Context};
-use nym_operator::crd::NymNode;
+use nym_operator::crd::{self, NymNode};
 use nym_operator::describe::HttpDescriber;
 use nym_operator::metrics::Metrics;
 use nym_operator::resources::{self, NYMNODE_LABEL};
@@ -107,7 +107,7 @@ fn render(files: &[PathBuf]) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            if let Err(e) = nn.spec.validate() {
+            if let Err(e) = crd::validate_name(&nn.name_any()).and_then(|()| nn.spec.validate()) {
                 eprintln!(
                     "nym-operator render: {}: {}: {e}",
                     file.display(),
