@@ -309,8 +309,11 @@ impl Sim {
     fn track_recovery(&mut self) {
         let ready = self.ready();
         let step = self.step;
-        let active =
-            |p: &String| self.hung.contains(p) || self.faults.get(p).is_some_and(|e| step <= *e);
+        let active = |p: &String| {
+            self.hung.contains(p)
+                || self.faults.get(p).is_some_and(|e| step <= *e)
+                || self.cluster.failing_descriptions(p) > 0
+        };
         let mut done = Vec::new();
         let active: BTreeSet<String> = self
             .recovering
@@ -389,6 +392,7 @@ impl Sim {
     fn faulted(&self, pod: &str) -> bool {
         self.hung.contains(pod)
             || self.faults.get(pod).is_some_and(|end| self.step <= *end)
+            || self.cluster.failing_descriptions(pod) > 0
             || self.recovering.contains_key(pod)
     }
 
