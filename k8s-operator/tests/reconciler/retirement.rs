@@ -13,6 +13,25 @@ fn statefulset_replicas(cluster: &Cluster, name: &str) -> i64 {
         .unwrap_or(-1)
 }
 
+/// Each of `pods` is listed in `after`, serving, in the layer and at the address `before`
+/// gave it.
+fn still_serving_in_place(
+    before: &nym_node::topology::TopologyDocument,
+    after: &nym_node::topology::TopologyDocument,
+    pods: &[&str],
+) {
+    for pod in pods {
+        let b = before.nodes.iter().find(|n| n.name == *pod).unwrap();
+        let a = after
+            .nodes
+            .iter()
+            .find(|n| n.name == *pod)
+            .expect("still listed");
+        assert!(a.serving, "{pod} still serves");
+        assert_eq!((a.layer, &a.mixnet_address), (b.layer, &b.mixnet_address));
+    }
+}
+
 /// Every deletion of `cause` happened while the pod was not serving and after every node had
 /// loaded the document that withdrew it, plus the largest per-hop delay (3 s here).
 fn withdrawn_before_deleted(cluster: &Cluster, cause: DeletionCause) -> usize {
@@ -126,19 +145,11 @@ async fn an_invalid_nymnode_keeps_its_running_pods_in_the_topology() {
     for _ in 0..20 {
         step(&cluster, &ctx).await;
     }
-    let after = cluster.topology().unwrap();
-    for pod in ["mix-l2-0", "mix-l2-1"] {
-        let (b, a) = (
-            before.nodes.iter().find(|n| n.name == pod).unwrap(),
-            after
-                .nodes
-                .iter()
-                .find(|n| n.name == pod)
-                .expect("still listed"),
-        );
-        assert!(a.serving, "{pod} still serves");
-        assert_eq!((a.layer, &a.mixnet_address), (b.layer, &b.mixnet_address));
-    }
+    still_serving_in_place(
+        &before,
+        &cluster.topology().unwrap(),
+        &["mix-l2-0", "mix-l2-1"],
+    );
     assert!(
         cluster.deletions().is_empty(),
         "nothing rolled out from an invalid spec"
@@ -153,18 +164,11 @@ async fn an_invalid_nymnode_keeps_its_running_pods_in_the_topology() {
     for _ in 0..3 {
         step(&cluster, &leader).await;
     }
-    let lost = cluster.topology().unwrap();
-    for pod in ["mix-l2-0", "mix-l2-1"] {
-        let (b, a) = (
-            before.nodes.iter().find(|n| n.name == pod).unwrap(),
-            lost.nodes
-                .iter()
-                .find(|n| n.name == pod)
-                .expect("still listed"),
-        );
-        assert!(a.serving, "{pod} still serves");
-        assert_eq!((a.layer, &a.mixnet_address), (b.layer, &b.mixnet_address));
-    }
+    still_serving_in_place(
+        &before,
+        &cluster.topology().unwrap(),
+        &["mix-l2-0", "mix-l2-1"],
+    );
 }
 
 #[tokio::test]
