@@ -264,7 +264,9 @@ pub struct Metrics {
     refused: Vec<IntCounter>,
     pub topology_reloads_ok: IntCounter,
     pub topology_reloads_failed: IntCounter,
-    pub topology_nodes: IntGauge,
+    pub topology_revision: IntGauge,
+    pub topology_nodes: IntGaugeVec,
+    pub topology_serving: IntGaugeVec,
     pub clients_connected: IntGauge,
     pub mailbox_payloads: IntGauge,
     pub client_messages_refused: IntCounter,
@@ -296,6 +298,15 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(format!("nym_node_{name}"), help).expect("valid metric definition");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(format!("nym_node_{name}"), help), labels)
+        .expect("valid metric definition");
     registry
         .register(Box::new(g.clone()))
         .expect("metric registered once");
@@ -456,7 +467,7 @@ impl Metrics {
             exit_streams_refused.with_label_values(&[reason]);
         }
 
-        Arc::new(Metrics {
+        let metrics = Arc::new(Metrics {
             exit_streams_open: gauge(
                 r,
                 "exit_streams_open",
@@ -554,10 +565,22 @@ impl Metrics {
                 .collect(),
             topology_reloads_ok: reloads.with_label_values(&["ok"]),
             topology_reloads_failed: reloads.with_label_values(&["error"]),
-            topology_nodes: gauge(
+            topology_revision: gauge(
+                r,
+                "topology_revision",
+                "Revision of the topology document this node routes by (the directory's is nym_operator_topology_revision).",
+            ),
+            topology_nodes: gauge_vec(
                 r,
                 "topology_nodes",
-                "Nodes in the current topology document.",
+                "Nodes in the current topology document, by mode, mix layer (empty for gateways) and serving; every mix layer is listed, at 0 when empty.",
+                &["mode", "layer", "serving"],
+            ),
+            topology_serving: gauge_vec(
+                r,
+                "topology_serving",
+                "1 while the current topology document lists this node as serving, labelled with the mode and layer it gives the node (0 while listed as not serving or absent).",
+                &["mode", "layer"],
             ),
             clients_connected: gauge(
                 r,
@@ -606,7 +629,12 @@ impl Metrics {
             ),
             registry,
             samplers: parking_lot::Mutex::new(Vec::new()),
-        })
+        });
+        // Every series exists from the start (README's table and dashboards list them);
+        // the samplers overwrite them once a document is loaded.
+        metrics.clear_topology_nodes();
+        metrics.topology_serving.with_label_values(&[mode, ""]);
+        metrics
     }
 
     /// Adds a sampler run before every scrape (for gauges whose truth lives elsewhere,
@@ -617,6 +645,25 @@ impl Metrics {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Sets every kind of node of `nym_node_topology_nodes` to 0: each mix layer and each
+    /// gateway mode keeps a series, so a layer that empties reads 0 rather than vanishing.
+    pub fn clear_topology_nodes(&self) {
+        self.topology_nodes.reset();
+        let kinds = [
+            ("mixnode", "1"),
+            ("mixnode", "2"),
+            ("mixnode", "3"),
+            ("entry-gateway", ""),
+            ("exit-gateway", ""),
+        ];
+        for (mode, layer) in kinds {
+            for serving in ["true", "false"] {
+                self.topology_nodes
+                    .with_label_values(&[mode, layer, serving]);
+            }
+        }
     }
 
     /// A stream open request the exit refused (`reason` is one of a fixed few).

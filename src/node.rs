@@ -225,6 +225,10 @@ pub async fn start(
         Some(metrics.clone()),
         background.clone(),
     ));
+    {
+        let (handle, me, mode) = (topology.clone(), keys.identity.public(), config.mode);
+        metrics.add_sampler(Box::new(move |m| topology::sample(&handle, &me, mode, m)));
+    }
 
     let resolver = Resolver::new(
         DnsSettings {

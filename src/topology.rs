@@ -487,6 +487,35 @@ impl TopologyHandle {
     }
 }
 
+/// Reads the current document into the metrics at scrape time: its revision, its nodes by
+/// kind (a thin layer shows as a small number, an empty one as 0) and where it places the
+/// node `me`, whose own mode is `mode`.
+pub fn sample(handle: &TopologyHandle, me: &NodeId, mode: Mode, metrics: &Metrics) {
+    let Some(topology) = handle.current() else {
+        return;
+    };
+    metrics.topology_revision.set(topology.revision() as i64);
+    metrics.clear_topology_nodes();
+    for n in topology.nodes() {
+        let layer = n.layer.map(|l| l.to_string()).unwrap_or_default();
+        let serving = if n.serving { "true" } else { "false" };
+        metrics
+            .topology_nodes
+            .with_label_values(&[n.mode.as_str(), &layer, serving])
+            .inc();
+    }
+    metrics.topology_serving.reset();
+    let entry = topology.node(me);
+    let layer = entry
+        .and_then(|n| n.layer)
+        .map(|l| l.to_string())
+        .unwrap_or_default();
+    metrics
+        .topology_serving
+        .with_label_values(&[entry.map_or(mode, |n| n.mode).as_str(), &layer])
+        .set(entry.is_some_and(|n| n.serving) as i64);
+}
+
 /// Keeps `handle` up to date with `source` until `stop` fires. The first load is retried
 /// every `interval` until it succeeds (the node is not ready before that).
 pub async fn refresh_loop(
@@ -516,7 +545,6 @@ pub async fn refresh_loop(
             Ok(topology) => {
                 if let Some(m) = &metrics {
                     m.topology_reloads_ok.inc();
-                    m.topology_nodes.set(topology.nodes().len() as i64);
                 }
                 let changed = handle
                     .current()
@@ -596,6 +624,62 @@ mod tests {
         );
         assert_eq!(t.serving_layer(1).count(), 1);
         assert_eq!(t.serving_gateways().count(), 1);
+    }
+
+    #[test]
+    fn the_sampled_metrics_count_nodes_by_kind_and_place_this_node() {
+        let mut drained = entry("mix2", 2, Mode::Mixnode, Some(2));
+        drained.serving = false;
+        let doc = TopologyDocument {
+            schema: crate::topology::SCHEMA_VERSION,
+            revision: 42,
+            nodes: vec![
+                entry("mix1", 1, Mode::Mixnode, Some(1)),
+                drained,
+                entry("gw", 3, Mode::ExitGateway, None),
+            ],
+        };
+        let handle = TopologyHandle::new();
+        handle.store(Topology::from_document(doc).unwrap());
+        let m = Metrics::new("mixnode");
+        let nodes = |mode: &str, layer: &str, serving: &str| {
+            m.topology_nodes
+                .with_label_values(&[mode, layer, serving])
+                .get()
+        };
+        sample(&handle, &KeyBytes([2; 32]), Mode::Mixnode, &m);
+        assert_eq!(m.topology_revision.get(), 42);
+        assert_eq!(nodes("mixnode", "1", "true"), 1);
+        assert_eq!(nodes("mixnode", "2", "false"), 1);
+        // An empty layer is a zero, not a missing series: alerts can see it.
+        assert_eq!(nodes("mixnode", "3", "true"), 0);
+        assert_eq!(nodes("exit-gateway", "", "true"), 1);
+        assert_eq!(
+            m.topology_serving
+                .with_label_values(&["mixnode", "2"])
+                .get(),
+            0,
+            "listed as not serving"
+        );
+        // Absent from the document: one series, at 0, without a layer.
+        sample(&handle, &KeyBytes([9; 32]), Mode::Mixnode, &m);
+        let families = m.registry().gather();
+        let serving = families
+            .iter()
+            .find(|f| f.name() == "nym_node_topology_serving")
+            .unwrap();
+        assert_eq!(serving.get_metric().len(), 1);
+        assert_eq!(
+            m.topology_serving.with_label_values(&["mixnode", ""]).get(),
+            0
+        );
+        sample(&handle, &KeyBytes([1; 32]), Mode::Mixnode, &m);
+        assert_eq!(
+            m.topology_serving
+                .with_label_values(&["mixnode", "1"])
+                .get(),
+            1
+        );
     }
 
     #[test]

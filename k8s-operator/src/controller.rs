@@ -237,6 +237,14 @@ impl Context {
             action: "Reconcile".into(),
             secondary: None,
         };
+        self.metrics.event(
+            &nn.namespace().unwrap_or_default(),
+            match event.type_ {
+                EventType::Normal => "Normal",
+                EventType::Warning => "Warning",
+            },
+            reason,
+        );
         if let Err(e) = self.recorder.publish(&event, &nn.object_ref(&())).await {
             tracing::warn!(error = %e, "could not publish an Event");
         }
@@ -540,6 +548,7 @@ async fn finalize(nn: &NymNode, ctx: &Context, ns: &str) -> Result<Action, Error
         ]),
     )
     .await?;
+    ctx.metrics.observe_degraded(ns, &nn.name_any(), None);
     tracing::info!("every pod withdrawn from the topology; finalizer removed");
     Ok(Action::await_change())
 }

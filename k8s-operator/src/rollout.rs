@@ -51,6 +51,10 @@ pub enum Rollout {
         nymnode: String,
         old_uid: String,
         deleted_at: i64,
+        /// When the pod's upgrade began (its withdrawal), for the time one pod takes; 0 in
+        /// state an older operator wrote.
+        #[serde(default)]
+        since: i64,
     },
     #[serde(rename_all = "camelCase")]
     Halted {
@@ -99,6 +103,25 @@ impl Rollout {
             Rollout::Withdrawing { nymnode, .. }
             | Rollout::Replacing { nymnode, .. }
             | Rollout::Halted { nymnode, .. } => Some(nymnode),
+        }
+    }
+
+    /// The pod being upgraded and when its upgrade began (its withdrawal), while one is.
+    pub fn upgrading(&self) -> Option<(&str, &str, i64)> {
+        match self {
+            Rollout::Withdrawing {
+                pod,
+                nymnode,
+                withdrawal,
+            } => Some((pod, nymnode, withdrawal.since)),
+            Rollout::Replacing {
+                pod,
+                nymnode,
+                since,
+                deleted_at,
+                ..
+            } => Some((pod, nymnode, if *since > 0 { *since } else { *deleted_at })),
+            _ => None,
         }
     }
 
@@ -159,6 +182,7 @@ pub fn step(state: &Rollout, s: &Snapshot) -> (Rollout, Option<Action>) {
             nymnode,
             old_uid,
             deleted_at,
+            ..
         } => replace(state, pod, nymnode, old_uid, *deleted_at, s),
     }
 }
@@ -221,7 +245,7 @@ fn withdraw(pod: &str, nymnode: &str, w: &Withdrawal, s: &Snapshot) -> (Rollout,
     let Some(p) = s.pod(pod).filter(|p| p.uid == w.uid && !p.terminating) else {
         // Deleted by someone else meanwhile: wait for its replacement as if we had deleted it.
         return if s.wanted(nymnode, crate::snapshot::ordinal_of(pod)) {
-            (replacing(pod, nymnode, &w.uid, s.now), None)
+            (replacing(pod, nymnode, &w.uid, w.since, s.now), None)
         } else {
             (Rollout::Idle, None)
         };
@@ -259,7 +283,7 @@ fn withdraw(pod: &str, nymnode: &str, w: &Withdrawal, s: &Snapshot) -> (Rollout,
         // out of service would take two out at once.
         Progress::Done if p.ready && !s.out_of_service(pod).is_empty() => (Rollout::Idle, None),
         Progress::Done => (
-            replacing(pod, nymnode, &w.uid, s.now),
+            replacing(pod, nymnode, &w.uid, w.since, s.now),
             Some(Action::DeletePod {
                 name: pod.into(),
                 uid: w.uid.clone(),
@@ -268,12 +292,13 @@ fn withdraw(pod: &str, nymnode: &str, w: &Withdrawal, s: &Snapshot) -> (Rollout,
     }
 }
 
-fn replacing(pod: &str, nymnode: &str, uid: &str, now: i64) -> Rollout {
+fn replacing(pod: &str, nymnode: &str, uid: &str, since: i64, now: i64) -> Rollout {
     Rollout::Replacing {
         pod: pod.into(),
         nymnode: nymnode.into(),
         old_uid: uid.into(),
         deleted_at: now,
+        since,
     }
 }
 
@@ -476,7 +501,7 @@ mod tests {
         new.serving = false;
         new.verified = false;
         let mut pods = vec![new, outdated("mix", 1)];
-        let replacing = replacing("mix-0", "mix", "mix-0-uid", 0);
+        let replacing = replacing("mix-0", "mix", "mix-0-uid", 0, 0);
         assert_eq!(step(&replacing, &snapshot(&pods, &nn, 1, 60)).0, replacing);
         let (halted, _) = step(&replacing, &snapshot(&pods, &nn, 1, 61));
         assert!(matches!(&halted, Rollout::Halted { template_hash, .. } if template_hash == "new"));
@@ -503,7 +528,7 @@ mod tests {
     fn scaling_away_or_deleting_the_nymnode_under_upgrade_frees_the_rollout() {
         let mut nn = nymnodes(&[("mix", 2), ("other", 1)]);
         let pods = vec![pod("mix", 0), outdated("mix", 1), outdated("other", 0)];
-        let replacing = replacing("mix-1", "mix", "old", 0);
+        let replacing = replacing("mix-1", "mix", "old", 0, 0);
         nn.get_mut("mix").unwrap().replicas = 1;
         assert_eq!(
             step(&replacing, &snapshot(&pods, &nn, 1, 1)).0,
@@ -538,7 +563,7 @@ mod tests {
         let mut new = outdated("mix", 0);
         new.uid = "fresh".into();
         let pods = vec![new, pod("mix", 1)];
-        let replacing = replacing("mix-0", "mix", "mix-0-uid", 0);
+        let replacing = replacing("mix-0", "mix", "mix-0-uid", 0, 0);
         assert_eq!(
             step(&replacing, &snapshot(&pods, &nn, 1, 5)).0,
             Rollout::Idle
@@ -566,7 +591,7 @@ mod tests {
                 },
                 4,
             ),
-            replacing("a-0", "a", "u", 2),
+            replacing("a-0", "a", "u", 0, 2),
             Rollout::Halted {
                 pod: "a-0".into(),
                 nymnode: "a".into(),

@@ -263,6 +263,15 @@ fn carry_transition_times(new: &mut NymNodeStatus, old: Option<&NymNodeStatus>, 
 /// Writes status through the status subresource, only when it changed. Status changes do
 /// not trigger reconciles (the controller filters on generation).
 pub async fn write(nn: &NymNode, ctx: &Context, mut status: NymNodeStatus) -> Result<(), Error> {
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded" && c.status == "True");
+    ctx.metrics.observe_degraded(
+        &nn.namespace().unwrap_or_default(),
+        &nn.name_any(),
+        degraded.map(|c| c.reason.as_str()),
+    );
     let now = now_time((ctx.clock)());
     carry_transition_times(&mut status, nn.status.as_ref(), &now);
     if nn.status.as_ref() == Some(&status) {

@@ -26,8 +26,8 @@ use std::sync::Arc;
 
 use nym_node::topology::TopologyDocument;
 use nym_operator::controller::{Context, reconcile};
-use nym_operator::crd::{Exposure, NodeMode, NymNode, NymNodeSpec, Storage};
-use nym_operator::fixtures::{Cluster, DeletionCause, NS, SplitMix64};
+use nym_operator::crd::{NodeMode, NymNode};
+use nym_operator::fixtures::{Cluster, DeletionCause, SplitMix64};
 
 /// Ticks a pod needs from container start to ready.
 const READY_AFTER: u32 = 2;
@@ -48,21 +48,7 @@ const NYMNODES: [(&str, NodeMode, Option<u8>); 5] = [
 ];
 
 fn nymnode(name: &str, mode: NodeMode, layer: Option<u8>, replicas: i32) -> NymNode {
-    let mut nn = NymNode::new(
-        name,
-        NymNodeSpec {
-            mode,
-            layer,
-            replicas,
-            image: "nym-node:1.0".into(),
-            env: BTreeMap::from([("NYM_NODE_MAX_PACKET_DELAY".into(), format!("{SETTLE}s"))]),
-            resources: None,
-            exposure: Exposure::default(),
-            storage: Storage::default(),
-        },
-    );
-    nn.metadata.namespace = Some(NS.into());
-    nn
+    nym_operator::fixtures::nymnode(name, mode, layer, replicas, SETTLE as u64)
 }
 
 /// One scenario.

@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use nym_node::client::state::{self, ClientDir, Settings};
 use nym_node::client::websocket::{self, Request, TextResponse};
-use nym_node::client::{ClientAddress, ClientConfig, Event, MixClient, daemon, probe, socks5};
+use nym_node::client::{
+    ClientAddress, ClientConfig, Event, MixClient, daemon, probe, prober, socks5,
+};
 use nym_node::config::{self, LogFormat};
 use nym_node::keys::{Identity, NodeId, random_bytes};
 use nym_node::telemetry;
@@ -28,6 +30,7 @@ use nym_node::topology::TopologySource;
   nym-client send --id bob --to ADDRESS --message hi
   nym-client receive --id alice --count 1
   nym-client --topology T probe --count 20 --cover-rate 0
+  nym-client --topology T probe --every 5s --metrics-listen 0.0.0.0:9100   a prober for Prometheus
   nym-client --topology T socks5                   then: curl --socks5-hostname 127.0.0.1:1080 URL
 
 Options apply wherever they are written: before or after the subcommand.",
@@ -162,6 +165,17 @@ enum Command {
         size: usize,
         #[arg(long, default_value = "60s", value_parser = config::parse_duration)]
         timeout: Duration,
+        /// Probe again this long after each round, until stopped, with one client (the
+        /// exit code then says nothing; the metrics and --ok-file do).
+        #[arg(long, value_parser = config::parse_duration)]
+        every: Option<Duration>,
+        /// With --every: serve the rounds' results as Prometheus metrics
+        /// (`nym_client_probe_*`) at http://ADDR/metrics.
+        #[arg(long, requires = "every")]
+        metrics_listen: Option<SocketAddr>,
+        /// With --every: keep this file while the last round delivered every message.
+        #[arg(long, requires = "every")]
+        ok_file: Option<PathBuf>,
     },
 }
 
@@ -483,21 +497,57 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             count,
             size,
             timeout,
+            every,
+            metrics_listen,
+            ok_file,
         } => {
             let id = Identity::from_secret(random_bytes().map_err(|e| e.to_string())?);
             let mut client = MixClient::start(config_for(&cli, None)?, id)
                 .await
                 .map_err(|e| e.to_string())?;
-            let report = probe::run(&mut client, *count, *size, *timeout).await;
-            client.stop().await;
-            println!("{}", report.summary());
-            Ok(if report.ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            let Some(interval) = every else {
+                let report = probe::run(&mut client, *count, *size, *timeout).await;
+                client.stop().await;
+                println!("{}", report.summary());
+                return Ok(if report.ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            };
+            let settings = prober::ProberSettings {
+                count: *count,
+                size: *size,
+                timeout: *timeout,
+                interval: *interval,
+                ok_file: ok_file.clone(),
+            };
+            probe_forever(client, settings, *metrics_listen).await?;
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `probe --every`: rounds until a signal, their results served as metrics.
+async fn probe_forever(
+    mut client: MixClient,
+    settings: prober::ProberSettings,
+    metrics_listen: Option<SocketAddr>,
+) -> Result<(), String> {
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signals(stop.clone()));
+    let metrics = prober::ProbeMetrics::new();
+    if let Some(addr) = metrics_listen {
+        let listener = prober::bind(addr).await?;
+        tokio::spawn(prober::serve_metrics(
+            listener,
+            metrics.clone(),
+            stop.clone(),
+        ));
+    }
+    prober::run(&mut client, &settings, &metrics, stop).await;
+    client.stop().await;
+    Ok(())
 }
 
 /// Installs SIGTERM/SIGINT handlers now (before the caller reports itself ready, so no

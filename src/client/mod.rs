@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod e2e;
 pub mod packet;
 pub mod probe;
+pub mod prober;
 pub mod route;
 pub mod socks5;
 pub mod state;

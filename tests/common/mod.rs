@@ -732,6 +732,23 @@ impl Prometheus {
                 .collect(),
         )
     }
+
+    /// Every metric name Prometheus holds samples of, or None if it is not up.
+    pub async fn metric_names(&self) -> Option<Vec<String>> {
+        let (status, body) =
+            nym_node::http::probe::get(self.addr, "/api/v1/label/__name__/values").await?;
+        if status != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
+        Some(
+            v["data"]
+                .as_array()?
+                .iter()
+                .filter_map(|n| Some(n.as_str()?.to_string()))
+                .collect(),
+        )
+    }
 }
 
 impl Drop for Prometheus {

@@ -159,6 +159,22 @@ def test_testnet_comes_up_and_delivers():
         time.sleep(2)
     assert up == len(NODES), f"Prometheus sees {up} of {len(NODES)} nodes up"
     log("prometheus: every node scraped and up")
+    # The traffic client probes without end and Prometheus scrapes its rounds: end-to-end
+    # delivery as the network dashboard shows it, with the network's alert rules loaded.
+    deadline = time.time() + 120
+    delivered = None
+    while time.time() < deadline:
+        delivered = metric_sum('sum(nym_client_probe_messages_total{job="nym-probe", result="delivered"})')
+        if delivered:
+            break
+        time.sleep(2)
+    assert delivered, "Prometheus saw no probe message delivered by the traffic client"
+    with urllib.request.urlopen(f"http://127.0.0.1:{ENV['PROMETHEUS_PORT']}/api/v1/rules", timeout=5) as r:
+        groups = {g["name"] for g in json.load(r)["data"]["groups"]}
+    assert {"nym-node", "nym-network"} <= groups, groups
+    layers = prometheus('max by (layer) (nym_node_topology_nodes{mode="mixnode", serving="true"})')
+    assert sorted(dict(k)["layer"] for k, v in layers.items() if v == 2) == ["1", "2", "3"], layers
+    log(f"prometheus: the traffic client delivered {delivered:.0f} probe message(s); two serving nodes per layer")
     # The directory signs the document; every node was started requiring its key.
     doc = json.loads(compose("exec", "-T", "mix-1a", "cat", "/data/topology.json").stdout)
     signer = compose("exec", "-T", "mix-1a", "cat", "/data/directory.pub").stdout.strip()

@@ -5,7 +5,8 @@
   Kubernetes K8S_VERSION); ServiceMonitor and PrometheusRule against the prometheus-operator
   CRD models (cloudcoil-models-prometheus-operator 0.80.1.0, generated from prometheus-operator
   v0.80.1's CRDs), with unknown fields refused.
-- The PrometheusRule carries exactly grafana/alerts.yml and passes `promtool check rules`.
+- The PrometheusRules carry exactly grafana/alerts.yml (node chart) and grafana/network-alerts.yml
+  (operator chart) and pass `promtool check rules`; the charts' dashboards are grafana/dashboards'.
 - Bad values are refused by the schema (or the chart's own checks) with a clear message.
 - The operator: the CRD validates, the chart's copy equals `crdgen` byte for byte, every
   object `nym-operator render` builds for the examples validates, the example NymNodes pass
@@ -220,12 +221,51 @@ def test_prometheus_rule_is_the_alerts_scoped_to_the_release_and_passes_promtool
 
 
 def test_chart_copies_of_alerts_and_dashboards_are_identical():
-    pairs = [(os.path.join(ROOT, "grafana", "alerts.yml"), os.path.join(NODE_CHART, "files", "alerts.yml"))]
-    for d in glob.glob(os.path.join(ROOT, "grafana", "dashboards", "*.json")):
-        pairs.append((d, os.path.join(NODE_CHART, "files", "dashboards", os.path.basename(d))))
+    grafana = os.path.join(ROOT, "grafana")
+    pairs = [
+        ("alerts.yml", os.path.join(NODE_CHART, "files", "alerts.yml")),
+        ("dashboards/nym-node.json", os.path.join(NODE_CHART, "files", "dashboards", "nym-node.json")),
+        ("network-alerts.yml", os.path.join(OPERATOR_CHART, "files", "network-alerts.yml")),
+        ("dashboards/nym-network.json", os.path.join(OPERATOR_CHART, "files", "dashboards", "nym-network.json")),
+        ("dashboards/nym-node.json", os.path.join(OPERATOR_CHART, "files", "dashboards", "nym-node.json")),
+    ]
     for original, copy_ in pairs:
-        with open(original, "rb") as a, open(copy_, "rb") as b:
-            assert a.read() == b.read(), f"{copy_} differs from {original}: copy it again"
+        with open(os.path.join(grafana, original), "rb") as a, open(copy_, "rb") as b:
+            assert a.read() == b.read(), f"{copy_} differs from grafana/{original}: copy it again"
+    # Every dashboard is shipped by some chart; the node chart ships only the node's.
+    shipped = {os.path.basename(c) for _, c in pairs}
+    for d in glob.glob(os.path.join(grafana, "dashboards", "*.json")):
+        assert os.path.basename(d) in shipped, f"{d} is shipped by no chart"
+    assert os.listdir(os.path.join(NODE_CHART, "files", "dashboards")) == ["nym-node.json"]
+
+
+def test_operator_chart_ships_the_network_rules_and_dashboards():
+    objects = render(OPERATOR_CHART, "--set", "prometheusRule.enabled=true", "--set", "dashboards.enabled=true",
+                     "--set", "serviceMonitor.enabled=true")
+    rule = next(o for o in objects if o["kind"] == "PrometheusRule")
+    with open(os.path.join(ROOT, "grafana", "network-alerts.yml")) as f:
+        assert rule["spec"]["groups"] == yaml.safe_load(f)["groups"]
+    with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
+        yaml.safe_dump(rule["spec"], f)
+        f.flush()
+        out = run("promtool", "check", "rules", f.name, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+    dashboards = {}
+    for cm in (o for o in objects if o["kind"] == "ConfigMap" and "-dashboard-" in o["metadata"]["name"]):
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        for key, text in cm["data"].items():
+            dashboards[key] = json.loads(text)
+    for name in ("nym-network.json", "nym-node.json"):
+        with open(os.path.join(ROOT, "grafana", "dashboards", name)) as f:
+            assert dashboards[name] == json.load(f)
+    # The network dashboard's node links open the node dashboard the chart ships.
+    links = [l["url"] for p in dashboards["nym-network.json"]["panels"]
+             for o in p.get("fieldConfig", {}).get("overrides", []) for prop in o["properties"]
+             if prop["id"] == "links" for l in prop["value"]]
+    assert links and all(u.startswith(f"/d/{dashboards['nym-node.json']['uid']}/") for u in links), links
+    # The operator's metrics describe other namespaces: their own namespace label must win.
+    monitor = next(o for o in objects if o["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
 
 
 BAD_VALUES = sorted(glob.glob(os.path.join(ROOT, "tests", "k8s", "bad-values", "*.yaml")))
@@ -256,12 +296,13 @@ def test_chart_config_block_and_its_schema_are_the_node_knob_definitions():
 
 
 OPERATOR_SETS = [[], ["--set", "exampleNetwork.enabled=true", "--set", "serviceMonitor.enabled=true"],
-                 ["--set", "operator.watchNamespace=mixnet"]] + [
+                 ["--set", "operator.watchNamespace=mixnet"],
+                 ["--set", "prometheusRule.enabled=true", "--set", "dashboards.enabled=true"]] + [
     ["-f", v] for v in sorted(glob.glob(os.path.join(OPERATOR_CHART, "ci", "*.yaml")))]
 
 
 @pytest.mark.parametrize("sets", OPERATOR_SETS,
-                         ids=["defaults", "example-network", "one-namespace"] + [
+                         ids=["defaults", "example-network", "one-namespace", "monitoring"] + [
                              os.path.basename(v) for v in sorted(glob.glob(os.path.join(OPERATOR_CHART, "ci", "*.yaml")))])
 def test_operator_chart_renders_only_valid_objects(sets):
     objects = render(OPERATOR_CHART, *sets)

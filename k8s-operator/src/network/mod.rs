@@ -64,8 +64,13 @@ pub async fn sync(ctx: &Context, ns: &str) -> Result<Network, Error> {
     }
     let plan = plan::plan(ctx, &observed)?;
     let published = publish::publish(ctx, ns, &observed, &plan).await?;
-    ctx.metrics
-        .observe_network(ns, &published.document, &published.rollout);
+    ctx.metrics.observe_network(
+        ns,
+        &published.document,
+        &observed.published.rollout,
+        &published.rollout,
+        observed.now,
+    );
     let rejected = plan.pods.iter().filter(|p| p.ready && !p.verified).count();
     ctx.metrics.descriptions_rejected.inc_by(rejected as u64);
     if let Some(action) = &plan.action {
@@ -95,7 +100,7 @@ async fn act(
         .await
     {
         Ok(_) => {
-            ctx.metrics.pods_replaced.inc();
+            ctx.metrics.pod_replaced(ns);
             let owner = rollout
                 .nymnode()
                 .and_then(|n| nymnodes.iter().find(|nn| nn.name_any() == n));

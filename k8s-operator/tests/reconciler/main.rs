@@ -13,37 +13,17 @@ use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use nym_operator::controller::{Context, reconcile};
-use nym_operator::crd::{Exposure, NodeMode, NymNode, NymNodeSpec, Storage};
+use nym_operator::crd::{NodeMode, NymNode};
 use nym_operator::fixtures::{Cluster, NS};
 
+/// Small delays keep the test's clock short; withdrawals wait this long.
 pub fn nymnode(name: &str, mode: NodeMode, layer: Option<u8>, replicas: i32) -> NymNode {
-    let mut nn = NymNode::new(
-        name,
-        NymNodeSpec {
-            mode,
-            layer,
-            replicas,
-            image: "nym-node:1.0".into(),
-            // Small delays keep the test's clock short; withdrawals wait this long.
-            env: BTreeMap::from([("NYM_NODE_MAX_PACKET_DELAY".into(), "3s".into())]),
-            resources: None,
-            exposure: Exposure::default(),
-            storage: Storage::default(),
-        },
-    );
-    nn.metadata.namespace = Some(NS.into());
-    nn
+    nym_operator::fixtures::nymnode(name, mode, layer, replicas, 3)
 }
 
 /// Three mix layers of two, an entry and an exit gateway.
 pub fn network() -> Vec<NymNode> {
-    vec![
-        nymnode("mix-l1", NodeMode::Mixnode, Some(1), 2),
-        nymnode("mix-l2", NodeMode::Mixnode, Some(2), 2),
-        nymnode("mix-l3", NodeMode::Mixnode, Some(3), 2),
-        nymnode("entry", NodeMode::EntryGateway, None, 1),
-        nymnode("exit", NodeMode::ExitGateway, None, 1),
-    ]
+    nym_operator::fixtures::example_network(3)
 }
 
 /// Reconciles every NymNode once; errors are returned as the controller would back off.
