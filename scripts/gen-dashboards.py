@@ -30,17 +30,17 @@ FAMILY_TAG = "nym-mixnet"
 # nym-node: (row title, [(panel title, unit, [(legend, expr)], description)]), all time series.
 NODE_PANELS = [
     ("Traffic", [
-        ("Packets received", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_packets_received_total{{{SEL}}}[1m]))')],
+        ("Packets received", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_packets_received_total{{{SEL}}}[$__rate_interval]))')],
          "Sphinx packets accepted from peers and clients, per second."),
-        ("Packets forwarded", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_packets_forwarded_total{{{SEL}}}[1m]))')],
+        ("Packets forwarded", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_packets_forwarded_total{{{SEL}}}[$__rate_interval]))')],
          "Packets handed to an egress peer's socket, per second."),
-        ("Payloads delivered (gateways)", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_packets_delivered_total{{{SEL}}}[1m]))')],
+        ("Payloads delivered (gateways)", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_packets_delivered_total{{{SEL}}}[$__rate_interval]))')],
          "Final-hop payloads stored for clients, per second."),
-        ("Drops by reason", "pps", [("{{reason}}", f'sum by (reason) (rate(nym_node_packets_dropped_total{{{SEL}}}[1m])) > 0')],
+        ("Drops by reason", "pps", [("{{reason}}", f'sum by (reason) (rate(nym_node_packets_dropped_total{{{SEL}}}[$__rate_interval])) > 0')],
          "Every drop counts one reason; an empty panel is a healthy node."),
         ("Drop ratio", "percentunit", [("{{instance}}", f'sum by (instance) (rate(nym_node_packets_dropped_total{{{SEL}}}[5m])) / clamp_min(sum by (instance) (rate(nym_node_packets_received_total{{{SEL}}}[5m])), 1e-9)')],
          "Dropped / received over 5 minutes."),
-        ("SURB-ACKs sent (gateways)", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_gateway_acks_sent_total{{{SEL}}}[1m]))')],
+        ("SURB-ACKs sent (gateways)", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_gateway_acks_sent_total{{{SEL}}}[$__rate_interval]))')],
          "Acknowledgements sent back for stored payloads, messages and loop cover alike."),
     ]),
     ("Where packets wait", [
@@ -88,7 +88,7 @@ NODE_PANELS = [
          "Authenticated client sessions."),
         ("Mailbox", "short", [("{{instance}}", f'sum by (instance) (nym_node_gateway_mailbox_payloads{{{SEL}}})')],
          "Payloads stored for clients, waiting for their acknowledgement."),
-        ("SURB-ACKs sent", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_gateway_acks_sent_total{{{SEL}}}[1m]))')],
+        ("SURB-ACKs sent", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_gateway_acks_sent_total{{{SEL}}}[$__rate_interval]))')],
          "Acknowledgements sent back for stored payloads."),
         ("Refused client sessions", "ops", [("{{instance}}", f'sum by (instance) (rate(nym_node_gateway_client_messages_refused_total{{{SEL}}}[5m]))')],
          "Bad signatures and malformed messages."),
@@ -100,7 +100,7 @@ NODE_PANELS = [
             ("opened", f'sum(rate(nym_node_exit_streams_opened_total{{{SEL}}}[5m]))'),
             ("refused {{reason}}", f'sum by (reason) (rate(nym_node_exit_streams_refused_total{{{SEL}}}[5m]))')],
          "Refusals: the exit policy (policy_reject, internal_address, no_rule), resolve_failed, connect_failed, too_many_streams, capacity."),
-        ("Exit bytes", "Bps", [("{{direction}}", f'sum by (direction) (rate(nym_node_exit_stream_bytes_total{{{SEL}}}[1m]))')],
+        ("Exit bytes", "Bps", [("{{direction}}", f'sum by (direction) (rate(nym_node_exit_stream_bytes_total{{{SEL}}}[$__rate_interval]))')],
          "Bytes relayed to targets and back."),
         ("Time to first byte", "s", [
             ("p50", f'histogram_quantile(0.5, sum by (le) (rate(nym_node_exit_time_to_first_byte_seconds_bucket{{{SEL}}}[5m])))'),
@@ -120,7 +120,7 @@ NODE_PANELS = [
          "expired_key: packets for a key past its overlap (a client with a stale topology, or an old capture replayed)."),
     ]),
     ("Process", [
-        ("CPU", "percentunit", [("{{instance}}", f'rate(nym_node_process_cpu_seconds_total{{{SEL}}}[1m])')],
+        ("CPU", "percentunit", [("{{instance}}", f'rate(nym_node_process_cpu_seconds_total{{{SEL}}}[$__rate_interval])')],
          "Cores used by the node process."),
         ("Resident memory", "bytes", [("{{instance}}", f'nym_node_process_resident_memory_bytes{{{SEL}}}')],
          "RSS of the node process."),
@@ -148,14 +148,24 @@ NODE_PANELS = [
 
 
 # nym-network. A mix node's layer is the one the directory gives it (nym_node_topology_serving
-# carries it), joined onto its traffic counters by instance.
-LAYER_OF = f'max by (instance, mode, layer) (nym_node_topology_serving{{{NS},layer=~"$layer"}})'
+# carries it), joined onto its traffic counters as a label only (the factor is 1 whether the
+# node serves or drains: a draining node's traffic still counts).
+SERVING = f'max by (namespace, instance, pod, mode, layer) (nym_node_topology_serving{{{NS},layer=~"$layer"}})'
+LAYER_OF = f'(0 * {SERVING} + 1)'
+JOIN = "on (namespace, instance)"
+# Keeps a per-node query to the nodes of the selected layers.
+IN_LAYER = f"and on (namespace, instance) {SERVING}"
+# Serving nodes per kind: the directory's count where an operator publishes (it knows of a
+# withdrawal first), else the document the nodes loaded.
+def serving_count(by, selector):
+    return (f'max by ({by}) (nym_operator_topology_nodes{{{NS},serving="true",{selector}}}) or '
+            f'max by ({by}) (nym_node_topology_nodes{{{NS},serving="true",{selector}}})')
 # The newest revision anyone has: the directory's (nym_operator_topology_revision, where an
 # operator publishes) or the newest a node loaded (a static or compose directory).
 NEWEST = f'max by (namespace) ({{__name__=~"nym_node_topology_revision|nym_operator_topology_revision",{NS}}})'
 PHASE_CODES = [("idle", 0, "green"), ("blocked", 1, "yellow"), ("withdrawing", 2, "blue"),
                ("replacing", 3, "purple"), ("halted", 4, "red")]
-PHASE_EXPR = "sum by (namespace) (" + " or ".join(
+PHASE_EXPR = "max by (namespace) (" + " or ".join(
     f'nym_operator_rollout_phase{{phase="{name}",{NS}}} * {code}' for name, code, _ in PHASE_CODES) + ")"
 NODE_LINK = {
     "title": "nym-node: ${__value.raw}",
@@ -167,23 +177,23 @@ def network_rows():
     return [
         ("Network", [
             stat("Serving mix nodes per layer", "short", [
-                ("layer {{layer}}", f'max by (layer) (nym_node_topology_nodes{{{NS},mode="mixnode",serving="true",layer=~"$layer"}})')],
-                "Mix nodes the current document lists as serving, per layer, as the nodes loaded it. Red below two: one node is the whole layer.",
+                ("{{namespace}} layer {{layer}}", serving_count("namespace, layer", 'mode="mixnode",layer=~"$layer"'))],
+                "Mix nodes the current document lists as serving, per layer (the operator's document, or the one the nodes loaded). Red below two: one node is the whole layer.",
                 red_below=2),
             stat("Serving gateways", "short", [
-                ("{{mode}}", f'max by (mode) (nym_node_topology_nodes{{{NS},mode=~".+-gateway",serving="true"}})')],
+                ("{{namespace}} {{mode}}", serving_count("namespace, mode", 'mode=~".+-gateway"'))],
                 "Entry and exit gateways the document lists as serving.", red_below=1),
             stat("End-to-end delivery", "percentunit", [
-                ("delivered", f'sum(increase(nym_client_probe_messages_total{{{NS},result="delivered"}}[15m])) / clamp_min(sum(increase(nym_client_probe_messages_total{{{NS}}}[15m])), 1)')],
+                ("delivered", f'sum(increase(nym_client_probe_messages_total{{{NS},result="delivered"}}[15m])) / (sum(increase(nym_client_probe_messages_total{{{NS}}}[15m])) > 0)')],
                 "Probe messages that came back through three mix layers over the last 15 minutes (nym-client probe --every, the traffic client of the compose testnet).",
                 red_below=0.95),
             table("Nodes", [
-                ("Serving", f'max by (namespace, instance, mode, layer) (nym_node_topology_serving{{{NS},layer=~"$layer"}})'),
-                ("Revision", f'max by (namespace, instance) (nym_node_topology_revision{{{NS}}})'),
-                ("Behind", f'max by (namespace, instance) ({NEWEST} - on (namespace) group_right nym_node_topology_revision{{{NS}}} > bool 0)'),
-                ("Version", f'max by (namespace, instance, version) (nym_node_build_info{{{NS}}})')],
-                "Every node: its mode, the layer and serving state its loaded document gives it, that document's revision, and whether it lags the newest revision (Behind = 1). A node's name opens its nym-node dashboard.",
-                link_field="instance", hide=["Version"], w=24, h=9),
+                ("Serving", SERVING),
+                ("Revision", f'max by (namespace, instance, pod) (nym_node_topology_revision{{{NS}}}) {IN_LAYER}'),
+                ("Behind", f'max by (namespace, instance, pod) ({NEWEST} - on (namespace) group_right nym_node_topology_revision{{{NS}}} > bool 0) {IN_LAYER}'),
+                ("Version", f'max by (namespace, instance, pod, version) (nym_node_build_info{{{NS}}}) {IN_LAYER}')],
+                "Every node (pod, where Kubernetes runs it): its mode, the layer and serving state its loaded document gives it, that document's revision, and whether it lags the newest revision (Behind = 1). A node's instance opens its nym-node dashboard.",
+                link_field="instance", hide=["Version"], exact=["Revision"], w=24, h=9),
             timeseries("Serving nodes by layer and mode", "short", [
                 ("nodes: {{mode}} {{layer}}", f'max by (namespace, mode, layer) (nym_node_topology_nodes{{{NS},serving="true",layer=~"$layer"}})'),
                 ("directory: {{mode}} {{layer}}", f'max by (namespace, mode, layer) (nym_operator_topology_nodes{{{NS},serving="true",layer=~"$layer"}})')],
@@ -221,7 +231,7 @@ def network_rows():
         ]),
         ("Traffic", [
             timeseries("Packets per second by layer", "pps", [
-                ("{{mode}} {{layer}}", f'sum by (mode, layer) (rate(nym_node_packets_received_total{{{NS}}}[1m]) * on (instance) group_left (layer) {LAYER_OF})')],
+                ("{{mode}} {{layer}}", f'sum by (mode, layer) (rate(nym_node_packets_received_total{{{NS}}}[$__rate_interval]) * {JOIN} group_left (layer) {LAYER_OF})')],
                 "Sphinx packets received per mix layer and per gateway mode."),
             timeseries("End-to-end latency", "s", [
                 ("p50", f'histogram_quantile(0.5, sum by (le) (rate(nym_client_probe_message_latency_seconds_bucket{{{NS}}}[5m])))'),
@@ -232,10 +242,10 @@ def network_rows():
                 ("retransmissions", f'sum(rate(nym_client_probe_retransmissions_total{{{NS}}}[5m]))')],
                 "Delivered and lost probe messages, and packets the prober had to send again."),
             timeseries("Drops by reason", "pps", [
-                ("{{reason}}", f'sum by (reason) (rate(nym_node_packets_dropped_total{{{NS}}}[1m])) > 0')],
+                ("{{reason}}", f'sum by (reason) (rate(nym_node_packets_dropped_total{{{NS}}}[$__rate_interval])) > 0')],
                 "Every drop in the network counts one reason; an empty panel is a healthy network."),
             timeseries("Drop ratio by layer", "percentunit", [
-                ("{{mode}} {{layer}}", f'sum by (mode, layer) (rate(nym_node_packets_dropped_total{{{NS}}}[5m]) * on (instance) group_left (mode, layer) {LAYER_OF}) / clamp_min(sum by (mode, layer) (rate(nym_node_packets_received_total{{{NS}}}[5m]) * on (instance) group_left (layer) {LAYER_OF}), 1e-9)')],
+                ("{{mode}} {{layer}}", f'sum by (mode, layer) (rate(nym_node_packets_dropped_total{{{NS}}}[5m]) * {JOIN} group_left (mode, layer) {LAYER_OF}) / clamp_min(sum by (mode, layer) (rate(nym_node_packets_received_total{{{NS}}}[5m]) * {JOIN} group_left (layer) {LAYER_OF}), 1e-9)')],
                 "Dropped / received over 5 minutes, per layer."),
             timeseries("Handshake failures", "ops", [
                 ("{{reason}}", f'sum by (reason) (rate(nym_node_network_handshake_failures_total{{{NS}}}[5m])) > 0')],
@@ -345,20 +355,26 @@ def stat(title, unit, targets, description, red_below):
     return p
 
 
-def table(title, targets, description, unit="short", link_field=None, hide=(), w=8, h=8):
+def table(title, targets, description, unit="short", link_field=None, hide=(), exact=(), w=8, h=8):
     """Instant queries merged into one row per series: each query's value is a column named
-    by its legend."""
+    by its legend. `hide`: legends whose value column is left out (the query is there for
+    its labels); `exact`: legends whose values are shown whole (revisions, not 1.7 Tri)."""
     p = base("table", title, description, unit, targets, instant=True)
-    rename = {}
-    for i, (legend, _) in enumerate(targets):
-        rename["Value" if len(targets) == 1 else f"Value #{chr(ord('A') + i)}"] = legend
+    value_field = {legend: "Value" if len(targets) == 1 else f"Value #{chr(ord('A') + i)}"
+                   for i, (legend, _) in enumerate(targets)}
     p["transformations"] = [
         {"id": "merge", "options": {}},
+        # organize matches the fields' names before its renaming.
         {"id": "organize", "options": {
-            "excludeByName": {"Time": True, **{name: True for name in hide}},
-            "renameByName": rename,
+            "excludeByName": {"Time": True, **{value_field[legend]: True for legend in hide}},
+            "renameByName": {field: legend for legend, field in value_field.items()},
         }},
     ]
+    for legend in exact:
+        p["fieldConfig"]["overrides"].append({
+            "matcher": {"id": "byName", "options": legend},
+            "properties": [{"id": "unit", "value": "none"}, {"id": "decimals", "value": 0}],
+        })
     if link_field:
         p["fieldConfig"]["overrides"].append({
             "matcher": {"id": "byName", "options": link_field},

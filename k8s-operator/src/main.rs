@@ -285,6 +285,8 @@ async fn lead(
                 }
             } => {
                 metrics.leader.set(0);
+                // What this replica said of the networks is the new leader's to say now.
+                metrics.forget_networks();
                 tracing::warn!("lost the lease: controller stopped, standing by");
             }
             _ = &mut shutdown => {

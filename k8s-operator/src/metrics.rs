@@ -234,6 +234,19 @@ impl Metrics {
         }
     }
 
+    /// Drops every series describing a network (documents, rollouts, Degraded NymNodes):
+    /// a replica that lost the lease must not keep reporting a rollout it no longer runs.
+    /// Counters and histograms stay (they count what this replica did).
+    pub fn forget_networks(&self) {
+        self.topology_revision.reset();
+        self.topology_nodes.reset();
+        self.rollout_phase.reset();
+        self.rollout_pod.reset();
+        self.degraded.reset();
+        self.upgrading.lock().clear();
+        self.degraded_reasons.lock().clear();
+    }
+
     /// A pod deleted for its upgrade.
     pub fn pod_replaced(&self, ns: &str) {
         self.pods_replaced.with_label_values(&[ns]).inc();
@@ -383,5 +396,35 @@ mod tests {
         assert!(!text.contains("InvalidSpec"), "{text}");
         m.observe_degraded("ns", "exit", None);
         assert!(!m.render().contains("nym_operator_nymnode_degraded{"));
+    }
+
+    #[test]
+    fn a_replica_that_lost_the_lease_reports_no_network() {
+        let m = Metrics::new();
+        m.observe_network(
+            "ns",
+            &document(),
+            &Rollout::Idle,
+            &withdrawing("mix-0", 10),
+            10,
+        );
+        m.observe_degraded("ns", "exit", Some("InvalidSpec"));
+        m.forget_networks();
+        let text = m.render();
+        for gone in [
+            "topology_revision{",
+            "topology_nodes{",
+            "rollout_phase{",
+            "rollout_pod_started",
+            "nymnode_degraded{",
+        ] {
+            assert!(
+                !text.contains(&format!("nym_operator_{gone}")),
+                "{gone}: {text}"
+            );
+        }
+        // Leading again, the same NymNode's state is reported afresh.
+        m.observe_degraded("ns", "exit", Some("InvalidSpec"));
+        assert!(m.render().contains("nym_operator_nymnode_degraded{"));
     }
 }

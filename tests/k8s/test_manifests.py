@@ -244,11 +244,31 @@ def test_operator_chart_ships_the_network_rules_and_dashboards():
                      "--set", "serviceMonitor.enabled=true")
     rule = next(o for o in objects if o["kind"] == "PrometheusRule")
     with open(os.path.join(ROOT, "grafana", "network-alerts.yml")) as f:
-        assert rule["spec"]["groups"] == yaml.safe_load(f)["groups"]
-    with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
-        yaml.safe_dump(rule["spec"], f)
-        f.flush()
-        out = run("promtool", "check", "rules", f.name, check=False)
+        groups = yaml.safe_load(f)["groups"]
+    assert rule["spec"]["groups"][:-1] == groups
+    absent = rule["spec"]["groups"][-1]["rules"]
+    assert [r["alert"] for r in absent] == ["NymOperatorAbsent"]
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "rules.yml"), "w") as f:
+            yaml.safe_dump(rule["spec"], f)
+        out = run("promtool", "check", "rules", os.path.join(d, "rules.yml"), check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        # NymOperatorAbsent: fires with no operator scraped, silent with one.
+        absent_test = {
+            "rule_files": ["rules.yml"],
+            "evaluation_interval": "1m",
+            "tests": [
+                {"interval": "1m", "input_series": [{"series": 'up{job="other"}', "values": "1x30"}],
+                 "alert_rule_test": [{"eval_time": "20m", "alertname": "NymOperatorAbsent", "exp_alerts": [
+                     {"exp_labels": {"severity": "critical"},
+                      "exp_annotations": {"summary": absent[0]["annotations"]["summary"]}}]}]},
+                {"interval": "1m", "input_series": [{"series": 'nym_operator_leader{instance="op-0"}', "values": "1x30"}],
+                 "alert_rule_test": [{"eval_time": "20m", "alertname": "NymOperatorAbsent", "exp_alerts": []}]},
+            ],
+        }
+        with open(os.path.join(d, "test.yml"), "w") as f:
+            yaml.safe_dump(absent_test, f)
+        out = run("promtool", "test", "rules", os.path.join(d, "test.yml"), check=False)
         assert out.returncode == 0, out.stdout + out.stderr
     dashboards = {}
     for cm in (o for o in objects if o["kind"] == "ConfigMap" and "-dashboard-" in o["metadata"]["name"]):
