@@ -143,15 +143,17 @@ knobs! {
     connect_timeout: DurationKnob = "3s";
     /// Deadline for a whole Noise handshake, either side.
     handshake_timeout: DurationKnob = "5s";
+    /// Deadline for an ingress connection's first handshake message (a peer sends it the moment it connects); a connection still silent is closed, so silent and trickling connections cannot hold handshake places.
+    handshake_first_message_timeout: DurationKnob = "2s";
     /// Deadline for the rest of a frame once its first byte has arrived.
     frame_read_timeout: DurationKnob = "10s";
     /// Concurrent authenticated ingress mixnet links (after the handshake); more are closed and counted.
     max_ingress_connections: usize = "1024";
     /// Ingress links one peer (one Noise key) may hold at once; a newer link closes the oldest, so a peer cannot multiply its share by opening links (its links share one Sphinx-queue budget too).
     max_links_per_peer: usize = "2";
-    /// Connections from one IP address still in their Noise handshake; more from it are refused at once, so one stranger cannot hold the slots a peer needs.
+    /// Connections from one address group (an IPv4 address, an IPv6 /64) past their first handshake message and not yet authenticated; a newer one closes the oldest.
     max_handshakes_per_address: usize = "8";
-    /// Connections in their Noise handshake at once, from all addresses; more are refused at once. Authenticated links count against NYM_NODE_MAX_INGRESS_CONNECTIONS instead.
+    /// Connections in their Noise handshake at once; when full, the oldest that has not sent its first message is closed for a newcomer (a newcomer is refused only when all are past it). Authenticated links count against NYM_NODE_MAX_INGRESS_CONNECTIONS instead.
     max_pending_handshakes: usize = "256";
     /// First reconnect delay after a failed connection to a peer; doubles per failure.
     reconnect_backoff_initial: DurationKnob = "200ms";
@@ -353,6 +355,9 @@ impl Config {
                 "reconnect_backoff_initial",
                 "must not exceed NYM_NODE_RECONNECT_BACKOFF_MAX",
             );
+        }
+        if self.handshake_first_message_timeout.0.is_zero() {
+            return invalid("handshake_first_message_timeout", "must be greater than 0");
         }
         if self.handshake_timeout.0.is_zero() {
             return invalid("handshake_timeout", "must be greater than 0");

@@ -459,10 +459,7 @@ pub async fn run_sink(
             (known.clone(), expected.clone(), sent.clone(), stats.clone());
         tokio::spawn(async move {
             let Ok((mut rx, _)) =
-                noise::respond(&mut stream, &secret, Duration::from_secs(5), |k| {
-                    known.contains(k)
-                })
-                .await
+                noise::respond_to(&mut stream, &secret, Duration::from_secs(5), &known).await
             else {
                 return;
             };

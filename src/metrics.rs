@@ -172,17 +172,23 @@ impl HandshakeFailure {
 pub enum RefusalReason {
     /// `NYM_NODE_MAX_INGRESS_CONNECTIONS` authenticated links are open already.
     Capacity,
-    /// `NYM_NODE_MAX_HANDSHAKES_PER_ADDRESS` connections from this address are in their handshake.
+    /// A connection past its first handshake message closed: its address group had
+    /// `NYM_NODE_MAX_HANDSHAKES_PER_ADDRESS` newer ones in their handshake.
     PerAddress,
-    /// `NYM_NODE_MAX_PENDING_HANDSHAKES` connections are in their handshake.
+    /// All `NYM_NODE_MAX_PENDING_HANDSHAKES` places are held by connections past their first
+    /// handshake message.
     Handshakes,
+    /// A connection not yet past its first handshake message, closed to make room for a
+    /// newer one.
+    Evicted,
 }
 
 impl RefusalReason {
-    pub const ALL: [RefusalReason; 3] = [
+    pub const ALL: [RefusalReason; 4] = [
         RefusalReason::Capacity,
         RefusalReason::PerAddress,
         RefusalReason::Handshakes,
+        RefusalReason::Evicted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -190,6 +196,7 @@ impl RefusalReason {
             RefusalReason::Capacity => "capacity",
             RefusalReason::PerAddress => "per_address",
             RefusalReason::Handshakes => "handshake_capacity",
+            RefusalReason::Evicted => "evicted",
         }
     }
 
@@ -407,7 +414,7 @@ impl Metrics {
         let refused = counter_vec(
             r,
             "network_refused_ingress_mixnet_connections_total",
-            "Ingress mixnet connections refused, by reason: per_address and handshake_capacity at accept (too many unauthenticated), capacity after the handshake (links full).",
+            "Ingress mixnet connections refused or closed before they became links, by reason: evicted (not yet past its first handshake message; made room for a newer connection), per_address (its address group had too many past their first message), handshake_capacity (every place held past the first message), capacity (links full after the handshake).",
             &["reason"],
         );
         let reloads = counter_vec(

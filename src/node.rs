@@ -301,6 +301,7 @@ pub async fn start(
         Arc::new(IngressContext {
             settings: IngressSettings {
                 handshake_timeout: config.handshake_timeout.get(),
+                first_message_timeout: config.handshake_first_message_timeout.get(),
                 idle_timeout: config.idle_timeout(),
                 frame_read_timeout: config.frame_read_timeout.get(),
                 max_connections: config.max_ingress_connections,

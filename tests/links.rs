@@ -178,21 +178,19 @@ async fn two_thousand_silent_connections_from_one_address_do_not_keep_a_peer_out
         }
     }
     assert_eq!(flood.len(), 2000);
+    // 256 places: every newcomer past them closed the oldest silent connection.
     assert!(
-        eventually(WAIT, || m.refused_count(RefusalReason::PerAddress) == 1992).await,
-        "refused {}",
-        m.refused_count(RefusalReason::PerAddress)
+        eventually(WAIT, || m.refused_count(RefusalReason::Evicted)
+            == 2000 - 256)
+        .await,
+        "evicted {}",
+        m.refused_count(RefusalReason::Evicted)
     );
-    // A topology peer on another address connects and forwards while the flood sits.
+    // A topology peer on the flood's own address connects and forwards while the flood sits.
     let peer = net.member("peer");
-    let mut link = Link::connect_from(
-        Some("127.0.0.2".parse().unwrap()),
-        addr,
-        &peer.keys,
-        &net.member("mix").entry.noise_key,
-    )
-    .await
-    .expect("the peer links despite the flood");
+    let mut link = Link::connect_from(None, addr, &peer.keys, &net.member("mix").entry.noise_key)
+        .await
+        .expect("the peer links despite the flood");
     let p = net.packet(
         &["mix", "next"],
         KeyBytes([5; 32]),
@@ -221,8 +219,16 @@ async fn two_thousand_silent_connections_from_one_address_do_not_keep_a_peer_out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_flood_is_refused_and_existing_peers_keep_forwarding() {
-    let mut net = Net::start(&relay(&[]), |_, c| c.max_ingress_connections = 4, no_hooks).await;
+async fn a_silent_connection_flood_makes_way_for_real_peers_and_existing_links_keep_forwarding() {
+    let mut net = Net::start(
+        &relay(&[]),
+        |_, c| {
+            c.max_ingress_connections = 4;
+            c.max_pending_handshakes = 8;
+        },
+        no_hooks,
+    )
+    .await;
     let mut sink = net.take_sink("next");
     let m = net.node("mix").metrics.clone();
     let mut link = net.link("peer", "mix").await;
@@ -233,12 +239,13 @@ async fn a_connection_flood_is_refused_and_existing_peers_keep_forwarding() {
             flood.push(s);
         }
     }
-    // Eight from one address may sit in their handshake; the rest are refused at once.
+    // Eight places, all silent: each newcomer closed the oldest silent one.
     assert!(
-        eventually(WAIT, || m.refused_count(RefusalReason::PerAddress) == 32).await,
-        "refused {}",
-        m.refused_count(RefusalReason::PerAddress)
+        eventually(WAIT, || m.refused_count(RefusalReason::Evicted) == 32).await,
+        "evicted {}",
+        m.refused_count(RefusalReason::Evicted)
     );
+    assert_eq!(m.refused_count(RefusalReason::Handshakes), 0);
     assert_eq!(m.refused_count(RefusalReason::Capacity), 0);
     for i in 0..20u8 {
         let p = net.packet(
@@ -254,28 +261,57 @@ async fn a_connection_flood_is_refused_and_existing_peers_keep_forwarding() {
         20,
         "the existing peer is served"
     );
-    // When the flood goes away, its slots free up for real peers.
+    // While the flood still holds every place, a real peer from the same address gets in:
+    // it greets at once, the silent connections do not.
+    let mut l2 = net
+        .try_link("peer2", "mix")
+        .await
+        .expect("a real peer links during the flood");
+    let p = net.packet(
+        &["mix", "next"],
+        KeyBytes([9; 32]),
+        b"during",
+        &[Duration::ZERO; 2],
+    );
+    l2.send_packet(&p).await.unwrap();
+    assert!(sink.next(WAIT).await.is_some());
+    assert_eq!(m.refused_count(RefusalReason::Evicted), 33);
     drop(flood);
-    let mut ok = false;
-    for _ in 0..50 {
-        if let Ok(Ok(mut l2)) =
-            tokio::time::timeout(Duration::from_secs(1), net.try_link("peer2", "mix")).await
-        {
-            let p = net.packet(
-                &["mix", "next"],
-                KeyBytes([9; 32]),
-                b"after",
-                &[Duration::ZERO; 2],
-            );
-            if l2.send_packet(&p).await.is_ok() && sink.next(Duration::from_secs(2)).await.is_some()
-            {
-                ok = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ok, "a real peer connects once the flood is gone");
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_greets_is_closed_at_the_first_message_deadline() {
+    use tokio::io::AsyncReadExt;
+    let net = Net::start(
+        &relay(&[]),
+        |_, c| {
+            c.handshake_first_message_timeout = DurationKnob(Duration::from_millis(500));
+            // Far beyond the test's wait: only the first-message deadline can close it.
+            c.handshake_timeout = DurationKnob(Duration::from_secs(600));
+        },
+        no_hooks,
+    )
+    .await;
+    let m = net.node("mix").metrics.clone();
+    let mut silent = tokio::net::TcpStream::connect(net.mixnet_addr("mix"))
+        .await
+        .unwrap();
+    // A byte now and then: never a whole first message.
+    silent.write_all(&[0]).await.unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(WAIT, silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the node closed it: {closed:?}"
+    );
+    assert!(
+        eventually(WAIT, || m.handshake_failures(
+            true,
+            nym_node::metrics::HandshakeFailure::Timeout
+        ) == 1)
+        .await
+    );
     net.stop().await;
 }
 

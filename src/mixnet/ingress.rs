@@ -1,12 +1,12 @@
 //! Ingress: the mixnet listener and one read loop per peer connection.
 //!
-//! - Admission in two stages, so strangers cannot crowd out peers. Before the handshake a
-//!   connection holds a handshake slot: at most `NYM_NODE_MAX_HANDSHAKES_PER_ADDRESS` per
-//!   source address and `NYM_NODE_MAX_PENDING_HANDSHAKES` in all; beyond either it is closed
-//!   at once and counted. After it, an authenticated link holds one of
-//!   `NYM_NODE_MAX_INGRESS_CONNECTIONS` link slots instead.
-//! - The Noise handshake must finish within `NYM_NODE_HANDSHAKE_TIMEOUT`, and the initiator
-//!   must be a node of the topology.
+//! - Admission in two stages, so strangers cannot crowd out peers. During the handshake a
+//!   connection holds a place (`admission.rs`: a silent connection gives its place up to a
+//!   newer one; one past its first message is capped per address group); after it, an
+//!   authenticated link holds one of `NYM_NODE_MAX_INGRESS_CONNECTIONS` link slots instead.
+//! - The first handshake message must arrive within
+//!   `NYM_NODE_HANDSHAKE_FIRST_MESSAGE_TIMEOUT`, the whole Noise handshake within
+//!   `NYM_NODE_HANDSHAKE_TIMEOUT`, and the initiator must be a node of the topology.
 //! - Reads are batched: many frames per syscall, decoded from one buffer. A frame whose
 //!   length, version or authentication is wrong closes the connection (the stream cannot
 //!   be trusted after it) and is counted; other connections are untouched.
@@ -15,14 +15,14 @@
 //! - Decrypted packets go to the intake, which sheds them if the workers are saturated.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -30,11 +30,12 @@ use tracing::Instrument;
 use crate::health::Health;
 use crate::keys::KeyBytes;
 use crate::metrics::{DropReason, GaugeGuard, HandshakeFailure, Metrics, RefusalReason};
+use crate::mixnet::admission::{Admission, Place};
 use crate::mixnet::framing::{
     self, FRAME_CIPHERTEXT_LEN, FRAME_PLAINTEXT_LEN, FrameError, WIRE_FRAME_LEN,
 };
 use crate::mixnet::intake::Intake;
-use crate::mixnet::noise;
+use crate::mixnet::noise::{self, ResponderTimeouts};
 use crate::mixnet::sphinx::PACKET_SIZE;
 use crate::telemetry::Throttle;
 use crate::topology::TopologyHandle;
@@ -45,6 +46,7 @@ const READ_BUFFER: usize = 32 * WIRE_FRAME_LEN;
 #[derive(Debug, Clone)]
 pub struct IngressSettings {
     pub handshake_timeout: Duration,
+    pub first_message_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub frame_read_timeout: Duration,
     /// Authenticated links.
@@ -104,53 +106,6 @@ impl Drop for PeerLink {
     }
 }
 
-/// Connections still in their handshake, per source address and in all.
-struct Handshakes {
-    per_address: parking_lot::Mutex<HashMap<IpAddr, usize>>,
-    total: Arc<Semaphore>,
-    per_address_limit: usize,
-}
-
-/// A connection's handshake slot; given back however the handshake ends.
-struct HandshakeSlot {
-    handshakes: Arc<Handshakes>,
-    ip: IpAddr,
-    _total: OwnedSemaphorePermit,
-}
-
-impl Handshakes {
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<HandshakeSlot, RefusalReason> {
-        let total = self
-            .total
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| RefusalReason::Handshakes)?;
-        let mut per = self.per_address.lock();
-        let n = per.entry(ip).or_default();
-        if *n >= self.per_address_limit {
-            return Err(RefusalReason::PerAddress);
-        }
-        *n += 1;
-        Ok(HandshakeSlot {
-            handshakes: self.clone(),
-            ip,
-            _total: total,
-        })
-    }
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        let mut per = self.handshakes.per_address.lock();
-        if let Some(n) = per.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.ip);
-            }
-        }
-    }
-}
-
 pub struct IngressContext {
     pub settings: IngressSettings,
     pub noise_secret: [u8; 32],
@@ -171,11 +126,11 @@ pub async fn run(
     let _alive = ctx.health.accept_loop_guard();
     let permits = Arc::new(Semaphore::new(ctx.settings.max_connections));
     let peer_links = Arc::new(PeerLinks::default());
-    let handshakes = Arc::new(Handshakes {
-        per_address: parking_lot::Mutex::new(HashMap::new()),
-        total: Arc::new(Semaphore::new(ctx.settings.max_pending_handshakes)),
-        per_address_limit: ctx.settings.max_handshakes_per_address,
-    });
+    let admission = Admission::new(
+        ctx.settings.max_pending_handshakes,
+        ctx.settings.max_handshakes_per_address,
+        ctx.metrics.clone(),
+    );
     let refusal_log = Arc::new(Throttle::new(Duration::from_secs(30)));
     let unknown_key_log = Arc::new(Throttle::new(Duration::from_secs(30)));
     let mut accept_backoff = Duration::from_millis(1);
@@ -197,15 +152,15 @@ pub async fn run(
                 continue;
             }
         };
-        let slot = match handshakes.admit(remote.ip().to_canonical()) {
-            Ok(slot) => slot,
+        let place = match admission.admit(remote.ip(), first_message_waiting(&stream)) {
+            Ok(place) => place,
             Err(reason) => {
                 ctx.metrics.refused(reason);
                 if refusal_log.allow() {
                     tracing::warn!(
                         %remote,
                         reason = reason.as_str(),
-                        "refusing ingress connection: too many in their handshake (counted; logged at most every 30s)"
+                        "refusing ingress connection: every handshake place is taken (counted; logged at most every 30s)"
                     );
                 }
                 drop(stream);
@@ -215,22 +170,43 @@ pub async fn run(
         let ctx = ctx.clone();
         let stop = stop.clone();
         let unknown_key_log = unknown_key_log.clone();
-        let admission = Admission {
-            slot,
+        let admitted = Admitted {
+            place,
             permits: permits.clone(),
             peer_links: peer_links.clone(),
             refusal_log: refusal_log.clone(),
         };
         tracker.spawn(async move {
-            handle(stream, remote, ctx, stop, admission, unknown_key_log).await;
+            handle(stream, remote, ctx, stop, admitted, unknown_key_log).await;
         });
     }
     tracing::info!("mixnet listener closed");
 }
 
+/// Whether a whole first handshake message is already waiting on a just-accepted
+/// connection (a real peer writes it the moment its connect completes). A peek, without
+/// waiting and without reading.
+fn first_message_waiting(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; noise::FIRST_MESSAGE_WIRE_LEN];
+    // Straight to the socket: tokio's own peek answers from its readiness cache, which has
+    // not heard of a connection accepted a moment ago.
+    // SAFETY: `buf` is valid for `buf.len()` bytes and outlives the call; the descriptor is
+    // the stream's, open for as long as `stream` is borrowed.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n >= noise::FIRST_MESSAGE_WIRE_LEN as isize
+}
+
 /// What a new connection holds and needs to become a link.
-struct Admission {
-    slot: HandshakeSlot,
+struct Admitted {
+    place: Place,
     permits: Arc<Semaphore>,
     peer_links: Arc<PeerLinks>,
     refusal_log: Arc<Throttle>,
@@ -241,23 +217,29 @@ async fn handle(
     remote: SocketAddr,
     ctx: Arc<IngressContext>,
     stop: CancellationToken,
-    admission: Admission,
+    admitted: Admitted,
     unknown_key_log: Arc<Throttle>,
 ) {
-    let Admission {
-        slot,
+    let Admitted {
+        place,
         permits,
         peer_links,
         refusal_log,
-    } = admission;
+    } = admitted;
     let _ = stream.set_nodelay(true);
     let topology = ctx.topology.clone();
     let handshake = tracing::info_span!("handshake", direction = "ingress", %remote);
+    let timeouts = ResponderTimeouts {
+        first_message: ctx.settings.first_message_timeout,
+        whole: ctx.settings.handshake_timeout,
+    };
     let result = tokio::select! {
         _ = stop.cancelled() => return,
-        r = noise::respond(&mut stream, &ctx.noise_secret, ctx.settings.handshake_timeout, |key| {
+        // A newer connection took the place (counted by the admission).
+        _ = place.closed() => return,
+        r = noise::respond(&mut stream, &ctx.noise_secret, timeouts, |key| {
             topology.current().is_some_and(|t| t.node_by_noise_key(key).is_some())
-        }).instrument(handshake.clone()) => r,
+        }, || place.greeted()).instrument(handshake.clone()) => r,
     };
     let (mut receiver, key) = match result {
         Ok(ok) => ok,
@@ -274,8 +256,8 @@ async fn handle(
             return;
         }
     };
-    // Authenticated: the handshake slot goes back, a link slot is needed now.
-    drop(slot);
+    // Authenticated: the handshake place goes back, a link slot is needed now.
+    drop(place);
     let Ok(_permit) = permits.try_acquire_owned() else {
         ctx.metrics.refused(RefusalReason::Capacity);
         if refusal_log.allow() {

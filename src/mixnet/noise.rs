@@ -21,6 +21,9 @@ use crate::mixnet::sphinx::PACKET_SIZE;
 pub const NOISE_PARAMS: &str = "Noise_XK_25519_ChaChaPoly_BLAKE2s";
 /// Bound into the handshake hash, so a peer speaking another protocol version fails the handshake.
 pub const PROLOGUE: &[u8] = b"nym-node-rs/mixnet/1";
+/// The initiator's first message on the wire: its length prefix, its ephemeral key and the
+/// tag of its empty payload (`-> e, es`).
+pub const FIRST_MESSAGE_WIRE_LEN: usize = framing::LENGTH_PREFIX + 32 + NOISE_TAG_LEN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NoiseError {
@@ -115,8 +118,9 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
 pub async fn respond<S, F>(
     stream: &mut S,
     local_secret: &[u8; 32],
-    timeout: Duration,
+    timeouts: ResponderTimeouts,
     is_known: F,
+    greeted: impl FnOnce(),
 ) -> Result<(LinkReceiver, KeyBytes), NoiseError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -129,8 +133,11 @@ where
             .build_responder()?;
         let mut msg = [0u8; MAX_HANDSHAKE_FRAME];
         let mut scratch = [0u8; MAX_HANDSHAKE_FRAME];
-        let n = read_message(stream, &mut msg).await?;
+        let n = tokio::time::timeout(timeouts.first_message, read_message(stream, &mut msg))
+            .await
+            .map_err(|_| NoiseError::Timeout)??;
         hs.read_message(&msg[..n], &mut scratch)?;
+        greeted();
         let n = hs.write_message(&[], &mut msg)?;
         write_message(stream, &msg[..n]).await?;
         let n = read_message(stream, &mut msg).await?;
@@ -150,9 +157,48 @@ where
             remote,
         ))
     };
-    tokio::time::timeout(timeout, run)
+    tokio::time::timeout(timeouts.whole, run)
         .await
         .map_err(|_| NoiseError::Timeout)?
+}
+
+/// Responds to an initiator whose key must be among `known`, within `timeout` (a sink or
+/// a tool, not the node's ingress, which has its admission to keep informed).
+pub async fn respond_to<S>(
+    stream: &mut S,
+    local_secret: &[u8; 32],
+    timeout: Duration,
+    known: &[KeyBytes],
+) -> Result<(LinkReceiver, KeyBytes), NoiseError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    respond(
+        stream,
+        local_secret,
+        ResponderTimeouts::within(timeout),
+        |k| known.contains(k),
+        || {},
+    )
+    .await
+}
+
+/// The responder's deadlines: for the initiator's first message (sent the moment it
+/// connects), and for the whole handshake.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponderTimeouts {
+    pub first_message: Duration,
+    pub whole: Duration,
+}
+
+impl ResponderTimeouts {
+    /// One deadline for both.
+    pub fn within(whole: Duration) -> Self {
+        ResponderTimeouts {
+            first_message: whole,
+            whole,
+        }
+    }
 }
 
 /// The sending half of an established link.
@@ -214,16 +260,44 @@ mod tests {
     use crate::keys::X25519;
 
     #[tokio::test]
+    async fn the_first_message_is_as_long_as_admission_expects() {
+        let (a, b) = (X25519::generate().unwrap(), X25519::generate().unwrap());
+        let (mut sa, mut sb) = tokio::io::duplex(4096);
+        let initiator = tokio::spawn(async move {
+            let _ = initiate(
+                &mut sa,
+                &a.secret_bytes(),
+                &b.public(),
+                Duration::from_millis(200),
+            )
+            .await;
+        });
+        let mut first = vec![0u8; FIRST_MESSAGE_WIRE_LEN + 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), sb.read(&mut first))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, FIRST_MESSAGE_WIRE_LEN);
+        let _ = initiator.await;
+    }
+
+    #[tokio::test]
     async fn handshake_and_transport_round_trip() {
         let (a, b) = (X25519::generate().unwrap(), X25519::generate().unwrap());
         let (mut sa, mut sb) = tokio::io::duplex(4096);
         let a_pub = a.public();
         let b_pub = b.public();
         let t = Duration::from_secs(5);
-        let responder =
-            tokio::spawn(
-                async move { respond(&mut sb, &b.secret_bytes(), t, |k| *k == a_pub).await },
-            );
+        let responder = tokio::spawn(async move {
+            respond(
+                &mut sb,
+                &b.secret_bytes(),
+                ResponderTimeouts::within(t),
+                |k| *k == a_pub,
+                || {},
+            )
+            .await
+        });
         let mut sender = initiate(&mut sa, &a.secret_bytes(), &b_pub, t)
             .await
             .unwrap();
@@ -259,8 +333,16 @@ mod tests {
         let (mut sa, mut sb) = tokio::io::duplex(4096);
         let b_pub = b.public();
         let t = Duration::from_secs(5);
-        let responder =
-            tokio::spawn(async move { respond(&mut sb, &b.secret_bytes(), t, |_| false).await });
+        let responder = tokio::spawn(async move {
+            respond(
+                &mut sb,
+                &b.secret_bytes(),
+                ResponderTimeouts::within(t),
+                |_| false,
+                || {},
+            )
+            .await
+        });
         let _ = initiate(&mut sa, &a.secret_bytes(), &b_pub, t).await;
         let err = responder.await.unwrap().err().expect("refused");
         assert_eq!(err.reason(), HandshakeFailure::UnknownKey);
@@ -275,8 +357,16 @@ mod tests {
         );
         let (mut sa, mut sb) = tokio::io::duplex(4096);
         let t = Duration::from_secs(5);
-        let responder =
-            tokio::spawn(async move { respond(&mut sb, &b.secret_bytes(), t, |_| true).await });
+        let responder = tokio::spawn(async move {
+            respond(
+                &mut sb,
+                &b.secret_bytes(),
+                ResponderTimeouts::within(t),
+                |_| true,
+                || {},
+            )
+            .await
+        });
         // The initiator believes it talks to `c`: the handshake cannot complete.
         let _ = initiate(&mut sa, &a.secret_bytes(), &c.public(), t).await;
         assert!(responder.await.unwrap().is_err());
@@ -286,10 +376,16 @@ mod tests {
     async fn silent_peer_times_out() {
         let b = X25519::generate().unwrap();
         let (_sa, mut sb) = tokio::io::duplex(4096);
-        let err = respond(&mut sb, &b.secret_bytes(), Duration::from_secs(5), |_| true)
-            .await
-            .err()
-            .unwrap();
+        let err = respond(
+            &mut sb,
+            &b.secret_bytes(),
+            ResponderTimeouts::within(Duration::from_secs(5)),
+            |_| true,
+            || {},
+        )
+        .await
+        .err()
+        .unwrap();
         assert_eq!(err.reason(), HandshakeFailure::Timeout);
     }
 }

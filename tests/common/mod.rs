@@ -487,10 +487,8 @@ impl Sink {
                 let known = known.clone();
                 connections.spawn(async move {
                     let Ok((mut receiver, _)) =
-                        noise::respond(&mut stream, &secret, Duration::from_secs(5), |k| {
-                            known.contains(k)
-                        })
-                        .await
+                        noise::respond_to(&mut stream, &secret, Duration::from_secs(5), &known)
+                            .await
                     else {
                         return;
                     };
@@ -604,11 +602,9 @@ impl StalledSink {
                 };
                 let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(4096);
                 let known = known.clone();
-                if noise::respond(&mut stream, &secret, Duration::from_secs(5), |k| {
-                    known.contains(k)
-                })
-                .await
-                .is_ok()
+                if noise::respond_to(&mut stream, &secret, Duration::from_secs(5), &known)
+                    .await
+                    .is_ok()
                 {
                     count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     held.push(stream);

@@ -1,0 +1,284 @@
+//! Who may hold a place in the ingress handshake, decided from what costs an attacker
+//! something rather than from arrival order.
+//!
+//! ```text
+//!  accepted ──► silent, or arrived (a whole first message was already waiting at accept):
+//!               nothing proven. Up to NYM_NODE_MAX_PENDING_HANDSHAKES in all; when full, the
+//!               OLDEST silent connection is closed to admit the newest, else the oldest
+//!               arrived one (a flood of silent or trickling connections churns itself, and a
+//!               peer that greets at once is not refused). Closed if its first handshake
+//!               message is not complete within NYM_NODE_HANDSHAKE_FIRST_MESSAGE_TIMEOUT.
+//!     │ a valid first Noise message (it costs the sender a Diffie-Hellman)
+//!     ▼
+//!  greeted: at most NYM_NODE_MAX_HANDSHAKES_PER_ADDRESS per address group (an IPv4
+//!           address, an IPv6 /64); a newer one from a full group closes that group's oldest.
+//!           Never closed for silent newcomers. Done at the end of the handshake.
+//! ```
+//!
+//! A real peer sends its first message the moment its connect completes, so by the time it
+//! is accepted its message is usually waiting (arrived), and it leaves the pool's reach as
+//! soon as its task reads it; silent and trickling connections are always closed first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, RefusalReason};
+
+/// Addresses one party can hold many of cheaply count as one: an IPv4 address, an IPv6 /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddressGroup {
+    V4([u8; 4]),
+    V6([u8; 8]),
+}
+
+impl AddressGroup {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => AddressGroup::V4(v4.octets()),
+            IpAddr::V6(v6) => {
+                let mut prefix = [0u8; 8];
+                prefix.copy_from_slice(&v6.octets()[..8]);
+                AddressGroup::V6(prefix)
+            }
+        }
+    }
+}
+
+struct Entry {
+    group: AddressGroup,
+    close: CancellationToken,
+}
+
+#[derive(Default)]
+struct Pool {
+    next: u64,
+    /// By arrival: the smallest id is the oldest.
+    silent: BTreeMap<u64, Entry>,
+    arrived: BTreeMap<u64, Entry>,
+    greeted: BTreeMap<u64, Entry>,
+    greeted_per_group: HashMap<AddressGroup, usize>,
+}
+
+/// The connections in their handshake.
+pub struct Admission {
+    pool: parking_lot::Mutex<Pool>,
+    capacity: usize,
+    per_group: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// A connection's place; given back however its handshake ends. `closed()` fires when the
+/// connection lost its place to a newer one.
+pub struct Place {
+    admission: Arc<Admission>,
+    id: u64,
+    close: CancellationToken,
+}
+
+impl Admission {
+    pub fn new(capacity: usize, per_group: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Admission {
+            pool: parking_lot::Mutex::new(Pool::default()),
+            capacity: capacity.max(1),
+            per_group: per_group.max(1),
+            metrics,
+        })
+    }
+
+    /// A new connection from `ip` (`arrived`: its whole first message is already waiting):
+    /// admitted, closing the oldest silent (else arrived) connection if the pool is full;
+    /// refused only when every place is held by a greeted connection.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, arrived: bool) -> Result<Place, RefusalReason> {
+        let mut pool = self.pool.lock();
+        if pool.silent.len() + pool.arrived.len() + pool.greeted.len() >= self.capacity {
+            let oldest = match pool.silent.pop_first() {
+                Some(entry) => Some(entry),
+                None => pool.arrived.pop_first(),
+            };
+            let Some((_, oldest)) = oldest else {
+                return Err(RefusalReason::Handshakes);
+            };
+            oldest.close.cancel();
+            self.metrics.refused(RefusalReason::Evicted);
+        }
+        let id = pool.next;
+        pool.next += 1;
+        let close = CancellationToken::new();
+        let entry = Entry {
+            group: AddressGroup::of(ip),
+            close: close.clone(),
+        };
+        if arrived {
+            pool.arrived.insert(id, entry);
+        } else {
+            pool.silent.insert(id, entry);
+        }
+        Ok(Place {
+            admission: self.clone(),
+            id,
+            close,
+        })
+    }
+
+    fn greet(&self, id: u64) {
+        let mut pool = self.pool.lock();
+        let Some(entry) = pool.silent.remove(&id).or_else(|| pool.arrived.remove(&id)) else {
+            return;
+        };
+        let group = entry.group;
+        let held = pool.greeted_per_group.get(&group).copied().unwrap_or(0);
+        if held >= self.per_group {
+            let oldest = pool
+                .greeted
+                .iter()
+                .find(|(_, e)| e.group == group)
+                .map(|(id, _)| *id);
+            if let Some(old) = oldest.and_then(|id| pool.greeted.remove(&id)) {
+                old.close.cancel();
+                self.metrics.refused(RefusalReason::PerAddress);
+                Self::count_down(&mut pool, group);
+            }
+        }
+        *pool.greeted_per_group.entry(group).or_default() += 1;
+        pool.greeted.insert(id, entry);
+    }
+
+    fn release(&self, id: u64) {
+        let mut pool = self.pool.lock();
+        if pool.silent.remove(&id).is_some() || pool.arrived.remove(&id).is_some() {
+            return;
+        }
+        if let Some(entry) = pool.greeted.remove(&id) {
+            Self::count_down(&mut pool, entry.group);
+        }
+    }
+
+    fn count_down(pool: &mut Pool, group: AddressGroup) {
+        if let Some(n) = pool.greeted_per_group.get_mut(&group) {
+            *n -= 1;
+            if *n == 0 {
+                pool.greeted_per_group.remove(&group);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize) {
+        let pool = self.pool.lock();
+        (pool.silent.len() + pool.arrived.len(), pool.greeted.len())
+    }
+}
+
+impl Place {
+    /// The connection's first handshake message was valid: it leaves the silent stage.
+    pub fn greeted(&self) {
+        self.admission.greet(self.id);
+    }
+
+    /// Fires when a newer connection took this place.
+    pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.close.cancelled()
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.admission.release(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_full_pool_closes_its_oldest_silent_connection_for_a_newcomer() {
+        let metrics = Metrics::new("mixnode");
+        let a = Admission::new(3, 8, metrics.clone());
+        let flood: Vec<Place> = (0..3)
+            .map(|_| a.admit(ip("10.0.0.1"), false).unwrap())
+            .collect();
+        let peer = a.admit(ip("10.0.0.1"), false).unwrap();
+        assert!(flood[0].close.is_cancelled(), "the oldest made room");
+        assert!(!flood[1].close.is_cancelled() && !peer.close.is_cancelled());
+        assert_eq!(metrics.refused_count(RefusalReason::Evicted), 1);
+        // Once greeted, the peer is out of the flood's reach.
+        peer.greeted();
+        for _ in 0..10 {
+            let _ = a.admit(ip("10.0.0.2"), false).unwrap();
+        }
+        assert!(!peer.close.is_cancelled());
+        drop(flood);
+        assert_eq!(
+            a.counts(),
+            (0, 1),
+            "places of dropped connections come back"
+        );
+    }
+
+    #[test]
+    fn silent_connections_go_before_those_whose_first_message_was_waiting() {
+        let a = Admission::new(3, 8, Metrics::new("mixnode"));
+        let peer = a.admit(ip("10.0.0.1"), true).unwrap();
+        let silent: Vec<Place> = (0..2)
+            .map(|_| a.admit(ip("10.0.0.1"), false).unwrap())
+            .collect();
+        let _next = a.admit(ip("10.0.0.1"), false).unwrap();
+        assert!(silent[0].close.is_cancelled() && !peer.close.is_cancelled());
+        let _more = a.admit(ip("10.0.0.1"), false).unwrap();
+        let _more2 = a.admit(ip("10.0.0.1"), false).unwrap();
+        assert!(!peer.close.is_cancelled(), "silent ones keep going first");
+        // Only arrived and greeted left: the oldest arrived goes.
+        let held: Vec<Place> = (0..2)
+            .map(|_| a.admit(ip("10.0.0.2"), true).unwrap())
+            .collect();
+        held.iter().for_each(Place::greeted);
+        let _late = a.admit(ip("10.0.0.3"), true).unwrap();
+        assert!(peer.close.is_cancelled());
+    }
+
+    #[test]
+    fn a_pool_of_greeted_connections_refuses_newcomers() {
+        let a = Admission::new(2, 8, Metrics::new("mixnode"));
+        let held: Vec<Place> = (0..2)
+            .map(|_| a.admit(ip("10.0.0.1"), false).unwrap())
+            .collect();
+        held.iter().for_each(Place::greeted);
+        assert_eq!(
+            a.admit(ip("10.0.0.9"), false).err(),
+            Some(RefusalReason::Handshakes)
+        );
+        drop(held);
+        assert!(a.admit(ip("10.0.0.9"), false).is_ok());
+    }
+
+    #[test]
+    fn greeted_connections_of_one_address_group_are_capped_oldest_first() {
+        let metrics = Metrics::new("mixnode");
+        let a = Admission::new(100, 2, metrics.clone());
+        // One /64: three addresses, one group.
+        let places: Vec<Place> = ["2001:db8::1", "2001:db8::2", "2001:db8::3"]
+            .iter()
+            .map(|s| a.admit(ip(s), true).unwrap())
+            .collect();
+        places.iter().for_each(Place::greeted);
+        assert!(places[0].close.is_cancelled());
+        assert!(!places[2].close.is_cancelled());
+        assert_eq!(metrics.refused_count(RefusalReason::PerAddress), 1);
+        // Another /64 is another group.
+        let other = a.admit(ip("2001:db8:0:1::1"), true).unwrap();
+        other.greeted();
+        assert!(!other.close.is_cancelled() && !places[1].close.is_cancelled());
+        assert_eq!(
+            AddressGroup::of(ip("::ffff:10.0.0.1")),
+            AddressGroup::of(ip("10.0.0.1"))
+        );
+    }
+}
