@@ -1,7 +1,8 @@
 //! A running node: binds its listeners, wires the pipeline together in data-flow order,
 //! and, when stopped, lets it empty in the same order (see `shutdown.rs`).
 
-use std::net::SocketAddr;
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,9 @@ use tracing::Instrument;
 
 use crate::config::{Config, Mode};
 use crate::dns::{DnsSettings, Resolver};
+use crate::gateway::exit_policy::ExitPolicy;
 use crate::gateway::network_requester::{self, Exit, NetworkRequester};
+use crate::gateway::own_addresses::{self, OwnAddresses};
 use crate::gateway::{
     self, client_api::ClientApi, delivery::Delivery, mailbox::Mailbox, sessions::Sessions,
 };
@@ -159,6 +162,26 @@ impl RunningNode {
     }
 }
 
+/// The exit policy, with the node's own addresses it keeps closed: those the listeners are
+/// bound to (returned too, they stay) and the interfaces' now; `own_addresses::keep_current`
+/// adds what the directory publishes and follows changes.
+async fn load_exit_policy(
+    config: &Config,
+    listeners: [Option<SocketAddr>; 3],
+) -> Result<(ExitPolicy, OwnAddresses, HashSet<IpAddr>), NodeError> {
+    let listening: HashSet<IpAddr> = listeners
+        .into_iter()
+        .flatten()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
+    let mut now = listening.clone();
+    now.extend(own_addresses::interface_addresses());
+    let own = OwnAddresses::from(now);
+    let policy = gateway::exit_policy::load(&config.exit_policy, own.clone()).await?;
+    Ok((policy, own, listening))
+}
+
 /// Starts every part of the node. It runs until `RunningNode::shutdown` is stopped.
 pub async fn start(
     config: Config,
@@ -180,16 +203,11 @@ pub async fn start(
     let http_addr = bound("the HTTP listener", &listeners.http, config.http_bind)?;
     let client_addr = listeners.client.as_ref().and_then(|l| l.local_addr().ok());
     // Before anything starts: a bad policy is a start-up error, not a silent open exit.
-    let exit_policy = if config.mode == Mode::ExitGateway {
-        let own = [Some(mixnet_addr), Some(http_addr), client_addr]
-            .into_iter()
-            .flatten()
-            .map(|a| a.ip())
-            .filter(|ip| !ip.is_unspecified())
-            .collect();
-        Some(gateway::exit_policy::load(&config.exit_policy, own).await?)
-    } else {
-        None
+    let exit_policy = match config.mode {
+        Mode::ExitGateway => Some(
+            load_exit_policy(&config, [Some(mixnet_addr), Some(http_addr), client_addr]).await?,
+        ),
+        _ => None,
     };
 
     // The key ring opens before anything can receive: its filters must be loaded first.
@@ -239,6 +257,17 @@ pub async fn start(
         },
         metrics.clone(),
     )?;
+
+    let own_addresses = exit_policy.as_ref().map(|(_, own, listening)| {
+        tokio::spawn(own_addresses::keep_current(
+            own.clone(),
+            listening.clone(),
+            topology.clone(),
+            keys.identity.public(),
+            resolver.clone(),
+            background.clone(),
+        ))
+    });
 
     // Downstream first: egress and the forwarder, then the workers feeding it.
     let links = TaskTracker::new();
@@ -361,7 +390,7 @@ pub async fn start(
                 tracing::error!(error = %e, "client API server failed");
             }
         }));
-        if let (Some(policy), Some(api_addr)) = (exit_policy, client_addr) {
+        if let (Some((policy, ..)), Some(api_addr)) = (exit_policy, client_addr) {
             // The requester is a client of this gateway, over loopback.
             let ip = match api_addr.ip() {
                 ip if !ip.is_unspecified() => ip,
@@ -480,6 +509,9 @@ pub async fn start(
         // The last save of the replay filters, now that no worker records tags.
         let _ = key_epochs.await;
         let _ = refresh.await;
+        if let Some(task) = own_addresses {
+            let _ = task.await;
+        }
         let _ = http.await;
     });
 

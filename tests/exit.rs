@@ -225,6 +225,48 @@ async fn targets_the_policy_forbids_get_a_socks5_failure_reply_not_a_hang() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_everything_still_refuses_the_exits_own_addresses_and_translated_internal_ones() {
+    let server = http_server(vec![b"secret".to_vec()]).await;
+    let mut net = network(server, no_hooks).await;
+    // The directory publishes a public-looking address for the exit (its HTTP API behind a
+    // load balancer, say): the exit's own, so `accept *:*` must not reach it.
+    net.member_mut("exit").entry.http_address = Some("203.0.113.7:8080".parse().unwrap());
+    net.write_topology(2);
+    let exit = net.node("exit").topology.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || exit
+            .current()
+            .is_some_and(|t| t.revision() == 2))
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (proxy, stop) = proxy(&net, "exit").await;
+    let m = &net.node("exit").metrics;
+    let mut urls = vec![
+        "http://203.0.113.7/".to_string(),
+        // NAT64 and 6to4 forms of 10.0.0.5, and the IPv4-compatible form of loopback.
+        "http://[64:ff9b::a00:5]/".to_string(),
+        "http://[2002:a00:5::1]/".to_string(),
+        format!("http://[::7f00:1]:{}/file/0", server.port()),
+    ];
+    // Every address of this host's interfaces (loopback among them).
+    for ip in nym_node::gateway::own_addresses::interface_addresses() {
+        if let std::net::IpAddr::V4(v4) = ip {
+            urls.push(format!("http://{v4}:{}/file/0", server.port() ^ 1));
+        }
+    }
+    for url in &urls {
+        let got = curl(proxy, url).await;
+        assert_eq!(got.code, Some(97), "{url}: {}", got.stderr);
+        assert!(got.body.is_empty(), "{url}: bytes leaked through");
+    }
+    assert_eq!(m.exit_refused_count("internal_address"), urls.len() as u64);
+    assert_eq!(m.exit_streams_opened.get(), 0);
+    stop.cancel();
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_survives_ten_percent_loss_between_mixes() {
     let body = random_body(200 * 1024);
     let server = http_server(vec![body.clone()]).await;

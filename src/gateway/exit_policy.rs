@@ -23,9 +23,10 @@
 //! (`accept 10.1.2.3:80`, `accept internal:*`): `accept *:*` cannot open the node's own
 //! network by accident. Without a policy the default is `accept *:*`, so everything public.
 
-use std::collections::HashSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
+
+use crate::gateway::own_addresses::OwnAddresses;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -93,7 +94,7 @@ pub enum LoadError {
 /// Loads the policy named by `NYM_NODE_EXIT_POLICY`: empty for the default, else a file
 /// path or an http(s) URL. Read once, at start: a policy that changes under a running
 /// exit would change what streams already open were promised.
-pub async fn load(source: &str, own: HashSet<IpAddr>) -> Result<ExitPolicy, LoadError> {
+pub async fn load(source: &str, own: OwnAddresses) -> Result<ExitPolicy, LoadError> {
     if source.is_empty() {
         return Ok(ExitPolicy::default_policy(own));
     }
@@ -114,25 +115,25 @@ pub async fn load(source: &str, own: HashSet<IpAddr>) -> Result<ExitPolicy, Load
 #[derive(Debug, Clone)]
 pub struct ExitPolicy {
     rules: Vec<Rule>,
-    own: HashSet<IpAddr>,
+    own: OwnAddresses,
 }
 
 impl ExitPolicy {
     /// The policy used when none is configured: every public address, every port.
-    pub fn default_policy(own: HashSet<IpAddr>) -> Self {
+    pub fn default_policy(own: impl Into<OwnAddresses>) -> Self {
         ExitPolicy {
             rules: vec![Rule {
                 action: Action::Accept,
                 addr: AddrSpec::Any,
                 ports: Vec::new(),
             }],
-            own,
+            own: own.into(),
         }
     }
 
     /// Parses a policy document; `own` are the node's addresses (the `own` keyword, and
     /// never reached through `*`).
-    pub fn parse(text: &str, own: HashSet<IpAddr>) -> Result<Self, PolicyError> {
+    pub fn parse(text: &str, own: impl Into<OwnAddresses>) -> Result<Self, PolicyError> {
         let mut rules = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
@@ -144,18 +145,21 @@ impl ExitPolicy {
                 message,
             })?);
         }
-        Ok(ExitPolicy { rules, own })
+        Ok(ExitPolicy {
+            rules,
+            own: own.into(),
+        })
     }
 
     /// Whether a stream to `ip:port` may be opened.
     pub fn check(&self, ip: IpAddr, port: u16) -> Result<(), Refusal> {
         let ip = canonical(ip);
-        let internal = is_internal(ip) || self.own.contains(&ip);
+        let internal = is_internal(ip) || self.own.contains(ip);
         for rule in &self.rules {
             let addr_matches = match &rule.addr {
                 AddrSpec::Any => !internal,
                 AddrSpec::Internal => is_internal(ip),
-                AddrSpec::Own => self.own.contains(&ip),
+                AddrSpec::Own => self.own.contains(ip),
                 AddrSpec::Net { base, prefix } => in_network(ip, *base, *prefix),
             };
             let port_matches =
@@ -284,7 +288,9 @@ fn in_network(ip: IpAddr, base: IpAddr, prefix: u8) -> bool {
 }
 
 /// Addresses an exit must not reach through `*`: they lead into the node's own host or
-/// network, not the internet.
+/// network, not the internet. IPv6 forms that carry an IPv4 address to a translator (NAT64,
+/// 6to4) are judged by the IPv4 address they carry: behind a NAT64 gateway `64:ff9b::a00:5`
+/// reaches 10.0.0.5.
 pub fn is_internal(ip: IpAddr) -> bool {
     const V4: &[(&str, u8)] = &[
         ("0.0.0.0", 8),      // "this network"
@@ -300,25 +306,83 @@ pub fn is_internal(ip: IpAddr) -> bool {
         ("240.0.0.0", 4),    // reserved, broadcast
     ];
     const V6: &[(&str, u8)] = &[
-        ("::", 127),         // unspecified and loopback
+        ("::", 96),          // unspecified, loopback, IPv4-compatible (deprecated)
         ("64:ff9b:1::", 48), // local-use NAT64
+        ("100::", 64),       // discard-only
         ("fc00::", 7),       // unique local
         ("fe80::", 10),      // link-local
+        ("fec0::", 10),      // site-local (deprecated, still routed inside some sites)
         ("ff00::", 8),       // multicast
     ];
     let ip = canonical(ip);
+    if let IpAddr::V6(v6) = ip
+        && let Some(carried) = embedded_ipv4(v6)
+    {
+        return is_internal(IpAddr::V4(carried));
+    }
     let table = if ip.is_ipv4() { V4 } else { V6 };
     table.iter().any(|(base, prefix)| {
         IpAddr::from_str(base).is_ok_and(|base| in_network(ip, base, *prefix))
     })
 }
 
+/// The IPv4 address an IPv6 address hands to a translator: the well-known NAT64 prefix
+/// `64:ff9b::/96` carries it in its last 32 bits, 6to4 `2002::/16` in bits 16-47.
+fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let o = v6.octets();
+    let nat64 = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0];
+    if o[..12] == nat64 {
+        return Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+    }
+    if o[..2] == [0x20, 0x02] {
+        return Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn special_purpose_ipv6_prefixes_are_internal_and_translated_addresses_judged_by_their_ipv4() {
+        for internal in [
+            "64:ff9b::a00:5",   // NAT64 of 10.0.0.5
+            "64:ff9b::7f00:1",  // NAT64 of 127.0.0.1
+            "64:ff9b:1::1",     // local-use NAT64
+            "2002:a9fe:a9fe::", // 6to4 of 169.254.169.254
+            "::7f00:1",         // IPv4-compatible 127.0.0.1
+            "::a00:1",
+            "100::1",
+            "fec0::1",
+        ] {
+            assert!(is_internal(ip(internal)), "{internal}");
+        }
+        for public in [
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+            "2001:4860:4860::8888",
+        ] {
+            assert!(!is_internal(ip(public)), "{public}");
+        }
+        let open = ExitPolicy::parse("accept *:*", HashSet::new()).unwrap();
+        assert!(open.check(ip("64:ff9b::a00:5"), 80).is_err());
+        assert!(open.check(ip("64:ff9b::808:808"), 80).is_ok());
+    }
+
+    #[test]
+    fn own_addresses_follow_their_updates() {
+        let own = OwnAddresses::from(HashSet::new());
+        let open = ExitPolicy::parse("accept *:*", own.clone()).unwrap();
+        assert!(open.check(ip("203.0.113.7"), 80).is_ok());
+        own.replace(HashSet::from([ip("203.0.113.7")]));
+        assert!(open.check(ip("203.0.113.7"), 80).is_err());
+        assert!(open.check(ip("::ffff:203.0.113.7"), 80).is_err());
     }
 
     #[test]

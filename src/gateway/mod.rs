@@ -7,6 +7,7 @@ pub mod delivery;
 pub mod exit_policy;
 pub mod mailbox;
 pub mod network_requester;
+pub mod own_addresses;
 pub mod protocol;
 pub mod rate_limit;
 pub mod sessions;
