@@ -99,7 +99,7 @@ NODE_PANELS = [
         ("Streams opened and refused", "ops", [
             ("opened", f'sum(rate(nym_node_exit_streams_opened_total{{{SEL}}}[5m]))'),
             ("refused {{reason}}", f'sum by (reason) (rate(nym_node_exit_streams_refused_total{{{SEL}}}[5m]))')],
-         "Refusals: the exit policy (policy_reject, internal_address, no_rule), resolve_failed, connect_failed, too_many_streams, capacity."),
+         "Refusals: the exit policy (policy_reject, internal_address, no_rule), resolve_failed, connect_failed, too_many_streams, capacity, rate_limited, too_many_clients."),
         ("Exit bytes", "Bps", [("{{direction}}", f'sum by (direction) (rate(nym_node_exit_stream_bytes_total{{{SEL}}}[$__rate_interval]))')],
          "Bytes relayed to targets and back."),
         ("Time to first byte", "s", [

@@ -54,6 +54,9 @@ pub struct DnsSettings {
     pub max_ttl: Duration,
     pub negative_ttl: Duration,
     pub timeout: Duration,
+    /// Answers the cache holds at most; when full, expired ones are swept, then the one
+    /// expiring soonest makes room (unique names cannot grow it).
+    pub max_entries: usize,
 }
 
 impl Default for DnsSettings {
@@ -63,6 +66,7 @@ impl Default for DnsSettings {
             max_ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(5),
             timeout: Duration::from_secs(2),
+            max_entries: 10_000,
         }
     }
 }
@@ -191,7 +195,11 @@ impl Resolver {
         }
         // Timeouts and server errors are not cached: the next attempt asks again.
         if let Some(ttl) = ttl.filter(|t| !t.is_zero()) {
-            self.cache.lock().insert(
+            let mut cache = self.cache.lock();
+            if cache.len() >= self.settings.max_entries && !cache.contains_key(host) {
+                self.make_room(&mut cache);
+            }
+            cache.insert(
                 host.to_string(),
                 Entry {
                     answer: answer.clone(),
@@ -200,6 +208,29 @@ impl Resolver {
             );
         }
         answer
+    }
+
+    /// Sweeps expired answers; if none had expired, drops the one expiring soonest.
+    fn make_room(&self, cache: &mut HashMap<String, Entry>) {
+        let now = Instant::now();
+        let before = cache.len();
+        cache.retain(|_, e| e.expires > now);
+        if cache.len() < before {
+            return;
+        }
+        let soonest = cache
+            .iter()
+            .min_by_key(|(_, e)| e.expires)
+            .map(|(host, _)| host.clone());
+        if let Some(host) = soonest {
+            cache.remove(&host);
+            self.metrics.dns_evictions.inc();
+        }
+    }
+
+    /// Answers cached now (expired ones included until swept).
+    pub fn cached(&self) -> usize {
+        self.cache.lock().len()
     }
 
     /// Forgets what is cached for `host`; the next lookup asks a name server.

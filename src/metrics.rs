@@ -231,7 +231,7 @@ impl Drop for GaugeGuard {
 
 /// Why an exit refuses a stream (the `reason` label of `nym_node_exit_streams_refused_total`):
 /// the exit policy's three, then the network requester's own.
-pub const EXIT_REFUSAL_REASONS: [&str; 7] = [
+pub const EXIT_REFUSAL_REASONS: [&str; 9] = [
     "policy_reject",
     "internal_address",
     "no_rule",
@@ -239,6 +239,8 @@ pub const EXIT_REFUSAL_REASONS: [&str; 7] = [
     "connect_failed",
     "too_many_streams",
     "capacity",
+    "rate_limited",
+    "too_many_clients",
 ];
 
 /// Reads a value that lives elsewhere into a gauge, at scrape time.
@@ -466,7 +468,7 @@ impl Metrics {
         let exit_streams_refused = counter_vec(
             r,
             "exit_streams_refused_total",
-            "Stream open requests the exit refused, by reason (policy_reject, internal_address, no_rule, resolve_failed, connect_failed, too_many_streams, capacity).",
+            "Stream open requests the exit refused (or, past its bound on pending refusals, dropped), by reason (policy_reject, internal_address, no_rule, resolve_failed, connect_failed, too_many_streams, capacity, rate_limited: a tag opening too fast, too_many_clients: every tracked tag has streams open).",
             &["reason"],
         );
         // Every reason exported from the start, at 0, so rates and alerts see a series.
@@ -625,7 +627,7 @@ impl Metrics {
             dns_evictions: counter(
                 r,
                 "dns_evictions_total",
-                "Cached peer addresses evicted after a hard connection failure.",
+                "Cached answers dropped early: a peer's after a hard connection failure, or the one expiring soonest when a cache is full (10,000 answers for peers, 4,096 for the exit's stream targets).",
             ),
             tokio_workers: gauge(r, "tokio_workers", "Worker threads of the async runtime."),
             tokio_alive_tasks: gauge(r, "tokio_alive_tasks", "Tasks alive in the async runtime."),

@@ -162,6 +162,11 @@ impl RunningNode {
     }
 }
 
+/// Answers the peers' resolver caches (far more than any topology has names).
+const PEER_DNS_CACHE_ENTRIES: usize = 10_000;
+/// Answers the exit's resolver caches for clients' stream targets.
+const EXIT_DNS_CACHE_ENTRIES: usize = 4_096;
+
 /// The exit policy, with the node's own addresses it keeps closed: those the listeners are
 /// bound to (returned too, they stay) and the interfaces' now; `own_addresses::keep_current`
 /// adds what the directory publishes and follows changes.
@@ -248,15 +253,14 @@ pub async fn start(
         metrics.add_sampler(Box::new(move |m| topology::sample(&handle, &me, mode, m)));
     }
 
-    let resolver = Resolver::new(
-        DnsSettings {
-            servers: config.dns_servers.0.clone(),
-            max_ttl: config.dns_max_ttl.get(),
-            negative_ttl: config.dns_negative_ttl.get(),
-            timeout: config.dns_timeout.get(),
-        },
-        metrics.clone(),
-    )?;
+    let dns = DnsSettings {
+        servers: config.dns_servers.0.clone(),
+        max_ttl: config.dns_max_ttl.get(),
+        negative_ttl: config.dns_negative_ttl.get(),
+        timeout: config.dns_timeout.get(),
+        max_entries: PEER_DNS_CACHE_ENTRIES,
+    };
+    let resolver = Resolver::new(dns.clone(), metrics.clone())?;
 
     let own_addresses = exit_policy.as_ref().map(|(_, own, listening)| {
         tokio::spawn(own_addresses::keep_current(
@@ -397,10 +401,18 @@ pub async fn start(
                 std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
                 std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
             };
+            // Clients' names get a cache of their own: unique names cannot push out peers'.
+            let exit_resolver = Resolver::new(
+                DnsSettings {
+                    max_entries: EXIT_DNS_CACHE_ENTRIES,
+                    ..dns.clone()
+                },
+                metrics.clone(),
+            )?;
             let requester = NetworkRequester {
                 exit: Arc::new(Exit {
                     policy,
-                    resolver,
+                    resolver: exit_resolver,
                     metrics: metrics.clone(),
                     limits: network_requester::Limits {
                         idle_timeout: config.exit_stream_idle_timeout.get(),

@@ -211,3 +211,34 @@ async fn a_mix_node_forwards_to_a_peer_named_by_host_name_and_follows_it() {
     assert!(net.node("mix").metrics.dns_evictions.get() >= 1);
     net.stop().await;
 }
+
+#[tokio::test]
+async fn unique_names_cannot_grow_the_cache_past_its_bound_and_expired_answers_are_swept() {
+    let dns = DnsServer::start().await;
+    dns.set("peer.mixnet.test", &[Ipv4Addr::new(10, 0, 0, 1)], 3600);
+    let metrics = Metrics::new("exit-gateway");
+    let r = Resolver::new(
+        DnsSettings {
+            servers: vec![dns.addr],
+            max_entries: 64,
+            ..DnsSettings::default()
+        },
+        metrics.clone(),
+    )
+    .unwrap();
+    r.resolve("peer.mixnet.test").await.unwrap();
+    // A client asking for a thousand made-up names (each a negative answer, cached 5 s).
+    for i in 0..1000 {
+        let _ = r.resolve(&format!("n{i}.made-up.test")).await;
+        assert!(r.cached() <= 64, "{} answers cached", r.cached());
+    }
+    assert!(metrics.dns_evictions.get() >= 1000 - 64);
+    // Once they expire, one sweep clears them all.
+    skip(Duration::from_secs(6)).await;
+    let _ = r.resolve("after.made-up.test").await;
+    assert!(
+        r.cached() <= 2,
+        "{} answers left after the sweep",
+        r.cached()
+    );
+}

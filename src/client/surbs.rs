@@ -1,6 +1,8 @@
 //! The client's reply SURBs, kept in a redb file so they outlive the process:
 //! - **received**: SURBs other clients attached to their messages, by the sender tag they
-//!   came with, for answering them (`reply`); oldest first, bounded per tag and in age;
+//!   came with, for answering them (`reply`); oldest first, bounded per tag, in all (sender
+//!   tags are the sender's to choose, so made-up ones cannot grow the store: the oldest SURB
+//!   of any tag goes first) and in age;
 //! - **handed out**: the recovery material of SURBs we attached to our own messages, by SURB
 //!   identifier, with the recipient they went to, so a reply that comes back after a restart
 //!   still opens, and a recipient's request for more SURBs can be answered.
@@ -23,6 +25,8 @@ pub type SenderTag = [u8; 16];
 
 /// received: tag (16) || sequence (8, BE) → added_at (8, BE) || SURB
 const RECEIVED: TableDefinition<&[u8; 24], &[u8]> = TableDefinition::new("received_surbs");
+/// received, by arrival: sequence → tag, to find the oldest of all tags at once
+const RECEIVED_ORDER: TableDefinition<u64, &[u8; 16]> = TableDefinition::new("received_order");
 /// handed out: SURB identifier → added_at (8, BE) || recipient (96) || recovery
 const HANDED_OUT: TableDefinition<&[u8; IDENTIFIER_SIZE], &[u8]> =
     TableDefinition::new("handed_out_surbs");
@@ -41,6 +45,8 @@ fn err(e: impl std::fmt::Display) -> SurbStoreError {
 pub struct SurbLimits {
     /// Received SURBs kept per sender tag (the oldest go first).
     pub per_tag: usize,
+    /// Received SURBs kept in all, whatever their tags (the oldest go first).
+    pub total: usize,
     /// Recovery material kept for SURBs we handed out (the oldest go first).
     pub handed_out: usize,
     /// A SURB older than this is dropped: its route's nodes may have gone.
@@ -51,6 +57,7 @@ impl Default for SurbLimits {
     fn default() -> Self {
         SurbLimits {
             per_tag: 500,
+            total: 50_000,
             handed_out: 20_000,
             max_age: Duration::from_secs(24 * 3600),
         }
@@ -89,7 +96,17 @@ impl SurbStore {
         };
         let txn = db.begin_write().map_err(err)?;
         {
-            txn.open_table(RECEIVED).map_err(err)?;
+            let received = txn.open_table(RECEIVED).map_err(err)?;
+            let mut order = txn.open_table(RECEIVED_ORDER).map_err(err)?;
+            // A store written before the order table existed: index what it holds.
+            if order.len().map_err(err)? != received.len().map_err(err)? {
+                order.retain(|_, _| false).map_err(err)?;
+                for entry in received.iter().map_err(err)? {
+                    let (k, _) = entry.map_err(err)?;
+                    let (tag, seq) = split_key(k.value());
+                    order.insert(seq, &tag).map_err(err)?;
+                }
+            }
             txn.open_table(HANDED_OUT).map_err(err)?;
             txn.open_table(META).map_err(err)?;
         }
@@ -112,12 +129,14 @@ impl SurbStore {
                 .map(|v| v.value())
                 .unwrap_or(0);
             let mut table = txn.open_table(RECEIVED).map_err(err)?;
+            let mut order = txn.open_table(RECEIVED_ORDER).map_err(err)?;
             for surb in surbs {
                 let mut value = now.to_be_bytes().to_vec();
                 value.extend_from_slice(surb);
                 table
                     .insert(&key(tag, seq), value.as_slice())
                     .map_err(err)?;
+                order.insert(seq, tag).map_err(err)?;
                 seq += 1;
             }
             meta.insert("next_seq", seq).map_err(err)?;
@@ -131,9 +150,27 @@ impl SurbStore {
                 .take(held.len().saturating_sub(self.limits.per_tag))
             {
                 table.remove(old).map_err(err)?;
+                order.remove(split_key(old).1).map_err(err)?;
+            }
+            while table.len().map_err(err)? > self.limits.total as u64 {
+                let Some((seq, oldest_tag)) = order
+                    .pop_first()
+                    .map_err(err)?
+                    .map(|(s, t)| (s.value(), *t.value()))
+                else {
+                    break;
+                };
+                table.remove(&key(&oldest_tag, seq)).map_err(err)?;
             }
         }
         txn.commit().map_err(err)
+    }
+
+    /// Received SURBs held, of every tag.
+    pub fn received_total(&self) -> Result<u64, SurbStoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let table = txn.open_table(RECEIVED).map_err(err)?;
+        table.len().map_err(err)
     }
 
     /// How many usable SURBs the sender behind `tag` has left us.
@@ -176,8 +213,10 @@ impl SurbStore {
                     out.push(v[8..].to_vec());
                 }
             }
+            let mut order = txn.open_table(RECEIVED_ORDER).map_err(err)?;
             for k in gone {
                 table.remove(&k).map_err(err)?;
+                order.remove(split_key(&k).1).map_err(err)?;
             }
         }
         txn.commit().map_err(err)?;
@@ -254,6 +293,14 @@ fn key(tag: &SenderTag, seq: u64) -> [u8; 24] {
     k
 }
 
+fn split_key(k: &[u8; 24]) -> (SenderTag, u64) {
+    let mut tag = [0u8; 16];
+    tag.copy_from_slice(&k[..16]);
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&k[16..]);
+    (tag, u64::from_be_bytes(seq))
+}
+
 fn added_at(value: &[u8]) -> u64 {
     value
         .get(..8)
@@ -291,6 +338,90 @@ mod tests {
         assert_eq!(store.received_count(&b).unwrap(), 2, "tags are separate");
         assert_eq!(store.take_received(&a, 10).unwrap().len(), 3);
         assert!(store.take_received(&a, 1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn made_up_tags_cannot_grow_the_store_past_its_total_and_the_oldest_go_first() {
+        let store = SurbStore::open(
+            None,
+            SurbLimits {
+                per_tag: 5,
+                total: 100,
+                ..SurbLimits::default()
+            },
+        )
+        .unwrap();
+        let real = [0xaa; 16];
+        store.add_received(&real, &surbs(3)).unwrap();
+        for i in 0..1000u32 {
+            let mut tag = [0u8; 16];
+            tag[..4].copy_from_slice(&i.to_be_bytes());
+            store.add_received(&tag, &surbs(2)).unwrap();
+            assert!(store.received_total().unwrap() <= 100);
+        }
+        assert_eq!(store.received_total().unwrap(), 100);
+        assert_eq!(
+            store.received_count(&real).unwrap(),
+            0,
+            "the oldest went first"
+        );
+        // The newest tags are whole.
+        let mut last = [0u8; 16];
+        last[..4].copy_from_slice(&999u32.to_be_bytes());
+        assert_eq!(store.take_received(&last, 5).unwrap().len(), 2);
+        assert_eq!(store.received_total().unwrap(), 98);
+        store.add_received(&real, &surbs(1)).unwrap();
+        assert_eq!(store.received_count(&real).unwrap(), 1);
+    }
+
+    /// Resident memory of this process, from /proc (Linux).
+    fn resident_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        pages * 4096
+    }
+
+    #[test]
+    fn a_full_store_of_made_up_tags_stays_within_its_memory() {
+        // An exit's in-memory store at the default bound, fed by ten times as many SURBs of
+        // real size under made-up tags.
+        let store = SurbStore::open(None, SurbLimits::default()).unwrap();
+        let before = resident_bytes();
+        // A real one: three mixes and a gateway, as a client's reply SURB.
+        let hop = crate::client::route::Hop {
+            identity: crate::keys::KeyBytes([9; 32]),
+            sphinx_keys: vec![crate::keys::EpochKey::always(crate::keys::KeyBytes(
+                [9; 32],
+            ))],
+        };
+        let (surb, _) = crate::client::packet::build_surb(
+            &vec![hop; 4],
+            &crate::keys::KeyBytes([3; 32]),
+            [5; IDENTIFIER_SIZE],
+            &[Duration::ZERO; 4],
+        )
+        .unwrap();
+        for i in 0..(SurbLimits::default().total as u32 / 5) * 2 {
+            let mut tag = [0u8; 16];
+            tag[..4].copy_from_slice(&i.to_be_bytes());
+            store.add_received(&tag, &vec![surb.clone(); 5]).unwrap();
+        }
+        assert_eq!(
+            store.received_total().unwrap(),
+            SurbLimits::default().total as u64
+        );
+        let grown = resident_bytes().saturating_sub(before);
+        eprintln!(
+            "{} SURBs of {} B held: resident memory grew {:.1} MB",
+            SurbLimits::default().total,
+            surb.len(),
+            grown as f64 / 1e6
+        );
+        assert!(grown < 128 << 20, "grew {grown} bytes");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod own_addresses;
 pub mod protocol;
 pub mod rate_limit;
 pub mod sessions;
+pub mod stream_admission;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -21,6 +21,7 @@ use crate::client::{
 };
 use crate::dns::Resolver;
 use crate::gateway::exit_policy::ExitPolicy;
+use crate::gateway::stream_admission::{Decision, StreamAdmission};
 use crate::keys::{Identity, KeyBytes};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -37,6 +38,8 @@ const REFUSAL_SETTLE: Duration = Duration::from_secs(30);
 /// A finished stream's id is remembered this long, so a late copy of its open request
 /// does not open it again.
 const FINISHED_MEMORY: Duration = Duration::from_secs(300);
+/// Finished streams remembered at most.
+const MAX_FINISHED: usize = 65_536;
 /// Frames waiting for one stream's task; beyond it they are dropped (and resent).
 const STREAM_QUEUE: usize = 256;
 
@@ -210,10 +213,10 @@ type Key = (SenderTag, StreamId);
 /// Dispatches frames to stream tasks until the node drains (true) or the client stops (false).
 async fn serve(mut client: MixClient, exit: Arc<Exit>, shutdown: &Shutdown) -> bool {
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(1024);
-    let (done_tx, mut done_rx) = mpsc::channel::<Key>(1024);
+    let (done_tx, mut done_rx) = mpsc::channel::<(Key, bool)>(1024);
     let sender = tokio::spawn(send_frames(client.sender(), out_rx));
     let mut streams: HashMap<Key, mpsc::Sender<Frame>> = HashMap::new();
-    let mut per_client: HashMap<SenderTag, usize> = HashMap::new();
+    let mut admission = StreamAdmission::new(exit.limits.clone());
     let mut finished: HashMap<Key, Instant> = HashMap::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(30));
     let drained = loop {
@@ -240,14 +243,15 @@ async fn serve(mut client: MixClient, exit: Arc<Exit>, shutdown: &Shutdown) -> b
                     if !matches!(frame.body, Body::Open { .. }) {
                         continue;
                     }
-                    let open = per_client.get(&tag).copied().unwrap_or(0);
-                    let refusal = if streams.len() >= exit.limits.total {
-                        Some(Refused { reason: "capacity", code: reply::GENERAL_FAILURE })
-                    } else if open >= exit.limits.per_client {
-                        Some(Refused { reason: "too_many_streams", code: reply::GENERAL_FAILURE })
-                    } else {
-                        None
+                    let refusal = match admission.decide(tag) {
+                        Decision::Open => None,
+                        Decision::Refuse(r) => Some(r),
+                        Decision::Drop(reason) => {
+                            exit.metrics.exit_refused(reason);
+                            continue;
+                        }
                     };
+                    let opened = refusal.is_none();
                     let (tx, rx) = mpsc::channel(STREAM_QUEUE);
                     let mut stream = Stream::new(
                         frame.stream,
@@ -260,7 +264,6 @@ async fn serve(mut client: MixClient, exit: Arc<Exit>, shutdown: &Shutdown) -> b
                     // acknowledged with the answer.
                     let _ = tx.try_send(frame);
                     streams.insert(key, tx);
-                    *per_client.entry(tag).or_default() += 1;
                     let (exit, done) = (exit.clone(), done_tx.clone());
                     tokio::spawn(async move {
                         // The open frame comes back first (with whatever came right behind it).
@@ -271,7 +274,7 @@ async fn serve(mut client: MixClient, exit: Arc<Exit>, shutdown: &Shutdown) -> b
                                 exit_stream(stream, target, data, refusal, &exit).await;
                             }
                         }
-                        let _ = done.send(key).await;
+                        let _ = done.send((key, opened)).await;
                     });
                 }
                 Some(Event::Received { sender_tag: None, .. }) => {
@@ -280,15 +283,10 @@ async fn serve(mut client: MixClient, exit: Arc<Exit>, shutdown: &Shutdown) -> b
                 Some(_) => {}
                 None => break false,
             },
-            Some(key) = done_rx.recv() => {
+            Some((key, opened)) = done_rx.recv() => {
                 streams.remove(&key);
-                if let Some(n) = per_client.get_mut(&key.0) {
-                    *n -= 1;
-                    if *n == 0 {
-                        per_client.remove(&key.0);
-                    }
-                }
-                finished.insert(key, Instant::now());
+                admission.ended(key.0, opened);
+                remember_finished(&mut finished, key);
             }
             _ = sweep.tick() => finished.retain(|_, at| at.elapsed() < FINISHED_MEMORY),
         }
@@ -297,6 +295,18 @@ async fn serve(mut client: MixClient, exit: Arc<Exit>, shutdown: &Shutdown) -> b
     sender.abort();
     client.stop().await;
     drained
+}
+
+/// Remembers a finished stream for [`FINISHED_MEMORY`], so a late copy of its open request
+/// does not open it again; at most [`MAX_FINISHED`] (tags are free to make up): when full,
+/// the expired are swept, and if none had expired the stream is not remembered.
+fn remember_finished(finished: &mut HashMap<Key, Instant>, key: Key) {
+    if finished.len() >= MAX_FINISHED {
+        finished.retain(|_, at| at.elapsed() < FINISHED_MEMORY);
+    }
+    if finished.len() < MAX_FINISHED {
+        finished.insert(key, Instant::now());
+    }
 }
 
 /// Sends stream frames back through their client's SURBs.
