@@ -34,8 +34,8 @@ use crate::mixnet::admission::{Admission, Place};
 use crate::mixnet::framing::{
     self, FRAME_CIPHERTEXT_LEN, FRAME_PLAINTEXT_LEN, FrameError, WIRE_FRAME_LEN,
 };
-use crate::mixnet::intake::Intake;
-use crate::mixnet::noise::{self, ResponderTimeouts};
+use crate::mixnet::intake::{ConnectionBudget, Intake};
+use crate::mixnet::noise::{self, LinkReceiver, ResponderTimeouts};
 use crate::mixnet::sphinx::PACKET_SIZE;
 use crate::telemetry::Throttle;
 use crate::topology::TopologyHandle;
@@ -227,37 +227,12 @@ async fn handle(
         refusal_log,
     } = admitted;
     let _ = stream.set_nodelay(true);
-    let topology = ctx.topology.clone();
-    let handshake = tracing::info_span!("handshake", direction = "ingress", %remote);
-    let timeouts = ResponderTimeouts {
-        first_message: ctx.settings.first_message_timeout,
-        whole: ctx.settings.handshake_timeout,
+    let Some((receiver, key)) =
+        handshake(&mut stream, remote, &ctx, &stop, place, &unknown_key_log).await
+    else {
+        return;
     };
-    let result = tokio::select! {
-        _ = stop.cancelled() => return,
-        // A newer connection took the place (counted by the admission).
-        _ = place.closed() => return,
-        r = noise::respond(&mut stream, &ctx.noise_secret, timeouts, |key| {
-            topology.current().is_some_and(|t| t.node_by_noise_key(key).is_some())
-        }, || place.greeted()).instrument(handshake.clone()) => r,
-    };
-    let (mut receiver, key) = match result {
-        Ok(ok) => ok,
-        Err(e) => {
-            let reason = e.reason();
-            ctx.metrics.handshake_failed(true, reason);
-            if reason == HandshakeFailure::UnknownKey {
-                if unknown_key_log.allow() {
-                    tracing::warn!(parent: &handshake, error = %e, "refused ingress link from a key outside the topology (counted; logged at most every 30s)");
-                }
-            } else {
-                tracing::debug!(parent: &handshake, error = %e, "ingress handshake failed");
-            }
-            return;
-        }
-    };
-    // Authenticated: the handshake place goes back, a link slot is needed now.
-    drop(place);
+    // Authenticated: the handshake place went back, a link slot is needed now.
     let Ok(_permit) = permits.try_acquire_owned() else {
         ctx.metrics.refused(RefusalReason::Capacity);
         if refusal_log.allow() {
@@ -276,126 +251,211 @@ async fn handle(
         .and_then(|t| t.node_by_noise_key(&key).map(|n| n.name.clone()))
         .unwrap_or_default();
     let span = tracing::info_span!("ingress_connection", %peer, %remote);
-    async move {
-        let _active = GaugeGuard::new(&ctx.metrics.active_ingress);
-        tracing::debug!("ingress connection established");
-        let budget = ctx.intake.peer_budget(&key);
-        let mut buf = BytesMut::with_capacity(READ_BUFFER);
-        let mut plain = Box::new([0u8; FRAME_PLAINTEXT_LEN]);
-        let metrics = &ctx.metrics;
-        // When the frame being read must be complete: one deadline for the whole frame, so a
-        // peer trickling a byte at a time cannot hold a half-read frame (and its slot).
-        let mut frame_deadline: Option<tokio::time::Instant> = None;
-        // A peer removed from the topology loses its links at the reload that removes it.
-        let mut changes = ctx.topology.changes();
-        let mut watching = true;
-        loop {
-            // Take every complete frame already buffered.
-            loop {
-                let body = match framing::next_frame(&buf, FRAME_CIPHERTEXT_LEN, true) {
-                    Ok(Some(body)) => body,
-                    Ok(None) => break,
-                    Err(e) => {
-                        let reason = match e {
-                            FrameError::Oversized(_) => DropReason::OversizedFrame,
-                            _ => DropReason::MalformedFrame,
-                        };
-                        metrics.dropped(reason);
-                        tracing::warn!(error = %e, "closing ingress connection: bad frame");
-                        return;
-                    }
-                };
-                if receiver.decrypt(body, &mut plain).is_err() {
-                    metrics.dropped(DropReason::DecryptFailed);
-                    tracing::warn!("closing ingress connection: frame failed authentication");
-                    return;
+    read_link(stream, receiver, key, &ctx, &stop, &link)
+        .instrument(span)
+        .await;
+}
+
+/// The responder's Noise handshake, holding the connection's admission `place` until it
+/// ends. None if it failed (counted), was cut short, or lost its place.
+async fn handshake(
+    stream: &mut TcpStream,
+    remote: SocketAddr,
+    ctx: &IngressContext,
+    stop: &CancellationToken,
+    place: Place,
+    unknown_key_log: &Throttle,
+) -> Option<(LinkReceiver, KeyBytes)> {
+    let topology = ctx.topology.clone();
+    let span = tracing::info_span!("handshake", direction = "ingress", %remote);
+    let timeouts = ResponderTimeouts {
+        first_message: ctx.settings.first_message_timeout,
+        whole: ctx.settings.handshake_timeout,
+    };
+    let is_member = |key: &KeyBytes| {
+        topology
+            .current()
+            .is_some_and(|t| t.node_by_noise_key(key).is_some())
+    };
+    let result = tokio::select! {
+        _ = stop.cancelled() => return None,
+        // A newer connection took the place (counted by the admission).
+        _ = place.closed() => return None,
+        r = noise::respond(stream, &ctx.noise_secret, timeouts, is_member, || place.greeted())
+            .instrument(span.clone()) => r,
+    };
+    match result {
+        Ok(ok) => Some(ok),
+        Err(e) => {
+            let reason = e.reason();
+            ctx.metrics.handshake_failed(true, reason);
+            if reason == HandshakeFailure::UnknownKey {
+                if unknown_key_log.allow() {
+                    tracing::warn!(parent: &span, error = %e, "refused ingress link from a key outside the topology (counted; logged at most every 30s)");
                 }
-                let packet = match framing::decode_packet(&plain[..]) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let reason = match e {
-                            FrameError::BadVersion(_) => DropReason::BadVersion,
-                            _ => DropReason::MalformedFrame,
-                        };
-                        metrics.dropped(reason);
-                        tracing::warn!(error = %e, "closing ingress connection: bad frame header");
-                        return;
-                    }
-                };
-                let mut boxed = Box::new([0u8; PACKET_SIZE]);
-                boxed.copy_from_slice(packet);
-                metrics.packets_received.inc();
-                ctx.intake.submit(&budget, boxed, std::time::Instant::now());
-                buf.advance(WIRE_FRAME_LEN);
-                frame_deadline = None;
-            }
-            if buf.capacity() - buf.len() < WIRE_FRAME_LEN {
-                buf.reserve(READ_BUFFER);
-            }
-            let deadline = if buf.is_empty() {
-                frame_deadline = None;
-                ctx.settings.idle_timeout.map(|t| tokio::time::Instant::now() + t)
             } else {
-                Some(*frame_deadline.get_or_insert_with(|| {
-                    tokio::time::Instant::now() + ctx.settings.frame_read_timeout
-                }))
-            };
-            let read = async {
-                match deadline {
-                    Some(at) => tokio::time::timeout_at(at, stream.read_buf(&mut buf)).await,
-                    None => Ok(stream.read_buf(&mut buf).await),
-                }
-            };
-            let read = tokio::select! {
-                _ = stop.cancelled() => {
-                    tracing::debug!(exit_reason = "shutdown", "closing ingress connection");
+                tracing::debug!(parent: &span, error = %e, "ingress handshake failed");
+            }
+            None
+        }
+    }
+}
+
+/// Reads an authenticated link until it ends: batched reads, every complete frame to the
+/// intake, an idle deadline between frames and a whole-frame deadline within one.
+async fn read_link(
+    mut stream: TcpStream,
+    mut receiver: LinkReceiver,
+    key: KeyBytes,
+    ctx: &IngressContext,
+    stop: &CancellationToken,
+    link: &PeerLink,
+) {
+    let _active = GaugeGuard::new(&ctx.metrics.active_ingress);
+    tracing::debug!("ingress connection established");
+    let budget = ctx.intake.peer_budget(&key);
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+    let mut plain = Box::new([0u8; FRAME_PLAINTEXT_LEN]);
+    let metrics = &ctx.metrics;
+    // When the frame being read must be complete: one deadline for the whole frame, so a
+    // peer trickling a byte at a time cannot hold a half-read frame (and its slot).
+    let mut frame_deadline: Option<tokio::time::Instant> = None;
+    // A peer removed from the topology loses its links at the reload that removes it.
+    let mut changes = ctx.topology.changes();
+    let mut watching = true;
+    loop {
+        match take_frames(&mut buf, &mut receiver, &mut plain, ctx, &budget) {
+            Ok(true) => frame_deadline = None,
+            Ok(false) => {}
+            Err(()) => return,
+        }
+        if buf.capacity() - buf.len() < WIRE_FRAME_LEN {
+            buf.reserve(READ_BUFFER);
+        }
+        let deadline = if buf.is_empty() {
+            frame_deadline = None;
+            ctx.settings
+                .idle_timeout
+                .map(|t| tokio::time::Instant::now() + t)
+        } else {
+            Some(*frame_deadline.get_or_insert_with(|| {
+                tokio::time::Instant::now() + ctx.settings.frame_read_timeout
+            }))
+        };
+        let read = async {
+            match deadline {
+                Some(at) => tokio::time::timeout_at(at, stream.read_buf(&mut buf)).await,
+                None => Ok(stream.read_buf(&mut buf).await),
+            }
+        };
+        let read = tokio::select! {
+            _ = stop.cancelled() => {
+                tracing::debug!(exit_reason = "shutdown", "closing ingress connection");
+                return;
+            }
+            _ = link.replaced.cancelled() => {
+                tracing::debug!(exit_reason = "replaced", "closing ingress connection: the peer opened a newer link");
+                return;
+            }
+            changed = changes.changed(), if watching => {
+                watching = changed.is_ok();
+                let member = ctx
+                    .topology
+                    .current()
+                    .is_some_and(|t| t.node_by_noise_key(&key).is_some());
+                if !member {
+                    tracing::info!(exit_reason = "left_topology", "closing ingress connection: the peer is no longer in the topology");
                     return;
                 }
-                _ = link.replaced.cancelled() => {
-                    tracing::debug!(exit_reason = "replaced", "closing ingress connection: the peer opened a newer link");
-                    return;
-                }
-                changed = changes.changed(), if watching => {
-                    watching = changed.is_ok();
-                    let member = ctx
-                        .topology
-                        .current()
-                        .is_some_and(|t| t.node_by_noise_key(&key).is_some());
-                    if !member {
-                        tracing::info!(exit_reason = "left_topology", "closing ingress connection: the peer is no longer in the topology");
-                        return;
-                    }
-                    continue;
-                }
-                r = read => r,
-            };
-            match read {
-                Ok(Ok(0)) => {
-                    if !buf.is_empty() {
-                        metrics.dropped(DropReason::MalformedFrame);
-                        tracing::debug!("peer closed the connection in the middle of a frame");
-                    }
-                    tracing::debug!(exit_reason = "peer_closed", "ingress connection closed by the peer");
-                    return;
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(exit_reason = "io_error", error = %e, "ingress connection broke");
-                    return;
-                }
-                Err(_) if buf.is_empty() => {
-                    metrics.idle_closed_ingress.inc();
-                    tracing::info!(exit_reason = "idle_timeout", "closing idle ingress connection");
-                    return;
-                }
-                Err(_) => {
+                continue;
+            }
+            r = read => r,
+        };
+        match read {
+            Ok(Ok(0)) => {
+                if !buf.is_empty() {
                     metrics.dropped(DropReason::MalformedFrame);
-                    tracing::warn!(exit_reason = "frame_read_timeout", "closing ingress connection: frame not completed in time");
-                    return;
+                    tracing::debug!("peer closed the connection in the middle of a frame");
                 }
+                tracing::debug!(
+                    exit_reason = "peer_closed",
+                    "ingress connection closed by the peer"
+                );
+                return;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(exit_reason = "io_error", error = %e, "ingress connection broke");
+                return;
+            }
+            Err(_) if buf.is_empty() => {
+                metrics.idle_closed_ingress.inc();
+                tracing::info!(
+                    exit_reason = "idle_timeout",
+                    "closing idle ingress connection"
+                );
+                return;
+            }
+            Err(_) => {
+                metrics.dropped(DropReason::MalformedFrame);
+                tracing::warn!(
+                    exit_reason = "frame_read_timeout",
+                    "closing ingress connection: frame not completed in time"
+                );
+                return;
             }
         }
     }
-    .instrument(span)
-    .await;
+}
+
+/// Hands every complete frame already in `buf` to the intake; true if there was one.
+/// Err: a frame whose length, authentication or header is wrong (counted): the stream
+/// cannot be trusted after it, so the link closes.
+fn take_frames(
+    buf: &mut BytesMut,
+    receiver: &mut LinkReceiver,
+    plain: &mut [u8; FRAME_PLAINTEXT_LEN],
+    ctx: &IngressContext,
+    budget: &ConnectionBudget,
+) -> Result<bool, ()> {
+    let metrics = &ctx.metrics;
+    let mut took = false;
+    loop {
+        let body = match framing::next_frame(buf, FRAME_CIPHERTEXT_LEN, true) {
+            Ok(Some(body)) => body,
+            Ok(None) => return Ok(took),
+            Err(e) => {
+                let reason = match e {
+                    FrameError::Oversized(_) => DropReason::OversizedFrame,
+                    _ => DropReason::MalformedFrame,
+                };
+                metrics.dropped(reason);
+                tracing::warn!(error = %e, "closing ingress connection: bad frame");
+                return Err(());
+            }
+        };
+        if receiver.decrypt(body, plain).is_err() {
+            metrics.dropped(DropReason::DecryptFailed);
+            tracing::warn!("closing ingress connection: frame failed authentication");
+            return Err(());
+        }
+        let packet = match framing::decode_packet(&plain[..]) {
+            Ok(p) => p,
+            Err(e) => {
+                let reason = match e {
+                    FrameError::BadVersion(_) => DropReason::BadVersion,
+                    _ => DropReason::MalformedFrame,
+                };
+                metrics.dropped(reason);
+                tracing::warn!(error = %e, "closing ingress connection: bad frame header");
+                return Err(());
+            }
+        };
+        let mut boxed = Box::new([0u8; PACKET_SIZE]);
+        boxed.copy_from_slice(packet);
+        metrics.packets_received.inc();
+        ctx.intake.submit(budget, boxed, std::time::Instant::now());
+        buf.advance(WIRE_FRAME_LEN);
+        took = true;
+    }
 }
