@@ -90,8 +90,10 @@ NODE_PANELS = [
          "Payloads stored for clients, waiting for their acknowledgement."),
         ("SURB-ACKs sent", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_gateway_acks_sent_total{{{SEL}}}[$__rate_interval]))')],
          "Acknowledgements sent back for stored payloads."),
-        ("Refused client sessions", "ops", [("{{instance}}", f'sum by (instance) (rate(nym_node_gateway_client_messages_refused_total{{{SEL}}}[5m]))')],
-         "Bad signatures and malformed messages."),
+        ("Refused client sessions", "ops", [
+            ("bad messages {{instance}}", f'sum by (instance) (rate(nym_node_gateway_client_messages_refused_total{{{SEL}}}[5m]))'),
+            ("before authenticating: {{reason}}", f'sum by (reason) (rate(nym_node_gateway_client_connections_refused_total{{{SEL}}}[5m]))')],
+         "Bad signatures and malformed messages; connections closed before they authenticated (evicted: idle, made room for a newer one)."),
     ]),
     ("Exit", [
         ("Open streams", "short", [("{{instance}}", f'sum by (instance) (nym_node_exit_streams_open{{{SEL}}})')],

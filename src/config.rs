@@ -181,6 +181,10 @@ knobs! {
     client_rate: u32 = "500";
     /// Gateways: packets one client session may send in a burst above its rate.
     client_burst: u32 = "1000";
+    /// Gateways: client API connections not yet authenticated, at once; when full, the oldest that has not sent a valid first handshake message is closed for a newcomer (a newcomer is refused only when all are past it).
+    client_max_pending_sessions: usize = "1024";
+    /// Gateways: client API connections from one address group (an IPv4 address, an IPv6 /64) past their first handshake message and not yet authenticated; a newer one closes the oldest.
+    client_max_pending_per_address: usize = "8";
     /// Exit gateways: the exit policy, a file path or an http(s) URL holding ordered `accept`/`reject` rules on address, network and port (first match wins); empty accepts every public address and port. Loopback, private, link-local, multicast and the node's own addresses are refused unless a rule names them.
     exit_policy: String = "";
     /// Exit gateways: close a stream with no traffic either way for this long.
@@ -288,6 +292,12 @@ impl Config {
         }
         if self.egress_queue == 0 {
             return invalid("egress_queue", "must be at least 1");
+        }
+        if self.client_max_pending_sessions == 0 {
+            return invalid("client_max_pending_sessions", "must be at least 1");
+        }
+        if self.client_max_pending_per_address == 0 {
+            return invalid("client_max_pending_per_address", "must be at least 1");
         }
         if self.client_rate == 0 {
             return invalid("client_rate", "must be at least 1");

@@ -4,6 +4,7 @@
 //! `mixnet::forward` (delay queue) → `mixnet::egress`, with `gateway` taking final-hop
 //! payloads for its clients. See `docs/protocol.md` for the wire formats.
 
+pub mod admission;
 pub mod client;
 pub mod config;
 pub mod dns;

@@ -271,6 +271,7 @@ pub struct Metrics {
     pub egress_reconnects: IntCounter,
     handshake_failures: Vec<IntCounter>,
     refused: Vec<IntCounter>,
+    client_refused: Vec<IntCounter>,
     pub topology_reloads_ok: IntCounter,
     pub topology_reloads_failed: IntCounter,
     pub topology_revision: IntGauge,
@@ -413,6 +414,12 @@ impl Metrics {
                     .collect::<Vec<_>>()
             })
             .collect();
+        let client_refused = counter_vec(
+            r,
+            "gateway_client_connections_refused_total",
+            "Client API connections closed or refused before they authenticated, by reason: evicted (no valid first handshake message yet; made room for a newer connection), per_address (its address group had too many past their first message), handshake_capacity (every place held past the first message).",
+            &["reason"],
+        );
         let refused = counter_vec(
             r,
             "network_refused_ingress_mixnet_connections_total",
@@ -572,6 +579,11 @@ impl Metrics {
                 .iter()
                 .map(|r| refused.with_label_values(&[r.as_str()]))
                 .collect(),
+            // (capacity stays 0 here: an authenticated session holds no slot.)
+            client_refused: RefusalReason::ALL
+                .iter()
+                .map(|r| client_refused.with_label_values(&[r.as_str()]))
+                .collect(),
             topology_reloads_ok: reloads.with_label_values(&["ok"]),
             topology_reloads_failed: reloads.with_label_values(&["error"]),
             topology_revision: gauge(
@@ -727,6 +739,15 @@ impl Metrics {
 
     pub fn refused(&self, reason: RefusalReason) {
         self.refused[reason.index()].inc();
+    }
+
+    /// A client API connection closed or refused before it authenticated.
+    pub fn client_connection_refused(&self, reason: RefusalReason) {
+        self.client_refused[reason.index()].inc();
+    }
+
+    pub fn client_connection_refused_count(&self, reason: RefusalReason) -> u64 {
+        self.client_refused[reason.index()].get()
     }
 
     pub fn refused_count(&self, reason: RefusalReason) -> u64 {

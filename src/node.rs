@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::admission::Admission;
 use crate::config::{Config, Mode};
 use crate::dns::{DnsSettings, Resolver};
 use crate::gateway::exit_policy::ExitPolicy;
@@ -388,6 +389,14 @@ pub async fn start(
             shutdown: shutdown.clone(),
             rate: config.client_rate,
             burst: config.client_burst,
+            admission: {
+                let m = metrics.clone();
+                Admission::new(
+                    config.client_max_pending_sessions,
+                    config.client_max_pending_per_address,
+                    Arc::new(move |reason| m.client_connection_refused(reason)),
+                )
+            },
         });
         gateway_tasks.push(tokio::spawn(async move {
             if let Err(e) = gateway::client_api::serve(client_listener, api).await {

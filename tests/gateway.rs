@@ -268,6 +268,56 @@ async fn next_binary(ws: &mut WsClient) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_websockets_make_way_for_a_client_that_authenticates() {
+    let net = Net::start(
+        &three_layers(),
+        |_, c| {
+            c.client_max_pending_sessions = 8;
+            c.client_max_pending_per_address = 2;
+        },
+        no_hooks,
+    )
+    .await;
+    let gw = net.member("gateway");
+    let addr = gw.entry.client_address.clone().unwrap();
+    let url = format!("ws://{addr}/v1/client");
+    let m = net.node("gateway").metrics.clone();
+    // Forty upgraded WebSockets that never start their handshake, from this address.
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        if let Ok((ws, _)) = tokio_tungstenite::connect_async(url.as_str()).await {
+            idle.push(ws);
+        }
+    }
+    assert_eq!(idle.len(), 40, "each newcomer got a place");
+    let evicted = nym_node::metrics::RefusalReason::Evicted;
+    assert!(
+        eventually(Duration::from_secs(10), || m
+            .client_connection_refused_count(evicted)
+            == 32)
+        .await,
+        "evicted {}",
+        m.client_connection_refused_count(evicted)
+    );
+    // A client from the same address authenticates and gets its messages while they sit.
+    let mut client = MixClient::start(
+        client_config(&net.topology_path, gw.entry.identity_key),
+        Identity::generate().unwrap(),
+    )
+    .await
+    .expect("a client gets in during the flood");
+    let me = client.address();
+    client.send(me, b"through".to_vec(), 0).await.unwrap();
+    assert_eq!(
+        receive(&mut client, 1, Duration::from_secs(30)).await,
+        vec![b"through".to_vec()]
+    );
+    client.stop().await;
+    drop(idle);
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_with_a_bad_signature_is_refused() {
     let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
     let gw = net.member("gateway");

@@ -6,6 +6,11 @@
 //! hop at once) and receives the payloads stored for it, which it acknowledges so the
 //! mailbox can delete them. What was not acknowledged is delivered again on the next
 //! session. Every frame after the handshake has the same size.
+//!
+//! Until it authenticates, a connection holds a place in the same admission as the mixnet's
+//! (`mixnet/admission.rs`): a connection that has not sent a valid first handshake message
+//! gives its place up to a newer one, and those past it are capped per address group, so
+//! neither a flood of idle WebSockets nor one address can keep clients out.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,12 +19,13 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::admission::{Admission, Place};
 use crate::gateway::channel::{self, ChannelHalf};
 use crate::gateway::mailbox::Mailbox;
 use crate::gateway::protocol::{ClientMessage, ServerMessage, close};
@@ -50,6 +56,8 @@ pub struct ClientApi {
     pub shutdown: Shutdown,
     pub rate: u32,
     pub burst: u32,
+    /// Places for connections not yet authenticated.
+    pub admission: Arc<Admission>,
 }
 
 /// Serves the client API until the node stops.
@@ -71,10 +79,22 @@ async fn upgrade(
     State(api): State<Arc<ClientApi>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
 ) -> Response {
+    let place = match api.admission.admit(remote.ip(), false) {
+        Ok(place) => place,
+        Err(reason) => {
+            api.metrics.client_connection_refused(reason);
+            return (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "every place for a new session is taken",
+            )
+                .into_response();
+        }
+    };
     ws.max_message_size(channel::FRAME_LEN)
         .max_frame_size(channel::FRAME_LEN)
         .on_upgrade(move |socket| {
-            run_session(socket, api).instrument(tracing::info_span!("client_session", %remote))
+            run_session(socket, api, place)
+                .instrument(tracing::info_span!("client_session", %remote))
         })
 }
 
@@ -107,12 +127,18 @@ async fn next_binary(socket: &mut WebSocket) -> Option<Result<Vec<u8>, ()>> {
     }
 }
 
-async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>) {
+async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>, place: Place) {
     if api.shutdown.is_draining() {
         close_with(&mut socket, close::GOING_AWAY, "gateway is shutting down").await;
         return;
     }
-    let Some((session, mut tx, mut rx)) = authenticate(&mut socket, &api).await else {
+    let authenticated = tokio::select! {
+        a = authenticate(&mut socket, &api, &place) => a,
+        // A newer connection took the place (counted by the admission).
+        _ = place.closed() => None,
+    };
+    drop(place);
+    let Some((session, mut tx, mut rx)) = authenticated else {
         return;
     };
     tracing::debug!(client = %session.client.short(), "client session opened");
@@ -209,12 +235,14 @@ async fn flush_acks(api: &ClientApi, session: &Session, acked: &mut Vec<u64>) {
 async fn authenticate(
     socket: &mut WebSocket,
     api: &ClientApi,
+    place: &Place,
 ) -> Option<(Session, ChannelHalf, ChannelHalf)> {
     let handshake = async {
         let Some(Ok(first)) = next_binary(socket).await else {
             return None;
         };
         let (channel, answer) = channel::respond(&api.noise_secret, &first).ok()?;
+        place.greeted();
         socket.send(Message::Binary(answer.into())).await.ok()?;
         let expected = channel.auth_message();
         let (tx, mut rx) = channel.split();

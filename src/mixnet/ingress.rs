@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::admission::{Admission, Place};
 use crate::health::Health;
 use crate::keys::KeyBytes;
 use crate::metrics::{DropReason, GaugeGuard, HandshakeFailure, Metrics, RefusalReason};
-use crate::mixnet::admission::{Admission, Place};
 use crate::mixnet::framing::{
     self, FRAME_CIPHERTEXT_LEN, FRAME_PLAINTEXT_LEN, FrameError, WIRE_FRAME_LEN,
 };
@@ -126,10 +126,11 @@ pub async fn run(
     let _alive = ctx.health.accept_loop_guard();
     let permits = Arc::new(Semaphore::new(ctx.settings.max_connections));
     let peer_links = Arc::new(PeerLinks::default());
+    let metrics = ctx.metrics.clone();
     let admission = Admission::new(
         ctx.settings.max_pending_handshakes,
         ctx.settings.max_handshakes_per_address,
-        ctx.metrics.clone(),
+        Arc::new(move |reason| metrics.refused(reason)),
     );
     let refusal_log = Arc::new(Throttle::new(Duration::from_secs(30)));
     let unknown_key_log = Arc::new(Throttle::new(Duration::from_secs(30)));

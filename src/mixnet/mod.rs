@@ -1,8 +1,7 @@
 //! The mixnet data path, in the order packets flow through it:
-//! `ingress` (Noise links in, with `admission` to their handshake; framing) → `intake` (overload shedding, Sphinx workers running
+//! `ingress` (Noise links in, admitted to their handshake by `crate::admission`; framing) → `intake` (overload shedding, Sphinx workers running
 //! `sphinx` with its `replay` filter) → `forward` (the `delay` queue) → `egress` (Noise links out).
 
-pub mod admission;
 pub mod delay;
 pub mod egress;
 pub mod epochs;

@@ -1,17 +1,21 @@
-//! Who may hold a place in the ingress handshake, decided from what costs an attacker
-//! something rather than from arrival order.
+//! Who may hold a place in a listener's handshake (the mixnet's, and the client API's until
+//! a client authenticates), decided from what costs an attacker something rather than from
+//! arrival order.
 //!
 //! ```text
 //!  accepted ──► silent, or arrived (a whole first message was already waiting at accept):
-//!               nothing proven. Up to NYM_NODE_MAX_PENDING_HANDSHAKES in all; when full, the
+//!               nothing proven. Up to a capacity in all (mixnet:
+//!               NYM_NODE_MAX_PENDING_HANDSHAKES; clients: NYM_NODE_CLIENT_MAX_PENDING_SESSIONS);
+//!               when full, the
 //!               OLDEST silent connection is closed to admit the newest, else the oldest
 //!               arrived one (a flood of silent or trickling connections churns itself, and a
-//!               peer that greets at once is not refused). Closed if its first handshake
+//!               peer that greets at once is not refused). The mixnet closes one whose first
 //!               message is not complete within NYM_NODE_HANDSHAKE_FIRST_MESSAGE_TIMEOUT.
 //!     │ a valid first Noise message (it costs the sender a Diffie-Hellman)
 //!     ▼
-//!  greeted: at most NYM_NODE_MAX_HANDSHAKES_PER_ADDRESS per address group (an IPv4
-//!           address, an IPv6 /64); a newer one from a full group closes that group's oldest.
+//!  greeted: at most a number per address group (an IPv4 address, an IPv6 /64; mixnet:
+//!           NYM_NODE_MAX_HANDSHAKES_PER_ADDRESS; clients: NYM_NODE_CLIENT_MAX_PENDING_PER_ADDRESS);
+//!           a newer one from a full group closes that group's oldest.
 //!           Never closed for silent newcomers. Done at the end of the handshake.
 //! ```
 //!
@@ -25,7 +29,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Metrics, RefusalReason};
+use crate::metrics::RefusalReason;
+
+/// Counts a connection closed or refused by the admission (into the metric of its listener).
+pub type Count = Arc<dyn Fn(RefusalReason) + Send + Sync>;
 
 /// Addresses one party can hold many of cheaply count as one: an IPv4 address, an IPv6 /64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,7 +74,7 @@ pub struct Admission {
     pool: parking_lot::Mutex<Pool>,
     capacity: usize,
     per_group: usize,
-    metrics: Arc<Metrics>,
+    count: Count,
 }
 
 /// A connection's place; given back however its handshake ends. `closed()` fires when the
@@ -79,12 +86,12 @@ pub struct Place {
 }
 
 impl Admission {
-    pub fn new(capacity: usize, per_group: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(capacity: usize, per_group: usize, count: Count) -> Arc<Self> {
         Arc::new(Admission {
             pool: parking_lot::Mutex::new(Pool::default()),
             capacity: capacity.max(1),
             per_group: per_group.max(1),
-            metrics,
+            count,
         })
     }
 
@@ -102,7 +109,7 @@ impl Admission {
                 return Err(RefusalReason::Handshakes);
             };
             oldest.close.cancel();
-            self.metrics.refused(RefusalReason::Evicted);
+            (self.count)(RefusalReason::Evicted);
         }
         let id = pool.next;
         pool.next += 1;
@@ -138,7 +145,7 @@ impl Admission {
                 .map(|(id, _)| *id);
             if let Some(old) = oldest.and_then(|id| pool.greeted.remove(&id)) {
                 old.close.cancel();
-                self.metrics.refused(RefusalReason::PerAddress);
+                (self.count)(RefusalReason::PerAddress);
                 Self::count_down(&mut pool, group);
             }
         }
@@ -193,6 +200,12 @@ impl Drop for Place {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
+
+    fn counting(metrics: &Arc<Metrics>) -> Count {
+        let m = metrics.clone();
+        Arc::new(move |r| m.refused(r))
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -201,7 +214,7 @@ mod tests {
     #[test]
     fn a_full_pool_closes_its_oldest_silent_connection_for_a_newcomer() {
         let metrics = Metrics::new("mixnode");
-        let a = Admission::new(3, 8, metrics.clone());
+        let a = Admission::new(3, 8, counting(&metrics));
         let flood: Vec<Place> = (0..3)
             .map(|_| a.admit(ip("10.0.0.1"), false).unwrap())
             .collect();
@@ -225,7 +238,7 @@ mod tests {
 
     #[test]
     fn silent_connections_go_before_those_whose_first_message_was_waiting() {
-        let a = Admission::new(3, 8, Metrics::new("mixnode"));
+        let a = Admission::new(3, 8, counting(&Metrics::new("mixnode")));
         let peer = a.admit(ip("10.0.0.1"), true).unwrap();
         let silent: Vec<Place> = (0..2)
             .map(|_| a.admit(ip("10.0.0.1"), false).unwrap())
@@ -246,7 +259,7 @@ mod tests {
 
     #[test]
     fn a_pool_of_greeted_connections_refuses_newcomers() {
-        let a = Admission::new(2, 8, Metrics::new("mixnode"));
+        let a = Admission::new(2, 8, counting(&Metrics::new("mixnode")));
         let held: Vec<Place> = (0..2)
             .map(|_| a.admit(ip("10.0.0.1"), false).unwrap())
             .collect();
@@ -262,7 +275,7 @@ mod tests {
     #[test]
     fn greeted_connections_of_one_address_group_are_capped_oldest_first() {
         let metrics = Metrics::new("mixnode");
-        let a = Admission::new(100, 2, metrics.clone());
+        let a = Admission::new(100, 2, counting(&metrics));
         // One /64: three addresses, one group.
         let places: Vec<Place> = ["2001:db8::1", "2001:db8::2", "2001:db8::3"]
             .iter()
