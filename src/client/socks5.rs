@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{ClientAddress, Event, MixClient, MixSender};
-use crate::stream::relay::{Outgoing, Settings as RelaySettings, Stream};
+use crate::stream::relay::{End, Outgoing, Settings as RelaySettings, Stream};
 use crate::stream::{Body, Frame, StreamId, Target};
 use crate::topology::Topology;
 
@@ -78,6 +78,8 @@ pub fn relay_settings() -> RelaySettings {
         chunk: 1400,
         surb_target: Some(96),
         surb_first: 8,
+        // Four of the exit's resend timeouts (network_requester::relay_settings).
+        linger: Duration::from_secs(12),
     }
 }
 
@@ -241,6 +243,9 @@ async fn proxy_inner(
     }
     let end = stream.pump(socket, None, None).await;
     tracing::debug!(?end, stream = id, "stream ended");
+    if end == End::Finished {
+        stream.linger().await;
+    }
     Ok(())
 }
 

@@ -73,6 +73,9 @@ pub fn relay_settings(idle_timeout: Duration) -> RelaySettings {
         chunk: SINGLE_FRAGMENT_REPLY - stream::HEADER,
         surb_target: None,
         surb_first: 0,
+        // Four of its own resend timeouts (the client's is longer, but the client's
+        // messages are retransmitted by the client itself first).
+        linger: Duration::from_secs(12),
     }
 }
 
@@ -376,4 +379,7 @@ async fn exit_stream(
     };
     exit.metrics.exit_streams_open.dec();
     tracing::debug!(?end, ?target, "stream ended");
+    if end == End::Finished {
+        stream.linger().await;
+    }
 }
