@@ -13,7 +13,8 @@
 //!               message is not complete within NYM_NODE_HANDSHAKE_FIRST_MESSAGE_TIMEOUT.
 //!     │ a valid first Noise message (it costs the sender a Diffie-Hellman)
 //!     ▼
-//!  greeted: at most a number per address group (an IPv4 address, an IPv6 /64; mixnet:
+//!  greeted: when every place is greeted, a newcomer closes the oldest greeted one.
+//!           At most a number per address group (an IPv4 address, an IPv6 /64; mixnet:
 //!           NYM_NODE_MAX_HANDSHAKES_PER_ADDRESS; clients: NYM_NODE_CLIENT_MAX_PENDING_PER_ADDRESS);
 //!           a newer one from a full group closes that group's oldest.
 //!           Never closed for silent newcomers. Done at the end of the handshake.
@@ -96,20 +97,22 @@ impl Admission {
     }
 
     /// A new connection from `ip` (`arrived`: its whole first message is already waiting):
-    /// admitted, closing the oldest silent (else arrived) connection if the pool is full;
-    /// refused only when every place is held by a greeted connection.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr, arrived: bool) -> Result<Place, RefusalReason> {
+    /// admitted, closing the oldest silent (else arrived, else greeted) connection if the
+    /// pool is full.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, arrived: bool) -> Place {
         let mut pool = self.pool.lock();
         if pool.silent.len() + pool.arrived.len() + pool.greeted.len() >= self.capacity {
-            let oldest = match pool.silent.pop_first() {
-                Some(entry) => Some(entry),
-                None => pool.arrived.pop_first(),
-            };
-            let Some((_, oldest)) = oldest else {
-                return Err(RefusalReason::Handshakes);
-            };
-            oldest.close.cancel();
-            (self.count)(RefusalReason::Evicted);
+            if let Some((_, oldest)) = pool.silent.pop_first().or_else(|| pool.arrived.pop_first())
+            {
+                oldest.close.cancel();
+                (self.count)(RefusalReason::Evicted);
+            } else if let Some((_, oldest)) = pool.greeted.pop_first() {
+                // Every place past its first message: the oldest goes rather than refusing
+                // the newcomer, so a flood of first messages is a race, not a lockout.
+                oldest.close.cancel();
+                Self::count_down(&mut pool, oldest.group);
+                (self.count)(RefusalReason::Handshakes);
+            }
         }
         let id = pool.next;
         pool.next += 1;
@@ -123,11 +126,11 @@ impl Admission {
         } else {
             pool.silent.insert(id, entry);
         }
-        Ok(Place {
+        Place {
             admission: self.clone(),
             id,
             close,
-        })
+        }
     }
 
     fn greet(&self, id: u64) {
@@ -215,17 +218,15 @@ mod tests {
     fn a_full_pool_closes_its_oldest_silent_connection_for_a_newcomer() {
         let metrics = Metrics::new("mixnode");
         let a = Admission::new(3, 8, counting(&metrics));
-        let flood: Vec<Place> = (0..3)
-            .map(|_| a.admit(ip("10.0.0.1"), false).unwrap())
-            .collect();
-        let peer = a.admit(ip("10.0.0.1"), false).unwrap();
+        let flood: Vec<Place> = (0..3).map(|_| a.admit(ip("10.0.0.1"), false)).collect();
+        let peer = a.admit(ip("10.0.0.1"), false);
         assert!(flood[0].close.is_cancelled(), "the oldest made room");
         assert!(!flood[1].close.is_cancelled() && !peer.close.is_cancelled());
         assert_eq!(metrics.refused_count(RefusalReason::Evicted), 1);
         // Once greeted, the peer is out of the flood's reach.
         peer.greeted();
         for _ in 0..10 {
-            let _ = a.admit(ip("10.0.0.2"), false).unwrap();
+            let _ = a.admit(ip("10.0.0.2"), false);
         }
         assert!(!peer.close.is_cancelled());
         drop(flood);
@@ -239,37 +240,32 @@ mod tests {
     #[test]
     fn silent_connections_go_before_those_whose_first_message_was_waiting() {
         let a = Admission::new(3, 8, counting(&Metrics::new("mixnode")));
-        let peer = a.admit(ip("10.0.0.1"), true).unwrap();
-        let silent: Vec<Place> = (0..2)
-            .map(|_| a.admit(ip("10.0.0.1"), false).unwrap())
-            .collect();
-        let _next = a.admit(ip("10.0.0.1"), false).unwrap();
+        let peer = a.admit(ip("10.0.0.1"), true);
+        let silent: Vec<Place> = (0..2).map(|_| a.admit(ip("10.0.0.1"), false)).collect();
+        let _next = a.admit(ip("10.0.0.1"), false);
         assert!(silent[0].close.is_cancelled() && !peer.close.is_cancelled());
-        let _more = a.admit(ip("10.0.0.1"), false).unwrap();
-        let _more2 = a.admit(ip("10.0.0.1"), false).unwrap();
+        let _more = a.admit(ip("10.0.0.1"), false);
+        let _more2 = a.admit(ip("10.0.0.1"), false);
         assert!(!peer.close.is_cancelled(), "silent ones keep going first");
         // Only arrived and greeted left: the oldest arrived goes.
-        let held: Vec<Place> = (0..2)
-            .map(|_| a.admit(ip("10.0.0.2"), true).unwrap())
-            .collect();
+        let held: Vec<Place> = (0..2).map(|_| a.admit(ip("10.0.0.2"), true)).collect();
         held.iter().for_each(Place::greeted);
-        let _late = a.admit(ip("10.0.0.3"), true).unwrap();
+        let _late = a.admit(ip("10.0.0.3"), true);
         assert!(peer.close.is_cancelled());
     }
 
     #[test]
-    fn a_pool_of_greeted_connections_refuses_newcomers() {
-        let a = Admission::new(2, 8, counting(&Metrics::new("mixnode")));
-        let held: Vec<Place> = (0..2)
-            .map(|_| a.admit(ip("10.0.0.1"), false).unwrap())
-            .collect();
+    fn a_pool_of_greeted_connections_closes_its_oldest_for_a_newcomer() {
+        let metrics = Metrics::new("mixnode");
+        let a = Admission::new(2, 8, counting(&metrics));
+        let held: Vec<Place> = (0..2).map(|_| a.admit(ip("10.0.0.1"), false)).collect();
         held.iter().for_each(Place::greeted);
-        assert_eq!(
-            a.admit(ip("10.0.0.9"), false).err(),
-            Some(RefusalReason::Handshakes)
-        );
+        let newcomer = a.admit(ip("10.0.0.9"), false);
+        assert!(held[0].close.is_cancelled() && !held[1].close.is_cancelled());
+        assert_eq!(metrics.refused_count(RefusalReason::Handshakes), 1);
+        newcomer.greeted();
         drop(held);
-        assert!(a.admit(ip("10.0.0.9"), false).is_ok());
+        assert_eq!(a.counts(), (0, 1));
     }
 
     #[test]
@@ -279,14 +275,14 @@ mod tests {
         // One /64: three addresses, one group.
         let places: Vec<Place> = ["2001:db8::1", "2001:db8::2", "2001:db8::3"]
             .iter()
-            .map(|s| a.admit(ip(s), true).unwrap())
+            .map(|s| a.admit(ip(s), true))
             .collect();
         places.iter().for_each(Place::greeted);
         assert!(places[0].close.is_cancelled());
         assert!(!places[2].close.is_cancelled());
         assert_eq!(metrics.refused_count(RefusalReason::PerAddress), 1);
         // Another /64 is another group.
-        let other = a.admit(ip("2001:db8:0:1::1"), true).unwrap();
+        let other = a.admit(ip("2001:db8:0:1::1"), true);
         other.greeted();
         assert!(!other.close.is_cancelled() && !places[1].close.is_cancelled());
         assert_eq!(

@@ -153,7 +153,7 @@ knobs! {
     max_links_per_peer: usize = "2";
     /// Connections from one address group (an IPv4 address, an IPv6 /64) past their first handshake message and not yet authenticated; a newer one closes the oldest.
     max_handshakes_per_address: usize = "8";
-    /// Connections in their Noise handshake at once; when full, the oldest that has not sent its first message is closed for a newcomer (a newcomer is refused only when all are past it). Authenticated links count against NYM_NODE_MAX_INGRESS_CONNECTIONS instead.
+    /// Connections in their Noise handshake at once; when full, the oldest that has not sent its first message is closed for a newcomer (else the oldest past it: a newcomer is never refused). Authenticated links count against NYM_NODE_MAX_INGRESS_CONNECTIONS instead.
     max_pending_handshakes: usize = "256";
     /// First reconnect delay after a failed connection to a peer; doubles per failure.
     reconnect_backoff_initial: DurationKnob = "200ms";
@@ -181,7 +181,7 @@ knobs! {
     client_rate: u32 = "500";
     /// Gateways: packets one client session may send in a burst above its rate.
     client_burst: u32 = "1000";
-    /// Gateways: client API connections not yet authenticated, at once; when full, the oldest that has not sent a valid first handshake message is closed for a newcomer (a newcomer is refused only when all are past it).
+    /// Gateways: client API connections not yet authenticated, at once; when full, the oldest that has not sent a valid first handshake message is closed for a newcomer (else the oldest past it: a newcomer is never refused).
     client_max_pending_sessions: usize = "1024";
     /// Gateways: client API connections from one address group (an IPv4 address, an IPv6 /64) past their first handshake message and not yet authenticated; a newer one closes the oldest.
     client_max_pending_per_address: usize = "8";

@@ -175,8 +175,8 @@ pub enum RefusalReason {
     /// A connection past its first handshake message closed: its address group had
     /// `NYM_NODE_MAX_HANDSHAKES_PER_ADDRESS` newer ones in their handshake.
     PerAddress,
-    /// All `NYM_NODE_MAX_PENDING_HANDSHAKES` places are held by connections past their first
-    /// handshake message.
+    /// A connection past its first handshake message, closed for a newcomer: every place
+    /// (`NYM_NODE_MAX_PENDING_HANDSHAKES`) was held past the first message.
     Handshakes,
     /// A connection not yet past its first handshake message, closed to make room for a
     /// newer one.
@@ -417,13 +417,13 @@ impl Metrics {
         let client_refused = counter_vec(
             r,
             "gateway_client_connections_refused_total",
-            "Client API connections closed or refused before they authenticated, by reason: evicted (no valid first handshake message yet; made room for a newer connection), per_address (its address group had too many past their first message), handshake_capacity (every place held past the first message).",
+            "Client API connections closed or refused before they authenticated, by reason: evicted (no valid first handshake message yet; made room for a newer connection), per_address (its address group had too many past their first message), handshake_capacity (past its first message; closed for a newcomer when every place was).",
             &["reason"],
         );
         let refused = counter_vec(
             r,
             "network_refused_ingress_mixnet_connections_total",
-            "Ingress mixnet connections refused or closed before they became links, by reason: evicted (not yet past its first handshake message; made room for a newer connection), per_address (its address group had too many past their first message), handshake_capacity (every place held past the first message), capacity (links full after the handshake).",
+            "Ingress mixnet connections refused or closed before they became links, by reason: evicted (not yet past its first handshake message; made room for a newer connection), per_address (its address group had too many past their first message), handshake_capacity (past its first message; closed for a newcomer when every place was), capacity (links full after the handshake).",
             &["reason"],
         );
         let reloads = counter_vec(

@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -79,17 +79,7 @@ async fn upgrade(
     State(api): State<Arc<ClientApi>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
 ) -> Response {
-    let place = match api.admission.admit(remote.ip(), false) {
-        Ok(place) => place,
-        Err(reason) => {
-            api.metrics.client_connection_refused(reason);
-            return (
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "every place for a new session is taken",
-            )
-                .into_response();
-        }
-    };
+    let place = api.admission.admit(remote.ip(), false);
     ws.max_message_size(channel::FRAME_LEN)
         .max_frame_size(channel::FRAME_LEN)
         .on_upgrade(move |socket| {

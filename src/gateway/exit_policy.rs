@@ -154,12 +154,14 @@ impl ExitPolicy {
     /// Whether a stream to `ip:port` may be opened.
     pub fn check(&self, ip: IpAddr, port: u16) -> Result<(), Refusal> {
         let ip = canonical(ip);
-        let internal = is_internal(ip) || self.own.contains(ip);
+        let own = self.own.contains(ip)
+            || matches!(ip, IpAddr::V6(v6) if embedded_ipv4(v6).is_some_and(|v4| self.own.contains(v4.into())));
+        let internal = is_internal(ip) || own;
         for rule in &self.rules {
             let addr_matches = match &rule.addr {
                 AddrSpec::Any => !internal,
                 AddrSpec::Internal => is_internal(ip),
-                AddrSpec::Own => self.own.contains(ip),
+                AddrSpec::Own => own,
                 AddrSpec::Net { base, prefix } => in_network(ip, *base, *prefix),
             };
             let port_matches =
@@ -383,6 +385,9 @@ mod tests {
         own.replace(HashSet::from([ip("203.0.113.7")]));
         assert!(open.check(ip("203.0.113.7"), 80).is_err());
         assert!(open.check(ip("::ffff:203.0.113.7"), 80).is_err());
+        // Its NAT64 and 6to4 forms lead to it too.
+        assert!(open.check(ip("64:ff9b::cb00:7107"), 80).is_err());
+        assert!(open.check(ip("2002:cb00:7107::1"), 80).is_err());
     }
 
     #[test]

@@ -153,21 +153,7 @@ pub async fn run(
                 continue;
             }
         };
-        let place = match admission.admit(remote.ip(), first_message_waiting(&stream)) {
-            Ok(place) => place,
-            Err(reason) => {
-                ctx.metrics.refused(reason);
-                if refusal_log.allow() {
-                    tracing::warn!(
-                        %remote,
-                        reason = reason.as_str(),
-                        "refusing ingress connection: every handshake place is taken (counted; logged at most every 30s)"
-                    );
-                }
-                drop(stream);
-                continue;
-            }
-        };
+        let place = admission.admit(remote.ip(), first_message_waiting(&stream));
         let ctx = ctx.clone();
         let stop = stop.clone();
         let unknown_key_log = unknown_key_log.clone();
