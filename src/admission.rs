@@ -55,10 +55,17 @@ impl AddressGroup {
     }
 }
 
+/// Whether a connection's whole first message is waiting in its socket (a peek).
+pub type Waiting = Box<dyn Fn() -> bool + Send>;
+
 struct Entry {
     group: AddressGroup,
     close: CancellationToken,
+    waiting: Option<Waiting>,
 }
+
+/// Silent connections looked at (their sockets peeked) per eviction, oldest first.
+const EVICTION_CHECKS: usize = 16;
 
 #[derive(Default)]
 struct Pool {
@@ -96,23 +103,13 @@ impl Admission {
         })
     }
 
-    /// A new connection from `ip` (`arrived`: its whole first message is already waiting):
-    /// admitted, closing the oldest silent (else arrived, else greeted) connection if the
-    /// pool is full.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr, arrived: bool) -> Place {
+    /// A new connection from `ip` (`waiting` peeks whether its whole first message is in its
+    /// socket): admitted, closing another if the pool is full (see `make_room`).
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, waiting: Option<Waiting>) -> Place {
+        let arrived = waiting.as_ref().is_some_and(|w| w());
         let mut pool = self.pool.lock();
         if pool.silent.len() + pool.arrived.len() + pool.greeted.len() >= self.capacity {
-            if let Some((_, oldest)) = pool.silent.pop_first().or_else(|| pool.arrived.pop_first())
-            {
-                oldest.close.cancel();
-                (self.count)(RefusalReason::Evicted);
-            } else if let Some((_, oldest)) = pool.greeted.pop_first() {
-                // Every place past its first message: the oldest goes rather than refusing
-                // the newcomer, so a flood of first messages is a race, not a lockout.
-                oldest.close.cancel();
-                Self::count_down(&mut pool, oldest.group);
-                (self.count)(RefusalReason::Handshakes);
-            }
+            self.make_room(&mut pool);
         }
         let id = pool.next;
         pool.next += 1;
@@ -120,6 +117,7 @@ impl Admission {
         let entry = Entry {
             group: AddressGroup::of(ip),
             close: close.clone(),
+            waiting,
         };
         if arrived {
             pool.arrived.insert(id, entry);
@@ -130,6 +128,33 @@ impl Admission {
             admission: self.clone(),
             id,
             close,
+        }
+    }
+
+    /// Closes one connection: the oldest silent one whose first message has not come since
+    /// (those whose has are moved to arrived: their task may just not have run yet), else
+    /// the oldest arrived, else the oldest greeted (rather than refusing the newcomer, so a
+    /// flood of first messages is a race, not a lockout).
+    fn make_room(&self, pool: &mut Pool) {
+        for _ in 0..EVICTION_CHECKS {
+            let Some((id, entry)) = pool.silent.pop_first() else {
+                break;
+            };
+            if entry.waiting.as_ref().is_some_and(|w| w()) {
+                pool.arrived.insert(id, entry);
+                continue;
+            }
+            entry.close.cancel();
+            (self.count)(RefusalReason::Evicted);
+            return;
+        }
+        if let Some((_, oldest)) = pool.silent.pop_first().or_else(|| pool.arrived.pop_first()) {
+            oldest.close.cancel();
+            (self.count)(RefusalReason::Evicted);
+        } else if let Some((_, oldest)) = pool.greeted.pop_first() {
+            oldest.close.cancel();
+            Self::count_down(pool, oldest.group);
+            (self.count)(RefusalReason::Handshakes);
         }
     }
 
@@ -218,15 +243,15 @@ mod tests {
     fn a_full_pool_closes_its_oldest_silent_connection_for_a_newcomer() {
         let metrics = Metrics::new("mixnode");
         let a = Admission::new(3, 8, counting(&metrics));
-        let flood: Vec<Place> = (0..3).map(|_| a.admit(ip("10.0.0.1"), false)).collect();
-        let peer = a.admit(ip("10.0.0.1"), false);
+        let flood: Vec<Place> = (0..3).map(|_| a.admit(ip("10.0.0.1"), None)).collect();
+        let peer = a.admit(ip("10.0.0.1"), None);
         assert!(flood[0].close.is_cancelled(), "the oldest made room");
         assert!(!flood[1].close.is_cancelled() && !peer.close.is_cancelled());
         assert_eq!(metrics.refused_count(RefusalReason::Evicted), 1);
         // Once greeted, the peer is out of the flood's reach.
         peer.greeted();
         for _ in 0..10 {
-            let _ = a.admit(ip("10.0.0.2"), false);
+            let _ = a.admit(ip("10.0.0.2"), None);
         }
         assert!(!peer.close.is_cancelled());
         drop(flood);
@@ -240,27 +265,48 @@ mod tests {
     #[test]
     fn silent_connections_go_before_those_whose_first_message_was_waiting() {
         let a = Admission::new(3, 8, counting(&Metrics::new("mixnode")));
-        let peer = a.admit(ip("10.0.0.1"), true);
-        let silent: Vec<Place> = (0..2).map(|_| a.admit(ip("10.0.0.1"), false)).collect();
-        let _next = a.admit(ip("10.0.0.1"), false);
+        let peer = a.admit(ip("10.0.0.1"), Some(Box::new(|| true)));
+        let silent: Vec<Place> = (0..2).map(|_| a.admit(ip("10.0.0.1"), None)).collect();
+        let _next = a.admit(ip("10.0.0.1"), None);
         assert!(silent[0].close.is_cancelled() && !peer.close.is_cancelled());
-        let _more = a.admit(ip("10.0.0.1"), false);
-        let _more2 = a.admit(ip("10.0.0.1"), false);
+        let _more = a.admit(ip("10.0.0.1"), None);
+        let _more2 = a.admit(ip("10.0.0.1"), None);
         assert!(!peer.close.is_cancelled(), "silent ones keep going first");
         // Only arrived and greeted left: the oldest arrived goes.
-        let held: Vec<Place> = (0..2).map(|_| a.admit(ip("10.0.0.2"), true)).collect();
+        let held: Vec<Place> = (0..2)
+            .map(|_| a.admit(ip("10.0.0.2"), Some(Box::new(|| true))))
+            .collect();
         held.iter().for_each(Place::greeted);
-        let _late = a.admit(ip("10.0.0.3"), true);
+        let _late = a.admit(ip("10.0.0.3"), Some(Box::new(|| true)));
         assert!(peer.close.is_cancelled());
+    }
+
+    #[test]
+    fn a_silent_connection_whose_first_message_came_since_is_not_the_one_closed() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let a = Admission::new(2, 8, counting(&Metrics::new("mixnode")));
+        let came = Arc::new(AtomicBool::new(false));
+        let peer = {
+            let came = came.clone();
+            a.admit(
+                ip("10.0.0.1"),
+                Some(Box::new(move || came.load(Ordering::Relaxed))),
+            )
+        };
+        let flood = a.admit(ip("10.0.0.1"), Some(Box::new(|| false)));
+        // The peer's message arrives; its task has not run yet when the next one comes.
+        came.store(true, Ordering::Relaxed);
+        let _next = a.admit(ip("10.0.0.1"), Some(Box::new(|| false)));
+        assert!(!peer.close.is_cancelled() && flood.close.is_cancelled());
     }
 
     #[test]
     fn a_pool_of_greeted_connections_closes_its_oldest_for_a_newcomer() {
         let metrics = Metrics::new("mixnode");
         let a = Admission::new(2, 8, counting(&metrics));
-        let held: Vec<Place> = (0..2).map(|_| a.admit(ip("10.0.0.1"), false)).collect();
+        let held: Vec<Place> = (0..2).map(|_| a.admit(ip("10.0.0.1"), None)).collect();
         held.iter().for_each(Place::greeted);
-        let newcomer = a.admit(ip("10.0.0.9"), false);
+        let newcomer = a.admit(ip("10.0.0.9"), None);
         assert!(held[0].close.is_cancelled() && !held[1].close.is_cancelled());
         assert_eq!(metrics.refused_count(RefusalReason::Handshakes), 1);
         newcomer.greeted();
@@ -275,14 +321,14 @@ mod tests {
         // One /64: three addresses, one group.
         let places: Vec<Place> = ["2001:db8::1", "2001:db8::2", "2001:db8::3"]
             .iter()
-            .map(|s| a.admit(ip(s), true))
+            .map(|s| a.admit(ip(s), Some(Box::new(|| true))))
             .collect();
         places.iter().for_each(Place::greeted);
         assert!(places[0].close.is_cancelled());
         assert!(!places[2].close.is_cancelled());
         assert_eq!(metrics.refused_count(RefusalReason::PerAddress), 1);
         // Another /64 is another group.
-        let other = a.admit(ip("2001:db8:0:1::1"), true);
+        let other = a.admit(ip("2001:db8:0:1::1"), Some(Box::new(|| true)));
         other.greeted();
         assert!(!other.close.is_cancelled() && !places[1].close.is_cancelled());
         assert_eq!(

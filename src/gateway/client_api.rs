@@ -79,7 +79,7 @@ async fn upgrade(
     State(api): State<Arc<ClientApi>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
 ) -> Response {
-    let place = api.admission.admit(remote.ip(), false);
+    let place = api.admission.admit(remote.ip(), None);
     ws.max_message_size(channel::FRAME_LEN)
         .max_frame_size(channel::FRAME_LEN)
         .on_upgrade(move |socket| {

@@ -153,7 +153,14 @@ pub async fn run(
                 continue;
             }
         };
-        let place = admission.admit(remote.ip(), first_message_waiting(&stream));
+        let place = {
+            use std::os::fd::AsRawFd;
+            let fd = stream.as_raw_fd();
+            admission.admit(
+                remote.ip(),
+                Some(Box::new(move || first_message_waiting(fd))),
+            )
+        };
         let ctx = ctx.clone();
         let stop = stop.clone();
         let unknown_key_log = unknown_key_log.clone();
@@ -173,16 +180,17 @@ pub async fn run(
 /// Whether a whole first handshake message is already waiting on a just-accepted
 /// connection (a real peer writes it the moment its connect completes). A peek, without
 /// waiting and without reading.
-fn first_message_waiting(stream: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd;
+fn first_message_waiting(fd: std::os::fd::RawFd) -> bool {
     let mut buf = [0u8; noise::FIRST_MESSAGE_WIRE_LEN];
     // Straight to the socket: tokio's own peek answers from its readiness cache, which has
-    // not heard of a connection accepted a moment ago.
-    // SAFETY: `buf` is valid for `buf.len()` bytes and outlives the call; the descriptor is
-    // the stream's, open for as long as `stream` is borrowed.
+    // not heard of a connection accepted a moment ago. The admission calls this until the
+    // connection's place is released, which its task does before it closes the socket
+    // (and a peek of a reused descriptor would read nothing and change nothing).
+    // SAFETY: `buf` is valid for `buf.len()` bytes and outlives the call; recv with
+    // MSG_PEEK | MSG_DONTWAIT neither blocks nor consumes.
     let n = unsafe {
         libc::recv(
-            stream.as_raw_fd(),
+            fd,
             buf.as_mut_ptr().cast(),
             buf.len(),
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
