@@ -374,56 +374,6 @@ mod tests {
         assert_eq!(store.received_count(&real).unwrap(), 1);
     }
 
-    /// Resident memory of this process, from /proc (Linux).
-    fn resident_bytes() -> u64 {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-        let pages: u64 = statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        pages * 4096
-    }
-
-    #[test]
-    fn a_full_store_of_made_up_tags_stays_within_its_memory() {
-        // An exit's in-memory store at the default bound, fed by ten times as many SURBs of
-        // real size under made-up tags.
-        let store = SurbStore::open(None, SurbLimits::default()).unwrap();
-        let before = resident_bytes();
-        // A real one: three mixes and a gateway, as a client's reply SURB.
-        let hop = crate::client::route::Hop {
-            identity: crate::keys::KeyBytes([9; 32]),
-            sphinx_keys: vec![crate::keys::EpochKey::always(crate::keys::KeyBytes(
-                [9; 32],
-            ))],
-        };
-        let (surb, _) = crate::client::packet::build_surb(
-            &vec![hop; 4],
-            &crate::keys::KeyBytes([3; 32]),
-            [5; IDENTIFIER_SIZE],
-            &[Duration::ZERO; 4],
-        )
-        .unwrap();
-        for i in 0..(SurbLimits::default().total as u32 / 5) * 2 {
-            let mut tag = [0u8; 16];
-            tag[..4].copy_from_slice(&i.to_be_bytes());
-            store.add_received(&tag, &vec![surb.clone(); 5]).unwrap();
-        }
-        assert_eq!(
-            store.received_total().unwrap(),
-            SurbLimits::default().total as u64
-        );
-        let grown = resident_bytes().saturating_sub(before);
-        eprintln!(
-            "{} SURBs of {} B held: resident memory grew {:.1} MB",
-            SurbLimits::default().total,
-            surb.len(),
-            grown as f64 / 1e6
-        );
-        assert!(grown < 128 << 20, "grew {grown} bytes");
-    }
-
     #[test]
     fn what_was_stored_survives_reopening_the_file() {
         let dir = tempfile::tempdir().unwrap();
