@@ -366,39 +366,52 @@ async fn read_link(
             }
             r = read => r,
         };
-        match read {
-            Ok(Ok(0)) => {
-                if !buf.is_empty() {
-                    metrics.dropped(DropReason::MalformedFrame);
-                    tracing::debug!("peer closed the connection in the middle of a frame");
-                }
-                tracing::debug!(
-                    exit_reason = "peer_closed",
-                    "ingress connection closed by the peer"
-                );
-                return;
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(exit_reason = "io_error", error = %e, "ingress connection broke");
-                return;
-            }
-            Err(_) if buf.is_empty() => {
-                metrics.idle_closed_ingress.inc();
-                tracing::info!(
-                    exit_reason = "idle_timeout",
-                    "closing idle ingress connection"
-                );
-                return;
-            }
-            Err(_) => {
+        if !still_open(read, buf.is_empty(), metrics) {
+            return;
+        }
+    }
+}
+
+/// What one read of a link says: true if the link stays open. Closes (counted, logged) on
+/// the peer's close, an I/O error, the idle deadline (`between_frames`) or an unfinished
+/// frame's deadline.
+fn still_open(
+    read: Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
+    between_frames: bool,
+    metrics: &Metrics,
+) -> bool {
+    match read {
+        Ok(Ok(0)) => {
+            if !between_frames {
                 metrics.dropped(DropReason::MalformedFrame);
-                tracing::warn!(
-                    exit_reason = "frame_read_timeout",
-                    "closing ingress connection: frame not completed in time"
-                );
-                return;
+                tracing::debug!("peer closed the connection in the middle of a frame");
             }
+            tracing::debug!(
+                exit_reason = "peer_closed",
+                "ingress connection closed by the peer"
+            );
+            false
+        }
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(exit_reason = "io_error", error = %e, "ingress connection broke");
+            false
+        }
+        Err(_) if between_frames => {
+            metrics.idle_closed_ingress.inc();
+            tracing::info!(
+                exit_reason = "idle_timeout",
+                "closing idle ingress connection"
+            );
+            false
+        }
+        Err(_) => {
+            metrics.dropped(DropReason::MalformedFrame);
+            tracing::warn!(
+                exit_reason = "frame_read_timeout",
+                "closing ingress connection: frame not completed in time"
+            );
+            false
         }
     }
 }
