@@ -243,6 +243,16 @@ pub const EXIT_REFUSAL_REASONS: [&str; 9] = [
     "too_many_clients",
 ];
 
+/// Every kind of node a topology document lists, as (mode, layer) labels: each keeps a
+/// series in the node's and the operator's node counts, so a layer that empties reads 0.
+pub const TOPOLOGY_NODE_KINDS: [(&str, &str); 5] = [
+    ("mixnode", "1"),
+    ("mixnode", "2"),
+    ("mixnode", "3"),
+    ("entry-gateway", ""),
+    ("exit-gateway", ""),
+];
+
 /// Reads a value that lives elsewhere into a gauge, at scrape time.
 pub type Sampler = Box<dyn Fn(&Metrics) + Send + Sync>;
 
@@ -672,14 +682,7 @@ impl Metrics {
     /// gateway mode keeps a series, so a layer that empties reads 0 rather than vanishing.
     pub fn clear_topology_nodes(&self) {
         self.topology_nodes.reset();
-        let kinds = [
-            ("mixnode", "1"),
-            ("mixnode", "2"),
-            ("mixnode", "3"),
-            ("entry-gateway", ""),
-            ("exit-gateway", ""),
-        ];
-        for (mode, layer) in kinds {
+        for (mode, layer) in TOPOLOGY_NODE_KINDS {
             for serving in ["true", "false"] {
                 self.topology_nodes
                     .with_label_values(&[mode, layer, serving]);

@@ -8,6 +8,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use nym_node::metrics::TOPOLOGY_NODE_KINDS;
 use nym_node::topology::TopologyDocument;
 
 use crate::rollout::Rollout;
@@ -33,16 +34,6 @@ pub struct Metrics {
 }
 
 const PHASES: [&str; 5] = ["idle", "blocked", "withdrawing", "replacing", "halted"];
-
-/// Every kind of node a document lists: each mix layer and each gateway mode keeps a
-/// series, so a layer that empties reads 0 rather than vanishing.
-const NODE_KINDS: [(&str, &str); 5] = [
-    ("mixnode", "1"),
-    ("mixnode", "2"),
-    ("mixnode", "3"),
-    ("entry-gateway", ""),
-    ("exit-gateway", ""),
-];
 
 fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help)
@@ -185,7 +176,7 @@ impl Metrics {
     }
 
     fn observe_nodes(&self, ns: &str, doc: &TopologyDocument) {
-        for (mode, layer) in NODE_KINDS {
+        for (mode, layer) in TOPOLOGY_NODE_KINDS {
             for serving in [true, false] {
                 let count = doc
                     .nodes
