@@ -88,6 +88,10 @@ NODE_PANELS = [
          "Authenticated client sessions."),
         ("Mailbox", "short", [("{{instance}}", f'sum by (instance) (nym_node_gateway_mailbox_payloads{{{SEL}}})')],
          "Payloads stored for clients, waiting for their acknowledgement."),
+        ("Registrations", "short", [
+            ("registered {{instance}}", f'sum by (instance) (nym_node_gateway_registered_clients{{{SEL}}})'),
+            ("{{outcome}} /min", f'sum by (outcome) (rate(nym_node_gateway_registrations_total{{{SEL}}}[5m])) * 60')],
+         "Clients registered here (each paid a stamp once), and registrations per minute by outcome: registered, stamp_required (a new client told the price), expired (lapsed without a session). A surge of registered with the mailbox near its cap is someone buying identities."),
         ("SURB-ACKs sent", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_gateway_acks_sent_total{{{SEL}}}[$__rate_interval]))')],
          "Acknowledgements sent back for stored payloads."),
         ("Refused client sessions", "ops", [

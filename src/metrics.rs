@@ -229,6 +229,10 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// What became of a gateway registration (the `outcome` label of
+/// `nym_node_gateway_registrations_total`).
+pub const REGISTRATION_OUTCOMES: [&str; 3] = ["registered", "stamp_required", "expired"];
+
 /// Why an exit refuses a stream (the `reason` label of `nym_node_exit_streams_refused_total`):
 /// the exit policy's three, then the network requester's own.
 pub const EXIT_REFUSAL_REASONS: [&str; 9] = [
@@ -300,6 +304,8 @@ pub struct Metrics {
     pub exit_streams_open: IntGauge,
     pub exit_streams_opened: IntCounter,
     exit_streams_refused: IntCounterVec,
+    registrations: IntCounterVec,
+    pub registered_clients: IntGauge,
     pub exit_bytes_to_target: IntCounter,
     pub exit_bytes_from_target: IntCounter,
     pub exit_first_byte: Histogram,
@@ -493,6 +499,16 @@ impl Metrics {
             exit_streams_refused.with_label_values(&[reason]);
         }
 
+        let registrations = counter_vec(
+            r,
+            "gateway_registrations_total",
+            "Client registrations at this gateway, by outcome: registered (a new client paid its stamp), stamp_required (a client new here came without a valid stamp and was told the bits), expired (lapsed after NYM_NODE_REGISTRATION_EXPIRY without a session).",
+            &["outcome"],
+        );
+        for outcome in REGISTRATION_OUTCOMES {
+            registrations.with_label_values(&[outcome]);
+        }
+
         let metrics = Arc::new(Metrics {
             exit_streams_open: gauge(
                 r,
@@ -505,6 +521,12 @@ impl Metrics {
                 "Streams the exit's network requester opened to targets.",
             ),
             exit_streams_refused,
+            registrations,
+            registered_clients: gauge(
+                r,
+                "gateway_registered_clients",
+                "Clients registered at this gateway (their payloads are out of the unregistered budget).",
+            ),
             exit_bytes_to_target: exit_bytes.with_label_values(&["to_target"]),
             exit_bytes_from_target: exit_bytes.with_label_values(&["from_target"]),
             exit_first_byte: exit_first_byte.with_label_values(&[] as &[&str]),
@@ -697,6 +719,23 @@ impl Metrics {
             "unknown reason {reason}"
         );
         self.exit_streams_refused.with_label_values(&[reason]).inc();
+    }
+
+    /// A registration outcome (one of [`REGISTRATION_OUTCOMES`]).
+    pub fn registration(&self, outcome: &str) {
+        self.registrations_n(outcome, 1);
+    }
+
+    pub fn registrations_n(&self, outcome: &str, n: u64) {
+        debug_assert!(
+            REGISTRATION_OUTCOMES.contains(&outcome),
+            "unknown outcome {outcome}"
+        );
+        self.registrations.with_label_values(&[outcome]).inc_by(n);
+    }
+
+    pub fn registration_count(&self, outcome: &str) -> u64 {
+        self.registrations.with_label_values(&[outcome]).get()
     }
 
     pub fn exit_refused_count(&self, reason: &str) -> u64 {

@@ -24,14 +24,14 @@ use crate::gateway::{
 };
 use crate::health::Health;
 use crate::http::{self, HttpState, description::Description};
-use crate::keys::{NodeKeys, PublicKeys, unix_ms};
+use crate::keys::{KeyBytes, NodeKeys, PublicKeys, unix_ms};
 use crate::metrics::{DropReason, Metrics};
 use crate::mixnet::egress::{Egress, EgressContext, EgressSettings};
 use crate::mixnet::epochs::{self, KeyRing};
 use crate::mixnet::forward::Forwarder;
 use crate::mixnet::ingress::{self, IngressContext, IngressSettings};
-use crate::mixnet::intake::{Downstream, Intake};
-use crate::mixnet::sphinx::SphinxProcessor;
+use crate::mixnet::intake::{Downstream, ForwardItem, Intake};
+use crate::mixnet::sphinx::{FinalHop, SphinxProcessor};
 use crate::shutdown::Shutdown;
 use crate::topology::{self, PeerAddress, TopologyHandle, TopologySource};
 
@@ -188,6 +188,59 @@ async fn load_exit_policy(
     Ok((policy, own, listening))
 }
 
+/// The handles every part of the node is wired with.
+struct Core {
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+    topology: TopologyHandle,
+    health: Arc<Health>,
+    ring: Arc<KeyRing>,
+    /// Cancelled once the pipeline has drained: what outlives it (keys, topology, HTTP).
+    background: CancellationToken,
+}
+
+/// The addresses the listeners ended up on (a port of 0 picks one).
+struct Bound {
+    mixnet: SocketAddr,
+    http: SocketAddr,
+    client: Option<SocketAddr>,
+}
+
+impl Bound {
+    fn of(config: &Config, listeners: &Listeners) -> Result<Self, NodeError> {
+        let bound = |what: &'static str, listener: &TcpListener, addr: SocketAddr| {
+            listener
+                .local_addr()
+                .map_err(|source| NodeError::Bind { what, addr, source })
+        };
+        Ok(Bound {
+            mixnet: bound("the mixnet listener", &listeners.mixnet, config.mixnet_bind)?,
+            http: bound("the HTTP listener", &listeners.http, config.http_bind)?,
+            client: listeners.client.as_ref().and_then(|l| l.local_addr().ok()),
+        })
+    }
+}
+
+/// Tasks that run until [`Core::background`] is cancelled.
+struct Background {
+    key_epochs: JoinHandle<()>,
+    refresh: JoinHandle<()>,
+    own_addresses: Option<JoinHandle<()>>,
+}
+
+/// The mixnet pipeline, in data-flow order: ingress → Sphinx workers → forwarder → egress.
+struct Pipeline {
+    ingress: JoinHandle<()>,
+    connections: TaskTracker,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    forwarder: JoinHandle<()>,
+    links: TaskTracker,
+    /// For gateways' own producers (client sessions, SURB-ACKs); dropped once they have theirs.
+    forward: mpsc::Sender<ForwardItem>,
+    /// Gateways: what the workers unwrapped for a client of this gateway.
+    deliver: Option<mpsc::Receiver<FinalHop>>,
+}
+
 /// Starts every part of the node. It runs until `RunningNode::shutdown` is stopped.
 pub async fn start(
     config: Config,
@@ -195,28 +248,89 @@ pub async fn start(
     listeners: Listeners,
     hooks: TestHooks,
 ) -> Result<RunningNode, NodeError> {
+    let bound = Bound::of(&config, &listeners)?;
+    // Before anything starts: a bad policy is a start-up error, not a silent open exit.
+    let exit_policy = match config.mode {
+        Mode::ExitGateway => Some(
+            load_exit_policy(
+                &config,
+                [Some(bound.mixnet), Some(bound.http), bound.client],
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    let core = open_core(&config, &keys)?;
+    let signer = config.topology_signer()?;
+    let (dns, resolver) = peer_resolver(&config, &core)?;
+    let background = start_background(
+        &config,
+        &keys,
+        &core,
+        signer,
+        exit_policy.as_ref(),
+        resolver.clone(),
+    );
+    let mut pipeline = start_pipeline(&config, &keys, &core, resolver, &hooks, listeners.mixnet)?;
+    let accept_loop = pipeline.ingress.abort_handle();
+    let gateway_tasks = match (pipeline.deliver.take(), listeners.client) {
+        (Some(deliver), Some(client_listener)) => {
+            let gateway = GatewayParts {
+                deliver,
+                client_listener,
+                forward: pipeline.forward.clone(),
+                exit: exit_policy.map(|(policy, ..)| (policy, dns, signer)),
+                client_addr: bound.client,
+            };
+            start_gateway(&config, &keys, &core, &hooks, gateway)?
+        }
+        _ => Vec::new(),
+    };
+    let http = start_http(&config, &keys, &core, listeners.http, &bound);
+    core.health.set_listeners_bound();
+    tracing::info!(
+        mode = %config.mode,
+        identity = %keys.identity.public(),
+        mixnet = %bound.mixnet,
+        http = %bound.http,
+        client = ?bound.client,
+        "node started"
+    );
+    let Core {
+        metrics,
+        shutdown,
+        topology,
+        health,
+        ..
+    } = &core;
+    let running = RunningNode {
+        metrics: metrics.clone(),
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+        topology: topology.clone(),
+        mixnet_addr: bound.mixnet,
+        http_addr: bound.http,
+        client_addr: bound.client,
+        accept_loop,
+        task: tokio::spawn(run_until_stopped(
+            core,
+            pipeline,
+            gateway_tasks,
+            background,
+            http,
+        )),
+    };
+    Ok(running)
+}
+
+/// Metrics, health, the topology handle and the key ring. The ring opens before anything
+/// can receive: its replay filters must be loaded first.
+fn open_core(config: &Config, keys: &NodeKeys) -> Result<Core, NodeError> {
     let metrics = Metrics::new(config.mode.as_str());
     let shutdown = Shutdown::new();
     let topology = TopologyHandle::new();
     let health = Health::new(topology.clone(), shutdown.clone());
     health.set_keys_loaded();
-    let bound = |what: &'static str, listener: &TcpListener, addr: SocketAddr| {
-        listener
-            .local_addr()
-            .map_err(|source| NodeError::Bind { what, addr, source })
-    };
-    let mixnet_addr = bound("the mixnet listener", &listeners.mixnet, config.mixnet_bind)?;
-    let http_addr = bound("the HTTP listener", &listeners.http, config.http_bind)?;
-    let client_addr = listeners.client.as_ref().and_then(|l| l.local_addr().ok());
-    // Before anything starts: a bad policy is a start-up error, not a silent open exit.
-    let exit_policy = match config.mode {
-        Mode::ExitGateway => Some(
-            load_exit_policy(&config, [Some(mixnet_addr), Some(http_addr), client_addr]).await?,
-        ),
-        _ => None,
-    };
-
-    // The key ring opens before anything can receive: its filters must be loaded first.
     let (ring, opened) = KeyRing::open(config.epoch_settings(), keys.sphinx.clone(), unix_ms())?;
     let ring = Arc::new(ring);
     if !opened.filters_lost.is_empty() {
@@ -227,33 +341,22 @@ pub async fn start(
         let ring = ring.clone();
         metrics.add_sampler(Box::new(move |m| epochs::sample(&ring, m)));
     }
-
-    // Topology and HTTP outlive the pipeline: they stop last.
-    let background = CancellationToken::new();
-    let key_epochs = tokio::spawn(epochs::run(
-        ring.clone(),
-        config.replay_filter_save_interval.get(),
-        metrics.clone(),
-        background.clone(),
-    ));
-    let signer = config.topology_signer()?;
-    if signer.is_none() {
-        tracing::warn!(
-            "NYM_NODE_TOPOLOGY_SIGNER is not set: topology documents are not authenticated"
-        );
-    }
-    let refresh = tokio::spawn(topology::refresh_loop(
-        TopologySource::parse(&config.topology).signed_by(signer),
-        topology.clone(),
-        config.topology_refresh.get(),
-        Some(metrics.clone()),
-        background.clone(),
-    ));
     {
         let (handle, me, mode) = (topology.clone(), keys.identity.public(), config.mode);
         metrics.add_sampler(Box::new(move |m| topology::sample(&handle, &me, mode, m)));
     }
+    Ok(Core {
+        metrics,
+        shutdown,
+        topology,
+        health,
+        ring,
+        background: CancellationToken::new(),
+    })
+}
 
+/// The resolver for peers' host names, and the settings an exit's own resolver copies.
+fn peer_resolver(config: &Config, core: &Core) -> Result<(DnsSettings, Arc<Resolver>), NodeError> {
     let dns = DnsSettings {
         servers: config.dns_servers.0.clone(),
         max_ttl: config.dns_max_ttl.get(),
@@ -261,20 +364,64 @@ pub async fn start(
         timeout: config.dns_timeout.get(),
         max_entries: PEER_DNS_CACHE_ENTRIES,
     };
-    let resolver = Resolver::new(dns.clone(), metrics.clone())?;
+    let resolver = Resolver::new(dns.clone(), core.metrics.clone())?;
+    Ok((dns, resolver))
+}
 
-    let own_addresses = exit_policy.as_ref().map(|(_, own, listening)| {
+/// Key rotation, topology refresh and (exits) the watch on the node's own addresses.
+fn start_background(
+    config: &Config,
+    keys: &NodeKeys,
+    core: &Core,
+    signer: Option<KeyBytes>,
+    exit_policy: Option<&(ExitPolicy, OwnAddresses, HashSet<IpAddr>)>,
+    resolver: Arc<Resolver>,
+) -> Background {
+    let key_epochs = tokio::spawn(epochs::run(
+        core.ring.clone(),
+        config.replay_filter_save_interval.get(),
+        core.metrics.clone(),
+        core.background.clone(),
+    ));
+    if signer.is_none() {
+        tracing::warn!(
+            "NYM_NODE_TOPOLOGY_SIGNER is not set: topology documents are not authenticated"
+        );
+    }
+    let refresh = tokio::spawn(topology::refresh_loop(
+        TopologySource::parse(&config.topology).signed_by(signer),
+        core.topology.clone(),
+        config.topology_refresh.get(),
+        Some(core.metrics.clone()),
+        core.background.clone(),
+    ));
+    let own_addresses = exit_policy.map(|(_, own, listening)| {
         tokio::spawn(own_addresses::keep_current(
             own.clone(),
             listening.clone(),
-            topology.clone(),
+            core.topology.clone(),
             keys.identity.public(),
-            resolver.clone(),
-            background.clone(),
+            resolver,
+            core.background.clone(),
         ))
     });
+    Background {
+        key_epochs,
+        refresh,
+        own_addresses,
+    }
+}
 
-    // Downstream first: egress and the forwarder, then the workers feeding it.
+/// Downstream first (egress and the forwarder), then the Sphinx workers feeding it, then
+/// ingress feeding them.
+fn start_pipeline(
+    config: &Config,
+    keys: &NodeKeys,
+    core: &Core,
+    resolver: Arc<Resolver>,
+    hooks: &TestHooks,
+    mixnet: TcpListener,
+) -> Result<Pipeline, NodeError> {
     let links = TaskTracker::new();
     let egress = Egress::new(Arc::new(EgressContext {
         settings: EgressSettings {
@@ -286,33 +433,33 @@ pub async fn start(
             backoff_initial: config.reconnect_backoff_initial.get(),
             backoff_max: config.reconnect_backoff_max.get(),
         },
-        topology: topology.clone(),
+        topology: core.topology.clone(),
         noise_secret: keys.noise.secret_bytes(),
-        resolver: resolver.clone(),
-        metrics: metrics.clone(),
+        resolver,
+        metrics: core.metrics.clone(),
         tracker: links.clone(),
     }));
-    let (forward_tx, forward_rx) = mpsc::channel(config.forwarder_queue);
+    let (forward, forward_rx) = mpsc::channel(config.forwarder_queue);
     let forwarder = tokio::spawn(
         Forwarder::new(
             forward_rx,
             egress,
-            metrics.clone(),
-            health.clone(),
+            core.metrics.clone(),
+            core.health.clone(),
             config.delay_queue_capacity,
             hooks.lose_every,
         )
         .run(),
     );
-
-    let (deliver_tx, deliver_rx) = if config.mode.is_gateway() {
-        let (tx, rx) = mpsc::channel(config.delivery_queue);
-        (Some(tx), Some(rx))
-    } else {
-        (None, None)
+    let (deliver_tx, deliver) = match config.mode.is_gateway() {
+        true => {
+            let (tx, rx) = mpsc::channel(config.delivery_queue);
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
     };
     let processor = Arc::new(SphinxProcessor::new(
-        ring.clone(),
+        core.ring.clone(),
         config.max_packet_delay.get(),
     ));
     let (intake, workers) = Intake::start(
@@ -321,232 +468,289 @@ pub async fn start(
         config.sphinx_queue,
         config.sphinx_queue_per_connection,
         Downstream {
-            forward: forward_tx.clone(),
+            forward: forward.clone(),
             deliver: deliver_tx,
         },
-        metrics.clone(),
+        core.metrics.clone(),
         hooks.slow_unwrap,
     )
     .map_err(NodeError::Workers)?;
-
     let connections = TaskTracker::new();
     let ingress = tokio::spawn(ingress::run(
-        listeners.mixnet,
+        mixnet,
         Arc::new(IngressContext {
-            settings: IngressSettings {
-                handshake_timeout: config.handshake_timeout.get(),
-                first_message_timeout: config.handshake_first_message_timeout.get(),
-                idle_timeout: config.idle_timeout(),
-                frame_read_timeout: config.frame_read_timeout.get(),
-                max_connections: config.max_ingress_connections,
-                max_handshakes_per_address: config.max_handshakes_per_address,
-                max_pending_handshakes: config.max_pending_handshakes,
-                max_links_per_peer: config.max_links_per_peer,
-            },
+            settings: ingress_settings(config),
             noise_secret: keys.noise.secret_bytes(),
-            topology: topology.clone(),
+            topology: core.topology.clone(),
             intake,
-            metrics: metrics.clone(),
-            health: health.clone(),
+            metrics: core.metrics.clone(),
+            health: core.health.clone(),
         }),
-        shutdown.stopping_token(),
+        core.shutdown.stopping_token(),
         connections.clone(),
     ));
+    Ok(Pipeline {
+        ingress,
+        connections,
+        workers,
+        forwarder,
+        links,
+        forward,
+        deliver,
+    })
+}
 
-    let accept_loop = ingress.abort_handle();
-    let mut gateway_tasks = Vec::new();
-    if let (Some(rx), Some(client_listener)) = (deliver_rx, listeners.client) {
-        let mailbox = Arc::new(Mailbox::open_with(
-            &config.data_dir.join("mailbox.redb"),
-            crate::gateway::mailbox::Limits {
-                per_client: config.mailbox_quota_bytes,
-                total: config.mailbox_max_bytes,
-                unregistered: config.mailbox_unregistered_bytes,
-            },
-        )?);
-        let stored = mailbox.clone();
-        metrics.add_sampler(Box::new(move |m| {
-            m.mailbox_payloads.set(stored.stored() as i64)
-        }));
-        let sessions = Sessions::new(metrics.clients_connected.clone());
-        gateway_tasks.push(tokio::spawn(
-            Delivery {
-                rx,
-                forward: forward_tx.clone(),
-                mailbox: mailbox.clone(),
-                sessions: sessions.clone(),
-                metrics: metrics.clone(),
-                stall: hooks.stall_delivery,
-            }
-            .run(),
-        ));
-        let api = Arc::new(ClientApi {
-            noise_secret: keys.noise.secret_bytes(),
-            forward: forward_tx.clone(),
-            mailbox: mailbox.clone(),
-            sessions,
-            metrics: metrics.clone(),
-            shutdown: shutdown.clone(),
-            rate: config.client_rate,
-            burst: config.client_burst,
-            admission: {
-                let m = metrics.clone();
-                Admission::new(
-                    config.client_max_pending_sessions,
-                    config.client_max_pending_per_address,
-                    Arc::new(move |reason| m.client_connection_refused(reason)),
-                )
-            },
-        });
-        gateway_tasks.push(tokio::spawn(async move {
-            if let Err(e) = gateway::client_api::serve(client_listener, api).await {
-                tracing::error!(error = %e, "client API server failed");
-            }
-        }));
-        if let (Some((policy, ..)), Some(api_addr)) = (exit_policy, client_addr) {
-            // The requester is a client of this gateway, over loopback.
-            let ip = match api_addr.ip() {
-                ip if !ip.is_unspecified() => ip,
-                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            };
-            // Clients' names get a cache of their own: unique names cannot push out peers'.
-            let exit_resolver = Resolver::new(
-                DnsSettings {
-                    max_entries: EXIT_DNS_CACHE_ENTRIES,
-                    ..dns.clone()
-                },
-                metrics.clone(),
-            )?;
-            let requester = NetworkRequester {
-                exit: Arc::new(Exit {
-                    policy,
-                    resolver: exit_resolver,
-                    metrics: metrics.clone(),
-                    limits: network_requester::Limits {
-                        idle_timeout: config.exit_stream_idle_timeout.get(),
-                        per_client: config.exit_max_streams_per_client,
-                        total: config.exit_max_streams,
-                    },
-                }),
-                identity: network_requester::identity(&keys.identity),
-                topology: config.topology.clone(),
-                topology_signer: signer,
-                gateway: keys.identity.public(),
-                gateway_address: PeerAddress {
-                    host: ip.to_string(),
-                    port: api_addr.port(),
-                },
-            };
-            gateway_tasks.push(tokio::spawn(requester.run(shutdown.clone())));
-        }
-        gateway_tasks.push(tokio::spawn(gateway::sweep_mailbox(
-            mailbox,
-            config.mailbox_retention.get(),
-            shutdown.clone(),
-        )));
+fn ingress_settings(config: &Config) -> IngressSettings {
+    IngressSettings {
+        handshake_timeout: config.handshake_timeout.get(),
+        first_message_timeout: config.handshake_first_message_timeout.get(),
+        idle_timeout: config.idle_timeout(),
+        frame_read_timeout: config.frame_read_timeout.get(),
+        max_connections: config.max_ingress_connections,
+        max_handshakes_per_address: config.max_handshakes_per_address,
+        max_pending_handshakes: config.max_pending_handshakes,
+        max_links_per_peer: config.max_links_per_peer,
     }
-    // Every producer holds its own sender now; when they are gone the forwarder drains.
-    drop(forward_tx);
+}
 
-    let describe = describer(
-        &config,
-        &keys,
-        &ring,
-        &topology,
-        mixnet_addr,
-        http_addr,
-        client_addr,
-    );
-    let http_state = Arc::new(HttpState {
-        health: health.clone(),
-        metrics: metrics.clone(),
+/// What a gateway's duties are started from.
+struct GatewayParts {
+    deliver: mpsc::Receiver<FinalHop>,
+    client_listener: TcpListener,
+    forward: mpsc::Sender<ForwardItem>,
+    /// Exit gateways: the policy, resolver settings to copy and the directory key.
+    exit: Option<(ExitPolicy, DnsSettings, Option<KeyBytes>)>,
+    client_addr: Option<SocketAddr>,
+}
+
+/// The mailbox, final-hop delivery, the client API, the mailbox's sweep and (exits) the
+/// network requester. Returns their tasks.
+fn start_gateway(
+    config: &Config,
+    keys: &NodeKeys,
+    core: &Core,
+    hooks: &TestHooks,
+    parts: GatewayParts,
+) -> Result<Vec<JoinHandle<()>>, NodeError> {
+    let mailbox = open_mailbox(config, &core.metrics)?;
+    let sessions = Sessions::new(core.metrics.clients_connected.clone());
+    let mut tasks = vec![tokio::spawn(
+        Delivery {
+            rx: parts.deliver,
+            forward: parts.forward.clone(),
+            mailbox: mailbox.clone(),
+            sessions: sessions.clone(),
+            metrics: core.metrics.clone(),
+            stall: hooks.stall_delivery,
+        }
+        .run(),
+    )];
+    let requester_identity = network_requester::identity(&keys.identity);
+    let api = Arc::new(ClientApi {
+        identity: keys.identity.public(),
+        noise_secret: keys.noise.secret_bytes(),
+        stamp_bits: config.registration_stamp_bits as u8,
+        exempt: match parts.exit {
+            Some(_) => vec![requester_identity.public()],
+            None => Vec::new(),
+        },
+        forward: parts.forward,
+        mailbox: mailbox.clone(),
+        sessions,
+        metrics: core.metrics.clone(),
+        shutdown: core.shutdown.clone(),
+        rate: config.client_rate,
+        burst: config.client_burst,
+        admission: {
+            let m = core.metrics.clone();
+            Admission::new(
+                config.client_max_pending_sessions,
+                config.client_max_pending_per_address,
+                Arc::new(move |reason| m.client_connection_refused(reason)),
+            )
+        },
+    });
+    let client_listener = parts.client_listener;
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = gateway::client_api::serve(client_listener, api).await {
+            tracing::error!(error = %e, "client API server failed");
+        }
+    }));
+    if let (Some((policy, dns, signer)), Some(api_addr)) = (parts.exit, parts.client_addr) {
+        let requester = network_requester_for(
+            config,
+            keys,
+            core,
+            requester_identity,
+            (policy, dns, signer),
+            api_addr,
+        )?;
+        tasks.push(tokio::spawn(requester.run(core.shutdown.clone())));
+    }
+    tasks.push(tokio::spawn(gateway::sweep_mailbox(
+        mailbox,
+        gateway::Sweep {
+            retention: config.mailbox_retention.get(),
+            registration_expiry: config.registration_expiry.get(),
+        },
+        core.metrics.clone(),
+        core.shutdown.clone(),
+    )));
+    Ok(tasks)
+}
+
+/// The mailbox, with its gauges sampled at scrape time.
+fn open_mailbox(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<Mailbox>, NodeError> {
+    let mailbox = Arc::new(Mailbox::open_with(
+        &config.data_dir.join("mailbox.redb"),
+        crate::gateway::mailbox::Limits {
+            per_client: config.mailbox_quota_bytes,
+            total: config.mailbox_max_bytes,
+            unregistered: config.mailbox_unregistered_bytes,
+            present_reserve: config.mailbox_present_reserve_bytes,
+        },
+    )?);
+    let stored = mailbox.clone();
+    metrics.add_sampler(Box::new(move |m| {
+        m.mailbox_payloads.set(stored.stored() as i64);
+        if let Ok(n) = stored.registered_count() {
+            m.registered_clients.set(n as i64);
+        }
+    }));
+    Ok(mailbox)
+}
+
+/// The exit's network requester: a client of this gateway over loopback, exempt from the
+/// registration stamp, with a resolver of its own so clients' unique names cannot push out
+/// the peers' cached addresses.
+fn network_requester_for(
+    config: &Config,
+    keys: &NodeKeys,
+    core: &Core,
+    identity: crate::keys::Identity,
+    (policy, dns, signer): (ExitPolicy, DnsSettings, Option<KeyBytes>),
+    api_addr: SocketAddr,
+) -> Result<NetworkRequester, NodeError> {
+    let ip = match api_addr.ip() {
+        ip if !ip.is_unspecified() => ip,
+        IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+        IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+    };
+    let resolver = Resolver::new(
+        DnsSettings {
+            max_entries: EXIT_DNS_CACHE_ENTRIES,
+            ..dns
+        },
+        core.metrics.clone(),
+    )?;
+    Ok(NetworkRequester {
+        exit: Arc::new(Exit {
+            policy,
+            resolver,
+            metrics: core.metrics.clone(),
+            limits: network_requester::Limits {
+                idle_timeout: config.exit_stream_idle_timeout.get(),
+                per_client: config.exit_max_streams_per_client,
+                total: config.exit_max_streams,
+            },
+        }),
+        identity,
+        topology: config.topology.clone(),
+        topology_signer: signer,
+        gateway: keys.identity.public(),
+        gateway_address: PeerAddress {
+            host: ip.to_string(),
+            port: api_addr.port(),
+        },
+    })
+}
+
+/// Health, readiness, metrics and the description, until the background stops.
+fn start_http(
+    config: &Config,
+    keys: &NodeKeys,
+    core: &Core,
+    listener: TcpListener,
+    bound: &Bound,
+) -> JoinHandle<std::io::Result<()>> {
+    let describe = describer(config, keys, &core.ring, &core.topology, bound);
+    let state = Arc::new(HttpState {
+        health: core.health.clone(),
+        metrics: core.metrics.clone(),
         describe,
         metrics_token: config.metrics_token.clone(),
     });
-    let http_stop = background.clone();
-    let http = tokio::spawn(http::serve(listeners.http, http_state, async move {
-        http_stop.cancelled().await
-    }));
-    health.set_listeners_bound();
-    tracing::info!(
-        mode = %config.mode,
-        identity = %keys.identity.public(),
-        mixnet = %mixnet_addr,
-        http = %http_addr,
-        client = ?client_addr,
-        "node started"
-    );
+    let stop = core.background.clone();
+    tokio::spawn(http::serve(listener, state, async move {
+        stop.cancelled().await
+    }))
+}
 
-    let stop = shutdown.clone();
-    let task_metrics = metrics.clone();
-    let task = tokio::spawn(async move {
-        stop.draining().await;
-        // One span from the first signal to the last flushed packet.
-        let drain = tracing::info_span!("drain");
-        async {
-            stop.stopping().await;
-            let started = std::time::Instant::now();
-            // Ingress first: no new packets enter.
-            let _ = ingress.await;
-            connections.close();
-            connections.wait().await;
-            // Workers finish their queue once the last ingress handle is gone.
-            let _ = tokio::task::spawn_blocking(move || {
-                for w in workers {
-                    let _ = w.join();
-                }
-            })
-            .await;
-            for t in gateway_tasks {
-                let _ = t.await;
-            }
-            // The forwarder releases what it holds and drops egress; links flush and close.
-            let _ = forwarder.await;
-            links.close();
-            if tokio::time::timeout(FLUSH_BOUND, links.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!("egress links did not finish flushing in time");
-            }
-            let dropped: u64 = DropReason::ALL
-                .iter()
-                .map(|r| task_metrics.drop_count(*r))
-                .sum();
-            tracing::info!(
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                received = task_metrics.packets_received.get(),
-                forwarded = task_metrics.packets_forwarded.get(),
-                delivered = task_metrics.packets_delivered.get(),
-                dropped,
-                released_early = task_metrics.packets_released_early.get(),
-                "pipeline drained"
-            );
-        }
+/// Waits for the stop, then empties the pipeline in data-flow order, then stops what
+/// outlives it.
+async fn run_until_stopped(
+    core: Core,
+    pipeline: Pipeline,
+    gateway_tasks: Vec<JoinHandle<()>>,
+    background: Background,
+    http: JoinHandle<std::io::Result<()>>,
+) {
+    core.shutdown.draining().await;
+    // One span from the first signal to the last flushed packet.
+    let drain = tracing::info_span!("drain");
+    drain_pipeline(&core, pipeline, gateway_tasks)
         .instrument(drain)
         .await;
-        background.cancel();
-        // The last save of the replay filters, now that no worker records tags.
-        let _ = key_epochs.await;
-        let _ = refresh.await;
-        if let Some(task) = own_addresses {
-            let _ = task.await;
-        }
-        let _ = http.await;
-    });
+    core.background.cancel();
+    // The last save of the replay filters, now that no worker records tags.
+    let _ = background.key_epochs.await;
+    let _ = background.refresh.await;
+    if let Some(task) = background.own_addresses {
+        let _ = task.await;
+    }
+    let _ = http.await;
+}
 
-    Ok(RunningNode {
-        metrics,
-        health,
-        shutdown,
-        topology,
-        mixnet_addr,
-        http_addr,
-        client_addr,
-        accept_loop,
-        task,
+async fn drain_pipeline(core: &Core, pipeline: Pipeline, gateway_tasks: Vec<JoinHandle<()>>) {
+    core.shutdown.stopping().await;
+    let started = std::time::Instant::now();
+    // Every producer holds its own sender; when they are gone the forwarder drains.
+    drop(pipeline.forward);
+    // Ingress first: no new packets enter.
+    let _ = pipeline.ingress.await;
+    pipeline.connections.close();
+    pipeline.connections.wait().await;
+    // Workers finish their queue once the last ingress handle is gone.
+    let workers = pipeline.workers;
+    let _ = tokio::task::spawn_blocking(move || {
+        for w in workers {
+            let _ = w.join();
+        }
     })
+    .await;
+    for t in gateway_tasks {
+        let _ = t.await;
+    }
+    // The forwarder releases what it holds and drops egress; links flush and close.
+    let _ = pipeline.forwarder.await;
+    pipeline.links.close();
+    if tokio::time::timeout(FLUSH_BOUND, pipeline.links.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("egress links did not finish flushing in time");
+    }
+    let m = &core.metrics;
+    let dropped: u64 = DropReason::ALL.iter().map(|r| m.drop_count(*r)).sum();
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        received = m.packets_received.get(),
+        forwarded = m.packets_forwarded.get(),
+        delivered = m.packets_delivered.get(),
+        dropped,
+        released_early = m.packets_released_early.get(),
+        "pipeline drained"
+    );
 }
 
 /// The description follows the topology: layer and public addresses come from this node's
@@ -556,10 +760,9 @@ fn describer(
     keys: &NodeKeys,
     ring: &Arc<KeyRing>,
     topology: &TopologyHandle,
-    mixnet_addr: SocketAddr,
-    http_addr: SocketAddr,
-    client_addr: Option<SocketAddr>,
+    bound: &Bound,
 ) -> http::Describe {
+    let (mixnet_addr, http_addr, client_addr) = (bound.mixnet, bound.http, bound.client);
     let (name, mode, keys, topology, ring) = (
         config.id.clone(),
         config.mode,

@@ -17,6 +17,11 @@ use nym_node::metrics::DropReason;
 use nym_node::node::TestHooks;
 use tokio_tungstenite::tungstenite::Message;
 
+/// The registration stamp test gateways ask for (8 bits, see `common::base_config`).
+fn stamp(gateway: &Member, client: &Identity) -> u64 {
+    nym_node::gateway::stamp::make(&gateway.entry.identity_key, &client.public(), 8, 0)
+}
+
 const NODE: &str = env!("CARGO_BIN_EXE_nym-node");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,10 +134,15 @@ async fn acknowledged_payloads_are_deleted_and_the_rest_redelivered() {
     );
 
     // A raw session: take the five, acknowledge three.
-    let (mut tx, mut rx) =
-        connection::connect(&addr, &gw.entry.noise_key, &me, Duration::from_secs(5))
-            .await
-            .unwrap();
+    let (mut tx, mut rx) = connection::connect(
+        &addr,
+        &gw.entry.noise_key,
+        &me,
+        stamp(gw, &me),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     let mut ids = Vec::new();
     for _ in 0..5 {
         match tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -161,10 +171,15 @@ async fn acknowledged_payloads_are_deleted_and_the_rest_redelivered() {
     connection::close((tx, rx), Duration::from_secs(2)).await;
 
     // The next session gets exactly the two that were not acknowledged.
-    let (_tx, mut rx) =
-        connection::connect(&addr, &gw.entry.noise_key, &me, Duration::from_secs(5))
-            .await
-            .unwrap();
+    let (_tx, mut rx) = connection::connect(
+        &addr,
+        &gw.entry.noise_key,
+        &me,
+        stamp(gw, &me),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     let mut again = Vec::new();
     while let Ok(Ok(ServerMessage::Deliver { id, .. })) =
         tokio::time::timeout(Duration::from_millis(700), rx.recv()).await
@@ -339,6 +354,7 @@ async fn a_client_with_a_bad_signature_is_refused() {
     let auth = ClientMessage::Auth {
         identity: me.public(),
         signature,
+        stamp: stamp(gw, &me),
     };
     ws.send(Message::Binary(tx.seal(&auth.encode()).unwrap().into()))
         .await
@@ -355,6 +371,7 @@ async fn a_client_with_a_bad_signature_is_refused() {
         &gw.entry.client_address.clone().unwrap(),
         &gw.entry.noise_key,
         &me,
+        stamp(gw, &me),
         Duration::from_secs(5),
     )
     .await
@@ -419,6 +436,7 @@ async fn a_relay_cannot_take_over_a_session_and_a_fake_gateway_is_refused() {
         &relay_addr,
         &gw.entry.noise_key,
         &me,
+        stamp(gw, &me),
         Duration::from_secs(5),
     )
     .await
@@ -469,7 +487,15 @@ async fn a_relay_cannot_take_over_a_session_and_a_fake_gateway_is_refused() {
         let _ = ws.send(Message::Binary(answer.into())).await;
         let _ = ws.next().await;
     });
-    match connection::connect(&fake_addr, &gw.entry.noise_key, &me, Duration::from_secs(5)).await {
+    match connection::connect(
+        &fake_addr,
+        &gw.entry.noise_key,
+        &me,
+        stamp(gw, &me),
+        Duration::from_secs(5),
+    )
+    .await
+    {
         Err(connection::ConnectionError::WrongGateway(..)) => {}
         Err(e) => panic!("refused, but for another reason: {e}"),
         Ok(_) => panic!("a gateway without the topology's key was accepted"),
@@ -827,10 +853,15 @@ async fn a_client_over_its_rate_is_limited_and_a_draining_gateway_takes_no_new_p
         .iter()
         .map(|n| net.member(n).hop())
         .collect();
-    let (mut tx, _rx) =
-        connection::connect(&addr, &gw.entry.noise_key, &me, Duration::from_secs(5))
-            .await
-            .unwrap();
+    let (mut tx, _rx) = connection::connect(
+        &addr,
+        &gw.entry.noise_key,
+        &me,
+        stamp(gw, &me),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     let m = net.node("gateway").metrics.clone();
     // A client packet as the client would send it: for the gateway's own client, through every layer.
     let send = |fragment: Vec<u8>| {
@@ -895,6 +926,7 @@ async fn made_up_destinations_cannot_fill_the_mailbox() {
             if name == "gateway" {
                 c.mailbox_unregistered_bytes = 300_000;
                 c.mailbox_max_bytes = 600_000;
+                c.mailbox_present_reserve_bytes = 100_000;
             }
         },
         no_hooks,
@@ -977,6 +1009,151 @@ async fn made_up_destinations_cannot_fill_the_mailbox() {
     assert!(
         unregistered > 250_000,
         "the budget was used, not bypassed ({unregistered})"
+    );
+}
+
+/// Opens and closes a session for a made-up identity, registering it with a stamp.
+async fn register_made_up(gw: &Member, addr: &nym_node::topology::PeerAddress) -> Identity {
+    let id = Identity::generate().unwrap();
+    let session = connection::connect(
+        addr,
+        &gw.entry.noise_key,
+        &id,
+        stamp(gw, &id),
+        Duration::from_secs(20),
+    )
+    .await
+    .expect("a stamped registration is accepted");
+    connection::close(session, Duration::from_secs(2)).await;
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_registrations_cannot_shut_out_an_active_client() {
+    const REGISTRATIONS: usize = 1_000;
+    const _: () = assert!(REGISTRATIONS.is_multiple_of(8));
+    const ABSENT_CAP: u64 = 1_000_000 - 300_000;
+    let mut spec = three_layers();
+    spec.push(("peer", Role::Peer));
+    let net = Net::start(
+        &spec,
+        |name, c| {
+            if name == "gateway" {
+                c.mailbox_quota_bytes = 100_000;
+                c.mailbox_max_bytes = 1_000_000;
+                c.mailbox_present_reserve_bytes = 300_000;
+                c.mailbox_unregistered_bytes = 100_000;
+            }
+        },
+        no_hooks,
+    )
+    .await;
+    let gw = net.member("gateway");
+    let addr = gw.entry.client_address.clone().unwrap();
+    let m = net.node("gateway").metrics.clone();
+
+    // The active client starts without a stamp: the gateway asks, it pays and comes back.
+    let mut mine = MixClient::start(
+        client_config(&net.topology_path, gw.entry.identity_key),
+        Identity::generate().unwrap(),
+    )
+    .await
+    .expect("a client pays its stamp and registers");
+    assert_eq!(m.registration_count("stamp_required"), 1);
+    let me = mine.address();
+
+    // Without a stamp, a new identity is told the price and closed.
+    for _ in 0..20 {
+        let id = Identity::generate().unwrap();
+        match connection::connect(&addr, &gw.entry.noise_key, &id, 0, Duration::from_secs(5)).await
+        {
+            Err(connection::ConnectionError::StampRequired { bits }) => assert_eq!(bits, 8),
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("registered without a stamp"),
+        }
+    }
+    assert_eq!(m.registration_count("stamp_required"), 21);
+
+    // 1,000 made-up identities register (each pays a cheap stamp) and go dormant, eight at
+    // a time (what one address may have past its first handshake message).
+    let started = std::time::Instant::now();
+    let mut dormant = Vec::new();
+    for _ in 0..REGISTRATIONS / 8 {
+        let batch = (0..8).map(|_| register_made_up(gw, &addr));
+        dormant.extend(futures_util::future::join_all(batch).await);
+    }
+    println!(
+        "{REGISTRATIONS} registrations in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    m.sample();
+    assert_eq!(m.registration_count("registered"), REGISTRATIONS as u64 + 1);
+    assert_eq!(m.registered_clients.get(), REGISTRATIONS as i64 + 1);
+
+    // Then they are sent what their quotas take: two payloads each, straight from a peer.
+    let envelope = nym_node::message::Envelope::Data {
+        ack: None,
+        fragment: vec![0xcd; 1600],
+    }
+    .encode()
+    .unwrap();
+    let mut link = net.link("peer", "gateway").await;
+    let mut sent = 0u64;
+    for round in 0..2 {
+        for chunk in dormant.chunks(100) {
+            for id in chunk {
+                let packet = net.packet(&["gateway"], id.public(), &envelope, &[Duration::ZERO]);
+                link.send_packet(&packet).await.unwrap();
+            }
+            sent += chunk.len() as u64;
+            let landed = sent - chunk.len() as u64;
+            assert!(
+                eventually(Duration::from_secs(20), || m.packets_delivered.get()
+                    + m.drop_count(DropReason::MailboxFull)
+                    >= landed)
+                .await,
+                "round {round}: the gateway stopped taking the flood in"
+            );
+        }
+    }
+    let refused_flood = m.drop_count(DropReason::MailboxFull);
+    assert!(
+        refused_flood > 1_000,
+        "dormant clients were stopped below the cap ({refused_flood} refused)"
+    );
+
+    // The active client still stores and fetches, with the dormant ones at their cap.
+    for i in 0..10 {
+        mine.send(me, format!("still here {i}").into_bytes(), 0)
+            .await
+            .unwrap();
+    }
+    let got = receive(&mut mine, 10, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 10, "the active client was shut out");
+
+    // Nothing stored was given up: a dormant client coming back gets what was kept for it.
+    let first = &dormant[0];
+    let (_tx, mut rx) =
+        connection::connect(&addr, &gw.entry.noise_key, first, 0, Duration::from_secs(5))
+            .await
+            .expect("a registered client needs no stamp");
+    match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+        Ok(Ok(ServerMessage::Deliver { body, .. })) => assert_eq!(body.len(), 1600),
+        other => panic!("the dormant client's payload is gone: {other:?}"),
+    }
+    mine.stop().await;
+    drop((link, m, rx));
+    let mut net = net;
+    let dir = std::mem::replace(&mut net.dir, tempfile::tempdir().unwrap());
+    net.stop().await;
+    let store = open_stopped_mailbox(&dir.path().join("gateway").join("mailbox.redb")).await;
+    let (total, _) = store.totals().unwrap();
+    println!(
+        "after {REGISTRATIONS} dormant registrations were flooded: {total} bytes stored, {refused_flood} payloads refused"
+    );
+    assert!(
+        total <= ABSENT_CAP + 100_000,
+        "absent clients stayed under the cap minus the reserve ({total})"
     );
 }
 

@@ -247,6 +247,7 @@ fn config_for(cli: &Cli, dir: Option<&ClientDir>) -> Result<ClientConfig, String
         acks: !cli.no_acks,
         max_retransmissions: cli.max_retransmissions,
         surb_store: dir.map(ClientDir::surb_store),
+        stamps: dir.map(ClientDir::stamps),
         topology_signer: cli.topology_signer,
         ..ClientConfig::default()
     })

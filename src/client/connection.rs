@@ -27,6 +27,8 @@ pub enum ConnectionError {
     Closed { code: u16, reason: String },
     #[error("gateway sent an unexpected message")]
     Unexpected,
+    #[error("the gateway registers new clients for a stamp of {bits} bits")]
+    StampRequired { bits: u8 },
     #[error("gateway at {0} did not complete the handshake for the topology's key: {1}")]
     WrongGateway(String, String),
     #[error("channel: {0}")]
@@ -48,12 +50,14 @@ pub struct Receiver {
 }
 
 /// Connects to the gateway at `address` whose Noise key (from the topology) is
-/// `gateway_noise`, and proves `identity`. A gateway that cannot complete the handshake for
-/// that key is refused.
+/// `gateway_noise`, and proves `identity`, with `stamp` to pay for its registration if the
+/// gateway does not know it yet (see [`crate::gateway::stamp`]). A gateway that cannot
+/// complete the handshake for that key is refused.
 pub async fn connect(
     address: &PeerAddress,
     gateway_noise: &KeyBytes,
     identity: &Identity,
+    stamp: u64,
     timeout: Duration,
 ) -> Result<(Sender, Receiver), ConnectionError> {
     let run = async {
@@ -81,10 +85,12 @@ pub async fn connect(
             .send(&ClientMessage::Auth {
                 identity: identity.public(),
                 signature,
+                stamp,
             })
             .await?;
         match receiver.recv().await? {
             ServerMessage::AuthOk => Ok((sender, receiver)),
+            ServerMessage::StampRequired { bits } => Err(ConnectionError::StampRequired { bits }),
             _ => Err(ConnectionError::Unexpected),
         }
     };

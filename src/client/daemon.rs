@@ -54,6 +54,7 @@ pub async fn run(
         config.gateway = Some(settings.gateway);
     }
     config.surb_store = Some(dir.surb_store());
+    config.stamps = Some(dir.stamps());
     config.hold_until_consumed = true;
     let mut client = MixClient::start(config, identity).await?;
     let listener = TcpListener::bind(listen)

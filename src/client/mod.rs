@@ -26,6 +26,7 @@ pub mod e2e;
 pub mod packet;
 pub mod probe;
 pub mod prober;
+pub mod registration;
 pub mod route;
 pub mod socks5;
 pub mod state;
@@ -156,6 +157,9 @@ pub struct ClientConfig {
     /// Where reply SURBs (received, and the recovery material of those handed out) are
     /// kept across restarts; in memory when `None`.
     pub surb_store: Option<std::path::PathBuf>,
+    /// Where the gateways' registration stamps are kept across restarts; in memory when
+    /// `None` (a new process makes them again).
+    pub stamps: Option<std::path::PathBuf>,
     /// Keep a received message at the gateway until the application calls
     /// [`MixClient::consumed`], so a crash between hand-over and use loses nothing.
     pub hold_until_consumed: bool,
@@ -181,6 +185,7 @@ impl Default for ClientConfig {
             receipt_timeout: None,
             receipt_resends: 3,
             surb_store: None,
+            stamps: None,
             hold_until_consumed: false,
             gateway_address: None,
             topology_signer: None,
@@ -199,6 +204,8 @@ pub enum ClientError {
     Packet(#[from] packet::PacketError),
     #[error(transparent)]
     Connection(#[from] connection::ConnectionError),
+    #[error(transparent)]
+    Stamp(#[from] registration::StampError),
     #[error(transparent)]
     Chunk(#[from] chunking::ChunkError),
     #[error("gateway {0} has no client address in the topology")]
@@ -313,11 +320,13 @@ impl MixClient {
         };
         let surbs =
             surbs::SurbStore::open(config.surb_store.as_deref(), surbs::SurbLimits::default())?;
+        let stamps = Arc::new(registration::Stamps::open(config.stamps.clone()));
         let (sender, receiver) = open_session(
             &current,
             &gateway,
             &identity,
             config.gateway_address.as_ref(),
+            &stamps,
         )
         .await?;
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
@@ -330,6 +339,7 @@ impl MixClient {
             address,
             topology,
             session: Some((sender, receiver)),
+            stamps,
             commands: cmd_rx,
             events: ev_tx,
             stats: stats.clone(),
@@ -489,11 +499,14 @@ fn new_identifier() -> Result<[u8; IDENTIFIER_SIZE], ClientError> {
     }
 }
 
+/// A session with `gateway`, paying for the registration with a stamp the first time the
+/// gateway asks for one (the gateway closes that session; the next one carries the stamp).
 async fn open_session(
     topology: &Topology,
     gateway: &NodeId,
     identity: &Identity,
     address_override: Option<&topology::PeerAddress>,
+    stamps: &registration::Stamps,
 ) -> Result<(connection::Sender, connection::Receiver), ClientError> {
     let entry = topology.node(gateway);
     let address = address_override
@@ -503,8 +516,18 @@ async fn open_session(
     let noise = entry
         .map(|n| n.noise_key)
         .ok_or(ClientError::NoClientAddress(*gateway))?;
-    Ok(connection::connect(&address, &noise, identity, Duration::from_secs(10)).await?)
+    let connect = |stamp| connection::connect(&address, &noise, identity, stamp, SESSION_TIMEOUT);
+    match connect(stamps.get(gateway)).await {
+        Err(connection::ConnectionError::StampRequired { bits }) => {
+            let stamp = stamps.make(*gateway, identity.public(), bits).await?;
+            Ok(connect(stamp).await?)
+        }
+        session => Ok(session?),
+    }
 }
+
+/// Time a gateway has to complete the handshake and accept the client's authentication.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A packet ready to leave.
 struct Ready {
@@ -576,6 +599,7 @@ struct Actor {
     address: ClientAddress,
     topology: TopologyHandle,
     session: Option<(connection::Sender, connection::Receiver)>,
+    stamps: Arc<registration::Stamps>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
     stats: Arc<ClientStats>,
@@ -679,6 +703,7 @@ impl Actor {
                 &self.address.gateway,
                 &self.identity,
                 self.config.gateway_address.as_ref(),
+                &self.stamps,
             )
             .await?,
         );

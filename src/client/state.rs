@@ -5,6 +5,7 @@
 //!   client-identity.key   ed25519 identity (mode 0600); the encryption key derives from it
 //!   client.json           the gateway chosen at init, and the topology source
 //!   surbs.redb            reply SURBs received and handed out (mode 0600)
+//!   stamps.json           registration stamps made for gateways (made once, kept)
 //!   run.lock              held (flock) by the one process that holds the gateway session
 //!   run.json              the running client's WebSocket address, while it runs
 //! ```
@@ -113,6 +114,10 @@ impl ClientDir {
 
     pub fn surb_store(&self) -> PathBuf {
         self.path.join("surbs.redb")
+    }
+
+    pub fn stamps(&self) -> PathBuf {
+        self.path.join("stamps.json")
     }
 
     fn running_file(&self) -> PathBuf {

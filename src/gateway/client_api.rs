@@ -7,6 +7,10 @@
 //! mailbox can delete them. What was not acknowledged is delivered again on the next
 //! session. Every frame after the handshake has the same size.
 //!
+//! A client not registered here must attach a registration stamp ([`super::stamp`]) to
+//! its authentication; one without gets the bits wanted and is closed, to come back with
+//! it. The exit's own service clients (its network requester) are exempt.
+//!
 //! Until it authenticates, a connection holds a place in the same admission as the mixnet's
 //! (`mixnet/admission.rs`): a connection that has not sent a valid first handshake message
 //! gives its place up to a newer one, and those past it are capped per address group, so
@@ -28,10 +32,12 @@ use tracing::Instrument;
 use crate::admission::{Admission, Place};
 use crate::gateway::channel::{self, ChannelHalf};
 use crate::gateway::mailbox::Mailbox;
+use crate::gateway::mailbox::registry::Attendance;
 use crate::gateway::protocol::{ClientMessage, ServerMessage, close};
 use crate::gateway::rate_limit::TokenBucket;
 use crate::gateway::sessions::{Session, Sessions};
-use crate::keys::verify_signature;
+use crate::gateway::stamp;
+use crate::keys::{KeyBytes, NodeId, verify_signature};
 use crate::metrics::{DropReason, Metrics};
 use crate::mixnet::intake::ForwardItem;
 use crate::shutdown::Shutdown;
@@ -47,8 +53,14 @@ const ACK_FLUSH: Duration = Duration::from_millis(200);
 const MAX_ACKS_PER_FLUSH: usize = 4096;
 
 pub struct ClientApi {
+    /// This gateway's identity, which registration stamps are made for.
+    pub identity: NodeId,
     /// This gateway's Noise secret (its public half is in the topology).
     pub noise_secret: [u8; 32],
+    /// Leading zero bits a registration stamp must have.
+    pub stamp_bits: u8,
+    /// Clients that register without a stamp: the exit's own in-process services.
+    pub exempt: Vec<KeyBytes>,
     pub forward: mpsc::Sender<ForwardItem>,
     pub mailbox: Arc<Mailbox>,
     pub sessions: Arc<Sessions>,
@@ -128,7 +140,7 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>, place: Place) {
         _ = place.closed() => None,
     };
     drop(place);
-    let Some((session, mut tx, mut rx)) = authenticated else {
+    let Some((session, attendance, mut tx, mut rx)) = authenticated else {
         return;
     };
     tracing::debug!(client = %session.client.short(), "client session opened");
@@ -204,6 +216,9 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>, place: Place) {
         }
     }
     flush_acks(&api, &session, &mut acked).await;
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || attendance.end()).await {
+        tracing::warn!(error = %e, "recording the client's last session failed");
+    }
     tracing::debug!(client = %session.client.short(), "client session closed");
 }
 
@@ -221,50 +236,114 @@ async fn flush_acks(api: &ClientApi, session: &Session, acked: &mut Vec<u64>) {
     }
 }
 
-/// The Noise handshake, then the client's signature over its hash, within [`AUTH_TIMEOUT`].
+/// What a client's authentication carried, once it verified.
+struct Authenticated {
+    identity: KeyBytes,
+    stamp: u64,
+    tx: ChannelHalf,
+    rx: ChannelHalf,
+}
+
+/// The handshake and the client's signature within [`AUTH_TIMEOUT`], then its registration
+/// (a stamp if it needs one); the session is attached once both passed.
 async fn authenticate(
     socket: &mut WebSocket,
     api: &ClientApi,
     place: &Place,
-) -> Option<(Session, ChannelHalf, ChannelHalf)> {
-    let handshake = async {
-        let Some(Ok(first)) = next_binary(socket).await else {
-            return None;
-        };
-        let (channel, answer) = channel::respond(&api.noise_secret, &first).ok()?;
-        place.greeted();
-        socket.send(Message::Binary(answer.into())).await.ok()?;
-        let expected = channel.auth_message();
-        let (tx, mut rx) = channel.split();
-        let Some(Ok(frame)) = next_binary(socket).await else {
-            return None;
-        };
-        match ClientMessage::decode(&rx.open(&frame).ok()?) {
-            Ok(ClientMessage::Auth {
-                identity,
-                signature,
-            }) if verify_signature(&identity, &expected, &signature) => Some((identity, tx, rx)),
-            _ => None,
-        }
-    };
-    let Ok(Some((identity, mut tx, rx))) = tokio::time::timeout(AUTH_TIMEOUT, handshake).await
+) -> Option<(Session, Attendance, ChannelHalf, ChannelHalf)> {
+    let Ok(Some(auth)) = tokio::time::timeout(AUTH_TIMEOUT, handshake(socket, api, place)).await
     else {
         api.metrics.client_messages_refused.inc();
         tracing::info!("refusing client: handshake or authentication failed");
         close_with(socket, close::AUTH_FAILED, "authentication failed").await;
         return None;
     };
-    // This client is now one of this gateway's own: its payloads leave the budget for
-    // clients that never connected.
-    let (mailbox, client) = (api.mailbox.clone(), identity);
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || mailbox.register(&client)).await {
-        tracing::error!(error = %e, "mailbox registration failed");
-    }
+    let Authenticated {
+        identity,
+        stamp,
+        mut tx,
+        rx,
+    } = auth;
+    let attendance = match register(api, identity, stamp).await {
+        Ok(Some(attendance)) => attendance,
+        Ok(None) => {
+            api.metrics.registration("stamp_required");
+            tracing::debug!(client = %identity.short(), "registration without a valid stamp");
+            let bits = api.stamp_bits;
+            send(socket, &mut tx, ServerMessage::StampRequired { bits }).await;
+            close_with(socket, close::STAMP_REQUIRED, "registration stamp required").await;
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "mailbox registration failed");
+            close_with(socket, close::SERVER_ERROR, "gateway storage failed").await;
+            return None;
+        }
+    };
     let session = api.sessions.attach(identity);
     if !send(socket, &mut tx, ServerMessage::AuthOk).await {
         return None;
     }
-    Some((session, tx, rx))
+    Some((session, attendance, tx, rx))
+}
+
+/// The Noise handshake, then the client's signature over its hash.
+async fn handshake(
+    socket: &mut WebSocket,
+    api: &ClientApi,
+    place: &Place,
+) -> Option<Authenticated> {
+    let Some(Ok(first)) = next_binary(socket).await else {
+        return None;
+    };
+    let (channel, answer) = channel::respond(&api.noise_secret, &first).ok()?;
+    place.greeted();
+    socket.send(Message::Binary(answer.into())).await.ok()?;
+    let expected = channel.auth_message();
+    let (tx, mut rx) = channel.split();
+    let Some(Ok(frame)) = next_binary(socket).await else {
+        return None;
+    };
+    match ClientMessage::decode(&rx.open(&frame).ok()?) {
+        Ok(ClientMessage::Auth {
+            identity,
+            signature,
+            stamp,
+        }) if verify_signature(&identity, &expected, &signature) => Some(Authenticated {
+            identity,
+            stamp,
+            tx,
+            rx,
+        }),
+        _ => None,
+    }
+}
+
+/// Makes `identity` present in the mailbox, registering it if it is new here and its stamp
+/// pays for that. `None`: it is new and the stamp does not.
+async fn register(
+    api: &ClientApi,
+    identity: KeyBytes,
+    stamp: u64,
+) -> Result<Option<Attendance>, crate::gateway::mailbox::MailboxError> {
+    let mailbox = api.mailbox.clone();
+    let exempt = api.exempt.contains(&identity);
+    let (gateway, bits) = (api.identity, api.stamp_bits);
+    let attended = tokio::task::spawn_blocking(move || {
+        let paid = exempt || stamp::verify(&gateway, &identity, stamp, bits);
+        if !paid && !mailbox.is_registered(&identity)? {
+            return Ok(None);
+        }
+        mailbox.attend(&identity).map(Some)
+    })
+    .await
+    .map_err(|e| crate::gateway::mailbox::MailboxError::from_task(&e))??;
+    Ok(attended.map(|(attendance, new)| {
+        if new {
+            api.metrics.registration("registered");
+        }
+        attendance
+    }))
 }
 
 /// Sends every stored payload after `cursor`; false if the socket failed.

@@ -2,14 +2,16 @@
 //! client↔gateway channel (see [`super::channel`] and `docs/protocol.md`).
 //!
 //! ```text
-//! client → server  0x02 Auth       [client identity: 32][ed25519 signature: 64]
+//! client → server  0x02 Auth       [client identity: 32][ed25519 signature: 64][stamp: u64 BE]
 //! server → client  0x03 AuthOk
+//! server → client  0x04 StampRequired [bits: u8]
 //! client → server  0x10 Send       [first hop identity: 32][Sphinx packet]
 //! server → client  0x20 Deliver    [id: u64 BE][SURB identifier: 16][body ...]
 //! client → server  0x21 Ack        [id: u64 BE]{1..=MAX_ACK_IDS}
 //! ```
 //! The signature covers the channel's handshake hash ([`super::channel::Channel::auth_message`]),
-//! so it authenticates that one channel and cannot be replayed on another.
+//! so it authenticates that one channel and cannot be replayed on another. The stamp
+//! ([`super::stamp`]) pays for a registration; a registered client's is not checked.
 
 use crate::keys::{KeyBytes, NodeId};
 use crate::mixnet::sphinx::{IDENTIFIER_SIZE, PACKET_SIZE, PacketBytes};
@@ -24,12 +26,18 @@ pub mod close {
     pub const REPLACED: u16 = 4002;
     /// The client sent faster than its rate limit allows, for too long.
     pub const RATE_LIMITED: u16 = 4003;
+    /// A client not registered here sent no valid registration stamp (the gateway said
+    /// how many bits it wants in a `StampRequired` just before).
+    pub const STAMP_REQUIRED: u16 = 4004;
     /// The gateway is shutting down.
     pub const GOING_AWAY: u16 = 1001;
+    /// The gateway failed on its side (its storage).
+    pub const SERVER_ERROR: u16 = 1011;
 }
 
 const AUTH: u8 = 0x02;
 const AUTH_OK: u8 = 0x03;
+const STAMP_REQUIRED: u8 = 0x04;
 const SEND: u8 = 0x10;
 const DELIVER: u8 = 0x20;
 const ACK: u8 = 0x21;
@@ -42,6 +50,10 @@ pub const MAX_ACK_IDS: usize = (MAX_CLIENT_MESSAGE - 1) / 8;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerMessage {
     AuthOk,
+    /// Registration needs a stamp of this many bits (the session closes next).
+    StampRequired {
+        bits: u8,
+    },
     Deliver {
         id: u64,
         identifier: [u8; IDENTIFIER_SIZE],
@@ -54,6 +66,8 @@ pub enum ClientMessage {
     Auth {
         identity: KeyBytes,
         signature: [u8; 64],
+        /// Registration stamp nonce (any value from a registered client).
+        stamp: u64,
     },
     Send {
         first_hop: NodeId,
@@ -85,6 +99,7 @@ impl ServerMessage {
     pub fn encode(&self) -> Vec<u8> {
         match self {
             ServerMessage::AuthOk => vec![AUTH_OK],
+            ServerMessage::StampRequired { bits } => vec![STAMP_REQUIRED, *bits],
             ServerMessage::Deliver {
                 id,
                 identifier,
@@ -97,6 +112,7 @@ impl ServerMessage {
         let (&t, rest) = bytes.split_first().ok_or(ProtocolError::Empty)?;
         match t {
             AUTH_OK if rest.is_empty() => Ok(ServerMessage::AuthOk),
+            STAMP_REQUIRED if rest.len() == 1 => Ok(ServerMessage::StampRequired { bits: rest[0] }),
             DELIVER if rest.len() >= 8 + IDENTIFIER_SIZE => {
                 let mut id = [0u8; 8];
                 id.copy_from_slice(&rest[..8]);
@@ -108,7 +124,7 @@ impl ServerMessage {
                     body: rest[8 + IDENTIFIER_SIZE..].to_vec(),
                 })
             }
-            AUTH_OK | DELIVER => Err(ProtocolError::BadLength(t, bytes.len())),
+            AUTH_OK | STAMP_REQUIRED | DELIVER => Err(ProtocolError::BadLength(t, bytes.len())),
             other => Err(ProtocolError::UnknownType(other)),
         }
     }
@@ -120,7 +136,14 @@ impl ClientMessage {
             ClientMessage::Auth {
                 identity,
                 signature,
-            } => [&[AUTH][..], identity.as_bytes(), signature].concat(),
+                stamp,
+            } => [
+                &[AUTH][..],
+                identity.as_bytes(),
+                signature,
+                &stamp.to_be_bytes(),
+            ]
+            .concat(),
             ClientMessage::Send { first_hop, packet } => {
                 [&[SEND][..], first_hop.as_bytes(), &packet[..]].concat()
             }
@@ -138,12 +161,15 @@ impl ClientMessage {
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
         let (&t, rest) = bytes.split_first().ok_or(ProtocolError::Empty)?;
         match t {
-            AUTH if rest.len() == 96 => {
+            AUTH if rest.len() == 104 => {
                 let mut signature = [0u8; 64];
-                signature.copy_from_slice(&rest[32..]);
+                signature.copy_from_slice(&rest[32..96]);
+                let mut stamp = [0u8; 8];
+                stamp.copy_from_slice(&rest[96..]);
                 Ok(ClientMessage::Auth {
                     identity: key(rest),
                     signature,
+                    stamp: u64::from_be_bytes(stamp),
                 })
             }
             SEND if rest.len() == 32 + PACKET_SIZE => {
@@ -179,6 +205,7 @@ mod tests {
     fn messages_round_trip() {
         let server = [
             ServerMessage::AuthOk,
+            ServerMessage::StampRequired { bits: 22 },
             ServerMessage::Deliver {
                 id: 9,
                 identifier: [1; 16],
@@ -192,6 +219,7 @@ mod tests {
             ClientMessage::Auth {
                 identity: KeyBytes([1; 32]),
                 signature: [2; 64],
+                stamp: u64::MAX - 1,
             },
             ClientMessage::Send {
                 first_hop: KeyBytes([3; 32]),

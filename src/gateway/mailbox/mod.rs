@@ -11,10 +11,15 @@
 //! - each client may hold `NYM_NODE_MAILBOX_QUOTA_BYTES`;
 //! - all clients together may hold `NYM_NODE_MAILBOX_MAX_BYTES`, so no mix of destinations
 //!   can fill the disk;
-//! - clients that never opened a session with this gateway (made-up destinations, drop
-//!   cover, or a new client not yet online) share `NYM_NODE_MAILBOX_UNREGISTERED_BYTES`, so
-//!   they cannot crowd out the gateway's own clients. A client's first session registers it
-//!   and moves what it has from that budget to the general one.
+//! - clients without a session open ("absent") stop `NYM_NODE_MAILBOX_PRESENT_RESERVE_BYTES`
+//!   below that cap: the reserve is for clients with a session, each up to an equal share of
+//!   it, so dormant clients (however many registered) cannot shut an active one out;
+//! - clients not registered here (made-up destinations, drop cover, a new client not yet
+//!   online, a registration that expired) share `NYM_NODE_MAILBOX_UNREGISTERED_BYTES`, so
+//!   they cannot crowd out the gateway's own clients.
+//!
+//! Registration (see [`registry`]) is what a client's first session, paid for with a stamp,
+//! buys: its payloads leave the unregistered budget. It lapses after a stated inactivity.
 //!
 //! A payload over a limit is refused (the newest is dropped, what is stored is kept),
 //! counted, and, since no acknowledgement goes back to the sender for it, retransmitted by
@@ -23,10 +28,15 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::keys::KeyBytes;
 use crate::mixnet::sphinx::IDENTIFIER_SIZE;
+use presence::Presence;
+
+mod presence;
+pub mod registry;
 
 /// client ‖ id (big-endian, so a client's entries sort by id) → identifier ‖ stored_at ‖ body
 const MESSAGES: TableDefinition<&[u8; 40], &[u8]> = TableDefinition::new("messages");
@@ -36,7 +46,7 @@ const BY_AGE: TableDefinition<&[u8; 48], ()> = TableDefinition::new("messages_by
 const USAGE: TableDefinition<&[u8; 32], u64> = TableDefinition::new("usage");
 /// client → next id to give one of its payloads (ids are per client)
 const NEXT_IDS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("next_ids");
-/// client → unix time of its first session here
+/// client → unix time its last session here opened or closed
 const REGISTERED: TableDefinition<&[u8; 32], u64> = TableDefinition::new("registered");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Bytes stored for all clients, and for unregistered ones.
@@ -75,6 +85,8 @@ pub struct Limits {
     pub per_client: u64,
     pub total: u64,
     pub unregistered: u64,
+    /// The last bytes under `total`, kept for clients with a session open.
+    pub present_reserve: u64,
 }
 
 impl Limits {
@@ -84,13 +96,61 @@ impl Limits {
             per_client: bytes,
             total: u64::MAX,
             unregistered: u64::MAX,
+            present_reserve: 0,
         }
     }
+
+    /// Whether a payload of `cost` bytes for a client holding `used` fits.
+    fn admit(&self, cost: u64, used: u64, client: ClientStanding, room: &Room) -> bool {
+        let after = |held: u64| held.saturating_add(cost);
+        if after(used) > self.per_client || after(room.total) > self.total {
+            return false;
+        }
+        let absent_cap = self.total.saturating_sub(self.present_reserve);
+        match client {
+            ClientStanding::Present => {
+                // Below the reserve anyone may store; inside it, a present client up to
+                // its equal share of the reserve.
+                after(room.total) <= absent_cap
+                    || after(used) <= self.present_reserve / room.present_clients.max(1) as u64
+            }
+            ClientStanding::Registered => after(room.absent) <= absent_cap,
+            ClientStanding::Unregistered => {
+                after(room.absent) <= absent_cap && after(room.unregistered) <= self.unregistered
+            }
+        }
+    }
+}
+
+/// What a client is to the mailbox's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientStanding {
+    /// A session is open.
+    Present,
+    /// Registered, no session open.
+    Registered,
+    Unregistered,
+}
+
+/// The bytes the limits compare against, for one store transaction.
+struct Room {
+    total: u64,
+    unregistered: u64,
+    /// Bytes of clients without a session open.
+    absent: u64,
+    present_clients: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("mailbox: {0}")]
 pub struct MailboxError(String);
+
+impl MailboxError {
+    /// A blocking mailbox task that panicked or was cancelled.
+    pub fn from_task(e: &tokio::task::JoinError) -> Self {
+        MailboxError(format!("mailbox task: {e}"))
+    }
+}
 
 fn err(e: impl std::fmt::Display) -> MailboxError {
     MailboxError(e.to_string())
@@ -114,6 +174,9 @@ pub struct Incoming {
 pub struct Mailbox {
     db: Database,
     limits: Limits,
+    /// Held by every write, with its transaction: writes are serialised by redb anyway,
+    /// and the present clients' bytes must change with the store.
+    writer: Mutex<Presence>,
     /// Payloads stored, kept exact by every store, ack and expiry (for the gauge).
     stored: std::sync::atomic::AtomicU64,
 }
@@ -180,6 +243,7 @@ impl Mailbox {
         Ok(Mailbox {
             db,
             limits,
+            writer: Mutex::new(Presence::default()),
             stored: std::sync::atomic::AtomicU64::new(stored),
         })
     }
@@ -193,8 +257,11 @@ impl Mailbox {
     /// refused it.
     pub fn store(&self, items: &[Incoming]) -> Result<Vec<Option<u64>>, MailboxError> {
         let now = unix_now();
+        let mut presence = self.writer.lock();
         let txn = self.db.begin_write().map_err(err)?;
         let mut ids = Vec::with_capacity(items.len());
+        // Applied to `presence` only once the transaction commits.
+        let mut present_growth: Vec<(KeyBytes, u64)> = Vec::new();
         {
             let mut messages = txn.open_table(MESSAGES).map_err(err)?;
             let mut by_age = txn.open_table(BY_AGE).map_err(err)?;
@@ -203,15 +270,25 @@ impl Mailbox {
             let registered = txn.open_table(REGISTERED).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
             let mut totals = Totals::load(&meta)?;
+            let mut present_bytes = presence.bytes();
             for item in items {
                 let client = item.client.as_bytes();
                 let used = usage.get(client).map_err(err)?.map_or(0, |v| v.value());
-                let known = registered.get(client).map_err(err)?.is_some();
+                let standing = if presence.is_present(&item.client) {
+                    ClientStanding::Present
+                } else if registered.get(client).map_err(err)?.is_some() {
+                    ClientStanding::Registered
+                } else {
+                    ClientStanding::Unregistered
+                };
                 let c = cost(&item.body);
-                if used + c > self.limits.per_client
-                    || totals.total + c > self.limits.total
-                    || (!known && totals.unregistered + c > self.limits.unregistered)
-                {
+                let room = Room {
+                    total: totals.total,
+                    unregistered: totals.unregistered,
+                    absent: totals.total.saturating_sub(present_bytes),
+                    present_clients: presence.count(),
+                };
+                if !self.limits.admit(c, used, standing, &room) {
                     ids.push(None);
                     continue;
                 }
@@ -227,44 +304,26 @@ impl Mailbox {
                 by_age.insert(&age_key(now, client, id), ()).map_err(err)?;
                 usage.insert(client, used + c).map_err(err)?;
                 totals.total += c;
-                if !known {
-                    totals.unregistered += c;
+                match standing {
+                    ClientStanding::Present => {
+                        present_bytes += c;
+                        present_growth.push((item.client, c));
+                    }
+                    ClientStanding::Registered => {}
+                    ClientStanding::Unregistered => totals.unregistered += c,
                 }
                 ids.push(Some(id));
             }
             totals.save(&mut meta)?;
         }
         txn.commit().map_err(err)?;
+        for (client, bytes) in present_growth {
+            presence.grew(&client, bytes);
+        }
         let added = ids.iter().filter(|i| i.is_some()).count() as u64;
         self.stored
             .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
         Ok(ids)
-    }
-
-    /// Marks `client` as one of this gateway's own (it opened a session): its payloads no
-    /// longer count against the budget for unregistered clients.
-    pub fn register(&self, client: &KeyBytes) -> Result<(), MailboxError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        {
-            let mut registered = txn.open_table(REGISTERED).map_err(err)?;
-            if registered.get(client.as_bytes()).map_err(err)?.is_some() {
-                return Ok(());
-            }
-            registered
-                .insert(client.as_bytes(), unix_now())
-                .map_err(err)?;
-            let usage = txn.open_table(USAGE).map_err(err)?;
-            let used = usage
-                .get(client.as_bytes())
-                .map_err(err)?
-                .map_or(0, |v| v.value());
-            let mut meta = txn.open_table(META).map_err(err)?;
-            let mut totals = Totals::load(&meta)?;
-            totals.unregistered = totals.unregistered.saturating_sub(used);
-            totals.save(&mut meta)?;
-        }
-        txn.commit().map_err(err)?;
-        Ok(())
     }
 
     /// Bytes stored for all clients, and for unregistered ones.
@@ -318,8 +377,10 @@ impl Mailbox {
 
     /// Deletes entries (of any clients) in one transaction, keeping every counter exact.
     fn delete(&self, entries: &[(KeyBytes, u64)]) -> Result<usize, MailboxError> {
+        let mut presence = self.writer.lock();
         let txn = self.db.begin_write().map_err(err)?;
         let mut removed = 0;
+        let mut freed_by: Vec<(KeyBytes, u64)> = Vec::new();
         {
             let mut messages = txn.open_table(MESSAGES).map_err(err)?;
             let mut by_age = txn.open_table(BY_AGE).map_err(err)?;
@@ -347,6 +408,7 @@ impl Mailbox {
                     .map_err(err)?;
                 let freed = cost(&value[IDENTIFIER_SIZE + 8..]);
                 removed += 1;
+                freed_by.push((*client, freed));
                 totals.total = totals.total.saturating_sub(freed);
                 let known = registered.get(client.as_bytes()).map_err(err)?.is_some();
                 if !known {
@@ -370,6 +432,9 @@ impl Mailbox {
             totals.save(&mut meta)?;
         }
         txn.commit().map_err(err)?;
+        for (client, bytes) in freed_by {
+            presence.shrank(&client, bytes);
+        }
         self.stored
             .fetch_sub(removed as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(removed)
@@ -499,6 +564,7 @@ mod tests {
             per_client: 50 * each,
             total: 180 * each,
             unregistered: 100 * each,
+            present_reserve: 0,
         };
         let m = Mailbox::open_with(&dir.path().join("m.redb"), limits).unwrap();
         let mine = KeyBytes([7; 32]);
@@ -564,6 +630,7 @@ mod tests {
                 per_client: 100 * each,
                 total: 1000 * each,
                 unregistered: 2 * each,
+                present_reserve: 0,
             },
         )
         .unwrap();
