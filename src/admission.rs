@@ -217,6 +217,11 @@ impl Place {
     pub fn closed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.close.cancelled()
     }
+
+    /// Cancelled when a newer connection took this place (for holders that cannot borrow).
+    pub fn token(&self) -> CancellationToken {
+        self.close.clone()
+    }
 }
 
 impl Drop for Place {

@@ -332,6 +332,96 @@ async fn idle_websockets_make_way_for_a_client_that_authenticates() {
     net.stop().await;
 }
 
+/// A connection that sends an HTTP request line, then a header line every 300 ms, never
+/// ending its request. Returns when the gateway closed it.
+async fn trickle_request(addr: String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(&addr).await else {
+        return;
+    };
+    if stream
+        .write_all(b"GET /v1/client HTTP/1.1\r\nHost: gw\r\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(300));
+    let mut buf = [0u8; 512];
+    loop {
+        tokio::select! {
+            read = stream.read(&mut buf) => {
+                if matches!(read, Ok(0) | Err(_)) {
+                    return;
+                }
+            }
+            _ = tick.tick() => {
+                if stream.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_http_requests_make_way_and_are_closed_at_the_deadline() {
+    let net = Net::start(
+        &three_layers(),
+        |_, c| c.client_max_pending_sessions = 8,
+        no_hooks,
+    )
+    .await;
+    let gw = net.member("gateway");
+    let addr = gw.entry.client_address.clone().unwrap().to_string();
+    let m = net.node("gateway").metrics.clone();
+    let evicted = nym_node::metrics::RefusalReason::Evicted;
+    // Forty requests trickled header by header, never finished: they hold places from
+    // accept on, so each newcomer closes the oldest.
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = tokio::time::Instant::now();
+    for _ in 0..40 {
+        let (addr, closed) = (addr.clone(), closed.clone());
+        tokio::spawn(async move {
+            trickle_request(addr).await;
+            closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || m
+            .client_connection_refused_count(evicted)
+            >= 32)
+        .await,
+        "the trickled requests held places outside the admission ({} evicted)",
+        m.client_connection_refused_count(evicted)
+    );
+    // A client gets in and is served while they trickle.
+    let mut client = MixClient::start(
+        client_config(&net.topology_path, gw.entry.identity_key),
+        Identity::generate().unwrap(),
+    )
+    .await
+    .expect("a client gets in during the trickle");
+    let me = client.address();
+    client.send(me, b"through".to_vec(), 0).await.unwrap();
+    assert_eq!(
+        receive(&mut client, 1, Duration::from_secs(30)).await,
+        vec![b"through".to_vec()]
+    );
+    // Those that kept their places are closed at the HTTP-stage deadline.
+    assert!(
+        eventually(Duration::from_secs(15), || closed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 40)
+        .await,
+        "{} of 40 trickled requests closed",
+        closed.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    assert!(started.elapsed() >= nym_node::gateway::client_listener::HTTP_STAGE_TIMEOUT);
+    client.stop().await;
+    net.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_with_a_bad_signature_is_refused() {
     let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;

@@ -20,6 +20,10 @@ pub enum StampError {
     TooDear(u8),
     #[error("making the stamp: {0}")]
     Task(String),
+    #[error(
+        "the gateway asked again for a stamp of {0} bits, which the one it was sent meets: a broken or hostile gateway"
+    )]
+    Refused(u8),
 }
 
 /// Stamps made so far, by gateway.
@@ -55,6 +59,8 @@ impl Stamps {
     }
 
     /// Makes `client`'s stamp of `bits` for `gateway` (off the async runtime) and keeps it.
+    /// A gateway that asks for bits the kept stamp already meets gets no new work: it
+    /// would make the client hash without end.
     pub async fn make(
         &self,
         gateway: NodeId,
@@ -63,6 +69,10 @@ impl Stamps {
     ) -> Result<u64, StampError> {
         if bits > stamp::MAX_BITS {
             return Err(StampError::TooDear(bits));
+        }
+        let kept = self.known.lock().get(&gateway).copied();
+        if kept.is_some_and(|nonce| stamp::verify(&gateway, &client, nonce, bits)) {
+            return Err(StampError::Refused(bits));
         }
         let start = rand::random::<u64>();
         let started = std::time::Instant::now();
@@ -116,6 +126,11 @@ mod tests {
         assert!(matches!(
             stamps.make(gateway, client, stamp::MAX_BITS + 1).await,
             Err(StampError::TooDear(_))
+        ));
+        // A gateway that refuses the stamp it asked for gets no second one.
+        assert!(matches!(
+            stamps.make(gateway, client, 10).await,
+            Err(StampError::Refused(10))
         ));
     }
 }

@@ -11,19 +11,20 @@
 //! its authentication; one without gets the bits wanted and is closed, to come back with
 //! it. The exit's own service clients (its network requester) are exempt.
 //!
-//! Until it authenticates, a connection holds a place in the same admission as the mixnet's
-//! (`mixnet/admission.rs`): a connection that has not sent a valid first handshake message
-//! gives its place up to a newer one, and those past it are capped per address group, so
-//! neither a flood of idle WebSockets nor one address can keep clients out.
+//! From accept until it authenticates, a connection holds a place in the same admission as
+//! the mixnet's (`admission.rs`, taken by [`super::client_listener`]): a connection that has
+//! not sent a valid first handshake message gives its place up to a newer one, and those
+//! past it are capped per address group, so neither a flood of idle connections, trickled
+//! HTTP requests or idle WebSockets, nor one address, can keep clients out.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -31,6 +32,7 @@ use tracing::Instrument;
 
 use crate::admission::{Admission, Place};
 use crate::gateway::channel::{self, ChannelHalf};
+use crate::gateway::client_listener::{AdmittingListener, ClientConn};
 use crate::gateway::mailbox::Mailbox;
 use crate::gateway::mailbox::registry::Attendance;
 use crate::gateway::protocol::{ClientMessage, ServerMessage, close};
@@ -75,12 +77,13 @@ pub struct ClientApi {
 /// Serves the client API until the node stops.
 pub async fn serve(listener: TcpListener, api: Arc<ClientApi>) -> std::io::Result<()> {
     let shutdown = api.shutdown.clone();
+    let listener = AdmittingListener::new(listener, api.admission.clone());
     let app = Router::new()
         .route("/v1/client", get(upgrade))
         .with_state(api);
     axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app.into_make_service_with_connect_info::<ClientConn>(),
     )
     .with_graceful_shutdown(async move { shutdown.stopping().await })
     .await
@@ -89,9 +92,13 @@ pub async fn serve(listener: TcpListener, api: Arc<ClientApi>) -> std::io::Resul
 async fn upgrade(
     ws: WebSocketUpgrade,
     State(api): State<Arc<ClientApi>>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    ConnectInfo(conn): ConnectInfo<ClientConn>,
 ) -> Response {
-    let place = api.admission.admit(remote.ip(), None);
+    // One session per connection: its place went to the first upgrade.
+    let Some(place) = conn.stage.take() else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let remote = conn.remote;
     ws.max_message_size(channel::FRAME_LEN)
         .max_frame_size(channel::FRAME_LEN)
         .on_upgrade(move |socket| {

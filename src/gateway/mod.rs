@@ -3,6 +3,7 @@
 
 pub mod channel;
 pub mod client_api;
+pub mod client_listener;
 pub mod delivery;
 pub mod exit_policy;
 pub mod mailbox;

@@ -14,9 +14,10 @@ use crate::keys::{KeyBytes, NodeId};
 
 const CONTEXT: &[u8] = b"nym-node-rs/registration-stamp/1";
 
-/// Most bits a client agrees to work for: past this a gateway asks for hours of CPU, which
-/// is a broken or hostile gateway, not a price.
-pub const MAX_BITS: u8 = 32;
+/// Most bits a client agrees to work for (2^28 hashes: about 15 s of a desktop core, a few
+/// minutes of a phone's): past this a gateway asks for hours of CPU, which is a broken or
+/// hostile gateway, not a price.
+pub const MAX_BITS: u8 = 28;
 
 /// The hash state after the context and both identities, shared by every nonce tried.
 fn prefix(gateway: &NodeId, client: &KeyBytes) -> Sha256 {

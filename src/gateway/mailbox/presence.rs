@@ -70,6 +70,8 @@ impl Presence {
     /// `client`'s stored bytes shrank (a committed delete); no-op for an absent client.
     pub fn shrank(&mut self, client: &KeyBytes, by: u64) {
         if let Some(entry) = self.clients.get_mut(client) {
+            // The bytes come from the same transaction's usage, so they cannot exceed it.
+            debug_assert!(by <= entry.bytes, "present bytes drifted from usage");
             let by = by.min(entry.bytes);
             entry.bytes -= by;
             self.bytes -= by;
@@ -90,7 +92,7 @@ mod tests {
         p.arrive(b, 10);
         assert_eq!((p.count(), p.bytes()), (2, 110));
         p.grew(&a, 5);
-        p.shrank(&b, 50);
+        p.shrank(&b, 10);
         assert_eq!(p.bytes(), 105);
         p.leave(&a);
         assert!(p.is_present(&a), "one of its two sessions is still open");

@@ -18,6 +18,9 @@ use super::{
 };
 use crate::keys::KeyBytes;
 
+/// How stale a registration's last-seen time may be before a session rewrites it.
+const SEEN_GRANULARITY_SECS: u64 = 3600;
+
 /// A client's open session, as the mailbox sees it: while it lives, the client's payloads
 /// may use the reserve kept for present clients. End it with [`Attendance::end`] (which
 /// also records when the client was last seen); dropping it only ends the presence.
@@ -86,6 +89,22 @@ impl Mailbox {
     /// registered (its stored bytes leave the unregistered budget); without, only a
     /// registration it holds is renewed. The caller holds the writer lock.
     fn record_seen(&self, client: &KeyBytes, register: bool) -> Result<bool, MailboxError> {
+        let now = unix_now();
+        // A write (and its fsync) per session would let one client reconnecting in a loop
+        // stall every store: last-seen times are kept to the hour.
+        let seen = {
+            let txn = self.db.begin_read().map_err(err)?;
+            let registered = txn.open_table(REGISTERED).map_err(err)?;
+            registered
+                .get(client.as_bytes())
+                .map_err(err)?
+                .map(|v| v.value())
+        };
+        match seen {
+            Some(seen) if seen.saturating_add(SEEN_GRANULARITY_SECS) > now => return Ok(false),
+            None if !register => return Ok(false),
+            _ => {}
+        }
         let txn = self.db.begin_write().map_err(err)?;
         let new;
         {
@@ -94,9 +113,7 @@ impl Mailbox {
             if new && !register {
                 return Ok(false);
             }
-            registered
-                .insert(client.as_bytes(), unix_now())
-                .map_err(err)?;
+            registered.insert(client.as_bytes(), now).map_err(err)?;
             if new {
                 let used = txn
                     .open_table(USAGE)
@@ -169,7 +186,11 @@ impl Mailbox {
             }
             totals.save(&mut meta)?;
         }
-        txn.commit().map_err(err)?;
+        if ended == 0 {
+            txn.abort().map_err(err)?;
+        } else {
+            txn.commit().map_err(err)?;
+        }
         Ok(ended)
     }
 }
