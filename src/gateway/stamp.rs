@@ -8,7 +8,7 @@
 //! one gateway for one identity: a thousand made-up identities cost a thousand stamps. It
 //! does not expire, so a client makes it once per gateway and keeps it.
 
-use sha2::{Digest, Sha256};
+use ring::digest::{Context, SHA256};
 
 use crate::keys::{KeyBytes, NodeId};
 
@@ -20,8 +20,8 @@ const CONTEXT: &[u8] = b"nym-node-rs/registration-stamp/1";
 pub const MAX_BITS: u8 = 28;
 
 /// The hash state after the context and both identities, shared by every nonce tried.
-fn prefix(gateway: &NodeId, client: &KeyBytes) -> Sha256 {
-    let mut h = Sha256::new();
+fn prefix(gateway: &NodeId, client: &KeyBytes) -> Context {
+    let mut h = Context::new(&SHA256);
     h.update(CONTEXT);
     h.update(gateway.as_bytes());
     h.update(client.as_bytes());
@@ -39,10 +39,10 @@ fn leading_zeros(hash: &[u8]) -> u32 {
     n
 }
 
-fn meets(prefix: &Sha256, nonce: u64, bits: u8) -> bool {
+fn meets(prefix: &Context, nonce: u64, bits: u8) -> bool {
     let mut h = prefix.clone();
-    h.update(nonce.to_be_bytes());
-    leading_zeros(&h.finalize()) >= u32::from(bits)
+    h.update(&nonce.to_be_bytes());
+    leading_zeros(h.finish().as_ref()) >= u32::from(bits)
 }
 
 /// Whether `nonce` is a stamp of `bits` for `client` at `gateway`.
@@ -95,6 +95,23 @@ mod tests {
             .filter(|d| verify(&g, &c, nonce.wrapping_add(*d), 12))
             .count();
         assert!(neighbours < 8, "{neighbours} of 64 neighbours met 12 bits");
+    }
+
+    #[test]
+    fn the_hash_is_plain_sha256_of_the_documented_input() {
+        use sha2::Digest;
+        let (g, c, nonce) = (
+            KeyBytes([1; 32]),
+            KeyBytes([2; 32]),
+            0x0102_0304_0506_0708u64,
+        );
+        let mut input = CONTEXT.to_vec();
+        input.extend_from_slice(g.as_bytes());
+        input.extend_from_slice(c.as_bytes());
+        input.extend_from_slice(&nonce.to_be_bytes());
+        let mut h = prefix(&g, &c);
+        h.update(&nonce.to_be_bytes());
+        assert_eq!(h.finish().as_ref(), sha2::Sha256::digest(&input).as_slice());
     }
 
     #[test]
