@@ -549,7 +549,7 @@ fn start_gateway(
     let api = Arc::new(ClientApi {
         identity: keys.identity.public(),
         noise_secret: keys.noise.secret_bytes(),
-        stamp_bits: config.registration_stamp_bits as u8,
+        stamp_bits: config.registration_stamp_bits.0,
         exempt: match parts.exit {
             Some(_) => vec![requester_identity.public()],
             None => Vec::new(),
@@ -607,7 +607,9 @@ fn open_mailbox(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<Mailbox>,
             per_client: config.mailbox_quota_bytes,
             total: config.mailbox_max_bytes,
             unregistered: config.mailbox_unregistered_bytes,
-            present_reserve: config.mailbox_present_reserve_bytes,
+            present_reserve: config
+                .mailbox_present_reserve_percent
+                .of(config.mailbox_max_bytes),
         },
     )?);
     let stored = mailbox.clone();

@@ -1016,7 +1016,7 @@ async fn made_up_destinations_cannot_fill_the_mailbox() {
             if name == "gateway" {
                 c.mailbox_unregistered_bytes = 300_000;
                 c.mailbox_max_bytes = 600_000;
-                c.mailbox_present_reserve_bytes = 100_000;
+                c.mailbox_present_reserve_percent = nym_node::config::Percent(20);
             }
         },
         no_hooks,
@@ -1131,7 +1131,7 @@ async fn made_up_registrations_cannot_shut_out_an_active_client() {
             if name == "gateway" {
                 c.mailbox_quota_bytes = 100_000;
                 c.mailbox_max_bytes = 1_000_000;
-                c.mailbox_present_reserve_bytes = 300_000;
+                c.mailbox_present_reserve_percent = nym_node::config::Percent(30);
                 c.mailbox_unregistered_bytes = 100_000;
             }
         },
@@ -1212,6 +1212,35 @@ async fn made_up_registrations_cannot_shut_out_an_active_client() {
         "dormant clients were stopped below the cap ({refused_flood} refused)"
     );
 
+    // A registered client comes online, takes what it is sent and never acknowledges it:
+    // it is held no more than its share of the reserve, and takes none of it away on leaving.
+    let hog = &dormant[1];
+    let hog_session =
+        connection::connect(&addr, &gw.entry.noise_key, hog, 0, Duration::from_secs(5))
+            .await
+            .expect("a registered client needs no stamp");
+    let (before, refused_before) = (
+        m.packets_delivered.get(),
+        m.drop_count(DropReason::MailboxFull),
+    );
+    for _ in 0..300 {
+        let packet = net.packet(&["gateway"], hog.public(), &envelope, &[Duration::ZERO]);
+        link.send_packet(&packet).await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || m.packets_delivered.get()
+            + m.drop_count(DropReason::MailboxFull)
+            >= before + refused_before + 300)
+        .await,
+        "the gateway stopped taking payloads in"
+    );
+    let hog_held = m.packets_delivered.get() - before;
+    println!("a client online that never acknowledges was held {hog_held} of 300 payloads");
+    assert!(
+        hog_held > 0 && hog_held <= 150_000 / 1624 + 1,
+        "held beyond its half of the reserve ({hog_held})"
+    );
+
     // The active client still stores and fetches, with the dormant ones at their cap.
     for i in 0..10 {
         mine.send(me, format!("still here {i}").into_bytes(), 0)
@@ -1231,6 +1260,7 @@ async fn made_up_registrations_cannot_shut_out_an_active_client() {
         Ok(Ok(ServerMessage::Deliver { body, .. })) => assert_eq!(body.len(), 1600),
         other => panic!("the dormant client's payload is gone: {other:?}"),
     }
+    connection::close(hog_session, Duration::from_secs(2)).await;
     mine.stop().await;
     drop((link, m, rx));
     let mut net = net;

@@ -38,7 +38,7 @@ use crate::gateway::mailbox::registry::Attendance;
 use crate::gateway::protocol::{ClientMessage, ServerMessage, close};
 use crate::gateway::rate_limit::TokenBucket;
 use crate::gateway::sessions::{Session, Sessions};
-use crate::gateway::stamp;
+use crate::gateway::{stamp, surb_ack};
 use crate::keys::{KeyBytes, NodeId, verify_signature};
 use crate::metrics::{DropReason, Metrics};
 use crate::mixnet::intake::ForwardItem;
@@ -229,17 +229,33 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>, place: Place) {
     tracing::debug!(client = %session.client.short(), "client session closed");
 }
 
-/// Deletes what the client acknowledged since the last flush, in one transaction.
+/// Deletes what the client acknowledged since the last flush, in one transaction, and
+/// acknowledges to their senders the held payloads among them.
 async fn flush_acks(api: &ClientApi, session: &Session, acked: &mut Vec<u64>) {
     if acked.is_empty() {
         return;
     }
     let ids = std::mem::take(acked);
     let (mailbox, client) = (api.mailbox.clone(), session.client);
-    match tokio::task::spawn_blocking(move || mailbox.ack(&client, &ids)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "mailbox delete failed"),
-        Err(e) => tracing::error!(error = %e, "mailbox delete task failed"),
+    let released =
+        match tokio::task::spawn_blocking(move || mailbox.ack_releasing(&client, &ids)).await {
+            Ok(Ok((_, released))) => released,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "mailbox delete failed");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mailbox delete task failed");
+                return;
+            }
+        };
+    for surb in released {
+        let Some(item) = surb_ack::packet(&surb) else {
+            continue;
+        };
+        if api.forward.send(item).await.is_ok() {
+            api.metrics.acks_sent.inc();
+        }
     }
 }
 

@@ -5,21 +5,22 @@
 //! the client's session woken. Loop cover is stored and acknowledged like everything else:
 //! it is sealed end to end, so the gateway cannot tell it from a message (its client
 //! recognises it after decryption). A payload the mailbox refuses (quota) gets no
-//! acknowledgement, so its sender retransmits it later.
+//! acknowledgement, so its sender retransmits it later; one it only *holds* for a client
+//! online is acknowledged when that client acknowledges it (`mailbox::held`).
 
 use std::sync::Arc;
 
-use sphinx_packet::SURB;
 use sphinx_packet::payload::Payload;
 use tokio::sync::mpsc;
 
-use crate::gateway::mailbox::{Incoming, Mailbox};
+use crate::gateway::mailbox::{Incoming, Mailbox, Outcome};
 use crate::gateway::sessions::Sessions;
+use crate::gateway::surb_ack;
 use crate::keys::KeyBytes;
 use crate::message::Envelope;
 use crate::metrics::{DropReason, Metrics};
 use crate::mixnet::intake::ForwardItem;
-use crate::mixnet::sphinx::{FinalHop, IDENTIFIER_SIZE, PACKET_SIZE, PAYLOAD_SIZE};
+use crate::mixnet::sphinx::{FinalHop, IDENTIFIER_SIZE};
 use crate::telemetry::Throttle;
 
 const BATCH: usize = 256;
@@ -56,12 +57,12 @@ impl Delivery {
                 parsed.into_iter().map(|p| (p.incoming, p.ack)).unzip();
             let mailbox = self.mailbox.clone();
             let stored = tokio::task::spawn_blocking(move || {
-                let ids = mailbox.store(&incoming);
-                (ids, incoming)
+                let outcomes = mailbox.store_acked(&incoming, &acks);
+                (outcomes.map(|o| (o, acks)), incoming)
             })
             .await;
-            let (ids, incoming) = match stored {
-                Ok((Ok(ids), incoming)) => (ids, incoming),
+            let ((outcomes, acks), incoming) = match stored {
+                Ok((Ok(stored), incoming)) => (stored, incoming),
                 Ok((Err(e), incoming)) => {
                     // Not stored, so not acknowledged: the senders will retransmit.
                     self.metrics
@@ -77,15 +78,21 @@ impl Delivery {
                 }
             };
             let mut woken: Vec<KeyBytes> = Vec::new();
-            for ((id, item), ack) in ids.into_iter().zip(incoming).zip(acks) {
-                if id.is_none() {
-                    self.metrics.dropped(DropReason::MailboxFull);
-                    continue;
+            for ((outcome, item), ack) in outcomes.into_iter().zip(incoming).zip(acks) {
+                match outcome {
+                    Outcome::Refused => {
+                        self.metrics.dropped(DropReason::MailboxFull);
+                        continue;
+                    }
+                    // Acknowledged when its client acknowledges it (see `mailbox::held`).
+                    Outcome::Held(_) => {}
+                    Outcome::Stored(_) => {
+                        if let Some(ack) = ack {
+                            self.send_ack(&ack).await;
+                        }
+                    }
                 }
                 self.metrics.packets_delivered.inc();
-                if let Some(ack) = ack {
-                    self.send_ack(&ack).await;
-                }
                 if !woken.contains(&item.client) {
                     woken.push(item.client);
                 }
@@ -134,21 +141,9 @@ impl Delivery {
 
     /// Sends a SURB-ACK: the SURB carries its own route and delays; its payload is empty.
     async fn send_ack(&self, surb: &[u8]) {
-        let built = SURB::from_bytes(surb).and_then(|s| s.use_surb(&[], PAYLOAD_SIZE));
-        let Ok((packet, first_hop)) = built else {
+        let Some(item) = surb_ack::packet(surb) else {
             tracing::debug!("ignoring an unusable SURB-ACK");
             return;
-        };
-        let bytes = packet.to_bytes();
-        let Ok(packet) = <[u8; PACKET_SIZE]>::try_from(bytes.as_slice()) else {
-            tracing::debug!("ignoring a SURB-ACK of the wrong size");
-            return;
-        };
-        let item = ForwardItem {
-            next_hop: KeyBytes(first_hop.to_bytes()),
-            delay: std::time::Duration::ZERO,
-            ready_at: tokio::time::Instant::now(),
-            packet: Box::new(packet),
         };
         if self.forward.send(item).await.is_ok() {
             self.metrics.acks_sent.inc();

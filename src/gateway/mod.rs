@@ -14,6 +14,7 @@ pub mod rate_limit;
 pub mod sessions;
 pub mod stamp;
 pub mod stream_admission;
+pub mod surb_ack;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,13 @@ pub async fn sweep_mailbox(
         let result = tokio::task::spawn_blocking(move || {
             let expired = m.expire(sweep.retention)?;
             let lapsed = m.expire_registrations(sweep.registration_expiry)?;
+            let released = m.release_stale_held()?;
+            if released > 0 {
+                tracing::debug!(
+                    released,
+                    "dropped held payloads no client acknowledged in time"
+                );
+            }
             Ok::<_, mailbox::MailboxError>((expired, lapsed))
         })
         .await;

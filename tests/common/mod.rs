@@ -78,7 +78,7 @@ pub fn base_config(
         drain_grace: DurationKnob(Duration::from_millis(500)),
         sphinx_workers: 1,
         // A real stamp, at a price a debug build pays in milliseconds.
-        registration_stamp_bits: 8,
+        registration_stamp_bits: nym_node::config::StampBits(8),
         ..Config::default()
     }
 }

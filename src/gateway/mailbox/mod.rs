@@ -11,12 +11,18 @@
 //! - each client may hold `NYM_NODE_MAILBOX_QUOTA_BYTES`;
 //! - all clients together may hold `NYM_NODE_MAILBOX_MAX_BYTES`, so no mix of destinations
 //!   can fill the disk;
-//! - clients without a session open ("absent") stop `NYM_NODE_MAILBOX_PRESENT_RESERVE_BYTES`
-//!   below that cap: the reserve is for clients with a session, each up to an equal share of
-//!   it, so dormant clients (however many registered) cannot shut an active one out;
 //! - clients not registered here (made-up destinations, drop cover, a new client not yet
 //!   online, a registration that expired) share `NYM_NODE_MAILBOX_UNREGISTERED_BYTES`, so
-//!   they cannot crowd out the gateway's own clients.
+//!   they cannot crowd out the gateway's own clients;
+//! - payloads are stored durably up to `NYM_NODE_MAILBOX_PRESENT_RESERVE_PERCENT` of the cap
+//!   short of it. The reserve is for clients with a session open, each up to an equal share:
+//!   a payload for such a client that finds the durable space full is *held* (see [`held`]).
+//!   A held payload is pushed like any other, but its sender is acknowledged only once the
+//!   client acknowledges it, and it is dropped (the sender retransmits) if the client leaves
+//!   or does not acknowledge it in time. So the reserve is a delivery buffer that no client
+//!   keeps by leaving or by not acknowledging, and dormant clients, however many and however
+//!   they filled the durable space, cannot shut out a client that is online. Nothing
+//!   acknowledged to a sender is ever deleted to make room.
 //!
 //! Registration (see [`registry`]) is what a client's first session, paid for with a stamp,
 //! buys: its payloads leave the unregistered budget. It lapses after a stated inactivity.
@@ -35,6 +41,7 @@ use crate::keys::KeyBytes;
 use crate::mixnet::sphinx::IDENTIFIER_SIZE;
 use presence::Presence;
 
+pub mod held;
 mod presence;
 pub mod registry;
 
@@ -48,10 +55,14 @@ const USAGE: TableDefinition<&[u8; 32], u64> = TableDefinition::new("usage");
 const NEXT_IDS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("next_ids");
 /// client → unix time its last session here opened or closed
 const REGISTERED: TableDefinition<&[u8; 32], u64> = TableDefinition::new("registered");
+/// client ‖ id → stored_at ‖ the SURB-ACK to send when the client acknowledges it (may be
+/// empty): the held payloads (see [`held`]).
+const HELD: TableDefinition<&[u8; 40], &[u8]> = TableDefinition::new("held");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Bytes stored for all clients, and for unregistered ones.
+/// Bytes stored for all clients, for unregistered ones, and held.
 const TOTAL: &str = "total_bytes";
 const UNREGISTERED: &str = "unregistered_bytes";
+const HELD_BYTES: &str = "held_bytes";
 /// Expired entries deleted per transaction, so a sweep never holds the store for long.
 pub const EXPIRY_BATCH: usize = 1024;
 
@@ -59,6 +70,7 @@ pub const EXPIRY_BATCH: usize = 1024;
 struct Totals {
     total: u64,
     unregistered: u64,
+    held: u64,
 }
 
 impl Totals {
@@ -69,12 +81,14 @@ impl Totals {
         Ok(Totals {
             total: get(TOTAL)?,
             unregistered: get(UNREGISTERED)?,
+            held: get(HELD_BYTES)?,
         })
     }
 
     fn save(&self, meta: &mut redb::Table<&'static str, u64>) -> Result<(), MailboxError> {
         meta.insert(TOTAL, self.total).map_err(err)?;
         meta.insert(UNREGISTERED, self.unregistered).map_err(err)?;
+        meta.insert(HELD_BYTES, self.held).map_err(err)?;
         Ok(())
     }
 }
@@ -100,26 +114,41 @@ impl Limits {
         }
     }
 
-    /// Whether a payload of `cost` bytes for a client holding `used` fits.
-    fn admit(&self, cost: u64, used: u64, client: ClientStanding, room: &Room) -> bool {
-        let after = |held: u64| held.saturating_add(cost);
+    /// Where a payload of `cost` bytes goes, for a client holding `used` bytes of which
+    /// `held` are held; `None`: refused.
+    fn admit(
+        &self,
+        cost: u64,
+        used: u64,
+        held: u64,
+        client: ClientStanding,
+        room: &Room,
+    ) -> Option<Placement> {
+        let after = |bytes: u64| bytes.saturating_add(cost);
         if after(used) > self.per_client || after(room.total) > self.total {
-            return false;
+            return None;
         }
-        let absent_cap = self.total.saturating_sub(self.present_reserve);
-        match client {
-            ClientStanding::Present => {
-                // Below the reserve anyone may store; inside it, a present client up to
-                // its equal share of the reserve.
-                after(room.total) <= absent_cap
-                    || after(used) <= self.present_reserve / room.present_clients.max(1) as u64
-            }
-            ClientStanding::Registered => after(room.absent) <= absent_cap,
-            ClientStanding::Unregistered => {
-                after(room.absent) <= absent_cap && after(room.unregistered) <= self.unregistered
-            }
+        let durable_cap = self.total.saturating_sub(self.present_reserve);
+        let durable = after(room.total.saturating_sub(room.held)) <= durable_cap
+            && (client != ClientStanding::Unregistered
+                || after(room.unregistered) <= self.unregistered);
+        if durable {
+            return Some(Placement::Durable);
         }
+        // The reserve: for clients online, each up to an equal share of it.
+        let share = self.present_reserve / room.present_clients.max(1) as u64;
+        let fits = after(room.held) <= self.present_reserve && after(held) <= share;
+        (client == ClientStanding::Present && fits).then_some(Placement::Held)
     }
+}
+
+/// Where an admitted payload goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// Stored until acknowledged or past the retention; its sender is acknowledged now.
+    Durable,
+    /// Held for a client online (see [`held`]).
+    Held,
 }
 
 /// What a client is to the mailbox's limits.
@@ -136,9 +165,28 @@ enum ClientStanding {
 struct Room {
     total: u64,
     unregistered: u64,
-    /// Bytes of clients without a session open.
-    absent: u64,
+    held: u64,
     present_clients: usize,
+}
+
+/// What became of a payload offered to the mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored durably under this id: acknowledge its sender now.
+    Stored(u64),
+    /// Held under this id: its sender is acknowledged when the client acknowledges it.
+    Held(u64),
+    /// Over a limit: not stored, not acknowledged (its sender retransmits).
+    Refused,
+}
+
+impl Outcome {
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Outcome::Stored(id) | Outcome::Held(id) => Some(*id),
+            Outcome::Refused => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +223,7 @@ pub struct Mailbox {
     db: Database,
     limits: Limits,
     /// Held by every write, with its transaction: writes are serialised by redb anyway,
-    /// and the present clients' bytes must change with the store.
+    /// and the present clients' held bytes must change with the store.
     writer: Mutex<Presence>,
     /// Payloads stored, kept exact by every store, ack and expiry (for the gauge).
     stored: std::sync::atomic::AtomicU64,
@@ -232,6 +280,7 @@ impl Mailbox {
             txn.open_table(USAGE).map_err(err)?;
             txn.open_table(NEXT_IDS).map_err(err)?;
             txn.open_table(REGISTERED).map_err(err)?;
+            txn.open_table(HELD).map_err(err)?;
             txn.open_table(META).map_err(err)?;
         }
         txn.commit().map_err(err)?;
@@ -240,12 +289,16 @@ impl Mailbox {
             let messages = txn.open_table(MESSAGES).map_err(err)?;
             messages.len().map_err(err)?
         };
-        Ok(Mailbox {
+        let mailbox = Mailbox {
             db,
             limits,
             writer: Mutex::new(Presence::default()),
             stored: std::sync::atomic::AtomicU64::new(stored),
-        })
+        };
+        // Nobody is online after a start: what was held is dropped (never acknowledged to
+        // its senders, so they retransmit it).
+        mailbox.release_held(|_, _| true)?;
+        Ok(mailbox)
     }
 
     /// Payloads currently stored, for all clients.
@@ -253,25 +306,40 @@ impl Mailbox {
         self.stored.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Stores a batch in one transaction. Returns, per item, its id, or `None` if a limit
-    /// refused it.
+    /// Stores a batch in one transaction. Returns, per item, its id (stored or held), or
+    /// `None` if a limit refused it.
     pub fn store(&self, items: &[Incoming]) -> Result<Vec<Option<u64>>, MailboxError> {
+        let acks = vec![None; items.len()];
+        Ok(self
+            .store_acked(items, &acks)?
+            .iter()
+            .map(Outcome::id)
+            .collect())
+    }
+
+    /// Stores a batch in one transaction; `acks[i]` is the SURB-ACK of `items[i]`, kept with
+    /// it if it is held (sent when the client acknowledges it).
+    pub fn store_acked(
+        &self,
+        items: &[Incoming],
+        acks: &[Option<Vec<u8>>],
+    ) -> Result<Vec<Outcome>, MailboxError> {
         let now = unix_now();
         let mut presence = self.writer.lock();
         let txn = self.db.begin_write().map_err(err)?;
-        let mut ids = Vec::with_capacity(items.len());
+        let mut outcomes = Vec::with_capacity(items.len());
         // Applied to `presence` only once the transaction commits.
-        let mut present_growth: Vec<(KeyBytes, u64)> = Vec::new();
+        let mut held_now: Vec<(KeyBytes, u64)> = Vec::new();
         {
             let mut messages = txn.open_table(MESSAGES).map_err(err)?;
             let mut by_age = txn.open_table(BY_AGE).map_err(err)?;
             let mut usage = txn.open_table(USAGE).map_err(err)?;
             let mut next_ids = txn.open_table(NEXT_IDS).map_err(err)?;
+            let mut held = txn.open_table(HELD).map_err(err)?;
             let registered = txn.open_table(REGISTERED).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
             let mut totals = Totals::load(&meta)?;
-            let mut present_bytes = presence.bytes();
-            for item in items {
+            for (i, item) in items.iter().enumerate() {
                 let client = item.client.as_bytes();
                 let used = usage.get(client).map_err(err)?.map_or(0, |v| v.value());
                 let standing = if presence.is_present(&item.client) {
@@ -285,45 +353,55 @@ impl Mailbox {
                 let room = Room {
                     total: totals.total,
                     unregistered: totals.unregistered,
-                    absent: totals.total.saturating_sub(present_bytes),
+                    held: totals.held,
                     present_clients: presence.count(),
                 };
-                if !self.limits.admit(c, used, standing, &room) {
-                    ids.push(None);
+                let held_by = presence.held_by(&item.client)
+                    + held_now
+                        .iter()
+                        .filter(|(c, _)| *c == item.client)
+                        .map(|(_, b)| b)
+                        .sum::<u64>();
+                let Some(placement) = self.limits.admit(c, used, held_by, standing, &room) else {
+                    outcomes.push(Outcome::Refused);
                     continue;
-                }
+                };
                 let id = next_ids.get(client).map_err(err)?.map_or(1, |v| v.value());
                 next_ids.insert(client, id + 1).map_err(err)?;
                 let mut value = Vec::with_capacity(IDENTIFIER_SIZE + 8 + item.body.len());
                 value.extend_from_slice(&item.identifier);
                 value.extend_from_slice(&now.to_be_bytes());
                 value.extend_from_slice(&item.body);
-                messages
-                    .insert(&message_key(&item.client, id), value.as_slice())
-                    .map_err(err)?;
+                let key = message_key(&item.client, id);
+                messages.insert(&key, value.as_slice()).map_err(err)?;
                 by_age.insert(&age_key(now, client, id), ()).map_err(err)?;
                 usage.insert(client, used + c).map_err(err)?;
                 totals.total += c;
-                match standing {
-                    ClientStanding::Present => {
-                        present_bytes += c;
-                        present_growth.push((item.client, c));
-                    }
-                    ClientStanding::Registered => {}
-                    ClientStanding::Unregistered => totals.unregistered += c,
+                if standing == ClientStanding::Unregistered {
+                    totals.unregistered += c;
                 }
-                ids.push(Some(id));
+                outcomes.push(match placement {
+                    Placement::Held => {
+                        let ack = acks.get(i).and_then(Option::as_deref).unwrap_or_default();
+                        let record = [&now.to_be_bytes()[..], ack].concat();
+                        held.insert(&key, record.as_slice()).map_err(err)?;
+                        totals.held += c;
+                        held_now.push((item.client, c));
+                        Outcome::Held(id)
+                    }
+                    Placement::Durable => Outcome::Stored(id),
+                });
             }
             totals.save(&mut meta)?;
         }
         txn.commit().map_err(err)?;
-        for (client, bytes) in present_growth {
-            presence.grew(&client, bytes);
+        for (client, bytes) in held_now {
+            presence.hold(&client, bytes);
         }
-        let added = ids.iter().filter(|i| i.is_some()).count() as u64;
+        let added = outcomes.iter().filter(|o| o.id().is_some()).count() as u64;
         self.stored
             .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
-        Ok(ids)
+        Ok(outcomes)
     }
 
     /// Bytes stored for all clients, and for unregistered ones.
@@ -371,27 +449,45 @@ impl Mailbox {
     /// Deletes acknowledged payloads in one transaction; ids that are not stored (already
     /// gone) are ignored.
     pub fn ack(&self, client: &KeyBytes, ids: &[u64]) -> Result<usize, MailboxError> {
+        Ok(self.ack_releasing(client, ids)?.0)
+    }
+
+    /// [`Mailbox::ack`], returning also the SURB-ACKs of the held payloads among them: their
+    /// senders are to be acknowledged now.
+    pub fn ack_releasing(
+        &self,
+        client: &KeyBytes,
+        ids: &[u64],
+    ) -> Result<(usize, Vec<Vec<u8>>), MailboxError> {
         let entries: Vec<(KeyBytes, u64)> = ids.iter().map(|id| (*client, *id)).collect();
-        self.delete(&entries)
+        let mut presence = self.writer.lock();
+        self.delete_locked(&mut presence, &entries)
     }
 
     /// Deletes entries (of any clients) in one transaction, keeping every counter exact.
-    fn delete(&self, entries: &[(KeyBytes, u64)]) -> Result<usize, MailboxError> {
-        let mut presence = self.writer.lock();
+    /// Returns how many were deleted and the SURB-ACKs kept with the held ones.
+    fn delete_locked(
+        &self,
+        presence: &mut Presence,
+        entries: &[(KeyBytes, u64)],
+    ) -> Result<(usize, Vec<Vec<u8>>), MailboxError> {
         let txn = self.db.begin_write().map_err(err)?;
         let mut removed = 0;
-        let mut freed_by: Vec<(KeyBytes, u64)> = Vec::new();
+        let mut acks = Vec::new();
+        let mut unheld: Vec<(KeyBytes, u64)> = Vec::new();
         {
             let mut messages = txn.open_table(MESSAGES).map_err(err)?;
             let mut by_age = txn.open_table(BY_AGE).map_err(err)?;
             let mut usage = txn.open_table(USAGE).map_err(err)?;
             let mut next_ids = txn.open_table(NEXT_IDS).map_err(err)?;
+            let mut held = txn.open_table(HELD).map_err(err)?;
             let registered = txn.open_table(REGISTERED).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
             let mut totals = Totals::load(&meta)?;
             for (client, id) in entries {
+                let key = message_key(client, *id);
                 let Some(value) = messages
-                    .remove(&message_key(client, *id))
+                    .remove(&key)
                     .map_err(err)?
                     .map(|v| v.value().to_vec())
                 else {
@@ -408,8 +504,15 @@ impl Mailbox {
                     .map_err(err)?;
                 let freed = cost(&value[IDENTIFIER_SIZE + 8..]);
                 removed += 1;
-                freed_by.push((*client, freed));
                 totals.total = totals.total.saturating_sub(freed);
+                if let Some(record) = held.remove(&key).map_err(err)? {
+                    totals.held = totals.held.saturating_sub(freed);
+                    unheld.push((*client, freed));
+                    let ack = record.value().get(8..).unwrap_or_default().to_vec();
+                    if !ack.is_empty() {
+                        acks.push(ack);
+                    }
+                }
                 let known = registered.get(client.as_bytes()).map_err(err)?.is_some();
                 if !known {
                     totals.unregistered = totals.unregistered.saturating_sub(freed);
@@ -432,12 +535,12 @@ impl Mailbox {
             totals.save(&mut meta)?;
         }
         txn.commit().map_err(err)?;
-        for (client, bytes) in freed_by {
-            presence.shrank(&client, bytes);
+        for (client, bytes) in unheld {
+            presence.unhold(&client, bytes);
         }
         self.stored
             .fetch_sub(removed as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(removed)
+        Ok((removed, acks))
     }
 
     /// Deletes every payload stored longer ago than `retention`, [`EXPIRY_BATCH`] entries per
@@ -475,7 +578,8 @@ impl Mailbox {
         if expired.is_empty() {
             return Ok(0);
         }
-        self.delete(&expired)
+        let mut presence = self.writer.lock();
+        Ok(self.delete_locked(&mut presence, &expired)?.0)
     }
 
     /// Bytes `client` has stored.

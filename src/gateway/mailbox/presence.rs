@@ -1,9 +1,9 @@
-//! Which clients have a session open right now, and the bytes stored for them: the
-//! mailbox keeps the last part of its global cap for these clients (see the module doc of
-//! [`super`]). Kept in memory only: after a restart no client is present, which is true.
+//! Which clients have a session open right now, and the bytes held for each (see
+//! [`super::held`]): the reserve is shared equally among them. Kept in memory only: after a
+//! restart no client is present, which is true, and nothing is held.
 //!
 //! Every change happens under the mailbox's writer lock, together with the transaction
-//! that changes the bytes, so `bytes` always equals the sum of the present clients' usage.
+//! that changes the held bytes.
 
 use std::collections::HashMap;
 
@@ -13,13 +13,12 @@ use crate::keys::KeyBytes;
 struct Present {
     /// Sessions open (a newer session overlaps the one it replaces for a moment).
     sessions: u32,
-    bytes: u64,
+    held: u64,
 }
 
 #[derive(Debug, Default)]
 pub(super) struct Presence {
     clients: HashMap<KeyBytes, Present>,
-    bytes: u64,
 }
 
 impl Presence {
@@ -32,49 +31,49 @@ impl Presence {
         self.clients.len()
     }
 
-    /// Bytes stored for all present clients.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
+    /// Bytes held for `client` (0 for an absent one).
+    pub fn held_by(&self, client: &KeyBytes) -> u64 {
+        self.clients.get(client).map_or(0, |p| p.held)
     }
 
-    /// A session of `client` opened; `stored` is what the client has in the mailbox.
-    pub fn arrive(&mut self, client: KeyBytes, stored: u64) {
-        let entry = self.clients.entry(client).or_default();
-        if entry.sessions == 0 {
-            entry.bytes = stored;
-            self.bytes += stored;
-        }
-        entry.sessions += 1;
+    /// Present clients holding more than `share` bytes, with what they hold.
+    pub fn over_share(&self, share: u64) -> Vec<(KeyBytes, u64)> {
+        self.clients
+            .iter()
+            .filter(|(_, p)| p.held > share)
+            .map(|(c, p)| (*c, p.held))
+            .collect()
     }
 
-    /// A session of `client` closed.
-    pub fn leave(&mut self, client: &KeyBytes) {
+    /// A session of `client` opened.
+    pub fn arrive(&mut self, client: KeyBytes) {
+        self.clients.entry(client).or_default().sessions += 1;
+    }
+
+    /// A session of `client` closed. Returns whether the client is absent now.
+    pub fn leave(&mut self, client: &KeyBytes) -> bool {
         let Some(entry) = self.clients.get_mut(client) else {
-            return;
+            return true;
         };
         entry.sessions = entry.sessions.saturating_sub(1);
         if entry.sessions == 0 {
-            self.bytes = self.bytes.saturating_sub(entry.bytes);
             self.clients.remove(client);
+            return true;
+        }
+        false
+    }
+
+    /// A payload of `bytes` was held for `client` (a committed store).
+    pub fn hold(&mut self, client: &KeyBytes, bytes: u64) {
+        if let Some(entry) = self.clients.get_mut(client) {
+            entry.held += bytes;
         }
     }
 
-    /// `client`'s stored bytes grew (a committed store); no-op for an absent client.
-    pub fn grew(&mut self, client: &KeyBytes, by: u64) {
+    /// A held payload of `client` went (acknowledged, released or expired).
+    pub fn unhold(&mut self, client: &KeyBytes, bytes: u64) {
         if let Some(entry) = self.clients.get_mut(client) {
-            entry.bytes += by;
-            self.bytes += by;
-        }
-    }
-
-    /// `client`'s stored bytes shrank (a committed delete); no-op for an absent client.
-    pub fn shrank(&mut self, client: &KeyBytes, by: u64) {
-        if let Some(entry) = self.clients.get_mut(client) {
-            // The bytes come from the same transaction's usage, so they cannot exceed it.
-            debug_assert!(by <= entry.bytes, "present bytes drifted from usage");
-            let by = by.min(entry.bytes);
-            entry.bytes -= by;
-            self.bytes -= by;
+            entry.held = entry.held.saturating_sub(bytes);
         }
     }
 }
@@ -84,26 +83,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bytes_follow_sessions_and_overlapping_sessions_count_once() {
+    fn held_bytes_follow_sessions_and_overlapping_sessions_count_once() {
         let mut p = Presence::default();
         let (a, b) = (KeyBytes([1; 32]), KeyBytes([2; 32]));
-        p.arrive(a, 100);
-        p.arrive(a, 999); // a replacing session: the stored bytes are already counted
-        p.arrive(b, 10);
-        assert_eq!((p.count(), p.bytes()), (2, 110));
-        p.grew(&a, 5);
-        p.shrank(&b, 10);
-        assert_eq!(p.bytes(), 105);
-        p.leave(&a);
-        assert!(p.is_present(&a), "one of its two sessions is still open");
-        p.leave(&a);
-        assert!(!p.is_present(&a));
-        assert_eq!(p.bytes(), 0);
-        p.grew(&a, 7);
-        assert_eq!(
-            p.bytes(),
-            0,
-            "an absent client's bytes are not present bytes"
-        );
+        p.arrive(a);
+        p.arrive(a); // a replacing session
+        p.arrive(b);
+        assert_eq!(p.count(), 2);
+        p.hold(&a, 100);
+        p.hold(&b, 10);
+        p.unhold(&b, 4);
+        assert_eq!((p.held_by(&a), p.held_by(&b)), (100, 6));
+        assert!(!p.leave(&a), "one of its two sessions is still open");
+        assert!(p.leave(&a));
+        assert_eq!(p.held_by(&a), 0);
+        p.hold(&a, 7);
+        assert_eq!(p.held_by(&a), 0, "nothing is held for an absent client");
     }
 }

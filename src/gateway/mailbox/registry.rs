@@ -22,8 +22,9 @@ use crate::keys::KeyBytes;
 const SEEN_GRANULARITY_SECS: u64 = 3600;
 
 /// A client's open session, as the mailbox sees it: while it lives, the client's payloads
-/// may use the reserve kept for present clients. End it with [`Attendance::end`] (which
-/// also records when the client was last seen); dropping it only ends the presence.
+/// may be held in the reserve kept for clients online. End it with [`Attendance::end`]
+/// (which drops what is held and records when the client was last seen); dropping it only
+/// ends the presence, and the minute sweep drops what was held.
 pub struct Attendance {
     mailbox: Arc<Mailbox>,
     client: KeyBytes,
@@ -36,7 +37,10 @@ impl Attendance {
     pub fn end(mut self) -> Result<(), MailboxError> {
         self.ended = true;
         let mut presence = self.mailbox.writer.lock();
-        presence.leave(&self.client);
+        if presence.leave(&self.client) {
+            // Held payloads are for clients online: their senders retransmit them.
+            self.mailbox.release_held_of(&mut presence, &self.client)?;
+        }
         self.mailbox.record_seen(&self.client, false).map(|_| ())
     }
 }
@@ -75,8 +79,16 @@ impl Mailbox {
     pub fn attend(self: &Arc<Self>, client: &KeyBytes) -> Result<(Attendance, bool), MailboxError> {
         let mut presence = self.writer.lock();
         let new = self.record_seen(client, true)?;
-        let stored = self.usage(client)?;
-        presence.arrive(*client, stored);
+        if !presence.is_present(client) {
+            // Left by a session that ended without `end` and not swept yet.
+            self.release_held_of(&mut presence, client)?;
+        }
+        presence.arrive(*client);
+        if let Err(e) = self.trim_held_to_shares(&mut presence) {
+            // No attendance will ever end this presence: undo it before failing.
+            presence.leave(client);
+            return Err(e);
+        }
         let attendance = Attendance {
             mailbox: self.clone(),
             client: *client,
@@ -197,7 +209,7 @@ impl Mailbox {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Incoming, Limits, cost};
+    use super::super::{Incoming, Limits, Outcome, cost};
     use super::*;
 
     fn payload(client: KeyBytes, n: usize) -> Vec<Incoming> {
@@ -275,8 +287,65 @@ mod tests {
         assert_eq!(stored(&m, &payload(b, 1)), 0);
         assert_eq!(m.fetch_after(&a, 0, 100).unwrap().len(), 50);
         // b comes online: the reserve is there for it.
-        let (_b_here, _) = m.attend(&b).unwrap();
+        let (b_here, _) = m.attend(&b).unwrap();
         assert_eq!(stored(&m, &payload(b, 60)), 50);
+        // What b was held goes when b does; what a stored stays.
+        b_here.end().unwrap();
+        assert_eq!(m.totals().unwrap().0, 50 * each);
+        assert_eq!(m.usage(&b).unwrap(), 0);
+        assert_eq!(m.fetch_after(&a, 0, 100).unwrap().len(), 50);
+    }
+
+    #[test]
+    fn the_reserve_goes_to_whoever_is_online_whoever_filled_it_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let each = cost(&[0; 100]);
+        let limits = Limits {
+            per_client: 50 * each,
+            total: 100 * each,
+            unregistered: 100 * each,
+            present_reserve: 40 * each,
+        };
+        let m = Arc::new(Mailbox::open_with(&dir.path().join("m.redb"), limits).unwrap());
+        // Dormant clients fill the durable space.
+        for i in 0..2u8 {
+            let dormant = KeyBytes([100 + i; 32]);
+            m.register(&dormant).unwrap();
+            assert_eq!(stored(&m, &payload(dormant, 30)), 30);
+        }
+        // a, alone online, is held the whole reserve and acknowledges none of it.
+        let a = KeyBytes([1; 32]);
+        let (a_here, _) = m.attend(&a).unwrap();
+        let acks: Vec<Option<Vec<u8>>> = (0..50).map(|i| Some(vec![i as u8; 3])).collect();
+        let outcomes = m.store_acked(&payload(a, 50), &acks).unwrap();
+        let held: Vec<u64> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Held(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(held.len(), 40);
+        // b comes online: a keeps its half, b gets the other half at once.
+        let b = KeyBytes([2; 32]);
+        let (b_here, _) = m.attend(&b).unwrap();
+        assert_eq!(m.usage(&a).unwrap(), 20 * each, "a's newest held went");
+        assert_eq!(stored(&m, &payload(b, 50)), 20);
+        // A held payload acknowledged by its client releases its SURB-ACK, once.
+        let (removed, released) = m.ack_releasing(&a, &held[..2]).unwrap();
+        assert_eq!((removed, released), (2, vec![vec![0; 3], vec![1; 3]]));
+        assert_eq!(m.ack_releasing(&a, &held[..2]).unwrap(), (0, vec![]));
+        // Held payloads no one acknowledged in time are dropped; durable ones never.
+        assert_eq!(m.release_held(|_, _| true).unwrap(), 18 + 20);
+        assert_eq!(m.totals().unwrap().0, 60 * each);
+        assert_eq!(m.usage(&a).unwrap(), 0);
+        a_here.end().unwrap();
+        // A restart drops whatever was held (nobody is online after it).
+        assert_eq!(stored(&m, &payload(b, 5)), 5);
+        drop((b_here, m));
+        let m = Mailbox::open_with(&dir.path().join("m.redb"), limits).unwrap();
+        assert_eq!(m.totals().unwrap().0, 60 * each);
+        assert_eq!(m.usage(&b).unwrap(), 0);
     }
 
     #[test]
