@@ -109,6 +109,11 @@ enum Command {
         /// Allow a non-loopback --listen address (anyone reaching it can use this client).
         #[arg(long)]
         allow_remote: bool,
+        /// Let web pages of this origin (`https://app.example`) use the API; repeat for
+        /// more. Without it, an upgrade that carries an `Origin` header (every browser's
+        /// does) is refused, so no web page the user visits can drive the client.
+        #[arg(long = "allow-origin", value_name = "ORIGIN")]
+        allow_origins: Vec<String>,
     },
     /// Send one message (through the running client when one serves this client). Without
     /// --id or --identity, from a fresh throwaway identity.
@@ -305,13 +310,15 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Run {
             listen,
             allow_remote,
+            allow_origins,
         } => {
             let listen = websocket::check_listen(*listen, *allow_remote)?;
             let dir = need_client(&cli)?;
             let config = config_for(&cli, Some(&dir))?;
             let stop = CancellationToken::new();
             tokio::spawn(stop_on_signals(stop.clone()));
-            daemon::run(config, dir, listen, stop, None)
+            let origins = websocket::AllowedOrigins::new(allow_origins.iter().cloned());
+            daemon::run(config, dir, listen, origins, stop, None)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)

@@ -38,11 +38,13 @@ pub enum DaemonError {
     },
 }
 
-/// Runs the client in `dir` until `stop`; `ready` gets the API's address once it serves.
+/// Runs the client in `dir` until `stop`, serving the API on `listen` to native
+/// applications and to web pages of `origins`; `ready` gets the API's address once it serves.
 pub async fn run(
     mut config: ClientConfig,
     dir: ClientDir,
     listen: SocketAddr,
+    origins: websocket::AllowedOrigins,
     stop: CancellationToken,
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> Result<(), DaemonError> {
@@ -74,7 +76,12 @@ pub async fn run(
     tracing::info!(address = %client.address(), websocket = %local, "client running");
     let (app_tx, app_rx) = mpsc::channel(1024);
     let server_stop = stop.child_token();
-    let server = tokio::spawn(websocket::serve(listener, app_tx, server_stop.clone()));
+    let server = tokio::spawn(websocket::serve(
+        listener,
+        app_tx,
+        origins,
+        server_stop.clone(),
+    ));
     if let Some(ready) = ready {
         let _ = ready.send(local);
     }

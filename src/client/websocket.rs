@@ -400,17 +400,53 @@ pub enum AppEvent {
 struct Api {
     events: mpsc::Sender<AppEvent>,
     next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    origins: std::sync::Arc<AllowedOrigins>,
+}
+
+/// The web origins whose pages may use the API. A browser sends `Origin` with every
+/// WebSocket upgrade and lets any page open one to 127.0.0.1, so without this check any web
+/// page the user visits could learn the client's address, take its incoming messages and
+/// send as it. Native applications send no `Origin` and are served.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedOrigins(Vec<String>);
+
+impl AllowedOrigins {
+    /// Origins as given to `--allow-origin` (`scheme://host[:port]`).
+    pub fn new(origins: impl IntoIterator<Item = String>) -> Self {
+        AllowedOrigins(origins.into_iter().map(|o| normalise(&o)).collect())
+    }
+
+    /// Whether an upgrade carrying these headers may be served.
+    pub fn allows(&self, headers: &axum::http::HeaderMap) -> Result<(), String> {
+        let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
+            return Ok(());
+        };
+        let origin = origin.to_str().map(normalise).unwrap_or_default();
+        if self.0.contains(&origin) {
+            return Ok(());
+        }
+        Err(format!(
+            "a WebSocket from a web page ({origin}) is refused: start the client with --allow-origin {origin} to let that page use it"
+        ))
+    }
+}
+
+/// Origins compare as browsers write them: lower case, no trailing slash.
+fn normalise(origin: &str) -> String {
+    origin.trim().trim_end_matches('/').to_ascii_lowercase()
 }
 
 /// Serves the API on `listener` until `stop`; every connection reports to `events`.
 pub async fn serve(
     listener: TcpListener,
     events: mpsc::Sender<AppEvent>,
+    origins: AllowedOrigins,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let api = Api {
         events,
         next: Default::default(),
+        origins: std::sync::Arc::new(origins),
     };
     let app = Router::new().route("/", get(upgrade)).with_state(api);
     axum::serve(listener, app)
@@ -418,7 +454,16 @@ pub async fn serve(
         .await
 }
 
-async fn upgrade(ws: WebSocketUpgrade, State(api): State<Api>) -> HttpResponse {
+async fn upgrade(
+    ws: WebSocketUpgrade,
+    headers: axum::http::HeaderMap,
+    State(api): State<Api>,
+) -> HttpResponse {
+    use axum::response::IntoResponse;
+    if let Err(refusal) = api.origins.allows(&headers) {
+        tracing::warn!("{refusal}");
+        return (axum::http::StatusCode::FORBIDDEN, refusal).into_response();
+    }
     ws.on_upgrade(move |socket| connection(socket, api))
 }
 
@@ -663,6 +708,27 @@ mod tests {
         assert_eq!(tag_from_str(&tag_to_string(&tag)).unwrap(), tag);
         assert!(tag_from_str("0OIl").unwrap_err().contains("senderTag"));
         assert!(tag_from_str("abc").unwrap_err().contains("16 bytes"));
+    }
+
+    #[test]
+    fn only_named_web_origins_may_use_the_api() {
+        let mut headers = axum::http::HeaderMap::new();
+        let origins = AllowedOrigins::new(["https://App.example/".to_string()]);
+        assert!(origins.allows(&headers).is_ok(), "a native application");
+        headers.insert("origin", "https://evil.example".parse().unwrap());
+        let refusal = origins.allows(&headers).unwrap_err();
+        assert!(
+            refusal.contains("--allow-origin https://evil.example"),
+            "{refusal}"
+        );
+        headers.insert("origin", "https://app.example".parse().unwrap());
+        assert!(origins.allows(&headers).is_ok());
+        headers.insert("origin", "null".parse().unwrap());
+        assert!(
+            origins.allows(&headers).is_err(),
+            "a sandboxed page or a file"
+        );
+        assert!(AllowedOrigins::default().allows(&headers).is_err());
     }
 
     #[test]

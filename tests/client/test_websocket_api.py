@@ -106,14 +106,16 @@ def client(data_dir, *args, check=True, timeout=120):
 class Daemon:
     """`nym-client run --id NAME` on its own port."""
 
-    def __init__(self, data_dir, name):
+    def __init__(self, data_dir, name, *args):
         self.data_dir, self.name, self.port = data_dir, name, free_port()
+        self.args = args
         self.proc = None
 
     def start(self):
         env = dict(os.environ, NYM_CLIENT_DATA_DIR=self.data_dir)
         self.proc = subprocess.Popen([os.path.join(binaries(), "nym-client"), "run", "--id", self.name,
-                                      "--listen", f"127.0.0.1:{self.port}", "--cover-rate", "5"],
+                                      "--listen", f"127.0.0.1:{self.port}", "--cover-rate", "5",
+                                      *self.args],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -335,3 +337,27 @@ def test_a_client_offline_for_a_while_gets_what_was_sent_meanwhile_once(localnet
     finally:
         frank.stop()
         grace.stop()
+
+
+def test_a_web_page_cannot_drive_the_client_unless_its_origin_is_allowed(localnet):
+    """Browsers let any page open a WebSocket to 127.0.0.1 and send its Origin: the client
+    serves native applications (no Origin) and the origins it was started for, no other."""
+    data = make_clients(localnet, "heidi")
+    heidi = Daemon(data, "heidi", "--allow-origin", "https://app.example").start()
+
+    async def scenario():
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            async with websockets.connect(heidi.url, origin="https://evil.example") as ws:
+                await request(ws, type="selfAddress")
+                await answer(ws, 10)
+        assert refused.value.response.status_code == 403
+        async with websockets.connect(heidi.url, origin="https://app.example") as ws:
+            await request(ws, type="selfAddress")
+            got = await answer(ws, 10)
+            assert got["type"] == "selfAddress", got
+        assert await self_address(heidi.url), "a native application is served"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        heidi.stop()
