@@ -46,6 +46,8 @@ use crate::shutdown::Shutdown;
 
 /// Time a client has for the handshake and its authentication.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to take one frame off the socket once the kernel's buffers are full.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Stored payloads pushed per mailbox read.
 const PUSH_BATCH: usize = 64;
 /// A session's acknowledgements are deleted together, one transaction per interval...
@@ -108,20 +110,22 @@ async fn upgrade(
 }
 
 async fn close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
+    let close = socket.send(Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    })));
+    let _ = tokio::time::timeout(SEND_TIMEOUT, close).await;
 }
 
-/// Seals a message into one fixed-size frame and sends it.
+/// Seals a message into one fixed-size frame and sends it; false if the socket failed or
+/// the client has not taken it within [`SEND_TIMEOUT`] (a client that stops reading would
+/// otherwise keep its session, its presence and what is held for it, forever).
 async fn send(socket: &mut WebSocket, tx: &mut ChannelHalf, msg: ServerMessage) -> bool {
     let Ok(frame) = tx.seal(&msg.encode()) else {
         return false;
     };
-    socket.send(Message::Binary(frame.into())).await.is_ok()
+    let sent = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Binary(frame.into())));
+    matches!(sent.await, Ok(Ok(())))
 }
 
 /// The next binary message, skipping pings; `None` when the socket closed or failed.
