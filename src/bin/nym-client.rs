@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use nym_node::client::state::{self, ClientDir, Settings};
+use nym_node::client::state::{self, ClientDir, Running, Settings};
 use nym_node::client::websocket::{self, Request, TextResponse};
 use nym_node::client::{
     ClientAddress, ClientConfig, Event, MixClient, daemon, probe, prober, socks5,
@@ -114,6 +114,11 @@ enum Command {
         /// does) is refused, so no web page the user visits can drive the client.
         #[arg(long = "allow-origin", value_name = "ORIGIN")]
         allow_origins: Vec<String>,
+        /// Require a token on every API connection (`Authorization: Bearer T`, or `?token=T`
+        /// for a web page); a fresh one each run, in `run.json` in the client's directory,
+        /// which only its owner can read. `send` and `receive` find it there.
+        #[arg(long)]
+        require_token: bool,
     },
     /// Send one message (through the running client when one serves this client). Without
     /// --id or --identity, from a fresh throwaway identity.
@@ -311,14 +316,18 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             listen,
             allow_remote,
             allow_origins,
+            require_token,
         } => {
             let listen = websocket::check_listen(*listen, *allow_remote)?;
             let dir = need_client(&cli)?;
             let config = config_for(&cli, Some(&dir))?;
             let stop = CancellationToken::new();
             tokio::spawn(stop_on_signals(stop.clone()));
-            let origins = websocket::AllowedOrigins::new(allow_origins.iter().cloned());
-            daemon::run(config, dir, listen, origins, stop, None)
+            let access = daemon::ApiAccess {
+                origins: websocket::AllowedOrigins::new(allow_origins.iter().cloned()),
+                require_token: *require_token,
+            };
+            daemon::run(config, dir, listen, access, stop, None)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
@@ -352,7 +361,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                         connection_id: None,
                     }
                 };
-                send_through_running(running.websocket, &request).await?;
+                send_through_running(&running, &request).await?;
                 println!("queued by the running client");
                 return Ok(ExitCode::SUCCESS);
             }
@@ -411,7 +420,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Receive { count, timeout } => {
             let dir = need_client(&cli)?;
             if let Some(running) = dir.running().map_err(|e| e.to_string())? {
-                let got = receive_through_running(running.websocket, *count, *timeout).await?;
+                let got = receive_through_running(&running, *count, *timeout).await?;
                 return Ok(if count.is_none_or(|c| got >= c) {
                     ExitCode::SUCCESS
                 } else {
@@ -570,13 +579,35 @@ fn stop_on_signals(stop: CancellationToken) -> impl std::future::Future<Output =
     }
 }
 
+type RunningSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A connection to the running client's WebSocket API, with its token if it needs one.
+async fn connect_running(running: &Running) -> Result<RunningSocket, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let addr = running.websocket;
+    let failed = |e: String| format!("the running client at {addr}: {e}");
+    let mut request = format!("ws://{addr}/")
+        .into_client_request()
+        .map_err(|e| failed(e.to_string()))?;
+    if let Some(token) = &running.token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| failed("its token in run.json is not a header value".into()))?;
+        request.headers_mut().insert("authorization", value);
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(ws)
+}
+
 /// Hands one request to the running client's WebSocket API; an error it answers with
 /// (within a moment) is reported.
-async fn send_through_running(addr: SocketAddr, request: &Request) -> Result<(), String> {
+async fn send_through_running(running: &Running, request: &Request) -> Result<(), String> {
     use futures_util::{SinkExt, StreamExt};
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-        .await
-        .map_err(|e| format!("the running client at {addr}: {e}"))?;
+    let addr = running.websocket;
+    let mut ws = connect_running(running).await?;
     let text = serde_json::to_string(request).map_err(|e| e.to_string())?;
     ws.send(tokio_tungstenite::tungstenite::Message::text(text))
         .await
@@ -593,14 +624,12 @@ async fn send_through_running(addr: SocketAddr, request: &Request) -> Result<(),
 
 /// Prints what the running client receives, as its current application.
 async fn receive_through_running(
-    addr: SocketAddr,
+    running: &Running,
     count: Option<usize>,
     timeout: Duration,
 ) -> Result<usize, String> {
     use futures_util::StreamExt;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-        .await
-        .map_err(|e| format!("the running client at {addr}: {e}"))?;
+    let mut ws = connect_running(running).await?;
     let mut got = 0;
     let _ = tokio::time::timeout(timeout, async {
         while count.is_none_or(|c| got < c) {

@@ -31,6 +31,8 @@ pub enum DaemonError {
     Busy(std::path::PathBuf),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error("making the API token: {0}")]
+    Token(String),
     #[error("--listen {addr}: {error}")]
     Listen {
         addr: SocketAddr,
@@ -38,13 +40,22 @@ pub enum DaemonError {
     },
 }
 
-/// Runs the client in `dir` until `stop`, serving the API on `listen` to native
-/// applications and to web pages of `origins`; `ready` gets the API's address once it serves.
+/// Who may use the local API.
+#[derive(Debug, Clone, Default)]
+pub struct ApiAccess {
+    /// Web origins whose pages may use it (native applications always may).
+    pub origins: websocket::AllowedOrigins,
+    /// Require a fresh token, kept in `run.json`, on every connection.
+    pub require_token: bool,
+}
+
+/// Runs the client in `dir` until `stop`, serving the API on `listen` as `access` says;
+/// `ready` gets the API's address once it serves.
 pub async fn run(
     mut config: ClientConfig,
     dir: ClientDir,
     listen: SocketAddr,
-    origins: websocket::AllowedOrigins,
+    access: ApiAccess,
     stop: CancellationToken,
     ready: Option<oneshot::Sender<SocketAddr>>,
 ) -> Result<(), DaemonError> {
@@ -69,9 +80,14 @@ pub async fn run(
         addr: listen,
         error,
     })?;
+    let token = match access.require_token {
+        true => Some(websocket::new_token().map_err(DaemonError::Token)?),
+        false => None,
+    };
     dir.write_running(&Running {
         websocket: local,
         pid: std::process::id(),
+        token: token.clone(),
     })?;
     tracing::info!(address = %client.address(), websocket = %local, "client running");
     let (app_tx, app_rx) = mpsc::channel(1024);
@@ -79,7 +95,8 @@ pub async fn run(
     let server = tokio::spawn(websocket::serve(
         listener,
         app_tx,
-        origins,
+        access.origins,
+        token,
         server_stop.clone(),
     ));
     if let Some(ready) = ready {

@@ -7,7 +7,7 @@
 //!   surbs.redb            reply SURBs received and handed out (mode 0600)
 //!   stamps.json           registration stamps made for gateways (made once, kept)
 //!   run.lock              held (flock) by the one process that holds the gateway session
-//!   run.json              the running client's WebSocket address, while it runs
+//!   run.json              the running client's WebSocket address (and API token), while it runs
 //! ```
 //!
 //! `DATA_DIR` is `NYM_CLIENT_DATA_DIR`, else `$XDG_DATA_HOME/nym-client`, else
@@ -93,6 +93,10 @@ pub struct Settings {
 pub struct Running {
     pub websocket: std::net::SocketAddr,
     pub pid: u32,
+    /// The token the API requires (`run --require-token`); only the client's owner can
+    /// read this file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 pub struct ClientDir {
@@ -304,6 +308,7 @@ mod tests {
         // flock locks belong to the open file description: a second open conflicts.
         assert!(dir.try_lock().unwrap().is_none());
         dir.write_running(&Running {
+            token: None,
             websocket: "127.0.0.1:1977".parse().unwrap(),
             pid: 1,
         })

@@ -401,6 +401,7 @@ struct Api {
     events: mpsc::Sender<AppEvent>,
     next: std::sync::Arc<std::sync::atomic::AtomicU64>,
     origins: std::sync::Arc<AllowedOrigins>,
+    token: std::sync::Arc<Option<String>>,
 }
 
 /// The web origins whose pages may use the API. A browser sends `Origin` with every
@@ -431,22 +432,63 @@ impl AllowedOrigins {
     }
 }
 
+/// Whether an upgrade presents `token` (when one is required), as `Authorization: Bearer`
+/// or, for a web page (which cannot set headers on a WebSocket), as the `token` query
+/// parameter.
+fn presents_token(
+    token: Option<&str>,
+    headers: &axum::http::HeaderMap,
+    query: Option<&str>,
+) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let in_query = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("token="));
+    [bearer, in_query]
+        .into_iter()
+        .flatten()
+        .any(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
+}
+
+/// Compares without returning early, so the time taken says nothing about the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A fresh random API token (32 bytes, base58).
+pub fn new_token() -> Result<String, String> {
+    crate::keys::random_bytes()
+        .map(|b| bs58::encode(&b[..32]).into_string())
+        .map_err(|e| e.to_string())
+}
+
 /// Origins compare as browsers write them: lower case, no trailing slash.
 fn normalise(origin: &str) -> String {
     origin.trim().trim_end_matches('/').to_ascii_lowercase()
 }
 
 /// Serves the API on `listener` until `stop`; every connection reports to `events`.
+/// Upgrades carrying an `Origin` must name one of `origins`; with a `token`, every upgrade
+/// must present it.
 pub async fn serve(
     listener: TcpListener,
     events: mpsc::Sender<AppEvent>,
     origins: AllowedOrigins,
+    token: Option<String>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let api = Api {
         events,
         next: Default::default(),
         origins: std::sync::Arc::new(origins),
+        token: std::sync::Arc::new(token),
     };
     let app = Router::new().route("/", get(upgrade)).with_state(api);
     axum::serve(listener, app)
@@ -457,12 +499,18 @@ pub async fn serve(
 async fn upgrade(
     ws: WebSocketUpgrade,
     headers: axum::http::HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     State(api): State<Api>,
 ) -> HttpResponse {
     use axum::response::IntoResponse;
     if let Err(refusal) = api.origins.allows(&headers) {
         tracing::warn!("{refusal}");
         return (axum::http::StatusCode::FORBIDDEN, refusal).into_response();
+    }
+    if !presents_token(api.token.as_deref(), &headers, query.as_deref()) {
+        tracing::warn!("a WebSocket without the API token is refused");
+        let refusal = "this client's API needs its token (run.json in the client's directory)";
+        return (axum::http::StatusCode::UNAUTHORIZED, refusal).into_response();
     }
     ws.on_upgrade(move |socket| connection(socket, api))
 }
@@ -729,6 +777,20 @@ mod tests {
             "a sandboxed page or a file"
         );
         assert!(AllowedOrigins::default().allows(&headers).is_err());
+    }
+
+    #[test]
+    fn a_required_token_is_taken_from_the_header_or_the_query_only_when_right() {
+        let mut headers = axum::http::HeaderMap::new();
+        assert!(presents_token(None, &headers, None), "no token required");
+        assert!(!presents_token(Some("s3cret"), &headers, None));
+        assert!(presents_token(Some("s3cret"), &headers, Some("a=1&token=s3cret")));
+        assert!(!presents_token(Some("s3cret"), &headers, Some("token=s3cre")));
+        headers.insert("authorization", "Bearer s3cret".parse().unwrap());
+        assert!(presents_token(Some("s3cret"), &headers, None));
+        headers.insert("authorization", "Bearer s3creT".parse().unwrap());
+        assert!(!presents_token(Some("s3cret"), &headers, None));
+        assert_ne!(new_token().unwrap(), new_token().unwrap());
     }
 
     #[test]

@@ -148,8 +148,8 @@ async def answer(ws, timeout=60):
     return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
-async def self_address(url):
-    async with websockets.connect(url) as ws:
+async def self_address(url, **connect):
+    async with websockets.connect(url, **connect) as ws:
         await request(ws, type="selfAddress")
         got = await answer(ws, 10)
         assert got["type"] == "selfAddress", got
@@ -361,3 +361,31 @@ def test_a_web_page_cannot_drive_the_client_unless_its_origin_is_allowed(localne
         asyncio.run(scenario())
     finally:
         heidi.stop()
+
+
+def test_a_client_run_with_a_token_serves_only_who_presents_it(localnet):
+    """`run --require-token`: a fresh token in run.json, asked of every connection; `send`
+    and `receive` through the running client find it there."""
+    data = make_clients(localnet, "ivan")
+    ivan = Daemon(data, "ivan", "--require-token").start()
+    with open(os.path.join(data, "ivan", "run.json")) as f:
+        token = json.load(f)["token"]
+    assert len(token) > 20
+
+    async def scenario():
+        for wrong in ({}, {"additional_headers": {"Authorization": "Bearer " + token[:-1]}}):
+            with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+                await self_address(ivan.url, **wrong)
+            assert refused.value.response.status_code == 401
+        by_header = await self_address(ivan.url, additional_headers={"Authorization": f"Bearer {token}"})
+        by_query = await self_address(f"{ivan.url}/?token={token}")
+        assert by_header == by_query
+        return by_header
+
+    try:
+        address = asyncio.run(scenario())
+        client(data, "send", "--id", "ivan", "--to", address, "--message", "to myself")
+        got = client(data, "receive", "--id", "ivan", "--count", "1", "--timeout", "60s")
+        assert got.stdout.splitlines() == ["to myself"]
+    finally:
+        ivan.stop()
