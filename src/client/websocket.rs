@@ -784,8 +784,16 @@ mod tests {
         let mut headers = axum::http::HeaderMap::new();
         assert!(presents_token(None, &headers, None), "no token required");
         assert!(!presents_token(Some("s3cret"), &headers, None));
-        assert!(presents_token(Some("s3cret"), &headers, Some("a=1&token=s3cret")));
-        assert!(!presents_token(Some("s3cret"), &headers, Some("token=s3cre")));
+        assert!(presents_token(
+            Some("s3cret"),
+            &headers,
+            Some("a=1&token=s3cret")
+        ));
+        assert!(!presents_token(
+            Some("s3cret"),
+            &headers,
+            Some("token=s3cre")
+        ));
         headers.insert("authorization", "Bearer s3cret".parse().unwrap());
         assert!(presents_token(Some("s3cret"), &headers, None));
         headers.insert("authorization", "Bearer s3creT".parse().unwrap());

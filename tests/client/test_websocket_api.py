@@ -17,6 +17,7 @@ import time
 
 import pytest
 import websockets
+import websockets.exceptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BIN = None
@@ -366,7 +367,7 @@ def test_a_web_page_cannot_drive_the_client_unless_its_origin_is_allowed(localne
 def test_a_client_run_with_a_token_serves_only_who_presents_it(localnet):
     """`run --require-token`: a fresh token in run.json, asked of every connection; `send`
     and `receive` through the running client find it there."""
-    data = make_clients(localnet, "ivan")
+    data = make_clients(localnet, "ivan", "judy")
     ivan = Daemon(data, "ivan", "--require-token").start()
     with open(os.path.join(data, "ivan", "run.json")) as f:
         token = json.load(f)["token"]
@@ -384,8 +385,13 @@ def test_a_client_run_with_a_token_serves_only_who_presents_it(localnet):
 
     try:
         address = asyncio.run(scenario())
-        client(data, "send", "--id", "ivan", "--to", address, "--message", "to myself")
+        # Through the running client, both ways (judy holds her own session).
+        judy = client(data, "address", "--id", "judy").stdout.strip()
+        client(data, "send", "--id", "ivan", "--to", judy, "--message", "from ivan")
+        got = client(data, "receive", "--id", "judy", "--count", "1", "--timeout", "60s")
+        assert got.stdout.splitlines() == ["from ivan"]
+        client(data, "send", "--id", "judy", "--to", address, "--message", "for ivan")
         got = client(data, "receive", "--id", "ivan", "--count", "1", "--timeout", "60s")
-        assert got.stdout.splitlines() == ["to myself"]
+        assert got.stdout.splitlines() == ["for ivan"]
     finally:
         ivan.stop()
