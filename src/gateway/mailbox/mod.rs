@@ -55,6 +55,8 @@ const USAGE: TableDefinition<&[u8; 32], u64> = TableDefinition::new("usage");
 const NEXT_IDS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("next_ids");
 /// client → unix time its last session here opened or closed
 const REGISTERED: TableDefinition<&[u8; 32], u64> = TableDefinition::new("registered");
+/// last seen ‖ client → () : finds lapsed registrations without a scan.
+const BY_SEEN: TableDefinition<&[u8; 40], ()> = TableDefinition::new("registered_by_seen");
 /// client ‖ id → stored_at ‖ the SURB-ACK to send when the client acknowledges it (may be
 /// empty): the held payloads (see [`held`]).
 const HELD: TableDefinition<&[u8; 40], &[u8]> = TableDefinition::new("held");
@@ -279,7 +281,18 @@ impl Mailbox {
             txn.open_table(BY_AGE).map_err(err)?;
             txn.open_table(USAGE).map_err(err)?;
             txn.open_table(NEXT_IDS).map_err(err)?;
-            txn.open_table(REGISTERED).map_err(err)?;
+            let registered = txn.open_table(REGISTERED).map_err(err)?;
+            let mut by_seen = txn.open_table(BY_SEEN).map_err(err)?;
+            // A store from before the index, or one it fell out of step with: rebuild it.
+            if by_seen.len().map_err(err)? != registered.len().map_err(err)? {
+                by_seen.retain(|_, _| false).map_err(err)?;
+                for entry in registered.iter().map_err(err)? {
+                    let (client, seen) = entry.map_err(err)?;
+                    by_seen
+                        .insert(&registry::seen_key(seen.value(), client.value()), ())
+                        .map_err(err)?;
+                }
+            }
             txn.open_table(HELD).map_err(err)?;
             txn.open_table(META).map_err(err)?;
         }

@@ -14,12 +14,21 @@ use std::time::Duration;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::{
-    EXPIRY_BATCH, META, Mailbox, MailboxError, NEXT_IDS, REGISTERED, Totals, USAGE, err, unix_now,
+    BY_SEEN, EXPIRY_BATCH, META, Mailbox, MailboxError, NEXT_IDS, REGISTERED, Totals, USAGE, err,
+    unix_now,
 };
 use crate::keys::KeyBytes;
 
 /// How stale a registration's last-seen time may be before a session rewrites it.
 const SEEN_GRANULARITY_SECS: u64 = 3600;
+
+/// The index key of a registration last seen at `seen`.
+pub(super) fn seen_key(seen: u64, client: &[u8; 32]) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..8].copy_from_slice(&seen.to_be_bytes());
+    k[8..].copy_from_slice(client);
+    k
+}
 
 /// A client's open session, as the mailbox sees it: while it lives, the client's payloads
 /// may be held in the reserve kept for clients online. End it with [`Attendance::end`]
@@ -121,11 +130,24 @@ impl Mailbox {
         let new;
         {
             let mut registered = txn.open_table(REGISTERED).map_err(err)?;
-            new = registered.get(client.as_bytes()).map_err(err)?.is_none();
+            let mut by_seen = txn.open_table(BY_SEEN).map_err(err)?;
+            let before = registered
+                .get(client.as_bytes())
+                .map_err(err)?
+                .map(|v| v.value());
+            new = before.is_none();
             if new && !register {
                 return Ok(false);
             }
+            if let Some(before) = before {
+                by_seen
+                    .remove(&seen_key(before, client.as_bytes()))
+                    .map_err(err)?;
+            }
             registered.insert(client.as_bytes(), now).map_err(err)?;
+            by_seen
+                .insert(&seen_key(now, client.as_bytes()), ())
+                .map_err(err)?;
             if new {
                 let used = txn
                     .open_table(USAGE)
@@ -155,16 +177,17 @@ impl Mailbox {
         Ok(ended)
     }
 
-    /// Clients last seen before `cutoff`.
+    /// Clients last seen before `cutoff` (a range of the index, not a scan).
     fn idle_registrations(&self, cutoff: u64) -> Result<Vec<KeyBytes>, MailboxError> {
         let txn = self.db.begin_read().map_err(err)?;
-        let registered = txn.open_table(REGISTERED).map_err(err)?;
+        let by_seen = txn.open_table(BY_SEEN).map_err(err)?;
+        let end = seen_key(cutoff, &[0u8; 32]);
         let mut out = Vec::new();
-        for entry in registered.iter().map_err(err)? {
-            let (client, seen) = entry.map_err(err)?;
-            if seen.value() < cutoff {
-                out.push(KeyBytes(*client.value()));
-            }
+        for entry in by_seen.range::<&[u8; 40]>(..&end).map_err(err)? {
+            let (key, _) = entry.map_err(err)?;
+            let mut client = [0u8; 32];
+            client.copy_from_slice(&key.value()[8..]);
+            out.push(KeyBytes(client));
         }
         Ok(out)
     }
@@ -177,6 +200,7 @@ impl Mailbox {
         let mut ended = 0;
         {
             let mut registered = txn.open_table(REGISTERED).map_err(err)?;
+            let mut by_seen = txn.open_table(BY_SEEN).map_err(err)?;
             let usage = txn.open_table(USAGE).map_err(err)?;
             let mut next_ids = txn.open_table(NEXT_IDS).map_err(err)?;
             let mut meta = txn.open_table(META).map_err(err)?;
@@ -185,10 +209,12 @@ impl Mailbox {
                 let key = client.as_bytes();
                 // Seen again, or in a session, since the scan: it stays.
                 let seen = registered.get(key).map_err(err)?.map(|v| v.value());
-                if presence.is_present(client) || seen.is_none_or(|s| s >= cutoff) {
+                let Some(seen) = seen.filter(|s| *s < cutoff && !presence.is_present(client))
+                else {
                     continue;
-                }
+                };
                 registered.remove(key).map_err(err)?;
+                by_seen.remove(&seen_key(seen, key)).map_err(err)?;
                 let used = usage.get(key).map_err(err)?.map_or(0, |v| v.value());
                 if used == 0 {
                     next_ids.remove(key).map_err(err)?;
@@ -224,6 +250,26 @@ mod tests {
 
     fn stored(m: &Mailbox, items: &[Incoming]) -> usize {
         m.store(items).unwrap().iter().flatten().count()
+    }
+
+    #[test]
+    fn the_seen_index_is_rebuilt_for_a_store_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.redb");
+        let limits = Limits::per_client(1 << 20);
+        let m = Mailbox::open_with(&path, limits).unwrap();
+        m.register(&KeyBytes([1; 32])).unwrap();
+        m.register(&KeyBytes([2; 32])).unwrap();
+        let txn = m.db.begin_write().unwrap();
+        txn.open_table(BY_SEEN)
+            .unwrap()
+            .retain(|_, _| false)
+            .unwrap();
+        txn.commit().unwrap();
+        assert!(m.idle_registrations(unix_now() + 1).unwrap().is_empty());
+        drop(m);
+        let m = Mailbox::open_with(&path, limits).unwrap();
+        assert_eq!(m.idle_registrations(unix_now() + 1).unwrap().len(), 2);
     }
 
     #[test]
@@ -374,6 +420,7 @@ mod tests {
         assert_eq!(candidates.len(), 3);
         assert_eq!(m.end_registrations(&candidates, unix_now() + 1).unwrap(), 2);
         assert!(m.is_registered(&online).unwrap(), "a present client stays");
+        assert_eq!(m.idle_registrations(unix_now() + 1).unwrap(), vec![online]);
         assert!(!m.is_registered(&idle).unwrap());
         assert_eq!(m.registered_count().unwrap(), 1);
         // The lapsed client's payloads are kept, counted as unregistered.
