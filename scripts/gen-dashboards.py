@@ -116,14 +116,20 @@ NODE_PANELS = [
     ("Keys and replay protection", [
         ("Sphinx key epoch", "short", [
             ("epoch {{instance}}", f'nym_node_sphinx_key_epoch{{{SEL}}}'),
-            ("retired in 1h {{instance}}", f'increase(nym_node_sphinx_keys_retired_total{{{SEL}}}[1h])')],
-         "The key epoch each node is in, and keys it deleted with their filters; nodes should agree on the epoch."),
+            ("retired in 1h {{instance}}", f'increase(nym_node_sphinx_keys_retired_total{{{SEL}}}[1h])'),
+            ("state lost {{instance}}", f'increase(nym_node_replay_state_lost_total{{{SEL}}}[1h])'),
+            ("tags recovered {{instance}}", f'increase(nym_node_replay_tags_recovered_total{{{SEL}}}[1h])')],
+         "The key epoch each node is in; keys whose secrets it erased with their replay state; keys replaced at start because their replay state was gone (a lost data directory); replay tags read back from the journal at a start after an unclean stop (a crash or a kill)."),
+        ("Replay journal", "s", [
+            ("p50", f'histogram_quantile(0.5, sum by (le) (rate(nym_node_replay_journal_seconds_bucket{{{SEL}}}[5m])))'),
+            ("p99", f'histogram_quantile(0.99, sum by (le) (rate(nym_node_replay_journal_seconds_bucket{{{SEL}}}[5m])))')],
+         "Time to write (and flush, with NYM_NODE_REPLAY_JOURNAL_SYNC) one batch of replay tags before its packets go on."),
         ("Replay filter memory", "bytes", [("{{instance}}", f'nym_node_replay_filter_bytes{{{SEL}}}')],
          "Bytes of the replay filters of every live key (mapped lazily: resident only as they fill)."),
         ("Replay filter fill", "percentunit", [("{{instance}}", f'nym_node_replay_filter_fill_ratio{{{SEL}}}')],
          "Packets recorded this epoch over what one filter stage is sized for; above 100% the filter grows a stage (raise NYM_NODE_REPLAY_FILTER_RATE)."),
-        ("Expired-key and replay drops", "pps", [("{{reason}}", f'sum by (reason) (rate(nym_node_packets_dropped_total{{reason=~"replay|expired_key",{SEL}}}[5m]))')],
-         "expired_key: packets for a key past its overlap (a client with a stale topology, or an old capture replayed)."),
+        ("Expired-key and replay drops", "pps", [("{{reason}}", f'sum by (reason) (rate(nym_node_packets_dropped_total{{reason=~"replay|expired_key|replay_journal",{SEL}}}[5m]))')],
+         "expired_key: packets for a key past its overlap (a client with a stale topology, or an old capture replayed). replay_journal: packets dropped because their replay tags could not be written (a full or failing data disk)."),
     ]),
     ("Process", [
         ("CPU", "percentunit", [("{{instance}}", f'rate(nym_node_process_cpu_seconds_total{{{SEL}}}[$__rate_interval])')],

@@ -133,8 +133,10 @@ knobs! {
     replay_filter_rate: u64 = "2000";
     /// One in this many new packets may be mistaken for a replay once a filter stage is full (the sender retransmits it).
     replay_filter_false_positive: u64 = "1000000";
-    /// How often the replay filters are saved to `NYM_NODE_DATA_DIR` (they are saved at shutdown too); a node killed without a shutdown forgets at most this much traffic.
+    /// How often the replay filters are snapshotted to `NYM_NODE_DATA_DIR` (and at shutdown). Every tag also goes to a journal before its packet goes on, so a crash forgets none; the snapshot bounds the journal (32 bytes a packet) and what a restart reads back.
     replay_filter_save_interval: DurationKnob = "1m";
+    /// Flush the replay journal to stable storage (fdatasync) once per batch of unwrapped packets, before they go on. Off, tags still reach the kernel first, which survives any crash of the node's process (SIGKILL, the OOM killer) but not of the machine.
+    replay_journal_sync: bool = "true";
     /// Close ingress/egress mixnet connections with no traffic for this long; `0` disables.
     connection_idle_timeout: DurationKnob = "5m";
     /// Give up on an egress batch whose flush takes longer than this (the connection survives two in a row); `0` disables.
@@ -418,8 +420,9 @@ impl Config {
                 .replay_filter_rate
                 .saturating_mul((interval + self.key_overlap.0).as_secs().max(1)),
             filter_fp_rate: 1.0 / self.replay_filter_false_positive as f64,
-            seed_path: crate::keys::NodeKeys::sphinx_path(&self.keys_dir),
+            keys_path: crate::keys::NodeKeys::sphinx_path(&self.keys_dir),
             filter_dir: self.data_dir.join("replay"),
+            journal_sync: self.replay_journal_sync,
         }
     }
 
@@ -641,6 +644,19 @@ impl KnobValue for PathBuf {
             return Err("empty".into());
         }
         Ok(PathBuf::from(raw))
+    }
+}
+
+impl KnobValue for bool {
+    const EXPECTED: &'static str = "true or false";
+    const SCHEMA: &'static str =
+        r#"{"anyOf": [{"type": "boolean"}, {"type": "string", "enum": ["true", "false"]}]}"#;
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        match raw {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(String::new()),
+        }
     }
 }
 

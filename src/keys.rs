@@ -338,28 +338,46 @@ pub fn key_at(keys: &[EpochKey], unix_ms: u64) -> Option<KeyBytes> {
         .map(|k| k.key)
 }
 
-/// The secret all of a node's Sphinx keys come from: a seed for one epoch, ratcheted one
-/// way (`seed(e + 1) = H(seed(e))`) and overwritten on disk as epochs retire, so the keys
-/// of retired epochs cannot be recovered from the node afterwards (forward secrecy), while
-/// the keys of coming epochs can be computed, and published, ahead of time.
+/// A node's Sphinx key pairs, one fresh random secret per epoch: the key of the next epoch
+/// is made when the current one starts (and published then), and the secret of an epoch
+/// is erased once its overlap is over. A thief who copies the file in epoch `e` holds the
+/// keys of `e - 1`, `e` and `e + 1` at most: the key of `e + 2` does not exist yet, and
+/// nothing in the file computes it.
 #[derive(Clone)]
-pub struct SphinxSeed {
+pub struct SphinxKeys {
     interval_ms: u64,
-    epoch: u64,
-    seed: [u8; 32],
+    /// Secrets by epoch.
+    secrets: std::collections::BTreeMap<u64, [u8; 32]>,
+    /// Epochs whose key has replay state on disk (a journal made before the key was first
+    /// used): such a key found later without that state lost it, and is not used again.
+    journaled: std::collections::BTreeSet<u64>,
 }
 
-/// A seed further behind the current epoch than this is replaced rather than ratcheted.
-const MAX_RATCHET: u64 = 1_000_000;
+/// What [`SphinxKeys::bring_to`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct KeyChange {
+    /// Epochs whose key was made now.
+    pub made: Vec<u64>,
+    /// Epochs whose secret was erased.
+    pub erased: Vec<u64>,
+    /// The rotation interval changed: every earlier key was dropped.
+    pub interval_changed: bool,
+}
 
-impl SphinxSeed {
-    /// A fresh seed for the epoch of `schedule` that contains now.
+/// First line of the key file; the file format of the earlier seed ratchet had none.
+const SPHINX_KEYS_HEADER: &str = "nym-node-rs/sphinx-keys/2";
+
+impl SphinxKeys {
+    /// Fresh keys for the epoch of `schedule` that contains now and the next one.
     pub fn generate(schedule: &EpochSchedule) -> Result<Self, KeyError> {
-        Ok(SphinxSeed {
+        let mut keys = SphinxKeys {
             interval_ms: schedule.interval_ms,
-            epoch: schedule.epoch_at(unix_ms()),
-            seed: random_bytes()?,
-        })
+            secrets: Default::default(),
+            journaled: Default::default(),
+        };
+        let now = schedule.epoch_at(unix_ms());
+        keys.bring_to(schedule, now..=now + 1, now)?;
+        Ok(keys)
     }
 
     pub fn schedule(&self) -> EpochSchedule {
@@ -368,33 +386,14 @@ impl SphinxSeed {
         }
     }
 
-    /// The oldest epoch whose key can still be derived.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
+    /// The epochs this node holds a key for, oldest first.
+    pub fn epochs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.secrets.keys().copied()
     }
 
-    fn ratchet(seed: &[u8; 32]) -> [u8; 32] {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        h.update(b"nym-node-rs/sphinx-seed-ratchet/1/");
-        h.update(seed);
-        h.finalize().into()
-    }
-
-    /// The Sphinx key pair of `epoch`, if this seed reaches it.
+    /// The Sphinx key pair of `epoch`, if this node holds it.
     pub fn key(&self, epoch: u64) -> Option<X25519> {
-        if epoch < self.epoch || epoch - self.epoch > MAX_RATCHET {
-            return None;
-        }
-        let mut seed = self.seed;
-        for _ in self.epoch..epoch {
-            seed = Self::ratchet(&seed);
-        }
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        h.update(b"nym-node-rs/sphinx-epoch-key/1/");
-        h.update(seed);
-        Some(X25519::from_secret(h.finalize().into()))
+        self.secrets.get(&epoch).map(|s| X25519::from_secret(*s))
     }
 
     /// The Sphinx key pair of the epoch that contains now.
@@ -402,100 +401,177 @@ impl SphinxSeed {
         self.key(self.schedule().epoch_at(unix_ms()))
     }
 
-    /// The public keys of `epochs`, with their windows.
+    /// The public keys held for `epochs`, with their windows.
     pub fn public_keys(&self, epochs: std::ops::RangeInclusive<u64>) -> Vec<EpochKey> {
         let schedule = self.schedule();
-        epochs
-            .filter_map(|e| {
-                self.key(e).map(|k| EpochKey {
-                    epoch: e,
-                    valid_from_ms: schedule.start_ms(e),
-                    valid_until_ms: schedule.end_ms(e),
-                    key: k.public(),
-                })
+        self.secrets
+            .range(epochs)
+            .map(|(e, s)| EpochKey {
+                epoch: *e,
+                valid_from_ms: schedule.start_ms(*e),
+                valid_until_ms: schedule.end_ms(*e),
+                key: X25519::from_secret(*s).public(),
             })
             .collect()
     }
 
-    /// Makes this seed serve `schedule` from `epoch` on: ratchets forward (forgetting every
-    /// earlier epoch), or starts a fresh seed when it cannot get there (another interval,
-    /// a clock that went back, too far behind). Returns `true` if the seed was replaced.
-    pub fn advance_to(&mut self, schedule: &EpochSchedule, epoch: u64) -> Result<bool, KeyError> {
-        if self.interval_ms != schedule.interval_ms
-            || epoch < self.epoch
-            || epoch - self.epoch > MAX_RATCHET
-        {
-            *self = SphinxSeed {
-                interval_ms: schedule.interval_ms,
-                epoch,
-                seed: random_bytes()?,
-            };
-            return Ok(true);
-        }
-        for _ in self.epoch..epoch {
-            self.seed = Self::ratchet(&self.seed);
-        }
-        self.epoch = epoch;
-        Ok(false)
-    }
-
-    /// Makes this seed serve the epochs `live`: it is kept where it starts inside them (a
-    /// seed made during the previous epoch's overlap starts at the current epoch: the
-    /// earlier key never existed, which is no reason to replace it), otherwise brought to
-    /// their first (see [`advance_to`](Self::advance_to)). Returns `true` if it was replaced.
+    /// Makes the keys serve the epochs `live` when `current` is the epoch now: erases every
+    /// key outside them, and makes a fresh one for `current` and `current + 1` where there
+    /// is none (never for an epoch already over: a key no one could have used). Another
+    /// interval drops every key first.
     pub fn bring_to(
         &mut self,
         schedule: &EpochSchedule,
         live: std::ops::RangeInclusive<u64>,
-    ) -> Result<bool, KeyError> {
-        let target = if self.epoch > *live.start() && self.epoch <= *live.end() {
-            self.epoch
-        } else {
-            *live.start()
-        };
-        self.advance_to(schedule, target)
+        current: u64,
+    ) -> Result<KeyChange, KeyError> {
+        let mut change = KeyChange::default();
+        if self.interval_ms != schedule.interval_ms {
+            change.erased.extend(self.secrets.keys().copied());
+            for e in change.erased.clone() {
+                self.erase(e);
+            }
+            self.interval_ms = schedule.interval_ms;
+            change.interval_changed = true;
+        }
+        let gone: Vec<u64> = self
+            .secrets
+            .keys()
+            .copied()
+            .filter(|e| !live.contains(e))
+            .collect();
+        for e in gone {
+            self.erase(e);
+            change.erased.push(e);
+        }
+        for e in current..=current + 1 {
+            if live.contains(&e) && !self.secrets.contains_key(&e) {
+                self.secrets.insert(e, random_bytes()?);
+                change.made.push(e);
+            }
+        }
+        Ok(change)
     }
 
-    /// File form: `INTERVAL_MS EPOCH SEED` (the seed in base58).
-    fn to_line(&self) -> String {
-        format!(
-            "{} {} {}",
-            self.interval_ms,
-            self.epoch,
-            bs58::encode(self.seed).into_string()
-        )
+    /// Forgets the secret of `epoch` (its bytes overwritten in memory first).
+    pub fn erase(&mut self, epoch: u64) {
+        self.journaled.remove(&epoch);
+        if let Some(mut s) = self.secrets.remove(&epoch) {
+            s.fill(0);
+            std::hint::black_box(&s);
+        }
     }
 
-    fn from_line(line: &str) -> Option<Self> {
-        let mut parts = line.split_whitespace();
-        let interval_ms = parts.next()?.parse().ok()?;
-        let epoch = parts.next()?.parse().ok()?;
-        let seed: KeyBytes = parts.next()?.parse().ok()?;
-        if parts.next().is_some() || interval_ms == 0 {
+    /// Replaces the key of `epoch` with a fresh one (its replay state was lost).
+    pub fn replace(&mut self, epoch: u64) -> Result<(), KeyError> {
+        self.erase(epoch);
+        self.secrets.insert(epoch, random_bytes()?);
+        Ok(())
+    }
+
+    /// Whether the key of `epoch` has had replay state on disk.
+    pub fn is_journaled(&self, epoch: u64) -> bool {
+        self.journaled.contains(&epoch)
+    }
+
+    /// Records that the key of `epoch` now has replay state on disk.
+    pub fn mark_journaled(&mut self, epoch: u64) {
+        if self.secrets.contains_key(&epoch) {
+            self.journaled.insert(epoch);
+        }
+    }
+
+    /// File form: a header line with the interval, then `EPOCH SECRET` per key (base58),
+    /// followed by `journaled` once the key has replay state on disk.
+    fn to_text(&self) -> String {
+        let mut text = format!("{SPHINX_KEYS_HEADER} {}\n", self.interval_ms);
+        for (e, s) in &self.secrets {
+            let mark = if self.journaled.contains(e) {
+                " journaled"
+            } else {
+                ""
+            };
+            text.push_str(&format!("{e} {}{mark}\n", bs58::encode(s).into_string()));
+        }
+        text
+    }
+
+    fn from_text(text: &str) -> Option<Self> {
+        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+        let header = lines.next()?;
+        let interval_ms: u64 = header
+            .strip_prefix(SPHINX_KEYS_HEADER)?
+            .trim()
+            .parse()
+            .ok()?;
+        if interval_ms == 0 {
             return None;
         }
-        Some(SphinxSeed {
+        let mut secrets = std::collections::BTreeMap::new();
+        let mut journaled = std::collections::BTreeSet::new();
+        for line in lines {
+            let mut fields = line.split_whitespace();
+            let epoch: u64 = fields.next()?.parse().ok()?;
+            let secret: KeyBytes = fields.next()?.parse().ok()?;
+            match fields.next() {
+                None => {}
+                Some("journaled") => {
+                    journaled.insert(epoch);
+                }
+                Some(_) => return None,
+            }
+            secrets.insert(epoch, secret.0);
+        }
+        Some(SphinxKeys {
             interval_ms,
-            epoch,
-            seed: seed.0,
+            secrets,
+            journaled,
         })
     }
 
-    /// Replaces the seed file atomically (a new 0600 file renamed over the old one), so the
-    /// ratcheted-away seed is gone from the file system once this returns.
+    /// Replaces the key file atomically (a new 0600 file, flushed, renamed over the old
+    /// one), so an erased secret is gone from the file system once this returns and a
+    /// crash leaves either the old file or the new one.
     pub fn save(&self, path: &Path) -> Result<(), KeyError> {
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| KeyError::Io { path: p, source }
+        };
         let tmp = path.with_extension("key.tmp");
         let _ = fs::remove_file(&tmp);
-        write_private(&tmp, &self.to_line())?;
-        fs::rename(&tmp, path).map_err(|source| KeyError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        write_private(&tmp, self.to_text().trim_end())?;
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&tmp))?;
+        fs::rename(&tmp, path).map_err(io(path))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::File::open(dir)
+                .and_then(|f| f.sync_all())
+                .map_err(io(dir))?;
+        }
+        Ok(())
     }
 
+    /// Loads the key file. A file of the earlier seed format (`INTERVAL_MS EPOCH SEED`)
+    /// gives fresh keys at its interval: nothing in it may be carried into per-epoch random
+    /// keys (it computes every later key).
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         let text = read_private(path)?;
-        Self::from_line(text.trim()).ok_or_else(|| KeyError::Malformed {
+        if let Some(keys) = Self::from_text(&text) {
+            return Ok(keys);
+        }
+        let old: Vec<&str> = text.split_whitespace().collect();
+        if let [interval, _, _] = old[..]
+            && let Ok(interval_ms) = interval.parse::<u64>()
+            && interval_ms > 0
+        {
+            tracing::warn!(
+                path = %path.display(),
+                "the Sphinx key file holds a seed of the earlier format; starting fresh random Sphinx keys"
+            );
+            return Self::generate(&EpochSchedule::new(Duration::from_millis(interval_ms)));
+        }
+        Err(KeyError::Malformed {
             path: path.to_path_buf(),
         })
     }
@@ -505,7 +581,7 @@ impl SphinxSeed {
 #[derive(Clone)]
 pub struct NodeKeys {
     pub identity: Identity,
-    pub sphinx: SphinxSeed,
+    pub sphinx: SphinxKeys,
     pub noise: X25519,
 }
 
@@ -523,18 +599,14 @@ impl NodeKeys {
     pub fn generate(rotation: Duration) -> Result<Self, KeyError> {
         Ok(NodeKeys {
             identity: Identity::generate()?,
-            sphinx: SphinxSeed::generate(&EpochSchedule::new(rotation))?,
+            sphinx: SphinxKeys::generate(&EpochSchedule::new(rotation))?,
             noise: X25519::generate()?,
         })
     }
 
     /// The public keys, with the Sphinx keys of the epoch containing now and the next one.
     pub fn public(&self) -> PublicKeys {
-        let now = self
-            .sphinx
-            .schedule()
-            .epoch_at(unix_ms())
-            .max(self.sphinx.epoch);
+        let now = self.sphinx.schedule().epoch_at(unix_ms());
         PublicKeys {
             identity_key: self.identity.public(),
             sphinx_keys: self.sphinx.public_keys(now..=now + 1),
@@ -551,7 +623,7 @@ impl NodeKeys {
         ] {
             write_secret(&dir.join(name), &secret)?;
         }
-        write_private(&dir.join(SPHINX_FILE), &self.sphinx.to_line())
+        write_private(&dir.join(SPHINX_FILE), self.sphinx.to_text().trim_end())
     }
 
     /// Writes the keys `dir` lacks, keeping those it has (a Secret may provide the identity
@@ -569,7 +641,7 @@ impl NodeKeys {
             }
         }
         if !dir.join(SPHINX_FILE).exists() {
-            write_private(&dir.join(SPHINX_FILE), &self.sphinx.to_line())?;
+            write_private(&dir.join(SPHINX_FILE), self.sphinx.to_text().trim_end())?;
             written.push(SPHINX_FILE);
         }
         Ok(written)
@@ -586,7 +658,7 @@ impl NodeKeys {
     pub fn load(dir: &Path) -> Result<Self, KeyError> {
         Ok(NodeKeys {
             identity: Identity::from_secret(read_secret(&dir.join(IDENTITY_FILE))?),
-            sphinx: SphinxSeed::load(&dir.join(SPHINX_FILE))?,
+            sphinx: SphinxKeys::load(&dir.join(SPHINX_FILE))?,
             noise: X25519::from_secret(read_secret(&dir.join(NOISE_FILE))?),
         })
     }
@@ -667,39 +739,69 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
 
     #[test]
-    fn seed_ratchets_forward_and_forgets_the_past() {
+    fn each_epoch_gets_a_fresh_key_and_retired_ones_are_erased() {
         let schedule = EpochSchedule::new(Duration::from_secs(10));
-        let mut seed = SphinxSeed::generate(&schedule).unwrap();
-        let e = seed.epoch();
-        let ahead: Vec<_> = (e..e + 3).map(|x| seed.key(x).unwrap().public()).collect();
-        // Distinct keys per epoch.
-        assert_ne!(ahead[0], ahead[1]);
-        assert!(!seed.advance_to(&schedule, e + 1).unwrap());
-        // The later keys are unchanged by the ratchet; the retired one is gone.
-        assert!(seed.key(e).is_none());
-        assert_eq!(seed.key(e + 1).unwrap().public(), ahead[1]);
-        assert_eq!(seed.key(e + 2).unwrap().public(), ahead[2]);
-        // Saved and loaded, it is the same seed; the file holds only the ratcheted one.
+        let mut keys = SphinxKeys::generate(&schedule).unwrap();
+        let e = keys.epochs().next().unwrap();
+        assert_eq!(keys.epochs().collect::<Vec<_>>(), vec![e, e + 1]);
+        let (k0, k1) = (
+            keys.key(e).unwrap().public(),
+            keys.key(e + 1).unwrap().public(),
+        );
+        assert_ne!(k0, k1);
+        // Into e + 1 with e in its overlap: e + 2 is made, nothing else changes.
+        let change = keys.bring_to(&schedule, e..=e + 2, e + 1).unwrap();
+        assert_eq!(change.made, vec![e + 2]);
+        assert!(change.erased.is_empty());
+        assert_eq!(keys.key(e + 1).unwrap().public(), k1);
+        // Past the overlap: e is erased.
+        let change = keys.bring_to(&schedule, e + 1..=e + 2, e + 1).unwrap();
+        assert_eq!(change.erased, vec![e]);
+        assert!(keys.key(e).is_none());
+        // Saved and loaded, the same keys; the file holds only the live ones.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sphinx.key");
-        seed.save(&path).unwrap();
-        seed.save(&path).unwrap();
-        let loaded = SphinxSeed::load(&path).unwrap();
-        assert_eq!(loaded.key(e + 2).unwrap().public(), ahead[2]);
-        assert!(loaded.key(e).is_none());
-        // Another interval, or a clock gone back, starts a fresh seed.
-        let mut other = loaded.clone();
-        assert!(other.advance_to(&EpochSchedule::new(HOUR), 5).unwrap());
-        let mut back = loaded;
-        assert!(back.advance_to(&schedule, e).unwrap());
-        assert_ne!(back.key(e + 1).unwrap().public(), ahead[1]);
+        keys.save(&path).unwrap();
+        keys.save(&path).unwrap();
+        let loaded = SphinxKeys::load(&path).unwrap();
+        assert_eq!(
+            loaded.public_keys(0..=u64::MAX),
+            keys.public_keys(0..=u64::MAX)
+        );
+        assert!(
+            !fs::read_to_string(&path)
+                .unwrap()
+                .contains(&format!("\n{e} "))
+        );
+        // A key is never made for an epoch already over.
+        let mut late = loaded.clone();
+        let change = late.bring_to(&schedule, e..=e + 3, e + 2).unwrap();
+        assert_eq!(change.made, vec![e + 3]);
+        assert!(late.key(e).is_none());
+        // Another interval drops every key.
+        let mut other = loaded;
+        let change = other.bring_to(&EpochSchedule::new(HOUR), 5..=6, 5).unwrap();
+        assert!(change.interval_changed);
+        assert_eq!(other.epochs().collect::<Vec<_>>(), vec![5, 6]);
+    }
+
+    #[test]
+    fn a_seed_file_of_the_earlier_format_gives_fresh_keys_at_its_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sphinx.key");
+        write_private(&path, &format!("10000 5 {}", KeyBytes([9; 32]))).unwrap();
+        let keys = SphinxKeys::load(&path).unwrap();
+        assert_eq!(keys.schedule(), EpochSchedule::new(Duration::from_secs(10)));
+        assert_eq!(keys.epochs().count(), 2);
+        write_private(&dir.path().join("bad"), "garbage").unwrap();
+        assert!(SphinxKeys::load(&dir.path().join("bad")).is_err());
     }
 
     #[test]
     fn published_keys_have_windows_and_are_chosen_by_arrival_time() {
         let schedule = EpochSchedule::new(Duration::from_secs(10));
-        let seed = SphinxSeed::generate(&schedule).unwrap();
-        let e = seed.epoch();
+        let seed = SphinxKeys::generate(&schedule).unwrap();
+        let e = seed.epochs().next().unwrap();
         let keys = seed.public_keys(e..=e + 1);
         assert_eq!(keys.len(), 2);
         assert_eq!(keys[0].valid_from_ms, e * 10_000);

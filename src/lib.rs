@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod client;
 pub mod config;
+pub mod directory;
 pub mod dns;
 pub mod gateway;
 pub mod health;

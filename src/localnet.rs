@@ -15,9 +15,8 @@ use tokio::process::{Child, Command};
 
 use crate::client::{ClientConfig, Event, MixClient};
 use crate::config::Mode;
-use crate::gateway::network_requester;
+use crate::directory::Directory;
 use crate::keys::{Identity, NodeKeys};
-use crate::topology::{NodeEntry, SCHEMA_VERSION, TopologyDocument};
 
 #[derive(Debug, Clone)]
 pub struct LocalnetOptions {
@@ -95,15 +94,33 @@ pub fn plan_nodes(
         .collect()
 }
 
-/// Creates (or reuses) each node's keys and writes `DIR/topology.json`, for nodes that
-/// rotate their Sphinx keys at the default interval.
+/// Creates each node's keys where it has none (what `nym-node keygen` does on a node's own
+/// machine) and the directory's signing key; returns where the directory will write the
+/// topology. The nodes then start, and the directory ([`crate::directory`]) lists them from
+/// their own signed descriptions.
 pub fn prepare(nodes: &[LocalNode], dir: &Path) -> Result<PathBuf, LocalnetError> {
-    prepare_with(
+    prepare_keys(
         nodes,
         dir,
-        local_addresses,
         crate::config::Config::default().key_rotation_interval.get(),
     )
+}
+
+/// Like [`prepare`], for nodes whose Sphinx keys rotate every `rotation` (they must run
+/// with the same `NYM_NODE_KEY_ROTATION_INTERVAL`; a node also adopts it by itself).
+pub fn prepare_keys(
+    nodes: &[LocalNode],
+    dir: &Path,
+    rotation: Duration,
+) -> Result<PathBuf, LocalnetError> {
+    for node in nodes {
+        let keys_dir = node.dir.join("keys");
+        if !NodeKeys::exist_in(&keys_dir) {
+            NodeKeys::generate(rotation)?.write(&keys_dir)?;
+        }
+    }
+    directory_identity(dir)?;
+    Ok(dir.join("topology.json"))
 }
 
 fn local_addresses(n: &LocalNode) -> Advertised {
@@ -121,90 +138,20 @@ pub struct Advertised {
     pub http: String,
 }
 
-/// Like [`prepare`], with the addresses written into the topology chosen by `advertise`
-/// (the compose testnet names nodes by service name) and Sphinx keys rotating every
-/// `rotation` (the nodes must run with the same `NYM_NODE_KEY_ROTATION_INTERVAL`).
-pub fn prepare_with(
-    nodes: &[LocalNode],
-    dir: &Path,
-    advertise: impl Fn(&LocalNode) -> Advertised,
-    rotation: Duration,
-) -> Result<PathBuf, LocalnetError> {
-    let schedule = crate::keys::EpochSchedule::new(rotation);
-    let now = schedule.epoch_at(crate::keys::unix_ms());
-    for node in nodes {
-        let keys_dir = node.dir.join("keys");
-        if NodeKeys::exist_in(&keys_dir) {
-            // Kept keys start a fresh seed if they rotated at another interval.
-            let mut keys = NodeKeys::load(&keys_dir)?;
-            if keys.sphinx.bring_to(&schedule, now..=now + 1)? {
-                keys.sphinx.save(&NodeKeys::sphinx_path(&keys_dir))?;
-            }
-        } else {
-            NodeKeys::generate(rotation)?.write(&keys_dir)?;
-        }
-    }
-    publish(nodes, dir, advertise)
-}
-
-/// Writes `DIR/topology.json` from the nodes' keys on disk, with each node's Sphinx keys
-/// of this epoch and the next, at the revision after the one already there.
-pub fn publish(
-    nodes: &[LocalNode],
-    dir: &Path,
-    advertise: impl Fn(&LocalNode) -> Advertised,
-) -> Result<PathBuf, LocalnetError> {
-    let io = |what: &Path| {
-        let what = what.display().to_string();
-        move |e| LocalnetError::Io(what, e)
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let path = dir.join("topology.json");
-    let mut entries = Vec::new();
-    for node in nodes {
-        let keys = NodeKeys::load(&node.dir.join("keys"))?;
-        let public = keys.public();
-        let at = advertise(node);
-        entries.push(NodeEntry {
-            name: node.name.clone(),
-            identity_key: public.identity_key,
-            sphinx_keys: public.sphinx_keys,
-            noise_key: public.noise_key,
-            mode: node.mode,
-            layer: node.layer,
-            mixnet_address: at.mixnet.parse().map_err(LocalnetError::Other)?,
-            client_address: if node.mode.is_gateway() {
-                Some(at.client.parse().map_err(LocalnetError::Other)?)
-            } else {
-                None
-            },
-            http_address: Some(at.http.parse().map_err(LocalnetError::Other)?),
-            network_requester: (node.mode == Mode::ExitGateway)
-                .then(|| network_requester::address(&keys.identity).to_string()),
-            serving: true,
-        });
-    }
-    let previous = std::fs::read(&path)
-        .ok()
-        .and_then(|b| crate::topology::Topology::parse(&b).ok())
-        .map_or(0, |t| t.revision());
-    let doc = TopologyDocument {
-        schema: SCHEMA_VERSION,
-        revision: previous + 1,
-        nodes: entries,
-    };
-    let json = crate::topology::sign_document(&doc, &directory_identity(dir)?)
-        .map_err(|e| LocalnetError::Other(e.to_string()))?;
-    // Readers reload on their own schedule: never let them see half a document.
-    let tmp = dir.join(".topology.json.tmp");
-    std::fs::write(&tmp, json).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    Ok(path)
+/// The localnet's directory, continuing the document in `dir` (see [`crate::directory`]).
+pub fn local_directory(nodes: &[LocalNode], dir: &Path) -> Result<Directory, LocalnetError> {
+    Ok(Directory::new(
+        nodes.to_vec(),
+        dir,
+        directory_identity(dir)?,
+        local_addresses,
+    ))
 }
 
 /// The local directory's signing key, `DIR/directory.key` (created on first use, with its
 /// public half in `DIR/directory.pub` for nodes and clients to be configured with).
 pub fn directory_identity(dir: &Path) -> Result<Identity, LocalnetError> {
+    std::fs::create_dir_all(dir).map_err(|e| LocalnetError::Io(dir.display().to_string(), e))?;
     let path = dir.join(DIRECTORY_KEY);
     let identity = if path.exists() {
         Identity::load(&path)?
@@ -222,50 +169,33 @@ pub fn directory_identity(dir: &Path) -> Result<Identity, LocalnetError> {
 const DIRECTORY_KEY: &str = "directory.key";
 const DIRECTORY_PUB: &str = "directory.pub";
 
-/// The directory's job for a local network: republishes the topology just after every
-/// Sphinx key epoch boundary (each node's next key is then one epoch ahead again), until
-/// `stop`. The nodes' seeds are read fresh each time, so it follows their rotation.
-pub async fn keep_published(
-    nodes: Vec<LocalNode>,
-    dir: PathBuf,
-    advertise: impl Fn(&LocalNode) -> Advertised,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        let schedule = nodes
-            .first()
-            .and_then(|n| NodeKeys::load(&n.dir.join("keys")).ok())
-            .map(|k| k.sphinx.schedule());
-        let Some(schedule) = schedule else {
-            tracing::error!("directory: cannot read the first node's keys; stopping");
-            return;
-        };
-        let now = crate::keys::unix_ms();
-        let boundary = schedule.end_ms(schedule.epoch_at(now));
-        // A moment past the boundary, so the nodes have ratcheted their seeds.
-        let wait = Duration::from_millis(boundary - now + 200);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        match publish(&nodes, &dir, &advertise) {
-            Ok(path) => {
-                tracing::info!(topology = %path.display(), "directory: topology republished for the new key epoch")
-            }
-            Err(e) => tracing::error!(error = %e, "directory: republishing the topology failed"),
-        }
-    }
-}
+/// How often the localnet and compose directories ask the nodes for their descriptions.
+pub const DIRECTORY_POLL: Duration = Duration::from_secs(2);
 
 /// The compose testnet (`docker-compose.yml`): the standard eight nodes, each a service
 /// named after it, listening on the default ports, found by service name.
 pub fn prepare_compose(dir: &Path, rotation: Duration) -> Result<PathBuf, LocalnetError> {
-    prepare_with(&plan(dir, 21000), dir, compose_addresses, rotation)
+    prepare_keys(&plan(dir, 21000), dir, rotation)
 }
 
-/// Keeps the compose testnet's topology current as keys rotate (see [`keep_published`]).
-pub async fn keep_compose_published(dir: PathBuf, stop: tokio_util::sync::CancellationToken) {
-    keep_published(plan(&dir, 21000), dir, compose_addresses, stop).await
+/// The compose testnet's directory, until `stop`: it lists the nodes once all of them have
+/// started, then follows their key rotations.
+pub async fn run_compose_directory(
+    dir: PathBuf,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), LocalnetError> {
+    let mut directory = Directory::new(
+        plan(&dir, 21000),
+        &dir,
+        directory_identity(&dir)?,
+        compose_addresses,
+    );
+    tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        r = directory.publish_first(Duration::from_secs(600)) => r?,
+    }
+    directory.run(DIRECTORY_POLL, stop).await;
+    Ok(())
 }
 
 fn compose_addresses(n: &LocalNode) -> Advertised {
@@ -411,19 +341,16 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
     check_ports_free(&nodes)?;
     let rotation = crate::config::key_rotation_interval_from_env()
         .map_err(|e| LocalnetError::Other(e.to_string()))?;
-    let topology = prepare_with(&nodes, &options.dir, local_addresses, rotation)?;
+    let topology = prepare_keys(&nodes, &options.dir, rotation)?;
     let signed_by = directory_identity(&options.dir)?.public();
-    let directory_stop = tokio_util::sync::CancellationToken::new();
-    let directory = tokio::spawn(keep_published(
-        nodes.clone(),
-        options.dir.clone(),
-        local_addresses,
-        directory_stop.clone(),
-    ));
     let mut children = Vec::new();
     for node in &nodes {
         children.push((node.name.clone(), spawn_node(&exe, node, &topology)?));
     }
+    let mut directory = local_directory(&nodes, &options.dir)?;
+    directory.publish_first(Duration::from_secs(30)).await?;
+    let directory_stop = tokio_util::sync::CancellationToken::new();
+    let directory = tokio::spawn(directory.run(DIRECTORY_POLL, directory_stop.clone()));
     wait_ready(&nodes, Duration::from_secs(30)).await?;
     let topology_abs = std::fs::canonicalize(&topology).unwrap_or(topology.clone());
     println!(

@@ -73,12 +73,12 @@ enum Command {
         #[arg(long)]
         addr: Option<String>,
     },
-    /// Generate keys for the compose testnet's eight nodes and its topology (service names as hosts).
+    /// Generate keys for the compose testnet's eight nodes (where missing) and its directory key.
     TestnetInit {
         #[arg(long, default_value = "/data")]
         dir: PathBuf,
-        /// Keep running as the testnet's directory: republish the topology at every Sphinx
-        /// key epoch boundary until SIGTERM.
+        /// Keep running as the testnet's directory until SIGTERM: list the nodes (service
+        /// names as hosts) from their signed descriptions, and follow their key rotations.
         #[arg(long)]
         watch: bool,
     },
@@ -138,7 +138,10 @@ fn main() -> ExitCode {
             .and_then(|rotation| localnet::prepare_compose(&dir, rotation))
         {
             Ok(topology) => {
-                println!("testnet keys and topology written: {}", topology.display());
+                println!(
+                    "testnet keys written; the directory (--watch) publishes {}",
+                    topology.display()
+                );
                 if watch {
                     return watch_testnet(dir);
                 }
@@ -247,7 +250,14 @@ fn watch_testnet(dir: PathBuf) -> ExitCode {
     };
     rt.block_on(async move {
         let stop = tokio_util::sync::CancellationToken::new();
-        let watcher = tokio::spawn(localnet::keep_compose_published(dir, stop.clone()));
+        let watcher = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                if let Err(e) = localnet::run_compose_directory(dir, stop).await {
+                    tracing::error!(error = %e, "directory stopped");
+                }
+            }
+        });
         let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
         match term {
             Ok(mut term) => {

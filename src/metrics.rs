@@ -52,10 +52,12 @@ pub enum DropReason {
     RateLimited,
     /// A final-hop payload for which `NYM_NODE_DELIVERY_QUEUE` payloads already wait for the mailbox.
     DeliveryQueueFull,
+    /// An unwrapped packet whose replay tag could not be written to the replay journal (it could be replayed after a crash, so it does not go on).
+    ReplayJournal,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::MalformedFrame,
         DropReason::OversizedFrame,
         DropReason::BadVersion,
@@ -76,6 +78,7 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::DelayQueueFull,
         DropReason::DeliveryQueueFull,
+        DropReason::ReplayJournal,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -100,6 +103,7 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::DelayQueueFull => "delay_queue_full",
             DropReason::DeliveryQueueFull => "delivery_queue_full",
+            DropReason::ReplayJournal => "replay_journal",
         }
     }
 
@@ -272,6 +276,9 @@ pub struct Metrics {
     pub delay_queue_packets: IntGauge,
     pub sphinx_key_epoch: IntGauge,
     pub sphinx_keys_retired: IntCounter,
+    pub replay_journal_seconds: Histogram,
+    pub replay_state_lost: IntCounter,
+    pub replay_tags_recovered: IntCounter,
     pub replay_filter_bytes: IntGauge,
     pub replay_filter_fill: Gauge,
     pub sphinx_queue_packets: IntGauge,
@@ -552,7 +559,25 @@ impl Metrics {
             sphinx_keys_retired: counter(
                 r,
                 "sphinx_keys_retired_total",
-                "Sphinx keys deleted, with their replay filters, after their epoch and overlap ended.",
+                "Sphinx keys whose secrets were erased, with their replay state, after their epoch and overlap ended.",
+            ),
+            replay_journal_seconds: histogram_vec(
+                r,
+                "replay_journal_seconds",
+                "Time to write one batch of replay tags to the journal (and flush it to stable storage, with NYM_NODE_REPLAY_JOURNAL_SYNC) before the batch's packets go on.",
+                &[],
+                LATENCY_BUCKETS,
+            )
+            .with_label_values(&[] as &[&str]),
+            replay_state_lost: counter(
+                r,
+                "replay_state_lost_total",
+                "Sphinx keys found at start without their replay state: replaced by fresh keys (or dropped, if their epoch was over) rather than used without it.",
+            ),
+            replay_tags_recovered: counter(
+                r,
+                "replay_tags_recovered_total",
+                "Replay tags read back from the journals at start: what the last snapshot before an unclean stop did not hold.",
             ),
             replay_filter_bytes: gauge(
                 r,

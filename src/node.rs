@@ -333,8 +333,18 @@ fn open_core(config: &Config, keys: &NodeKeys) -> Result<Core, NodeError> {
     health.set_keys_loaded();
     let (ring, opened) = KeyRing::open(config.epoch_settings(), keys.sphinx.clone(), unix_ms())?;
     let ring = Arc::new(ring);
+    metrics
+        .replay_state_lost
+        .inc_by(opened.filters_lost.len() as u64);
+    metrics.replay_tags_recovered.inc_by(opened.tags_recovered);
     if !opened.filters_lost.is_empty() {
-        tracing::error!(epochs = ?opened.filters_lost, "replay filters could not be loaded: replays from before this start are not caught for these epochs");
+        tracing::error!(epochs = ?opened.filters_lost, "Sphinx keys without their replay state were replaced by fresh keys (or dropped, past their epoch): packets built for the old keys are refused until clients have the new ones");
+    }
+    if opened.tags_recovered > 0 {
+        tracing::warn!(
+            tags = opened.tags_recovered,
+            "the node did not stop cleanly: replay tags recovered from the journal"
+        );
     }
     tracing::info!(epochs = ?opened.added, "Sphinx keys live");
     {

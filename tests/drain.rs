@@ -54,7 +54,7 @@ async fn sigterm_mid_stream_loses_no_accepted_packet() {
     let base = free_base_port(40);
     // Layer 2 has a single node, so every packet crosses the node we stop.
     let nodes = one_per_layer(dir.path(), base);
-    let topology = localnet::prepare(&nodes, dir.path()).unwrap();
+    let topology = common::prepare_from_keys(&nodes, dir.path());
     let mut children = start(dir.path(), &nodes, &topology).await;
 
     // One packet per message, no acks or cover: what the stopped node accepted is exactly
@@ -146,7 +146,7 @@ async fn second_signal_exits_at_once_and_readiness_drops_during_the_drain() {
     let dir = tempfile::tempdir().unwrap();
     let base = free_base_port(10);
     let nodes = localnet::plan_nodes(dir.path(), base, &[("mix", Mode::Mixnode, Some(1))]);
-    let topology = localnet::prepare(&nodes, dir.path()).unwrap();
+    let topology = common::prepare_from_keys(&nodes, dir.path());
     let mut child = localnet::spawn_node_with(
         Path::new(NODE),
         &nodes[0],

@@ -203,3 +203,152 @@ async fn a_replay_after_a_restart_is_caught_and_a_key_past_its_overlap_is_refuse
     assert!(!filters.join(format!("epoch-{epoch}.bloom")).exists());
     net.stop().await;
 }
+
+/// The node's own process, SIGKILLed: no shutdown, no last snapshot of its replay filters.
+fn sigkill(child: &tokio::process::Child) {
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id().unwrap() as i32, libc::SIGKILL);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_at_any_moment_forwards_no_captured_packet_again() {
+    use std::collections::HashSet;
+    use std::path::Path;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nym_node::localnet::plan_nodes(
+        dir.path(),
+        free_base_port(30),
+        &[
+            ("peer", Mode::Mixnode, Some(1)),
+            ("mix", Mode::Mixnode, Some(2)),
+            ("sink", Mode::Mixnode, Some(3)),
+        ],
+    );
+    let topology = prepare_from_keys(&nodes, dir.path());
+    let listed = nym_node::topology::Topology::parse(&std::fs::read(&topology).unwrap()).unwrap();
+    let hops: Vec<nym_node::client::route::Hop> =
+        listed.nodes()[1..].iter().map(Into::into).collect();
+    let keys = |i: usize| nym_node::keys::NodeKeys::load(&nodes[i].dir.join("keys")).unwrap();
+    let (peer, mix_noise) = (keys(0), keys(1).public().noise_key);
+    let mut sink = Sink::start(
+        tokio::net::TcpListener::bind(nodes[2].mixnet)
+            .await
+            .unwrap(),
+        keys(2),
+        vec![mix_noise],
+    );
+    let spawn = || {
+        nym_node::localnet::spawn_node_with(
+            Path::new(env!("CARGO_BIN_EXE_nym-node")),
+            &nodes[1],
+            &topology,
+            &[("NYM_NODE_REPLAY_FILTER_SAVE_INTERVAL", "1s")],
+        )
+        .unwrap()
+    };
+    let mut captured: Vec<nym_node::mixnet::sphinx::PacketBytes> = Vec::new();
+    let mut seen: HashSet<Vec<u8>> = HashSet::new();
+    let mut duplicates = 0;
+    let mut drain = |sink: &mut Sink, seen: &mut HashSet<Vec<u8>>| {
+        while let Ok(a) = sink.rx.try_recv() {
+            if !seen.insert(a.packet.to_vec()) {
+                duplicates += 1;
+            }
+        }
+    };
+    let mut child = spawn();
+    // Kill points: early, between snapshots, just after one, and while replays are fed in.
+    for (round, kill_after_ms) in [150u64, 700, 1100, 420].into_iter().enumerate() {
+        nym_node::localnet::wait_ready(&nodes[1..2], Duration::from_secs(30))
+            .await
+            .unwrap();
+        let mut link = Link::connect(nodes[1].mixnet, &peer, &mix_noise)
+            .await
+            .unwrap();
+        // First every packet captured so far (each forwarded before, or lost in a kill),
+        // then fresh ones, until the kill.
+        feed(&mut link, &captured).await;
+        let killed_at = tokio::time::Instant::now() + Duration::from_millis(kill_after_ms);
+        let mut i = 0u32;
+        while tokio::time::Instant::now() < killed_at {
+            let p = nym_node::client::packet::build_forward(
+                &hops,
+                &KeyBytes([1; 32]),
+                format!("round {round} packet {i}").as_bytes(),
+                &[Duration::ZERO, Duration::ZERO],
+            )
+            .unwrap()
+            .1;
+            if link.send_packet(&p).await.is_err() {
+                break;
+            }
+            captured.push(p);
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        sigkill(&child);
+        child.wait().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drain(&mut sink, &mut seen);
+        child = spawn();
+    }
+    // The last restart is fed every capture once more, and left running.
+    nym_node::localnet::wait_ready(&nodes[1..2], Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut link = Link::connect(nodes[1].mixnet, &peer, &mix_noise)
+        .await
+        .unwrap();
+    let forwarded_before = seen.len();
+    feed(&mut link, &captured).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drain(&mut sink, &mut seen);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let metrics = reqwest::get(format!("http://{}/metrics", nodes[1].http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    sigkill(&child);
+    let _ = child.wait().await;
+    let log = std::fs::read_to_string(nodes[1].dir.join("node.log")).unwrap_or_default();
+    println!(
+        "captured={} forwarded_distinct={} duplicates={duplicates} recovered_logs={}",
+        captured.len(),
+        seen.len(),
+        log.matches("replay tags recovered").count()
+    );
+    assert!(seen.len() > 100, "traffic flowed: {}", seen.len());
+    assert_eq!(
+        duplicates, 0,
+        "a packet forwarded before a kill was forwarded again"
+    );
+    assert!(
+        log.contains("replay tags recovered"),
+        "the kills came between snapshots: the journal carried tags across"
+    );
+    let replays = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("nym_node_packets_dropped_total") && l.contains("reason=\"replay\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        replays as usize >= forwarded_before,
+        "every packet forwarded before was refused as a replay: {replays} of {forwarded_before}"
+    );
+}
+
+/// Sends `packets` at a pace the node's per-peer queue takes without shedding.
+async fn feed(link: &mut Link, packets: &[nym_node::mixnet::sphinx::PacketBytes]) {
+    for chunk in packets.chunks(64) {
+        for p in chunk {
+            let _ = link.send_packet(p).await;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}

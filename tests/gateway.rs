@@ -29,7 +29,7 @@ async fn mailbox_survives_sigkill_and_delivers_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let base = free_base_port(40);
     let nodes = one_per_layer(dir.path(), base);
-    let topology = nym_node::localnet::prepare(&nodes, dir.path()).unwrap();
+    let topology = common::prepare_from_keys(&nodes, dir.path());
     let mut children = Vec::new();
     for n in &nodes {
         children.push(nym_node::localnet::spawn_node(Path::new(NODE), n, &topology).unwrap());

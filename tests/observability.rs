@@ -421,7 +421,7 @@ async fn traces_reach_an_otlp_receiver_with_the_service_name() {
             ("peer", Mode::Mixnode, Some(2)),
         ],
     );
-    let topology = nym_node::localnet::prepare(&nodes, dir.path()).unwrap();
+    let topology = common::prepare_from_keys(&nodes, dir.path());
     let endpoint = format!("http://{receiver}");
     let mut child = nym_node::localnet::spawn_node_with(
         std::path::Path::new(env!("CARGO_BIN_EXE_nym-node")),

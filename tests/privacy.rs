@@ -41,7 +41,7 @@ impl Network {
     async fn start() -> Network {
         let dir = tempfile::tempdir().unwrap();
         let nodes = one_per_layer(dir.path(), free_base_port(40));
-        let topology = nym_node::localnet::prepare(&nodes, dir.path()).unwrap();
+        let topology = common::prepare_from_keys(&nodes, dir.path());
         let mut children = Vec::new();
         for n in &nodes {
             children.push(nym_node::localnet::spawn_node(Path::new(NODE), n, &topology).unwrap());

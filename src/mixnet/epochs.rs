@@ -1,13 +1,17 @@
 //! Sphinx key epochs on the node: which keys are live, each with its own replay filter.
 //!
-//! At time `t` in epoch `e` the node holds the key of `e`, the key of `e + 1` (published a
-//! whole epoch ahead; accepted early from clients whose clocks run fast), and the key of
-//! `e - 1` until `end(e - 1) + overlap`, for packets built for it that are still on their
-//! way. Then that key and its filter are dropped, its filter file deleted, and the seed on
-//! disk ratcheted past it. A packet under none of the live keys is `expired_key`.
+//! At time `t` in epoch `e` the node holds the key of `e`, the key of `e + 1` (made fresh
+//! and published when `e` began; accepted early from clients whose clocks run fast), and
+//! the key of `e - 1` until `end(e - 1) + overlap`, for packets built for it that are still
+//! on their way. Then that key's secret is erased from memory and from the key file, and
+//! its replay state deleted. A packet under none of the live keys is `expired_key`.
 //!
-//! Filters are saved periodically and at shutdown and loaded at start, so a packet seen
-//! before a restart is still a replay after it.
+//! Each key's replay state is a filter snapshot (saved periodically and at shutdown) and a
+//! journal of the tags recorded since (`tag_journal.rs`), written before their packets go
+//! on: a packet seen before any kind of stop is still a replay after it. A key's journal is
+//! made before the key is first used; a key that had one and finds none at start lost its
+//! state, and is not used again: it is replaced by a fresh key (published at once) if its
+//! epoch has not ended, else dropped. Only that key's packets are refused meanwhile.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,9 +24,10 @@ use x25519_dalek::StaticSecret;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::keys::{EpochKey, EpochSchedule, KeyError, SphinxSeed, unix_ms};
+use crate::keys::{EpochKey, EpochSchedule, KeyError, SphinxKeys, X25519, unix_ms};
 use crate::metrics::Metrics;
 use crate::mixnet::replay::{ReplayFileError, ReplayFilter};
+use crate::mixnet::tag_journal::{JournalError, TagJournal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EpochError {
@@ -30,6 +35,8 @@ pub enum EpochError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Filter(#[from] ReplayFileError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -46,13 +53,15 @@ pub struct EpochSettings {
     /// Tags one replay filter is sized for (a stage; a busier epoch adds stages).
     pub filter_capacity: u64,
     pub filter_fp_rate: f64,
-    /// The seed file, rewritten as epochs retire.
-    pub seed_path: PathBuf,
-    /// Where filters are saved, one file per epoch.
+    /// The key file, rewritten as keys are made and erased.
+    pub keys_path: PathBuf,
+    /// Where each key's replay state (snapshot and journal) is kept.
     pub filter_dir: PathBuf,
+    /// Flush every journal append to stable storage (else to the OS only).
+    pub journal_sync: bool,
 }
 
-/// One live key and its replay filter.
+/// One live key and its replay state.
 pub struct LiveKey {
     pub epoch: u64,
     pub secret: StaticSecret,
@@ -62,6 +71,8 @@ pub struct LiveKey {
     /// check).
     pub low_order_tag: [u8; 32],
     pub filter: ReplayFilter,
+    /// `None` for a fixed ring's key, whose state lives in memory only.
+    pub journal: Option<TagJournal>,
 }
 
 /// What a call to [`KeyRing::rotate`] changed.
@@ -69,15 +80,18 @@ pub struct LiveKey {
 pub struct Rotation {
     pub added: Vec<u64>,
     pub retired: Vec<u64>,
-    /// Filters that could not be loaded and started empty.
+    /// Keys whose replay state was missing or unreadable: replaced (or dropped, if their
+    /// epoch is over) rather than used without it.
     pub filters_lost: Vec<u64>,
+    /// Tags read back from journals (what the last snapshot before a crash missed).
+    pub tags_recovered: u64,
 }
 
 /// The node's live Sphinx keys. Workers read them lock-free; rotation swaps the set.
 pub struct KeyRing {
     settings: EpochSettings,
     /// `None` for a fixed ring, which never rotates or saves.
-    seed: Option<Mutex<SphinxSeed>>,
+    keys: Option<Mutex<SphinxKeys>>,
     live: ArcSwap<Vec<Arc<LiveKey>>>,
 }
 
@@ -93,8 +107,9 @@ impl KeyRing {
             overlap: Duration::ZERO,
             filter_capacity,
             filter_fp_rate: 1e-9,
-            seed_path: PathBuf::new(),
+            keys_path: PathBuf::new(),
             filter_dir: PathBuf::new(),
+            journal_sync: false,
         };
         let key = LiveKey {
             epoch: 0,
@@ -102,19 +117,20 @@ impl KeyRing {
             secret,
             public,
             filter: ReplayFilter::new(filter_capacity, 1e-9),
+            journal: None,
         };
         KeyRing {
             settings,
-            seed: None,
+            keys: None,
             live: ArcSwap::from_pointee(vec![Arc::new(key)]),
         }
     }
 
-    /// Opens the ring at `now_ms`: the seed is brought to the oldest live epoch (and saved),
-    /// and each live key's filter is loaded from disk or started empty.
+    /// Opens the ring at `now_ms`: keys are made or erased for the live epochs (and the key
+    /// file saved), and each live key's replay state is loaded, or made for a new key.
     pub fn open(
         settings: EpochSettings,
-        seed: SphinxSeed,
+        keys: SphinxKeys,
         now_ms: u64,
     ) -> Result<(Self, Rotation), EpochError> {
         std::fs::create_dir_all(&settings.filter_dir).map_err(|source| EpochError::Io {
@@ -123,7 +139,7 @@ impl KeyRing {
         })?;
         let ring = KeyRing {
             settings,
-            seed: Some(Mutex::new(seed)),
+            keys: Some(Mutex::new(keys)),
             live: ArcSwap::from_pointee(Vec::new()),
         };
         let rotation = ring.rotate(now_ms)?;
@@ -143,90 +159,187 @@ impl KeyRing {
         first..=e + 1
     }
 
-    /// Brings the live set to what `now_ms` needs: adds coming keys, retires keys past their
-    /// overlap (deleting their filters and ratcheting the seed file past them).
+    /// Brings the live set to what `now_ms` needs: makes coming keys (their journals first,
+    /// then the key file), retires keys past their overlap (erasing their secrets and
+    /// deleting their replay state).
     pub fn rotate(&self, now_ms: u64) -> Result<Rotation, EpochError> {
         let mut rotation = Rotation::default();
-        let Some(seed) = &self.seed else {
+        let Some(keys) = &self.keys else {
             return Ok(rotation);
         };
+        let schedule = self.settings.schedule;
         let wanted = self.wanted(now_ms);
+        let current_epoch = schedule.epoch_at(now_ms);
         let current = self.live.load_full();
-        let mut seed = seed.lock();
-        if seed.bring_to(&self.settings.schedule, wanted.clone())? {
-            tracing::warn!(
-                epoch = *wanted.start(),
-                "the Sphinx seed could not reach this epoch (new rotation interval, or the clock went back): fresh Sphinx keys"
-            );
+        let mut keys = keys.lock();
+        if keys
+            .bring_to(&schedule, wanted.clone(), current_epoch)?
+            .interval_changed
+        {
+            tracing::warn!("the Sphinx key rotation interval changed: fresh Sphinx keys");
         }
-        seed.save(&self.settings.seed_path)?;
         let mut next = Vec::new();
-        for epoch in wanted.clone() {
-            if let Some(k) = current.iter().find(|k| k.epoch == epoch) {
+        for epoch in keys.epochs().collect::<Vec<_>>() {
+            let Some(pair) = keys.key(epoch) else {
+                continue;
+            };
+            if let Some(k) = current
+                .iter()
+                .find(|k| k.epoch == epoch && k.public.key == pair.public())
+            {
                 next.push(k.clone());
                 continue;
             }
-            let Some(pair) = seed.key(epoch) else {
-                continue;
-            };
-            let filter = match ReplayFilter::load(
-                &self.filter_path(epoch),
-                self.settings.filter_capacity,
-                self.settings.filter_fp_rate,
-            ) {
-                Ok(f) => f,
-                Err(ReplayFileError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    ReplayFilter::new(self.settings.filter_capacity, self.settings.filter_fp_rate)
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, epoch, "replay filter unreadable; starting it empty");
+            let live = match self.open_state(&mut keys, epoch, &pair)? {
+                Some(state) => self.live_key(epoch, pair, state),
+                None => {
                     rotation.filters_lost.push(epoch);
-                    ReplayFilter::new(self.settings.filter_capacity, self.settings.filter_fp_rate)
+                    if epoch < current_epoch {
+                        keys.erase(epoch);
+                        continue;
+                    }
+                    keys.replace(epoch)?;
+                    let Some(pair) = keys.key(epoch) else {
+                        continue;
+                    };
+                    let state = self.create_state(&mut keys, epoch, &pair)?;
+                    self.live_key(epoch, pair, state)
                 }
             };
-            let secret = pair.secret().clone();
-            let schedule = &self.settings.schedule;
-            next.push(Arc::new(LiveKey {
-                epoch,
-                public: EpochKey {
-                    epoch,
-                    valid_from_ms: schedule.start_ms(epoch),
-                    valid_until_ms: schedule.end_ms(epoch),
-                    key: pair.public(),
-                },
-                low_order_tag: low_order_tag(&secret),
-                secret,
-                filter,
-            }));
+            rotation.tags_recovered += live.1;
+            next.push(Arc::new(live.0));
             rotation.added.push(epoch);
         }
-        drop(seed);
-        for old in current.iter().filter(|k| !wanted.contains(&k.epoch)) {
-            rotation.retired.push(old.epoch);
+        // Every new key's journal exists before the file naming the key is saved.
+        keys.save(&self.settings.keys_path)?;
+        drop(keys);
+        for old in current.iter() {
+            if !next.iter().any(|k| Arc::ptr_eq(k, old)) {
+                rotation.retired.push(old.epoch);
+            }
         }
         // Kept in the order unwrapping tries them: the current key (nearly every packet's),
         // then the previous, then the next. Rotation runs at every boundary, so the order
         // holds until the next one and the per-packet path only loads it.
-        let current_epoch = self.settings.schedule.epoch_at(now_ms);
         next.sort_by_key(|k| (k.epoch != current_epoch, k.epoch > current_epoch));
+        let stems: Vec<String> = next.iter().map(|k| stem(k.epoch, &k.public)).collect();
         self.live.store(Arc::new(next));
-        // Filter files of epochs no longer live (including any left by an earlier run).
-        if let Ok(entries) = std::fs::read_dir(&self.settings.filter_dir) {
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let epoch = name
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("epoch-"))
-                    .and_then(|n| n.strip_suffix(".bloom"))
-                    .and_then(|n| n.parse::<u64>().ok());
-                if epoch.is_some_and(|e| !wanted.contains(&e)) {
-                    let _ = std::fs::remove_file(entry.path());
-                }
+        self.remove_state_except(&stems);
+        Ok(rotation)
+    }
+
+    fn live_key(&self, epoch: u64, pair: X25519, state: KeyState) -> (LiveKey, u64) {
+        let schedule = &self.settings.schedule;
+        let secret = pair.secret().clone();
+        let key = LiveKey {
+            epoch,
+            public: EpochKey {
+                epoch,
+                valid_from_ms: schedule.start_ms(epoch),
+                valid_until_ms: schedule.end_ms(epoch),
+                key: pair.public(),
+            },
+            low_order_tag: low_order_tag(&secret),
+            secret,
+            filter: state.filter,
+            journal: Some(state.journal),
+        };
+        (key, state.recovered)
+    }
+
+    /// The replay state of a key made now (or never used before): an empty filter and a
+    /// fresh journal, recorded in the keys as existing.
+    fn create_state(
+        &self,
+        keys: &mut SphinxKeys,
+        epoch: u64,
+        pair: &X25519,
+    ) -> Result<KeyState, EpochError> {
+        let stem = stem(epoch, &self.epoch_key(epoch, pair));
+        let journal =
+            TagJournal::create(&self.settings.filter_dir, &stem, self.settings.journal_sync)?;
+        keys.mark_journaled(epoch);
+        Ok(KeyState {
+            filter: self.empty_filter(),
+            journal,
+            recovered: 0,
+        })
+    }
+
+    /// The replay state of a key already in the key file: made if the key was never used,
+    /// loaded (snapshot, then journal) if it was; `None` if it was used and its state is
+    /// gone or unreadable.
+    fn open_state(
+        &self,
+        keys: &mut SphinxKeys,
+        epoch: u64,
+        pair: &X25519,
+    ) -> Result<Option<KeyState>, EpochError> {
+        if !keys.is_journaled(epoch) {
+            return self.create_state(keys, epoch, pair).map(Some);
+        }
+        let dir = &self.settings.filter_dir;
+        let stem = stem(epoch, &self.epoch_key(epoch, pair));
+        let snapshot = dir.join(format!("{stem}.bloom"));
+        let filter = match ReplayFilter::load(
+            &snapshot,
+            self.settings.filter_capacity,
+            self.settings.filter_fp_rate,
+        ) {
+            Ok(f) => f,
+            Err(ReplayFileError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && TagJournal::exists(dir, &stem) =>
+            {
+                self.empty_filter()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, epoch, "the replay state of this Sphinx key is missing or unreadable: the key is not used again");
+                return Ok(None);
+            }
+        };
+        match TagJournal::open(dir, &stem, self.settings.journal_sync, &filter) {
+            Ok((journal, recovered)) => Ok(Some(KeyState {
+                filter,
+                journal,
+                recovered: recovered.tags,
+            })),
+            Err(e) => {
+                tracing::error!(error = %e, epoch, "the replay journal of this Sphinx key is unreadable: the key is not used again");
+                Ok(None)
             }
         }
-        Ok(rotation)
+    }
+
+    fn empty_filter(&self) -> ReplayFilter {
+        ReplayFilter::new(self.settings.filter_capacity, self.settings.filter_fp_rate)
+    }
+
+    fn epoch_key(&self, epoch: u64, pair: &X25519) -> EpochKey {
+        EpochKey {
+            epoch,
+            valid_from_ms: 0,
+            valid_until_ms: 0,
+            key: pair.public(),
+        }
+    }
+
+    /// Deletes replay state of keys not live (retired, replaced, or left by an earlier run).
+    fn remove_state_except(&self, stems: &[String]) {
+        let Ok(entries) = std::fs::read_dir(&self.settings.filter_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !name.starts_with("epoch-") {
+                continue;
+            }
+            let stem = name.split('.').next().unwrap_or_default();
+            if !stems.iter().any(|s| s == stem) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// The live keys in the order to try them: current, previous, next.
@@ -237,12 +350,15 @@ impl KeyRing {
     /// The keys a description publishes at `now_ms`: the current and the next.
     pub fn published(&self, now_ms: u64) -> Vec<EpochKey> {
         let e = self.settings.schedule.epoch_at(now_ms);
-        self.live
+        let mut keys: Vec<EpochKey> = self
+            .live
             .load()
             .iter()
             .filter(|k| k.epoch >= e)
             .map(|k| k.public)
-            .collect()
+            .collect();
+        keys.sort_by_key(|k| k.epoch);
+        keys
     }
 
     /// When the live set next changes after `now_ms` (a boundary or an overlap's end).
@@ -260,20 +376,22 @@ impl KeyRing {
         }
     }
 
-    fn filter_path(&self, epoch: u64) -> PathBuf {
-        self.settings
-            .filter_dir
-            .join(format!("epoch-{epoch}.bloom"))
-    }
-
-    /// Saves every live filter; returns the bytes of filter state written.
+    /// Snapshots every live filter: its journal rolls to a new generation, the filter
+    /// (holding every tag of the older generations) is written, and those generations are
+    /// deleted. Returns the bytes of filter state written.
     pub fn save_filters(&self) -> Result<u64, EpochError> {
         let mut bytes = 0;
-        if self.seed.is_none() {
+        if self.keys.is_none() {
             return Ok(0);
         }
         for k in self.live.load().iter() {
-            k.filter.save(&self.filter_path(k.epoch))?;
+            let Some(journal) = &k.journal else { continue };
+            let last = journal.roll()?;
+            let stem = stem(k.epoch, &k.public);
+            k.filter
+                .save(&self.settings.filter_dir.join(format!("{stem}.bloom")))?;
+            crate::mixnet::tag_journal::sync_dir(&self.settings.filter_dir)?;
+            journal.remove_through(last);
             bytes += k.filter.size_bytes();
         }
         Ok(bytes)
@@ -289,6 +407,19 @@ impl KeyRing {
             .collect();
         (size, fill)
     }
+}
+
+/// A key's replay state as opened: its filter, its journal, and the tags read back.
+struct KeyState {
+    filter: ReplayFilter,
+    journal: TagJournal,
+    recovered: u64,
+}
+
+/// File-name stem of a key's replay state: its epoch and the start of its public key, so a
+/// replaced key never meets its predecessor's state.
+fn stem(epoch: u64, key: &EpochKey) -> String {
+    format!("epoch-{epoch}-{}", key.key.short())
 }
 
 /// Drives the ring: rotates at every boundary and overlap end, saves the filters every
@@ -384,8 +515,9 @@ pub(crate) fn test_settings(
         overlap,
         filter_capacity: 1000,
         filter_fp_rate: 1e-6,
-        seed_path: dir.join("sphinx.key"),
+        keys_path: dir.join("sphinx.key"),
         filter_dir: dir.join("replay"),
+        journal_sync: false,
     }
 }
 
@@ -393,37 +525,55 @@ pub(crate) fn test_settings(
 mod tests {
     use super::*;
 
-    fn ring(dir: &std::path::Path, interval_ms: u64, now: u64) -> (KeyRing, Rotation) {
+    fn open_ring(dir: &std::path::Path, interval_ms: u64, now: u64) -> (KeyRing, Rotation) {
         let interval = Duration::from_millis(interval_ms);
         let settings = test_settings(dir, interval, interval / 4);
         let schedule = settings.schedule;
-        let seed = match SphinxSeed::load(&settings.seed_path) {
-            Ok(s) => s,
+        let keys = match SphinxKeys::load(&settings.keys_path) {
+            Ok(k) => k,
             Err(_) => {
-                let mut s = SphinxSeed::generate(&schedule).unwrap();
-                s.advance_to(&schedule, schedule.epoch_at(now)).unwrap();
-                s
+                let mut k = SphinxKeys::generate(&schedule).unwrap();
+                let e = schedule.epoch_at(now);
+                k.bring_to(&schedule, e..=e + 1, e).unwrap();
+                k
             }
         };
-        KeyRing::open(settings, seed, now).unwrap()
+        KeyRing::open(settings, keys, now).unwrap()
     }
 
     fn epochs(ring: &KeyRing) -> Vec<u64> {
         ring.live().iter().map(|k| k.epoch).collect()
     }
 
+    fn key_of(ring: &KeyRing, epoch: u64) -> crate::keys::KeyBytes {
+        ring.live()
+            .iter()
+            .find(|k| k.epoch == epoch)
+            .unwrap()
+            .public
+            .key
+    }
+
+    fn record(ring: &KeyRing, epoch: u64, tag: &[u8; 32]) -> bool {
+        let live = ring.live();
+        let key = live.iter().find(|k| k.epoch == epoch).unwrap();
+        let new = key.filter.check_and_insert(tag);
+        key.journal.as_ref().unwrap().append(&[*tag]).unwrap();
+        new
+    }
+
     #[test]
     fn keys_come_ahead_and_retire_after_the_overlap() {
         let dir = tempfile::tempdir().unwrap();
         // Epochs of 1000 ms, overlap 250 ms; start in the middle of epoch 100.
-        let (ring, opened) = ring(dir.path(), 1000, 100_500);
+        let (ring, opened) = open_ring(dir.path(), 1000, 100_500);
         assert_eq!(opened.added, vec![100, 101]);
         assert_eq!(epochs(&ring), vec![100, 101]);
         let published: Vec<u64> = ring.published(100_500).iter().map(|k| k.epoch).collect();
         assert_eq!(published, vec![100, 101]);
         assert_eq!(ring.next_change_ms(100_500), 101_000);
 
-        // Into epoch 101: 100 stays for the overlap, 102 comes.
+        // Into epoch 101: 100 stays for the overlap, 102 is made.
         let r = ring.rotate(101_000).unwrap();
         assert_eq!(r.added, vec![102]);
         assert_eq!(epochs(&ring), vec![101, 100, 102]);
@@ -431,56 +581,158 @@ mod tests {
         let published: Vec<u64> = ring.published(101_000).iter().map(|k| k.epoch).collect();
         assert_eq!(published, vec![101, 102]);
 
-        // Past the overlap: 100 retires, and the seed on disk no longer reaches it.
-        let key_100 = ring
-            .live()
-            .iter()
-            .find(|k| k.epoch == 100)
-            .unwrap()
-            .public
-            .key;
+        // Past the overlap: 100 retires; its secret leaves the key file, its state the disk.
+        let key_100 = key_of(&ring, 100);
         ring.save_filters().unwrap();
-        assert!(dir.path().join("replay/epoch-100.bloom").exists());
+        let state_of_100 = || {
+            std::fs::read_dir(dir.path().join("replay"))
+                .unwrap()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("epoch-100-"))
+        };
+        assert!(state_of_100());
         let r = ring.rotate(101_250).unwrap();
         assert_eq!(r.retired, vec![100]);
         assert_eq!(epochs(&ring), vec![101, 102]);
-        assert!(!dir.path().join("replay/epoch-100.bloom").exists());
-        let seed = SphinxSeed::load(&dir.path().join("sphinx.key")).unwrap();
-        assert_eq!(seed.epoch(), 101);
-        assert!(seed.key(100).is_none());
-        assert_ne!(seed.key(101).unwrap().public(), key_100);
+        assert!(!state_of_100());
+        let keys = SphinxKeys::load(&dir.path().join("sphinx.key")).unwrap();
+        assert_eq!(keys.epochs().collect::<Vec<_>>(), vec![101, 102]);
+        assert!(keys.key(100).is_none());
+        assert_ne!(keys.key(101).unwrap().public(), key_100);
     }
 
     #[test]
-    fn filters_survive_a_restart() {
+    fn a_key_file_stolen_in_epoch_e_does_not_open_a_packet_for_epoch_e_plus_2() {
+        use crate::mixnet::sphinx::{Processed, Rejection, SphinxProcessor, tests::build};
         let dir = tempfile::tempdir().unwrap();
-        let tag = [7u8; 32];
-        {
-            let (ring, _) = ring(dir.path(), 1000, 100_500);
-            assert!(ring.live()[0].filter.check_and_insert(&tag));
-            ring.save_filters().unwrap();
+        let (ring, _) = open_ring(dir.path(), 1000, 100_500);
+        // The thief copies every secret the node holds in epoch 100 (its whole key file).
+        let stolen = SphinxKeys::load(&dir.path().join("sphinx.key")).unwrap();
+        assert_eq!(stolen.epochs().collect::<Vec<_>>(), vec![100, 101]);
+        // Epoch 101 makes the key of 102; a packet is built for it, as clients do.
+        ring.rotate(101_000).unwrap();
+        let key_102 = ring
+            .live()
+            .iter()
+            .find(|k| k.epoch == 102)
+            .unwrap()
+            .secret
+            .clone();
+        let target = X25519::from_secret(key_102.to_bytes());
+        let other = X25519::generate().unwrap();
+        let packet = build(&[(&target, [1; 32]), (&other, [2; 32])], &[1, 0], b"x");
+        for epoch in stolen.epochs() {
+            let thief = SphinxProcessor::new(
+                Arc::new(KeyRing::fixed(
+                    stolen.key(epoch).unwrap().secret().clone(),
+                    16,
+                )),
+                Duration::from_secs(10),
+            );
+            assert!(
+                matches!(thief.process(&packet), Err(Rejection::ExpiredKey)),
+                "the stolen key of epoch {epoch} must not open it"
+            );
         }
-        let (ring, opened) = ring(dir.path(), 1000, 100_600);
-        assert!(opened.filters_lost.is_empty());
-        assert!(!ring.live()[0].filter.check_and_insert(&tag));
-        // The same keys as before the restart.
-        assert_eq!(opened.added, vec![100, 101]);
+        let node = SphinxProcessor::new(Arc::new(ring), Duration::from_secs(10));
+        assert!(matches!(
+            node.process(&packet),
+            Ok(Processed::Forward { .. })
+        ));
     }
+
     #[test]
-    fn a_seed_made_during_an_overlap_is_kept() {
+    fn tags_survive_a_crash_between_snapshots_and_a_clean_stop() {
         let dir = tempfile::tempdir().unwrap();
-        let schedule = EpochSchedule::new(Duration::from_millis(1000));
-        let mut seed = SphinxSeed::generate(&schedule).unwrap();
-        // Bound to epoch 100, opened 100 ms into it (inside 99's overlap).
-        seed.advance_to(&schedule, 100).unwrap();
-        let published = seed.public_keys(100..=101);
+        let (a, b, c) = ([7u8; 32], [8u8; 32], [9u8; 32]);
+        {
+            let (ring, _) = open_ring(dir.path(), 1000, 100_500);
+            assert!(record(&ring, 100, &a));
+            ring.save_filters().unwrap();
+            // After the snapshot, in the journal only; then the process dies (no save).
+            assert!(record(&ring, 100, &b));
+            assert!(record(&ring, 101, &c));
+        }
+        let (ring, opened) = open_ring(dir.path(), 1000, 100_600);
+        assert!(opened.filters_lost.is_empty());
+        assert_eq!(opened.tags_recovered, 2);
+        assert_eq!(opened.added, vec![100, 101]);
+        let live = ring.live();
+        let k100 = live.iter().find(|k| k.epoch == 100).unwrap();
+        let k101 = live.iter().find(|k| k.epoch == 101).unwrap();
+        assert!(k100.filter.contains(&a) && k100.filter.contains(&b));
+        assert!(k101.filter.contains(&c));
+        drop(live);
+        // A clean stop snapshots and leaves nothing to recover.
+        ring.save_filters().unwrap();
+        drop(ring);
+        let (ring, opened) = open_ring(dir.path(), 1000, 100_700);
+        assert_eq!(opened.tags_recovered, 0);
+        assert!(!record(&ring, 100, &b), "still a replay");
+    }
+
+    #[test]
+    fn a_key_whose_state_is_lost_is_replaced_and_no_other_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let (before_100, before_101) = {
+            let (ring, _) = open_ring(dir.path(), 1000, 100_500);
+            record(&ring, 100, &[1; 32]);
+            ring.save_filters().unwrap();
+            (key_of(&ring, 100), key_of(&ring, 101))
+        };
+        // The data directory loses epoch 100's state (snapshot and journal).
+        for e in std::fs::read_dir(dir.path().join("replay"))
+            .unwrap()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with("epoch-100-") {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+        let (ring, opened) = open_ring(dir.path(), 1000, 100_600);
+        assert_eq!(opened.filters_lost, vec![100]);
+        assert_ne!(
+            key_of(&ring, 100),
+            before_100,
+            "a fresh key, published at once"
+        );
+        assert_eq!(key_of(&ring, 101), before_101);
+        let published: Vec<_> = ring.published(100_600).iter().map(|k| k.key).collect();
+        assert_eq!(published, vec![key_of(&ring, 100), before_101]);
+        // The old secret is gone from the key file.
+        let keys = SphinxKeys::load(&dir.path().join("sphinx.key")).unwrap();
+        assert_eq!(keys.key(100).unwrap().public(), key_of(&ring, 100));
+        // In the overlap of an epoch that is over, a lost key is dropped, not replaced.
+        drop(ring);
+        for e in std::fs::read_dir(dir.path().join("replay"))
+            .unwrap()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with("epoch-100-") {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+        let (ring, opened) = open_ring(dir.path(), 1000, 101_100);
+        assert_eq!(opened.filters_lost, vec![100]);
+        assert_eq!(epochs(&ring), vec![101, 102]);
+    }
+
+    #[test]
+    fn keys_written_before_the_first_start_get_fresh_state_without_loss() {
+        let dir = tempfile::tempdir().unwrap();
         let settings = test_settings(
             dir.path(),
             Duration::from_millis(1000),
             Duration::from_millis(250),
         );
-        let (ring, opened) = KeyRing::open(settings, seed, 100_100).unwrap();
-        assert_eq!(opened.added, vec![100, 101]);
+        let schedule = settings.schedule;
+        let mut keys = SphinxKeys::generate(&schedule).unwrap();
+        keys.bring_to(&schedule, 100..=101, 100).unwrap();
+        keys.save(&settings.keys_path).unwrap();
+        let published = keys.public_keys(100..=101);
+        let keys = SphinxKeys::load(&settings.keys_path).unwrap();
+        let (ring, opened) = KeyRing::open(settings, keys, 100_100).unwrap();
+        assert!(opened.filters_lost.is_empty());
         assert_eq!(ring.published(100_100), published);
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::keys::{KeyBytes, NodeId};
 use crate::metrics::{DropReason, Metrics, Stage};
-use crate::mixnet::sphinx::{FinalHop, PacketBytes, Processed, SphinxProcessor};
+use crate::mixnet::sphinx::{FinalHop, PacketBytes, Processed, SphinxProcessor, TagBatch};
 use crate::telemetry::Throttle;
 
 /// Most packets a worker unwraps before handing its results on.
@@ -186,6 +186,7 @@ impl Worker {
     fn run(self) {
         let mut forward = Vec::with_capacity(WORKER_BATCH);
         let mut deliver = Vec::new();
+        let mut tags = TagBatch::default();
         while let Ok(first) = self.rx.recv() {
             // Unwrap what is already queued (up to a small batch) before handing results
             // on: the forwarder is woken once per batch instead of once per packet. Only
@@ -193,13 +194,14 @@ impl Worker {
             let mut next = Some(first);
             let mut taken = 0;
             while let Some(job) = next.take() {
-                self.unwrap(job, &mut forward, &mut deliver);
+                self.unwrap(job, &mut forward, &mut deliver, &mut tags);
                 taken += 1;
                 if taken < WORKER_BATCH {
                     next = self.rx.try_recv().ok();
                 }
             }
             self.metrics.sphinx_queue_packets.set(self.rx.len() as i64);
+            self.journal(&mut tags, &mut forward, &mut deliver);
             for item in forward.drain(..) {
                 if self.forward.blocking_send(item).is_err() {
                     self.metrics.dropped(DropReason::Shutdown);
@@ -224,12 +226,45 @@ impl Worker {
         }
     }
 
-    fn unwrap(&self, job: Job, forward: &mut Vec<ForwardItem>, deliver: &mut Vec<FinalHop>) {
+    /// Writes the batch's replay tags to disk before any of its packets goes on; a batch
+    /// whose tags cannot be written is dropped (its packets could be replayed after a crash).
+    fn journal(
+        &self,
+        tags: &mut TagBatch,
+        forward: &mut Vec<ForwardItem>,
+        deliver: &mut Vec<FinalHop>,
+    ) {
+        if tags.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let result = tags.commit();
+        self.metrics
+            .replay_journal_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = result {
+            let lost = (forward.len() + deliver.len()) as u64;
+            forward.clear();
+            deliver.clear();
+            self.metrics.dropped_n(DropReason::ReplayJournal, lost);
+            if self.throttles[DropReason::ReplayJournal.index()].allow() {
+                tracing::error!(error = %e, packets = lost, "the replay journal cannot be written: dropping the packets it should protect (logged at most every 30s)");
+            }
+        }
+    }
+
+    fn unwrap(
+        &self,
+        job: Job,
+        forward: &mut Vec<ForwardItem>,
+        deliver: &mut Vec<FinalHop>,
+        tags: &mut TagBatch,
+    ) {
         job.budget.fetch_sub(1, Ordering::Relaxed);
         if let Some(extra) = self.slow_unwrap {
             std::thread::sleep(extra);
         }
-        let result = self.processor.process(&job.packet);
+        let result = self.processor.process_into(&job.packet, tags);
         self.metrics
             .stage(Stage::ForwarderQueue)
             .observe(job.received_at.elapsed().as_secs_f64());

@@ -12,3 +12,4 @@ pub mod intake;
 pub mod noise;
 pub mod replay;
 pub mod sphinx;
+pub mod tag_journal;

@@ -10,7 +10,8 @@ use sphinx_packet::{ProcessedPacketData, SphinxPacket};
 
 use crate::keys::{KeyBytes, NodeId};
 use crate::metrics::DropReason;
-use crate::mixnet::epochs::KeyRing;
+use crate::mixnet::epochs::{KeyRing, LiveKey};
+use crate::mixnet::tag_journal::JournalError;
 
 /// Bytes of a Sphinx payload: fixed by the protocol so every packet has the same size.
 pub const PAYLOAD_SIZE: usize = 2048;
@@ -56,6 +57,8 @@ pub enum Rejection {
     ExpiredKey,
     #[error("delay {0:?} exceeds the cap")]
     ExcessiveDelay(Duration),
+    #[error("the replay tag could not be written to disk: {0}")]
+    Journal(String),
 }
 
 impl Rejection {
@@ -65,7 +68,40 @@ impl Rejection {
             Rejection::Replay => DropReason::Replay,
             Rejection::ExpiredKey => DropReason::ExpiredKey,
             Rejection::ExcessiveDelay(_) => DropReason::ExcessiveDelay,
+            Rejection::Journal(_) => DropReason::ReplayJournal,
         }
+    }
+}
+
+/// Replay tags recorded while unwrapping a batch, written to their keys' journals before
+/// any packet of the batch goes on (one write, and one flush, per key and batch).
+#[derive(Default)]
+pub struct TagBatch {
+    tags: Vec<(Arc<LiveKey>, [u8; 32])>,
+}
+
+impl TagBatch {
+    pub fn is_empty(&self) -> bool {
+        self.tags.is_empty()
+    }
+
+    /// Journals every recorded tag and empties the batch. On an error the batch's packets
+    /// must not go on: they could be replayed after a crash.
+    pub fn commit(&mut self) -> Result<(), JournalError> {
+        let mut result = Ok(());
+        while let Some((key, _)) = self.tags.first() {
+            let key = key.clone();
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                self.tags.drain(..).partition(|(k, _)| Arc::ptr_eq(k, &key));
+            self.tags = rest;
+            if let Some(journal) = &key.journal {
+                let tags: Vec<[u8; 32]> = mine.into_iter().map(|(_, t)| t).collect();
+                if let Err(e) = journal.append(&tags) {
+                    result = Err(e);
+                }
+            }
+        }
+        result
     }
 }
 
@@ -85,8 +121,23 @@ impl SphinxProcessor {
     /// verifies under it; one under no live key is [`Rejection::ExpiredKey`]. The replay tag
     /// is checked before the rest of the work and recorded only once the packet has been
     /// processed, so garbage cannot fill the filter; of two copies racing on different
-    /// workers, the final insert lets only one through.
+    /// workers, the final insert lets only one through. The tag is journaled before this
+    /// returns; workers batch that with [`process_into`](Self::process_into).
     pub fn process(&self, bytes: &[u8; PACKET_SIZE]) -> Result<Processed, Rejection> {
+        let mut tags = TagBatch::default();
+        let processed = self.process_into(bytes, &mut tags)?;
+        tags.commit()
+            .map_err(|e| Rejection::Journal(e.to_string()))?;
+        Ok(processed)
+    }
+
+    /// Like [`process`](Self::process), the tag left in `tags` for the caller to commit
+    /// before the packet goes on.
+    pub fn process_into(
+        &self,
+        bytes: &[u8; PACKET_SIZE],
+        tags: &mut TagBatch,
+    ) -> Result<Processed, Rejection> {
         let packet =
             SphinxPacket::from_bytes(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
         let live = self.keys.live();
@@ -114,6 +165,7 @@ impl SphinxProcessor {
         if !key.filter.check_and_insert(&tag) {
             return Err(Rejection::Replay);
         }
+        tags.tags.push((key.clone(), tag));
         match processed.data {
             ProcessedPacketData::ForwardHop {
                 next_hop_packet,
@@ -152,7 +204,7 @@ impl SphinxProcessor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::keys::X25519;
     use proptest::prelude::*;
@@ -167,7 +219,11 @@ mod tests {
         )
     }
 
-    fn build(route: &[(&X25519, [u8; 32])], delays_ms: &[u64], message: &[u8]) -> PacketBytes {
+    pub(crate) fn build(
+        route: &[(&X25519, [u8; 32])],
+        delays_ms: &[u64],
+        message: &[u8],
+    ) -> PacketBytes {
         let nodes: Vec<Node> = route
             .iter()
             .map(|(k, id)| {
@@ -234,7 +290,7 @@ mod tests {
 
     #[test]
     fn the_matching_live_key_is_found_and_a_foreign_one_is_expired() {
-        use crate::keys::SphinxSeed;
+        use crate::keys::SphinxKeys;
         use crate::mixnet::epochs::test_settings;
         let dir = tempfile::tempdir().unwrap();
         let settings = test_settings(
@@ -242,8 +298,8 @@ mod tests {
             Duration::from_secs(3600),
             Duration::from_secs(60),
         );
-        let seed = SphinxSeed::generate(&settings.schedule).unwrap();
-        let e = seed.epoch();
+        let seed = SphinxKeys::generate(&settings.schedule).unwrap();
+        let e = seed.epochs().next().unwrap();
         let (ring, _) = KeyRing::open(settings, seed.clone(), crate::keys::unix_ms()).unwrap();
         let p = SphinxProcessor::new(Arc::new(ring), Duration::from_secs(10));
         let next = seed.key(e + 1).unwrap();

@@ -248,13 +248,13 @@ impl Net {
     }
 
     /// Publishes each member's Sphinx keys of this epoch and the next again, as a directory
-    /// does at every epoch boundary: nodes' from the seed they keep on disk (they ratchet
-    /// it), the others' from memory.
+    /// does once nodes have made their next key: nodes' from the key file they keep on disk
+    /// (each epoch adds a fresh key to it), the others' from memory.
     pub fn republish(&mut self, revision: u64) {
         for m in &mut self.members {
-            let seed_path = NodeKeys::sphinx_path(&self.dir.path().join(&m.name).join("keys"));
-            if let Ok(seed) = nym_node::keys::SphinxSeed::load(&seed_path) {
-                m.keys.sphinx = seed;
+            let keys_path = NodeKeys::sphinx_path(&self.dir.path().join(&m.name).join("keys"));
+            if let Ok(keys) = nym_node::keys::SphinxKeys::load(&keys_path) {
+                m.keys.sphinx = keys;
             }
             m.entry.sphinx_keys = m.keys.public().sphinx_keys;
         }
@@ -856,4 +856,52 @@ pub async fn acknowledged(c: &mut nym_node::client::MixClient, n: usize, t: Dura
         }
     }
     acked
+}
+
+/// Keys for `nodes` (as the localnet makes them) and a topology listing all of them, written
+/// by the test from the key files it made rather than by a directory asking running nodes:
+/// for tests that list nodes they never start, or want the document before any node runs.
+/// Nodes keep their keys for the test's length (the default hour-long epochs).
+pub fn prepare_from_keys(
+    nodes: &[nym_node::localnet::LocalNode],
+    dir: &std::path::Path,
+) -> PathBuf {
+    let path = nym_node::localnet::prepare(nodes, dir).unwrap();
+    let entries = nodes
+        .iter()
+        .map(|node| {
+            let keys = NodeKeys::load(&node.dir.join("keys")).unwrap();
+            let public = keys.public();
+            NodeEntry {
+                name: node.name.clone(),
+                identity_key: public.identity_key,
+                sphinx_keys: public.sphinx_keys,
+                noise_key: public.noise_key,
+                mode: node.mode,
+                layer: node.layer,
+                mixnet_address: node.mixnet.to_string().parse().unwrap(),
+                client_address: node
+                    .mode
+                    .is_gateway()
+                    .then(|| node.client.to_string().parse().unwrap()),
+                http_address: Some(node.http.to_string().parse().unwrap()),
+                network_requester: (node.mode == Mode::ExitGateway).then(|| {
+                    nym_node::gateway::network_requester::address(&keys.identity).to_string()
+                }),
+                serving: true,
+            }
+        })
+        .collect();
+    let doc = TopologyDocument {
+        schema: nym_node::topology::SCHEMA_VERSION,
+        revision: 1,
+        nodes: entries,
+    };
+    let signer = nym_node::localnet::directory_identity(dir).unwrap();
+    std::fs::write(
+        &path,
+        nym_node::topology::sign_document(&doc, &signer).unwrap(),
+    )
+    .unwrap();
+    path
 }
