@@ -115,7 +115,7 @@ fn main() {
             (split1.0 - split0.0, split1.1 - split0.1),
         )
     });
-    let drops = loadgen::drops(setup.node_http);
+    let drops = loadgen::drops(setup.node_http, &setup.metrics_token);
     node.stop();
     // The floor again, after the run, on the same machine state; the mean of both is used.
     let (floor_after, _) = setup.unwrap_floor(&packets);

@@ -136,8 +136,9 @@ impl Bench<'_> {
         let cpu = node.cpu_time() - cpu0;
         let split1 = node.cpu_split();
         let per = |d: Duration| d.as_secs_f64() * 1e6 / forwarded.max(1) as f64;
-        let drops = loadgen::drops(self.setup.node_http);
-        let scraped = loadgen::scrape(self.setup.node_http).unwrap_or_default();
+        let drops = loadgen::drops(self.setup.node_http, &self.setup.metrics_token);
+        let scraped =
+            loadgen::scrape(self.setup.node_http, &self.setup.metrics_token).unwrap_or_default();
         let mut stages = stage_means(&scraped);
         stages.push(("cpu_workers_us".into(), per(split1.0 - split0.0)));
         stages.push(("cpu_runtime_us".into(), per(split1.1 - split0.1)));

@@ -201,8 +201,12 @@ knobs! {
     exit_max_streams_per_client: usize = "64";
     /// Exit gateways: streams open at once in all; more are refused.
     exit_max_streams: usize = "4096";
-    /// Bearer token required on `GET /metrics`; empty serves metrics without one.
+    /// Bearer token required on `GET /metrics`. With no token (here or in NYM_NODE_METRICS_TOKEN_FILE), `/metrics` answers 401 to everyone unless NYM_NODE_METRICS_PUBLIC is true.
     metrics_token: String = "";
+    /// A file holding the bearer token for `GET /metrics` (a Docker secret, a mounted Secret), read at start; used when NYM_NODE_METRICS_TOKEN is empty.
+    metrics_token_file: String = "";
+    /// Serve `/metrics` to anyone when no token is set. Off by default: a gateway's delivery, acknowledgement and exit counters, read in real time on a quiet network, help locate a sender's gateway.
+    metrics_public: bool = "false";
     /// OTLP/HTTP endpoint for traces (e.g. `http://otel-collector:4318`); empty falls back to `OTEL_EXPORTER_OTLP_ENDPOINT`, and traces are off when both are empty.
     otlp_endpoint: String = "";
     /// Log format: `text` or `json`.
@@ -276,6 +280,7 @@ impl Config {
                 "required: a topology file path or http(s) URL (generate one with `nym-node localnet`)",
             );
         }
+        self.metrics_access()?;
         let signer = self.topology_signer()?;
         if signer.is_none() && self.topology.trim().starts_with("http://") {
             return invalid(
@@ -393,6 +398,36 @@ impl Config {
             return invalid("topology_refresh", "must be greater than 0");
         }
         Ok(())
+    }
+
+    /// Who may read `/metrics`: holders of the token (from NYM_NODE_METRICS_TOKEN, else the
+    /// file NYM_NODE_METRICS_TOKEN_FILE names), else anyone with NYM_NODE_METRICS_PUBLIC,
+    /// else no one.
+    pub fn metrics_access(&self) -> Result<crate::http::MetricsAccess, ConfigError> {
+        use crate::http::MetricsAccess;
+        if !self.metrics_token.is_empty() {
+            return Ok(MetricsAccess::Token(self.metrics_token.clone()));
+        }
+        let path = self.metrics_token_file.trim();
+        if !path.is_empty() {
+            let invalid = |message: String| ConfigError::Invalid {
+                var: env_name("metrics_token_file"),
+                message,
+            };
+            let token = std::fs::read_to_string(path)
+                .map_err(|e| invalid(format!("reading {path}: {e}")))?
+                .trim()
+                .to_string();
+            if token.is_empty() {
+                return Err(invalid(format!("{path} holds no token")));
+            }
+            return Ok(MetricsAccess::Token(token));
+        }
+        Ok(if self.metrics_public {
+            MetricsAccess::Public
+        } else {
+            MetricsAccess::Closed
+        })
     }
 
     /// The directory key topology documents must be signed by: the knob's base58 key, or

@@ -52,6 +52,8 @@ pub struct Setup {
     pub sink: NodeKeys,
     sink_listener: Option<std::net::TcpListener>,
     pub sink_addr: SocketAddr,
+    /// The bearer token the node under test serves `/metrics` to.
+    pub metrics_token: String,
 }
 
 fn free_addr() -> Result<SocketAddr, LoadError> {
@@ -122,6 +124,7 @@ impl Setup {
             sink,
             sink_listener: Some(sink_listener),
             sink_addr,
+            metrics_token: bs58::encode(crate::keys::random_bytes().map_err(err)?).into_string(),
         })
     }
 
@@ -237,6 +240,7 @@ impl Setup {
             .env("NYM_NODE_MIXNET_BIND", self.node_mixnet.to_string())
             .env("NYM_NODE_HTTP_BIND", self.node_http.to_string())
             .env("NYM_NODE_LOG_LEVEL", "warn")
+            .env("NYM_NODE_METRICS_TOKEN", &self.metrics_token)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
         for (k, v) in extra_env {
@@ -281,14 +285,14 @@ fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     buf.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Fetches the node's metrics exposition.
-pub fn scrape(addr: SocketAddr) -> Option<String> {
+/// Fetches a node's metrics exposition, presenting `token`.
+pub fn scrape(addr: SocketAddr, token: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut buf = String::new();
@@ -297,8 +301,8 @@ pub fn scrape(addr: SocketAddr) -> Option<String> {
 }
 
 /// Non-zero `nym_node_packets_dropped_total` series, as `reason=count` pairs.
-pub fn drops(addr: SocketAddr) -> Vec<(String, u64)> {
-    let Some(text) = scrape(addr) else {
+pub fn drops(addr: SocketAddr, token: &str) -> Vec<(String, u64)> {
+    let Some(text) = scrape(addr, token) else {
         return Vec::new();
     };
     text.lines()

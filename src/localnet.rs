@@ -6,7 +6,9 @@
 //! is the real one. Keys persist in `DIR/<node>/keys`, so restarting the localnet keeps
 //! the same identities.
 
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -120,8 +122,34 @@ pub fn prepare_keys(
         }
     }
     directory_identity(dir)?;
+    metrics_token(dir)?;
     Ok(dir.join("topology.json"))
 }
+
+/// The bearer token the network's nodes serve `/metrics` to, `DIR/metrics.token` (made on
+/// first use, mode 0600): nodes read it through `NYM_NODE_METRICS_TOKEN_FILE`, and so can
+/// a Prometheus (`credentials_file`).
+pub fn metrics_token(dir: &Path) -> Result<String, LocalnetError> {
+    let path = dir.join(METRICS_TOKEN);
+    if let Ok(token) = std::fs::read_to_string(&path)
+        && !token.trim().is_empty()
+    {
+        return Ok(token.trim().to_string());
+    }
+    let token = bs58::encode(crate::keys::random_bytes()?).into_string();
+    let _ = std::fs::remove_file(&path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| LocalnetError::Io(path.display().to_string(), e))?;
+    writeln!(file, "{token}").map_err(|e| LocalnetError::Io(path.display().to_string(), e))?;
+    Ok(token)
+}
+
+/// Where the network's metrics token is kept, beside its topology.
+pub const METRICS_TOKEN: &str = "metrics.token";
 
 fn local_addresses(n: &LocalNode) -> Advertised {
     Advertised {
@@ -237,6 +265,14 @@ pub fn node_env(node: &LocalNode, topology: &Path) -> Vec<(String, String)> {
             directory.public().to_base58(),
         ));
     }
+    // Metrics go only to holders of the network's token (nodes refuse everyone without one).
+    let token = topology.with_file_name(METRICS_TOKEN);
+    if token.exists() {
+        env.push((
+            "NYM_NODE_METRICS_TOKEN_FILE".into(),
+            token.display().to_string(),
+        ));
+    }
     // Key rotation is network-wide: the nodes rotate as the localnet's directory publishes.
     env.extend(std::env::vars().filter(|(k, _)| k.starts_with("NYM_NODE_KEY_")));
     if node.mode == Mode::ExitGateway {
@@ -308,11 +344,14 @@ pub async fn wait_ready(nodes: &[LocalNode], timeout: Duration) -> Result<(), Lo
     Ok(())
 }
 
-/// Sums one counter (all label sets) over every node's `/metrics`.
-pub async fn sum_metric(nodes: &[LocalNode], name: &str) -> u64 {
+/// Sums one counter (all label sets) over every node's `/metrics`, presenting `token`.
+pub async fn sum_metric(nodes: &[LocalNode], token: &str, name: &str) -> u64 {
     let mut total = 0.0;
+    let auth = format!("Bearer {token}");
     for node in nodes {
-        if let Some((200, body)) = crate::http::probe::get(node.http, "/metrics").await {
+        let scraped =
+            crate::http::probe::request(node.http, "/metrics", &[("Authorization", &auth)]).await;
+        if let Some((200, body)) = scraped {
             total += body
                 .lines()
                 .filter(|l| {
@@ -362,6 +401,12 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
         "localnet: logs       {}/<node>/node.log",
         options.dir.display()
     );
+    println!(
+        "localnet: metrics    http://<node http>/metrics with Authorization: Bearer $(cat {})",
+        std::fs::canonicalize(options.dir.join(METRICS_TOKEN))
+            .unwrap_or(options.dir.join(METRICS_TOKEN))
+            .display()
+    );
     for n in &nodes {
         println!(
             "localnet:   {:<9} mixnet {}  http http://{}",
@@ -398,7 +443,8 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
         let client = MixClient::start(config, identity)
             .await
             .map_err(|e| LocalnetError::Other(format!("traffic client: {e}")))?;
-        Some(tokio::spawn(traffic_loop(client, nodes.clone())))
+        let token = metrics_token(&options.dir)?;
+        Some(tokio::spawn(traffic_loop(client, nodes.clone(), token)))
     } else {
         None
     };
@@ -453,7 +499,7 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
 }
 
 /// Sends a message to itself every 200 ms and prints a progress line every 5 s.
-async fn traffic_loop(mut client: MixClient, nodes: Vec<LocalNode>) {
+async fn traffic_loop(mut client: MixClient, nodes: Vec<LocalNode>, metrics_token: String) {
     let me = client.address();
     let mut sent = 0u64;
     let mut delivered = 0u64;
@@ -485,7 +531,7 @@ async fn traffic_loop(mut client: MixClient, nodes: Vec<LocalNode>) {
             _ = report.tick() => {
                 latencies.sort();
                 let pct = |p: f64| latencies.get(((latencies.len().max(1) - 1) as f64 * p) as usize).copied().unwrap_or_default();
-                let drops = sum_metric(&nodes, "nym_node_packets_dropped_total").await;
+                let drops = sum_metric(&nodes, &metrics_token, "nym_node_packets_dropped_total").await;
                 println!(
                     "traffic: sent={sent} delivered={delivered} p50={:.0}ms p99={:.0}ms retransmissions={} node_drops={drops}",
                     pct(0.5).as_secs_f64() * 1000.0,

@@ -686,11 +686,19 @@ fn start_http(
     bound: &Bound,
 ) -> JoinHandle<std::io::Result<()>> {
     let describe = describer(config, keys, &core.ring, &core.topology, bound);
+    let metrics_access = config
+        .metrics_access()
+        .unwrap_or(http::MetricsAccess::Closed);
+    if metrics_access == http::MetricsAccess::Closed {
+        tracing::warn!(
+            "GET /metrics answers 401 to everyone: set NYM_NODE_METRICS_TOKEN (or NYM_NODE_METRICS_TOKEN_FILE) for your Prometheus, or NYM_NODE_METRICS_PUBLIC=true"
+        );
+    }
     let state = Arc::new(HttpState {
         health: core.health.clone(),
         metrics: core.metrics.clone(),
         describe,
-        metrics_token: config.metrics_token.clone(),
+        metrics_access,
     });
     let stop = core.background.clone();
     tokio::spawn(http::serve(listener, state, async move {

@@ -310,10 +310,14 @@ fn alert_rules_and_prometheus_config_pass_promtool() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // The compose Prometheus config, with its rule file where this checkout has it.
+    // The compose Prometheus config, with its rule file where this checkout has it (and the
+    // metrics token the compose init writes into its volume).
     let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("metrics.token");
+    std::fs::write(&token, "t\n").unwrap();
     let config = std::fs::read_to_string(repo("grafana/prometheus.yml"))
         .unwrap()
+        .replace("/data/metrics.token", &token.display().to_string())
         .replace(
             "/etc/prometheus/alerts.yml",
             &repo("grafana/alerts.yml").display().to_string(),

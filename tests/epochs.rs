@@ -305,13 +305,14 @@ async fn a_node_killed_at_any_moment_forwards_no_captured_packet_again() {
     feed(&mut link, &captured).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     drain(&mut sink, &mut seen);
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let metrics = reqwest::get(format!("http://{}/metrics", nodes[1].http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let token = std::fs::read_to_string(dir.path().join("metrics.token")).unwrap();
+    let (_, metrics) = nym_node::http::probe::request(
+        nodes[1].http,
+        "/metrics",
+        &[("Authorization", &format!("Bearer {}", token.trim()))],
+    )
+    .await
+    .unwrap();
     sigkill(&child);
     let _ = child.wait().await;
     let log = std::fs::read_to_string(nodes[1].dir.join("node.log")).unwrap_or_default();

@@ -53,8 +53,8 @@ async fn load_generator_counts_match_the_node() {
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let exposition = loadgen::scrape(setup.node_http).unwrap();
-    let drops = loadgen::drops(setup.node_http);
+    let exposition = loadgen::scrape(setup.node_http, &setup.metrics_token).unwrap();
+    let drops = loadgen::drops(setup.node_http, &setup.metrics_token);
     node.stop();
     let sent = sent.load(Ordering::Relaxed);
     let counted = stats.received.load(Ordering::Relaxed);

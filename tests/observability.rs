@@ -154,7 +154,13 @@ async fn exposition_passes_promtool() {
         Ok(Some(Event::Received { .. })) | Err(_)
     ) {}
     for name in ["mix-2a", "gateway"] {
-        let (status, body) = http_get(http_addr(&net, name), "/metrics").await.unwrap();
+        let (status, body) = http_request(
+            http_addr(&net, name),
+            "/metrics",
+            &[("Authorization", &format!("Bearer {TEST_METRICS_TOKEN}"))],
+        )
+        .await
+        .unwrap();
         assert_eq!(status, 200);
         assert!(body.contains("nym_node_packets_forwarded_total"));
         let mut promtool = std::process::Command::new("promtool")
@@ -305,6 +311,45 @@ async fn metrics_token_rejects_missing_and_wrong_tokens() {
     assert!(body.contains("nym_node_build_info"));
     // Health stays open: probes do not carry the token.
     assert_eq!(http_get(addr, "/readyz").await.unwrap().0, 200);
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_metrics_are_refused_unless_made_public() {
+    // The defaults: no token, not public.
+    let net = Net::start(
+        &[("mix", Role::Node(Mode::Mixnode, Some(1)))],
+        |_, c| c.metrics_token = String::new(),
+        no_hooks,
+    )
+    .await;
+    let addr = net.node("mix").http_addr;
+    for headers in [vec![], vec![("Authorization", "Bearer ")]] {
+        let (status, body) = http_request(addr, "/metrics", &headers).await.unwrap();
+        assert_eq!(status, 401, "{headers:?}");
+        assert!(!body.contains("nym_node_"), "{body}");
+        assert!(
+            body.contains("NYM_NODE_METRICS_TOKEN"),
+            "says what to set: {body}"
+        );
+    }
+    assert_eq!(http_get(addr, "/readyz").await.unwrap().0, 200);
+    net.stop().await;
+    // Public by choice.
+    let net = Net::start(
+        &[("mix", Role::Node(Mode::Mixnode, Some(1)))],
+        |_, c| {
+            c.metrics_token = String::new();
+            c.metrics_public = true;
+        },
+        no_hooks,
+    )
+    .await;
+    let (status, body) = http_get(net.node("mix").http_addr, "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("nym_node_build_info"));
     net.stop().await;
 }
 

@@ -327,8 +327,10 @@ async fn a_delay_flood_is_capped_and_memory_stays_within_the_queues_bound() {
     // Every packet is accounted for: held (up to the cap), dropped at the cap, or shed.
     let counted = || {
         let drops: std::collections::HashMap<String, u64> =
-            loadgen::drops(setup.node_http).into_iter().collect();
-        let held = loadgen::scrape(setup.node_http)
+            loadgen::drops(setup.node_http, &setup.metrics_token)
+                .into_iter()
+                .collect();
+        let held = loadgen::scrape(setup.node_http, &setup.metrics_token)
             .and_then(|t| {
                 t.lines()
                     .find_map(|l| l.strip_prefix("nym_node_delay_queue_packets "))

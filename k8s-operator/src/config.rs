@@ -25,6 +25,10 @@ pub struct OperatorConfig {
     /// operator's namespace; the operator creates it on first start if absent and publishes
     /// the public key in a ConfigMap of the same name.
     pub directory_name: String,
+    /// Name of the Secret (key `token`) holding the bearer token every node serves
+    /// `/metrics` to, in each `NymNode`'s namespace: the operator creates it with a random
+    /// token where it is absent (and never reads it); give your Prometheus the same Secret.
+    pub metrics_token_secret: String,
     /// A file holding the directory key (base58 or PKCS#8 PEM ed25519) instead of the
     /// Secret, for runs outside a cluster; empty uses the Secret.
     pub directory_key: String,
@@ -59,6 +63,7 @@ impl Default for OperatorConfig {
             namespace: String::new(),
             topology_configmap: "nym-topology".into(),
             directory_name: "nym-operator-directory".into(),
+            metrics_token_secret: "nym-node-metrics-token".into(),
             directory_key: String::new(),
             cluster_domain: "cluster.local".into(),
             pod_ready_timeout: "10m".into(),
@@ -159,6 +164,12 @@ impl OperatorConfig {
                 raw.directory_name
             )));
         }
+        if raw.metrics_token_secret.is_empty() || raw.metrics_token_secret.len() > 253 {
+            return Err(ConfigError(format!(
+                "{ENV_PREFIX}METRICS_TOKEN_SECRET: expected a Secret name (got '{}')",
+                raw.metrics_token_secret
+            )));
+        }
         if !matches!(raw.log_format.as_str(), "json" | "text") {
             return Err(ConfigError(format!(
                 "{ENV_PREFIX}LOG_FORMAT: expected json or text (got '{}')",
@@ -170,6 +181,7 @@ impl OperatorConfig {
             build: BuildSettings {
                 topology_configmap: raw.topology_configmap.clone(),
                 cluster_domain: raw.cluster_domain.clone(),
+                metrics_token_secret: raw.metrics_token_secret.clone(),
                 ..BuildSettings::default()
             },
             pod_ready_timeout: duration("POD_READY_TIMEOUT", &raw.pod_ready_timeout)?,

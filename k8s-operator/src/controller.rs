@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -54,6 +54,8 @@ pub enum Error {
     State(String),
     #[error("{0} has no namespace")]
     NoNamespace(String),
+    #[error("metrics token: {0}")]
+    MetricsToken(#[from] crate::generated_secret::SecretError),
 }
 
 impl Error {
@@ -68,6 +70,7 @@ impl Error {
             Error::Sign(_) => "TopologyNotSigned",
             Error::State(_) => "StateInvalid",
             Error::NoNamespace(_) => "NoNamespace",
+            Error::MetricsToken(_) => "MetricsTokenSecret",
         }
     }
 }
@@ -389,6 +392,18 @@ where
 /// Everything but the StatefulSet, whose replicas the network decides.
 async fn apply_children(nn: &NymNode, ctx: &Context, ns: &str) -> Result<(), Error> {
     let client = ctx.client.clone();
+    // Before any pod that reads it: a pod whose Secret is missing never starts.
+    crate::generated_secret::create_if_absent(
+        &Api::<Secret>::namespaced(client.clone(), ns),
+        &ctx.settings.build.metrics_token_secret,
+        resources::METRICS_TOKEN_KEY,
+        || {
+            nym_node::keys::random_bytes()
+                .map(|b| nym_node::keys::KeyBytes(b).to_base58().into_bytes())
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await?;
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     let env = resources::env_configmap(nn, &ctx.settings.build);

@@ -49,20 +49,13 @@ pub async fn get_or_create(
         name: name.into(),
         message,
     })?;
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            labels: Some(BTreeMap::from([(MANAGED_BY.0.into(), MANAGED_BY.1.into())])),
-            ..Default::default()
-        },
-        type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(
-            key.into(),
-            ByteString(generated.clone()),
-        )])),
-        ..Default::default()
-    };
-    match api.create(&PostParams::default(), &secret).await {
+    match api
+        .create(
+            &PostParams::default(),
+            &secret(name, key, generated.clone()),
+        )
+        .await
+    {
         Ok(_) => {
             tracing::info!(secret = name, "generated and stored a new secret");
             Ok(generated)
@@ -73,6 +66,48 @@ pub async fn get_or_create(
             value(&secret, name, key)
         }
         Err(e) => Err(api_error(e)),
+    }
+}
+
+/// Creates the Secret `name` with `generate()` under `key` unless it exists, without reading
+/// it (so the operator needs no right to read Secrets where it makes them): an existing
+/// Secret, made by an earlier pass or by a user with a token of their choosing, is kept.
+pub async fn create_if_absent(
+    api: &Api<Secret>,
+    name: &str,
+    key: &str,
+    generate: impl FnOnce() -> Result<Vec<u8>, String>,
+) -> Result<bool, SecretError> {
+    let generated = generate().map_err(|message| SecretError::Generate {
+        name: name.into(),
+        message,
+    })?;
+    match api
+        .create(&PostParams::default(), &secret(name, key, generated))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(secret = name, "generated and stored a new secret");
+            Ok(true)
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(source) => Err(SecretError::Api {
+            name: name.into(),
+            source,
+        }),
+    }
+}
+
+fn secret(name: &str, key: &str, value: Vec<u8>) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(BTreeMap::from([(MANAGED_BY.0.into(), MANAGED_BY.1.into())])),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(key.into(), ByteString(value))])),
+        ..Default::default()
     }
 }
 

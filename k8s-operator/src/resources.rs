@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapEnvSource, ConfigMapVolumeSource, Container, ContainerPort,
     EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    Probe, SeccompProfile, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -54,7 +54,12 @@ pub struct BuildSettings {
     /// The directory key the operator signs topology documents with: every node is
     /// configured to accept only documents it signed.
     pub topology_signer: Option<nym_node::keys::KeyBytes>,
+    /// The Secret (key [`METRICS_TOKEN_KEY`]) whose token every node serves `/metrics` to.
+    pub metrics_token_secret: String,
 }
+
+/// Key of the token in the metrics token Secret.
+pub const METRICS_TOKEN_KEY: &str = "token";
 
 impl Default for BuildSettings {
     fn default() -> Self {
@@ -62,6 +67,7 @@ impl Default for BuildSettings {
             topology_configmap: "nym-topology".into(),
             cluster_domain: "cluster.local".into(),
             topology_signer: None,
+            metrics_token_secret: "nym-node-metrics-token".into(),
         }
     }
 }
@@ -411,17 +417,33 @@ fn node_container(nn: &NymNode, settings: &BuildSettings) -> Container {
         image: Some(nn.spec.image.clone()),
         args: Some(vec!["run".into()]),
         env_from: Some(env_from(nn, settings)),
-        env: Some(vec![EnvVar {
-            name: "NYM_NODE_ID".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
+        env: Some(vec![
+            EnvVar {
+                name: "NYM_NODE_ID".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        }]),
+            },
+            // From a Secret, never the env ConfigMap: whoever reads ConfigMaps must not
+            // read metrics that locate senders' gateways.
+            EnvVar {
+                name: "NYM_NODE_METRICS_TOKEN".into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: settings.metrics_token_secret.clone(),
+                        key: METRICS_TOKEN_KEY.into(),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ]),
         ports: Some(container_ports(nn)),
         startup_probe: Some(startup),
         liveness_probe: Some(http_probe("/livez", 10, 3)),

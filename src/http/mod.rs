@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET /livez` | 200 while the accept loop and the forwarder run; 503 otherwise |
 //! | `GET /readyz` | 200 when keys, topology and listeners are in place and the node is not draining; 503 with a JSON reason otherwise |
-//! | `GET /metrics` | Prometheus text exposition (bearer token if `NYM_NODE_METRICS_TOKEN` is set) |
+//! | `GET /metrics` | Prometheus text exposition, to holders of the bearer token (`NYM_NODE_METRICS_TOKEN`); 401 to all without one unless `NYM_NODE_METRICS_PUBLIC` |
 //! | `GET /api/v1/description` | the signed description |
 //! | `GET /api/v1/build-information` | version, commit, compiler |
 //! | `GET /api/v1/openapi.json` | the OpenAPI document of these routes |
@@ -36,8 +36,18 @@ pub struct HttpState {
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     pub describe: Describe,
-    /// Empty: metrics are public.
-    pub metrics_token: String,
+    pub metrics_access: MetricsAccess,
+}
+
+/// Who may read `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsAccess {
+    /// Whoever presents this bearer token.
+    Token(String),
+    /// Anyone (`NYM_NODE_METRICS_PUBLIC=true` without a token).
+    Public,
+    /// No one: no token is configured.
+    Closed,
 }
 
 /// Build facts served at `/api/v1/build-information`.
@@ -125,11 +135,20 @@ fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
-    if !s.metrics_token.is_empty() && !token_matches(&headers, &s.metrics_token) {
+    let refusal = match &s.metrics_access {
+        MetricsAccess::Token(token) if !token_matches(&headers, token) => {
+            Some("missing or wrong bearer token\n")
+        }
+        MetricsAccess::Closed => Some(
+            "metrics need a bearer token: the node has none (set NYM_NODE_METRICS_TOKEN or NYM_NODE_METRICS_TOKEN_FILE, or NYM_NODE_METRICS_PUBLIC=true)\n",
+        ),
+        _ => None,
+    };
+    if let Some(message) = refusal {
         return (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
-            "missing or wrong bearer token\n",
+            message,
         )
             .into_response();
     }

@@ -61,7 +61,11 @@ pub struct Net {
     pub sinks: HashMap<String, TcpListener>,
 }
 
-/// Default test tweaks: fast topology reload, short grace, one worker.
+/// The bearer token test nodes serve `/metrics` to (the test Prometheus sends it).
+pub const TEST_METRICS_TOKEN: &str = "test-metrics-token";
+
+/// Default test tweaks: fast topology reload, short grace, one worker, metrics behind
+/// [`TEST_METRICS_TOKEN`].
 pub fn base_config(
     dir: &std::path::Path,
     name: &str,
@@ -79,6 +83,7 @@ pub fn base_config(
         sphinx_workers: 1,
         // A real stamp, at a price a debug build pays in milliseconds.
         registration_stamp_bits: nym_node::config::StampBits(8),
+        metrics_token: TEST_METRICS_TOKEN.into(),
         ..Config::default()
     }
 }
@@ -664,8 +669,12 @@ impl Prometheus {
     pub fn start(targets: &[(SocketAddr, Vec<(&str, &str)>)]) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let mut config = String::from(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: nym-node\n    static_configs:\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: nym-node\n",
         );
+        // Nodes serve metrics only to holders of their token (others ignore the header).
+        config.push_str(&format!(
+            "    authorization:\n      credentials: '{TEST_METRICS_TOKEN}'\n    static_configs:\n"
+        ));
         for (addr, labels) in targets {
             config.push_str(&format!("      - targets: ['{addr}']\n"));
             if !labels.is_empty() {

@@ -310,7 +310,7 @@ def test_no_yaml_anchors_in_rendered_output():
 # --- monitoring -------------------------------------------------------------------------
 
 def test_two_releases_monitoring_objects_never_collide():
-    sets = ["--set", "serviceMonitor.enabled=true", "--set", "prometheusRule.enabled=true",
+    sets = ["--set", "serviceMonitor.enabled=true", "--set", "metrics.tokenSecret.name=nym-metrics-token", "--set", "prometheusRule.enabled=true",
             "--set", "dashboards.enabled=true"]
     first = render(NODE_CHART, *sets, release="mix-l1")
     second = render(NODE_CHART, *sets, release="mix-l2")

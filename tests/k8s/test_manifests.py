@@ -200,7 +200,8 @@ def test_a_config_change_changes_the_pod_template_checksum():
 
 
 def test_prometheus_rule_is_the_alerts_scoped_to_the_release_and_passes_promtool():
-    objects = render(NODE_CHART, "--set", "prometheusRule.enabled=true", "--set", "serviceMonitor.enabled=true")
+    objects = render(NODE_CHART, "--set", "prometheusRule.enabled=true", "--set", "serviceMonitor.enabled=true",
+                     "--set", "metrics.tokenSecret.name=nym-metrics-token")
     rule = next(o for o in objects if o["kind"] == "PrometheusRule")
     with open(os.path.join(ROOT, "grafana", "alerts.yml")) as f:
         alerts = yaml.safe_load(f)

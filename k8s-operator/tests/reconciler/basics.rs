@@ -35,6 +35,7 @@ async fn create_applies_children_in_order_then_topology_then_status() {
         writes,
         [
             format!("PATCH /apis/mixnet.nym-node.dev/v1alpha1/namespaces/{NS}/nymnodes/mix-l1"),
+            format!("POST /api/v1/namespaces/{NS}/secrets"),
             format!("PATCH /api/v1/namespaces/{NS}/configmaps/mix-l1-env-HASH"),
             format!("PATCH /api/v1/namespaces/{NS}/services/mix-l1"),
             format!("PATCH /apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/mix-l1"),
@@ -45,6 +46,43 @@ async fn create_applies_children_in_order_then_topology_then_status() {
             ),
         ]
     );
+    // The metrics token: a random one in a Secret the pods read and the ConfigMaps never hold.
+    let secret = cluster
+        .get(
+            &format!("/api/v1/namespaces/{NS}/secrets"),
+            "nym-node-metrics-token",
+        )
+        .expect("the metrics token Secret");
+    let token = secret["data"]["token"].as_str().unwrap().to_string();
+    assert!(token.len() >= 40, "{token}");
+    let sts = cluster
+        .get(
+            &format!("/apis/apps/v1/namespaces/{NS}/statefulsets"),
+            "mix-l1",
+        )
+        .unwrap();
+    let env = &sts["spec"]["template"]["spec"]["containers"][0]["env"];
+    let token_var = env
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "NYM_NODE_METRICS_TOKEN")
+        .expect("the node reads its metrics token");
+    assert_eq!(
+        token_var["valueFrom"]["secretKeyRef"]["name"],
+        "nym-node-metrics-token"
+    );
+    // A second pass keeps the token (the Secret exists: created once, never read).
+    reconcile(Arc::new(cluster.nymnode("mix-l1")), ctx.clone())
+        .await
+        .unwrap();
+    let again = cluster
+        .get(
+            &format!("/api/v1/namespaces/{NS}/secrets"),
+            "nym-node-metrics-token",
+        )
+        .unwrap();
+    assert_eq!(again["data"]["token"].as_str().unwrap(), token);
     let nn = cluster.nymnode("mix-l1");
     assert_eq!(
         nn.metadata.finalizers,
