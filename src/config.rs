@@ -905,7 +905,7 @@ mod tests {
         // Secrets never appear among the plain settings.
         let schema: serde_json::Value = serde_json::from_str(&knobs_helm_schema()).unwrap();
         assert!(schema["properties"].get("NYM_NODE_METRICS_TOKEN").is_none());
-        assert!(!knobs_helm_values().contains("NYM_NODE_METRICS_TOKEN"));
+        assert!(!knobs_helm_values().contains("NYM_NODE_METRICS_TOKEN:"));
     }
 
     #[test]

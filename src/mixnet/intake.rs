@@ -9,9 +9,10 @@
 //! however many links it opens.
 //!
 //! The workers are plain threads (one per core by default), not async tasks: unwrapping is
-//! CPU-bound and would otherwise stall the runtime's I/O. They push results downstream
-//! with a blocking send, which backs up into this queue (and so into `overload` drops)
-//! rather than dropping unwrapped work.
+//! CPU-bound and would otherwise stall the runtime's I/O. They hand each batch to the group
+//! commit (`commit.rs`, which journals its replay tags before the packets go on) with a
+//! blocking send, which backs up into this queue (and so into `overload` drops) rather
+//! than dropping unwrapped work.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::keys::{KeyBytes, NodeId};
 use crate::metrics::{DropReason, Metrics, Stage};
+use crate::mixnet::commit::{self, Unwrapped};
 use crate::mixnet::sphinx::{FinalHop, PacketBytes, Processed, SphinxProcessor, TagBatch};
 use crate::telemetry::Throttle;
 
@@ -83,6 +85,12 @@ impl Intake {
         slow_unwrap: SlowUnwrap,
     ) -> std::io::Result<(Intake, Vec<std::thread::JoinHandle<()>>)> {
         let (tx, rx) = crossbeam_channel::bounded(capacity);
+        let can_deliver = downstream.deliver.is_some();
+        let (committed, committer) = commit::start(commit::Handoff {
+            forward: downstream.forward,
+            deliver: downstream.deliver,
+            metrics: metrics.clone(),
+        })?;
         // One throttle per drop reason, so a flood of one kind does not hide another.
         let throttles: Arc<Vec<Throttle>> = Arc::new(
             DropReason::ALL
@@ -95,8 +103,8 @@ impl Intake {
             let worker = Worker {
                 rx: rx.clone(),
                 processor: processor.clone(),
-                forward: downstream.forward.clone(),
-                deliver: downstream.deliver.clone(),
+                commit: committed.clone(),
+                can_deliver,
                 metrics: metrics.clone(),
                 throttles: throttles.clone(),
                 slow_unwrap,
@@ -107,6 +115,10 @@ impl Intake {
                     .spawn(move || worker.run())?,
             );
         }
+        // Only the workers hold the committer's channel: it stops after the last of them,
+        // having handed on everything they unwrapped (so it is joined last).
+        drop(committed);
+        handles.push(committer);
         Ok((
             Intake {
                 tx,
@@ -175,8 +187,10 @@ impl Intake {
 struct Worker {
     rx: Receiver<Job>,
     processor: Arc<SphinxProcessor>,
-    forward: mpsc::Sender<ForwardItem>,
-    deliver: Option<mpsc::Sender<FinalHop>>,
+    /// To the group commit, which journals the batch's tags and hands its packets on.
+    commit: crossbeam_channel::Sender<Unwrapped>,
+    /// Whether this node delivers final hops (a gateway).
+    can_deliver: bool,
     metrics: Arc<Metrics>,
     throttles: Arc<Vec<Throttle>>,
     slow_unwrap: SlowUnwrap,
@@ -201,54 +215,19 @@ impl Worker {
                 }
             }
             self.metrics.sphinx_queue_packets.set(self.rx.len() as i64);
-            self.journal(&mut tags, &mut forward, &mut deliver);
-            for item in forward.drain(..) {
-                if self.forward.blocking_send(item).is_err() {
-                    self.metrics.dropped(DropReason::Shutdown);
-                }
+            if forward.is_empty() && deliver.is_empty() {
+                // Nothing goes on (every packet refused): no tag needs the disk first.
+                tags = TagBatch::default();
+                continue;
             }
-            // Final hops never make a worker wait: slow mailbox storage must not stall the
-            // packets this node forwards. Beyond the delivery queue they are dropped (not
-            // acknowledged, so their senders retry).
-            if let Some(tx) = &self.deliver {
-                for hop in deliver.drain(..) {
-                    match tx.try_send(hop) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            self.metrics.dropped(DropReason::DeliveryQueueFull)
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            self.metrics.dropped(DropReason::Shutdown)
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Writes the batch's replay tags to disk before any of its packets goes on; a batch
-    /// whose tags cannot be written is dropped (its packets could be replayed after a crash).
-    fn journal(
-        &self,
-        tags: &mut TagBatch,
-        forward: &mut Vec<ForwardItem>,
-        deliver: &mut Vec<FinalHop>,
-    ) {
-        if tags.is_empty() {
-            return;
-        }
-        let started = Instant::now();
-        let result = tags.commit();
-        self.metrics
-            .replay_journal_seconds
-            .observe(started.elapsed().as_secs_f64());
-        if let Err(e) = result {
-            let lost = (forward.len() + deliver.len()) as u64;
-            forward.clear();
-            deliver.clear();
-            self.metrics.dropped_n(DropReason::ReplayJournal, lost);
-            if self.throttles[DropReason::ReplayJournal.index()].allow() {
-                tracing::error!(error = %e, packets = lost, "the replay journal cannot be written: dropping the packets it should protect (logged at most every 30s)");
+            let batch = Unwrapped {
+                tags: std::mem::take(&mut tags),
+                forward: std::mem::take(&mut forward),
+                deliver: std::mem::take(&mut deliver),
+            };
+            if let Err(lost) = self.commit.send(batch) {
+                let n = (lost.0.forward.len() + lost.0.deliver.len()) as u64;
+                self.metrics.dropped_n(DropReason::Shutdown, n);
             }
         }
     }
@@ -283,9 +262,9 @@ impl Worker {
                         packet,
                     });
                 }
-                Ok(Processed::Final(hop)) => match &self.deliver {
-                    Some(_) => deliver.push(hop),
-                    None => {
+                Ok(Processed::Final(hop)) => match self.can_deliver {
+                    true => deliver.push(hop),
+                    false => {
                         self.metrics.dropped(DropReason::NoRoute);
                         if self.throttles[DropReason::NoRoute.index()].allow() {
                             tracing::warn!(

@@ -2,6 +2,7 @@
 //! `ingress` (Noise links in, admitted to their handshake by `crate::admission`; framing) → `intake` (overload shedding, Sphinx workers running
 //! `sphinx` with its `replay` filter) → `forward` (the `delay` queue) → `egress` (Noise links out).
 
+pub mod commit;
 pub mod delay;
 pub mod egress;
 pub mod epochs;

@@ -85,6 +85,11 @@ impl TagBatch {
         self.tags.is_empty()
     }
 
+    /// Moves every tag of `other` into this batch.
+    pub fn append(&mut self, other: &mut TagBatch) {
+        self.tags.append(&mut other.tags);
+    }
+
     /// Journals every recorded tag and empties the batch. On an error the batch's packets
     /// must not go on: they could be replayed after a crash.
     pub fn commit(&mut self) -> Result<(), JournalError> {
