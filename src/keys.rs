@@ -453,6 +453,16 @@ impl SphinxKeys {
         Ok(change)
     }
 
+    /// Moves every secret out, leaving these keys empty: the key ring takes them, and no
+    /// other copy outlives their erasure.
+    pub fn take(&mut self) -> SphinxKeys {
+        SphinxKeys {
+            interval_ms: self.interval_ms,
+            secrets: std::mem::take(&mut self.secrets),
+            journaled: std::mem::take(&mut self.journaled),
+        }
+    }
+
     /// Forgets the secret of `epoch` (its bytes overwritten in memory first).
     pub fn erase(&mut self, epoch: u64) {
         self.journaled.remove(&epoch);
@@ -540,9 +550,6 @@ impl SphinxKeys {
         let tmp = path.with_extension("key.tmp");
         let _ = fs::remove_file(&tmp);
         write_private(&tmp, self.to_text().trim_end())?;
-        fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io(&tmp))?;
         fs::rename(&tmp, path).map_err(io(path))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::File::open(dir)
@@ -679,32 +686,53 @@ fn write_secret(path: &Path, secret: &[u8; 32]) -> Result<(), KeyError> {
     write_private(path, &bs58::encode(secret).into_string())
 }
 
-/// Writes `text` into a new file with mode 0600 (its directory 0700).
+/// Writes `text` into a new file with mode 0600 (its directory 0700), never over an
+/// existing one. The text is written and flushed under a temporary name and then linked into
+/// place, so a machine lost at any moment leaves either no file or the whole one (a
+/// half-written key would keep the node from ever starting).
 fn write_private(path: &Path, text: &str) -> Result<(), KeyError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| KeyError::Io { path: p, source }
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    if path.exists() {
+        return Err(KeyError::Exists(path.to_path_buf()));
     }
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                KeyError::Exists(path.to_path_buf())
-            } else {
-                KeyError::Io {
-                    path: path.to_path_buf(),
-                    source: e,
-                }
-            }
-        })?;
-    writeln!(file, "{text}").map_err(io(path))
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.new", std::process::id()));
+    let tmp = dir.join(name);
+    let _ = fs::remove_file(&tmp);
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        writeln!(file, "{text}")?;
+        file.sync_all()
+    })();
+    written.map_err(io(&tmp))?;
+    // A link fails if the name exists: no key is ever replaced by accident. A file system
+    // without hard links gets a rename (checked for an existing key just above).
+    match fs::hard_link(&tmp, path) {
+        Ok(()) => {
+            let _ = fs::remove_file(&tmp);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let _ = fs::remove_file(&tmp);
+            return Err(KeyError::Exists(path.to_path_buf()));
+        }
+        Err(_) => fs::rename(&tmp, path).map_err(io(path))?,
+    }
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 fn read_secret(path: &Path) -> Result<[u8; 32], KeyError> {

@@ -244,7 +244,7 @@ struct Pipeline {
 /// Starts every part of the node. It runs until `RunningNode::shutdown` is stopped.
 pub async fn start(
     config: Config,
-    keys: NodeKeys,
+    mut keys: NodeKeys,
     listeners: Listeners,
     hooks: TestHooks,
 ) -> Result<RunningNode, NodeError> {
@@ -260,7 +260,8 @@ pub async fn start(
         ),
         _ => None,
     };
-    let core = open_core(&config, &keys)?;
+    // The key ring takes the Sphinx secrets: no copy outlives their erasure.
+    let core = open_core(&config, &keys.identity, keys.sphinx.take())?;
     let signer = config.topology_signer()?;
     let (dns, resolver) = peer_resolver(&config, &core)?;
     let background = start_background(
@@ -325,13 +326,17 @@ pub async fn start(
 
 /// Metrics, health, the topology handle and the key ring. The ring opens before anything
 /// can receive: its replay filters must be loaded first.
-fn open_core(config: &Config, keys: &NodeKeys) -> Result<Core, NodeError> {
+fn open_core(
+    config: &Config,
+    identity: &crate::keys::Identity,
+    sphinx: crate::keys::SphinxKeys,
+) -> Result<Core, NodeError> {
     let metrics = Metrics::new(config.mode.as_str());
     let shutdown = Shutdown::new();
     let topology = TopologyHandle::new();
     let health = Health::new(topology.clone(), shutdown.clone());
     health.set_keys_loaded();
-    let (ring, opened) = KeyRing::open(config.epoch_settings(), keys.sphinx.clone(), unix_ms())?;
+    let (ring, opened) = KeyRing::open(config.epoch_settings(), sphinx, unix_ms())?;
     let ring = Arc::new(ring);
     metrics
         .replay_state_lost
@@ -352,7 +357,7 @@ fn open_core(config: &Config, keys: &NodeKeys) -> Result<Core, NodeError> {
         metrics.add_sampler(Box::new(move |m| epochs::sample(&ring, m)));
     }
     {
-        let (handle, me, mode) = (topology.clone(), keys.identity.public(), config.mode);
+        let (handle, me, mode) = (topology.clone(), identity.public(), config.mode);
         metrics.add_sampler(Box::new(move |m| topology::sample(&handle, &me, mode, m)));
     }
     Ok(Core {

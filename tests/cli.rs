@@ -35,6 +35,8 @@ fn localnet_and_probe_deliver_every_message_and_stop_cleanly() {
             let out = Command::new(CLIENT)
                 .arg("--topology")
                 .arg(&topology)
+                .arg("--topology-signer")
+                .arg(dir.path().join("directory.pub"))
                 .args([
                     "--cover-rate",
                     "0",
@@ -56,6 +58,44 @@ fn localnet_and_probe_deliver_every_message_and_stop_cleanly() {
     let out = output.expect("probe never succeeded against the localnet");
     let line = String::from_utf8_lossy(&out.stdout);
     assert!(line.contains("sent=25 delivered=25"), "{line}");
+
+    // A client takes no document without knowing who must have signed it...
+    let clients = tempfile::tempdir().unwrap();
+    let unsigned = Command::new(CLIENT)
+        .arg("--topology")
+        .arg(&topology)
+        .arg("--data-dir")
+        .arg(clients.path())
+        .args(["init", "--id", "alice"])
+        .output()
+        .unwrap();
+    assert!(!unsigned.status.success());
+    assert!(
+        String::from_utf8_lossy(&unsigned.stderr).contains("--topology-signer"),
+        "{}",
+        String::from_utf8_lossy(&unsigned.stderr)
+    );
+    // ...and refuses the localnet's document when told another directory signs it.
+    let stranger = nym_node::keys::Identity::generate().unwrap().public();
+    let forged = Command::new(CLIENT)
+        .arg("--topology")
+        .arg(&topology)
+        .args(["--topology-signer", &stranger.to_base58()])
+        .args([
+            "--cover-rate",
+            "0",
+            "probe",
+            "--count",
+            "1",
+            "--timeout",
+            "5s",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !forged.status.success(),
+        "a document signed by another key was taken"
+    );
 
     // SIGTERM stops the localnet and every node with it.
     unsafe {

@@ -24,15 +24,17 @@ use nym_node::topology::TopologySource;
     version,
     about = "A mixnet client: a long-running client with Nym's WebSocket API, or one-shot send, receive and probe",
     after_help = "Examples:
-  nym-client --topology T init --id alice          create client 'alice' (keys, gateway)
+  nym-client --topology T --topology-signer K init --id alice   create client 'alice' (keys, gateway)
   nym-client address --id alice                    its address, the same every time
   nym-client run --id alice                        serve Nym's WebSocket API on 127.0.0.1:1977
   nym-client send --id bob --to ADDRESS --message hi
   nym-client receive --id alice --count 1
-  nym-client --topology T probe --count 20 --cover-rate 0
-  nym-client --topology T probe --every 5s --metrics-listen 0.0.0.0:9100   a prober for Prometheus
-  nym-client --topology T socks5                   then: curl --socks5-hostname 127.0.0.1:1080 URL
+  nym-client --topology T --topology-signer K probe --count 20 --cover-rate 0
+  nym-client --topology T --topology-signer K probe --every 5s --metrics-listen 0.0.0.0:9100
+  nym-client --topology T --topology-signer K socks5   then: curl --socks5-hostname 127.0.0.1:1080 URL
 
+T is the topology (a file or URL), K the directory key it must be signed by (base58 or a file,
+such as the localnet's directory.pub); init stores both with the client.
 Options apply wherever they are written: before or after the subcommand.",
     allow_negative_numbers = true
 )]
@@ -41,10 +43,14 @@ struct Cli {
     #[arg(long, env = "NYM_CLIENT_TOPOLOGY", global = true)]
     topology: Option<String>,
     /// The directory key the topology must be signed by (base58, or a file holding it, such
-    /// as the localnet's directory.pub). Without it any document is taken; a signed one must
-    /// still verify.
+    /// as the localnet's directory.pub). Required unless the client was made with one
+    /// (`init` stores it) or --insecure-unsigned-topology is given.
     #[arg(long, env = "NYM_CLIENT_TOPOLOGY_SIGNER", global = true, value_parser = nym_node::keys::key_or_file)]
     topology_signer: Option<nym_node::keys::KeyBytes>,
+    /// Take topology documents no directory signed (tests, hand-written topologies): whoever
+    /// can change the document then chooses every key this client encrypts to.
+    #[arg(long, global = true)]
+    insecure_unsigned_topology: bool,
     /// The client to use: DATA_DIR/NAME (created by `init --id NAME`).
     #[arg(long, global = true, conflicts_with = "identity")]
     id: Option<String>,
@@ -248,6 +254,17 @@ fn config_for(cli: &Cli, dir: Option<&ClientDir>) -> Result<ClientConfig, String
         .clone()
         .or_else(|| stored.as_ref().and_then(|s| s.topology.clone()))
         .ok_or("no topology: pass --topology or set NYM_CLIENT_TOPOLOGY")?;
+    let topology_signer = cli
+        .topology_signer
+        .or_else(|| stored.as_ref().and_then(|s| s.topology_signer));
+    let unsigned =
+        cli.insecure_unsigned_topology || stored.as_ref().is_some_and(|s| s.unsigned_topology);
+    if topology_signer.is_none() && !unsigned {
+        return Err(
+            "no directory key: pass --topology-signer KEY_OR_FILE (init stores it), or --insecure-unsigned-topology to take documents no directory signed"
+                .into(),
+        );
+    }
     Ok(ClientConfig {
         topology,
         gateway: stored.as_ref().map(|s| s.gateway).or(cli.gateway),
@@ -258,7 +275,7 @@ fn config_for(cli: &Cli, dir: Option<&ClientDir>) -> Result<ClientConfig, String
         max_retransmissions: cli.max_retransmissions,
         surb_store: dir.map(ClientDir::surb_store),
         stamps: dir.map(ClientDir::stamps),
-        topology_signer: cli.topology_signer,
+        topology_signer,
         ..ClientConfig::default()
     })
 }
@@ -294,6 +311,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 &Settings {
                     gateway: address.gateway,
                     topology: Some(config.topology),
+                    topology_signer: config.topology_signer,
+                    unsigned_topology: config.topology_signer.is_none(),
                 },
             )
             .map_err(|e| e.to_string())?;

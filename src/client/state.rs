@@ -86,6 +86,12 @@ pub struct Settings {
     /// Topology source given at init, used when no `--topology` is given later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<String>,
+    /// The directory key every topology document must be signed by, given at init.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_signer: Option<crate::keys::KeyBytes>,
+    /// Made with `--insecure-unsigned-topology`: takes documents no directory signed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsigned_topology: bool,
 }
 
 /// What `run.json` holds while `nym-client run` serves.
@@ -284,6 +290,8 @@ mod tests {
         let settings = Settings {
             gateway: crate::keys::KeyBytes([3; 32]),
             topology: Some("/t.json".into()),
+            topology_signer: Some(crate::keys::KeyBytes([4; 32])),
+            unsigned_topology: false,
         };
         dir.create(&id, &settings).unwrap();
         assert!(matches!(

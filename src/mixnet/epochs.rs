@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::keys::{EpochKey, EpochSchedule, KeyError, SphinxKeys, X25519, unix_ms};
 use crate::metrics::Metrics;
 use crate::mixnet::replay::{ReplayFileError, ReplayFilter};
-use crate::mixnet::tag_journal::{JournalError, TagJournal};
+use crate::mixnet::tag_journal::{JournalError, OpenError, TagJournal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EpochError {
@@ -266,48 +266,52 @@ impl KeyRing {
         })
     }
 
-    /// The replay state of a key already in the key file: made if the key was never used,
-    /// loaded (snapshot, then journal) if it was; `None` if it was used and its state is
-    /// gone or unreadable.
+    /// The replay state of a key already in the key file: made if the key was never used
+    /// (no mark and nothing on disk), loaded (snapshot, then journal) otherwise; `None` if it
+    /// is missing, incomplete or unreadable. State on disk counts whatever the key file says,
+    /// so a key file older than its state (restored, or handed in by a caller) cannot make
+    /// the node start the key afresh over it.
     fn open_state(
         &self,
         keys: &mut SphinxKeys,
         epoch: u64,
         pair: &X25519,
     ) -> Result<Option<KeyState>, EpochError> {
-        if !keys.is_journaled(epoch) {
-            return self.create_state(keys, epoch, pair).map(Some);
-        }
         let dir = &self.settings.filter_dir;
         let stem = stem(epoch, &self.epoch_key(epoch, pair));
-        let snapshot = dir.join(format!("{stem}.bloom"));
-        let filter = match ReplayFilter::load(
-            &snapshot,
-            self.settings.filter_capacity,
-            self.settings.filter_fp_rate,
-        ) {
-            Ok(f) => f,
-            Err(ReplayFileError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound
-                    && TagJournal::exists(dir, &stem) =>
-            {
-                self.empty_filter()
-            }
-            Err(e) => {
-                tracing::error!(error = %e, epoch, "the replay state of this Sphinx key is missing or unreadable: the key is not used again");
-                return Ok(None);
-            }
+        let snapshots = snapshots(dir, &stem).map_err(|source| EpochError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        if !keys.is_journaled(epoch) && snapshots.is_empty() && !TagJournal::exists(dir, &stem) {
+            return self.create_state(keys, epoch, pair).map(Some);
+        }
+        let lost = |why: &dyn std::fmt::Display| {
+            tracing::error!(epoch, error = %why, "the replay state of this Sphinx key is missing or incomplete: the key is not used again");
+            Ok(None)
         };
-        match TagJournal::open(dir, &stem, self.settings.journal_sync, &filter) {
-            Ok((journal, recovered)) => Ok(Some(KeyState {
-                filter,
-                journal,
-                recovered: recovered.tags,
-            })),
-            Err(e) => {
-                tracing::error!(error = %e, epoch, "the replay journal of this Sphinx key is unreadable: the key is not used again");
-                Ok(None)
+        let (filter, upto) = match snapshots.last() {
+            Some((upto, path)) => match ReplayFilter::load(
+                path,
+                self.settings.filter_capacity,
+                self.settings.filter_fp_rate,
+            ) {
+                Ok(f) => (f, Some(*upto)),
+                Err(e) => return lost(&e),
+            },
+            None => (self.empty_filter(), None),
+        };
+        match TagJournal::open(dir, &stem, self.settings.journal_sync, upto, &filter) {
+            Ok((journal, recovered)) => {
+                keys.mark_journaled(epoch);
+                Ok(Some(KeyState {
+                    filter,
+                    journal,
+                    recovered: recovered.tags,
+                }))
             }
+            Err(OpenError::Lost(why)) => lost(&why),
+            Err(OpenError::Io(e)) => Err(e.into()),
         }
     }
 
@@ -384,13 +388,19 @@ impl KeyRing {
         if self.keys.is_none() {
             return Ok(0);
         }
+        let dir = &self.settings.filter_dir;
         for k in self.live.load().iter() {
             let Some(journal) = &k.journal else { continue };
             let last = journal.roll()?;
             let stem = stem(k.epoch, &k.public);
-            k.filter
-                .save(&self.settings.filter_dir.join(format!("{stem}.bloom")))?;
-            crate::mixnet::tag_journal::sync_dir(&self.settings.filter_dir)?;
+            // Named by the last generation it holds: opening knows which must follow.
+            k.filter.save(&dir.join(format!("{stem}.{last}.bloom")))?;
+            crate::mixnet::tag_journal::sync_dir(dir)?;
+            for (n, old) in snapshots(dir, &stem).unwrap_or_default() {
+                if n < last {
+                    let _ = std::fs::remove_file(old);
+                }
+            }
             journal.remove_through(last);
             bytes += k.filter.size_bytes();
         }
@@ -407,6 +417,11 @@ impl KeyRing {
             .collect();
         (size, fill)
     }
+}
+
+/// A key's filter snapshots, `STEM.GEN.bloom`, by the last journal generation each holds.
+fn snapshots(dir: &std::path::Path, stem: &str) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    crate::mixnet::tag_journal::numbered(dir, stem, ".bloom")
 }
 
 /// A key's replay state as opened: its filter, its journal, and the tags read back.
@@ -439,23 +454,35 @@ pub async fn run(
     };
     publish(&ring);
     let mut next_save = tokio::time::Instant::now() + save_every;
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
         let now = unix_ms();
         let change = Duration::from_millis(ring.next_change_ms(now).saturating_sub(now));
-        let next_change = tokio::time::Instant::now() + change;
+        let mut next_change = tokio::time::Instant::now() + change;
+        if let Some(retry) = retry_at {
+            next_change = next_change.min(retry);
+        }
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep_until(next_change.min(next_save)) => {}
         }
         if tokio::time::Instant::now() >= next_change {
+            retry_at = None;
             match ring.rotate(unix_ms()) {
                 Ok(r) => {
                     metrics.sphinx_keys_retired.inc_by(r.retired.len() as u64);
+                    metrics
+                        .replay_state_lost
+                        .inc_by(r.filters_lost.len() as u64);
                     if !r.added.is_empty() || !r.retired.is_empty() {
                         tracing::info!(added = ?r.added, retired = ?r.retired, "Sphinx keys rotated");
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "Sphinx key rotation failed; retrying"),
+                Err(e) => {
+                    // A retired secret must not outlive its overlap by a whole epoch.
+                    tracing::error!(error = %e, "Sphinx key rotation failed; retrying in 5s");
+                    retry_at = Some(tokio::time::Instant::now() + ROTATION_RETRY);
+                }
             }
             publish(&ring);
         }
@@ -466,6 +493,9 @@ pub async fn run(
     }
     save(&ring).await;
 }
+
+/// How soon a failed rotation is tried again.
+const ROTATION_RETRY: Duration = Duration::from_secs(5);
 
 async fn save(ring: &Arc<KeyRing>) {
     let r = ring.clone();
@@ -715,6 +745,56 @@ mod tests {
         let (ring, opened) = open_ring(dir.path(), 1000, 101_100);
         assert_eq!(opened.filters_lost, vec![100]);
         assert_eq!(epochs(&ring), vec![101, 102]);
+    }
+
+    #[test]
+    fn state_on_disk_wins_over_a_key_file_that_forgot_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = test_settings(
+            dir.path(),
+            Duration::from_millis(1000),
+            Duration::from_millis(250),
+        );
+        let schedule = settings.schedule;
+        let mut keys = SphinxKeys::generate(&schedule).unwrap();
+        keys.bring_to(&schedule, 100..=101, 100).unwrap();
+        // The caller keeps its unmarked copy (a restored key file, or a test harness).
+        let unmarked = keys.clone();
+        {
+            let (ring, _) = KeyRing::open(settings.clone(), keys, 100_100).unwrap();
+            assert!(record(&ring, 100, &[5; 32]));
+            ring.save_filters().unwrap();
+            assert!(record(&ring, 100, &[6; 32]));
+        }
+        let (ring, opened) = KeyRing::open(settings, unmarked, 100_200).unwrap();
+        assert!(opened.filters_lost.is_empty());
+        assert!(!record(&ring, 100, &[5; 32]), "from the snapshot");
+        assert!(!record(&ring, 100, &[6; 32]), "from the journal");
+    }
+
+    #[test]
+    fn a_lost_snapshot_or_a_gap_in_the_journal_fails_the_key_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_100 = {
+            let (ring, _) = open_ring(dir.path(), 1000, 100_500);
+            record(&ring, 100, &[1; 32]);
+            ring.save_filters().unwrap();
+            record(&ring, 100, &[2; 32]);
+            key_of(&ring, 100)
+        };
+        // Only the snapshot goes: the journal after it remains, but it is not the whole state.
+        for e in std::fs::read_dir(dir.path().join("replay"))
+            .unwrap()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with("epoch-100-") && name.ends_with(".bloom") {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+        let (ring, opened) = open_ring(dir.path(), 1000, 100_600);
+        assert_eq!(opened.filters_lost, vec![100]);
+        assert_ne!(key_of(&ring, 100), key_100);
     }
 
     #[test]

@@ -156,17 +156,17 @@ impl ReplayFilter {
     /// Records `tag`; returns `true` if it is new and `false` if it was seen before.
     /// Atomic per tag: of two racing copies exactly one gets `true`.
     pub fn check_and_insert(&self, tag: &[u8; 32]) -> bool {
+        // The insert happens under the same read lock as the check of the full stages: a
+        // new stage (which needs the write lock) cannot appear between them, so two copies
+        // racing across a stage boundary still meet in one stage.
         let last = {
             let stages = self.stages.read();
             let (last, full) = stages.split_last().expect("a filter has a stage");
-            if full.iter().any(|s| s.contains(tag)) {
+            if full.iter().any(|s| s.contains(tag)) || !last.check_and_insert(tag) {
                 return false;
             }
             last.clone()
         };
-        if !last.check_and_insert(tag) {
-            return false;
-        }
         if last.inserted() >= self.capacity {
             let mut stages = self.stages.write();
             if stages.last().is_some_and(|s| Arc::ptr_eq(s, &last)) {

@@ -174,10 +174,15 @@ async def nothing_more(ws, seconds=3):
     raise AssertionError(f"delivered again: {extra}")
 
 
+def signer_of(localnet):
+    """The localnet's directory key, beside its topology."""
+    return os.path.join(os.path.dirname(localnet), "directory.pub")
+
+
 def make_clients(localnet, *names):
     data = tempfile.mkdtemp(prefix="nym-clients-")
     for name in names:
-        client(data, "--topology", localnet, "init", "--id", name)
+        client(data, "--topology", localnet, "--topology-signer", signer_of(localnet), "init", "--id", name)
     return data
 
 
@@ -248,7 +253,8 @@ def test_an_address_never_changes_and_mail_sent_to_it_arrives(localnet):
     for _ in range(19):
         assert client(data, "address", "--id", "carol").stdout.strip() == first
     # Options after the subcommand work too, and a throwaway sender reaches the address.
-    sent = client(None, "send", "--topology", localnet, "--cover-rate", "0", "--to", first,
+    sent = client(None, "send", "--topology", localnet, "--topology-signer", signer_of(localnet),
+                  "--cover-rate", "0", "--to", first,
                   "--message", "for carol")
     assert "delivered" in sent.stdout
     got = client(data, "receive", "--id", "carol", "--count", "1", "--timeout", "60s", "--cover-rate", "0")
