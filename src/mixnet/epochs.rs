@@ -571,6 +571,15 @@ mod tests {
         KeyRing::open(settings, keys, now).unwrap()
     }
 
+    /// Settings of 1000 ms epochs, and fresh keys for epochs 100 and 101 (none journaled).
+    fn keys_of_epoch_100(dir: &std::path::Path) -> (EpochSettings, SphinxKeys) {
+        let settings = test_settings(dir, Duration::from_millis(1000), Duration::from_millis(250));
+        let schedule = settings.schedule;
+        let mut keys = SphinxKeys::generate(&schedule).unwrap();
+        keys.bring_to(&schedule, 100..=101, 100).unwrap();
+        (settings, keys)
+    }
+
     fn epochs(ring: &KeyRing) -> Vec<u64> {
         ring.live().iter().map(|k| k.epoch).collect()
     }
@@ -750,14 +759,7 @@ mod tests {
     #[test]
     fn state_on_disk_wins_over_a_key_file_that_forgot_it() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = test_settings(
-            dir.path(),
-            Duration::from_millis(1000),
-            Duration::from_millis(250),
-        );
-        let schedule = settings.schedule;
-        let mut keys = SphinxKeys::generate(&schedule).unwrap();
-        keys.bring_to(&schedule, 100..=101, 100).unwrap();
+        let (settings, keys) = keys_of_epoch_100(dir.path());
         // The caller keeps its unmarked copy (a restored key file, or a test harness).
         let unmarked = keys.clone();
         {
@@ -800,14 +802,7 @@ mod tests {
     #[test]
     fn keys_written_before_the_first_start_get_fresh_state_without_loss() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = test_settings(
-            dir.path(),
-            Duration::from_millis(1000),
-            Duration::from_millis(250),
-        );
-        let schedule = settings.schedule;
-        let mut keys = SphinxKeys::generate(&schedule).unwrap();
-        keys.bring_to(&schedule, 100..=101, 100).unwrap();
+        let (settings, keys) = keys_of_epoch_100(dir.path());
         keys.save(&settings.keys_path).unwrap();
         let published = keys.public_keys(100..=101);
         let keys = SphinxKeys::load(&settings.keys_path).unwrap();
