@@ -97,7 +97,7 @@ impl Directory {
         let mut fetches = tokio::task::JoinSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
             let (client, http) = (self.client.clone(), (self.advertise)(n).http);
-            fetches.spawn(async move { (i, fetch(&client, http).await) });
+            fetches.spawn(async move { (i, fetch_description(&client, &http).await) });
         }
         let mut answers: Vec<Result<SignedDescription, String>> =
             vec![Err("no answer".into()); self.nodes.len()];
@@ -244,7 +244,12 @@ impl Directory {
     }
 }
 
-async fn fetch(client: &reqwest::Client, http: String) -> Result<SignedDescription, String> {
+/// `GET http://{http}/api/v1/description` (`http` is `host:port`, an IPv6 host bracketed):
+/// a node's signed description, unverified. The operator asks its pods the same way.
+pub async fn fetch_description(
+    client: &reqwest::Client,
+    http: &str,
+) -> Result<SignedDescription, String> {
     let response = client
         .get(format!("http://{http}/api/v1/description"))
         .send()

@@ -117,6 +117,11 @@ pub fn random_bytes() -> Result<[u8; 32], KeyError> {
     Ok(b)
 }
 
+/// A fresh bearer token: 32 random bytes in base58.
+pub fn random_token() -> Result<String, KeyError> {
+    Ok(bs58::encode(random_bytes()?).into_string())
+}
+
 /// An ed25519 identity key pair.
 #[derive(Clone)]
 pub struct Identity(SigningKey);

@@ -124,7 +124,7 @@ impl Setup {
             sink,
             sink_listener: Some(sink_listener),
             sink_addr,
-            metrics_token: bs58::encode(crate::keys::random_bytes().map_err(err)?).into_string(),
+            metrics_token: crate::keys::random_token().map_err(err)?,
         })
     }
 

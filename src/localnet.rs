@@ -18,7 +18,7 @@ use tokio::process::{Child, Command};
 use crate::client::{ClientConfig, Event, MixClient};
 use crate::config::Mode;
 use crate::directory::Directory;
-use crate::keys::{Identity, NodeKeys};
+use crate::keys::{Identity, KeyBytes, NodeKeys};
 
 #[derive(Debug, Clone)]
 pub struct LocalnetOptions {
@@ -136,7 +136,7 @@ pub fn metrics_token(dir: &Path) -> Result<String, LocalnetError> {
     {
         return Ok(token.trim().to_string());
     }
-    let token = bs58::encode(crate::keys::random_bytes()?).into_string();
+    let token = crate::keys::random_token()?;
     let _ = std::fs::remove_file(&path);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -164,16 +164,6 @@ pub struct Advertised {
     pub mixnet: String,
     pub client: String,
     pub http: String,
-}
-
-/// The localnet's directory, continuing the document in `dir` (see [`crate::directory`]).
-pub fn local_directory(nodes: &[LocalNode], dir: &Path) -> Result<Directory, LocalnetError> {
-    Ok(Directory::new(
-        nodes.to_vec(),
-        dir,
-        directory_identity(dir)?,
-        local_addresses,
-    ))
 }
 
 /// The local directory's signing key, `DIR/directory.key` (created on first use, with its
@@ -381,33 +371,51 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
     let rotation = crate::config::key_rotation_interval_from_env()
         .map_err(|e| LocalnetError::Other(e.to_string()))?;
     let topology = prepare_keys(&nodes, &options.dir, rotation)?;
-    let signed_by = directory_identity(&options.dir)?.public();
+    let signer = directory_identity(&options.dir)?;
+    let signed_by = signer.public();
     let mut children = Vec::new();
     for node in &nodes {
         children.push((node.name.clone(), spawn_node(&exe, node, &topology)?));
     }
-    let mut directory = local_directory(&nodes, &options.dir)?;
+    let mut directory = Directory::new(nodes.clone(), &options.dir, signer, local_addresses);
     directory.publish_first(Duration::from_secs(30)).await?;
     let directory_stop = tokio_util::sync::CancellationToken::new();
     let directory = tokio::spawn(directory.run(DIRECTORY_POLL, directory_stop.clone()));
     wait_ready(&nodes, Duration::from_secs(30)).await?;
-    let topology_abs = std::fs::canonicalize(&topology).unwrap_or(topology.clone());
+    print_banner(&nodes, &options.dir, &topology, &signed_by);
+    let traffic = match options.traffic {
+        true => Some(start_traffic(&options, &nodes, &topology, signed_by).await?),
+        false => None,
+    };
+    let failure = wait_for_stop(&mut children, &options.dir).await?;
+    if let Some(t) = traffic {
+        t.abort();
+    }
+    directory_stop.cancel();
+    let _ = directory.await;
+    stop_nodes(&mut children).await;
+    match failure {
+        Some(f) => Err(LocalnetError::Other(f)),
+        None => Ok(()),
+    }
+}
+
+/// What is running and how to use it.
+fn print_banner(nodes: &[LocalNode], dir: &Path, topology: &Path, signed_by: &KeyBytes) {
+    let topology_abs = std::fs::canonicalize(topology).unwrap_or(topology.to_path_buf());
     println!(
         "localnet: {} nodes running (3 mix layers x 2, entry-gw, exit-gw)",
         nodes.len()
     );
     println!("localnet: topology   {}", topology_abs.display());
-    println!(
-        "localnet: logs       {}/<node>/node.log",
-        options.dir.display()
-    );
+    println!("localnet: logs       {}/<node>/node.log", dir.display());
     println!(
         "localnet: metrics    http://<node http>/metrics with Authorization: Bearer $(cat {})",
-        std::fs::canonicalize(options.dir.join(METRICS_TOKEN))
-            .unwrap_or(options.dir.join(METRICS_TOKEN))
+        std::fs::canonicalize(dir.join(METRICS_TOKEN))
+            .unwrap_or(dir.join(METRICS_TOKEN))
             .display()
     );
-    for n in &nodes {
+    for n in nodes {
         println!(
             "localnet:   {:<9} mixnet {}  http http://{}",
             n.name, n.mixnet, n.http
@@ -430,25 +438,34 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
         signer.display()
     );
     println!("localnet: Ctrl-C stops every node (each drains before it exits)");
+}
 
-    let traffic = if options.traffic {
-        let config = ClientConfig {
-            topology: topology.display().to_string(),
-            topology_signer: Some(signed_by),
-            mean_delay: options.mean_delay,
-            cover_rate: 0.0,
-            ..ClientConfig::default()
-        };
-        let identity = Identity::generate()?;
-        let client = MixClient::start(config, identity)
-            .await
-            .map_err(|e| LocalnetError::Other(format!("traffic client: {e}")))?;
-        let token = metrics_token(&options.dir)?;
-        Some(tokio::spawn(traffic_loop(client, nodes.clone(), token)))
-    } else {
-        None
+/// The traffic client and its progress lines.
+async fn start_traffic(
+    options: &LocalnetOptions,
+    nodes: &[LocalNode],
+    topology: &Path,
+    signed_by: KeyBytes,
+) -> Result<tokio::task::JoinHandle<()>, LocalnetError> {
+    let config = ClientConfig {
+        topology: topology.display().to_string(),
+        topology_signer: Some(signed_by),
+        mean_delay: options.mean_delay,
+        cover_rate: 0.0,
+        ..ClientConfig::default()
     };
+    let client = MixClient::start(config, Identity::generate()?)
+        .await
+        .map_err(|e| LocalnetError::Other(format!("traffic client: {e}")))?;
+    let token = metrics_token(&options.dir)?;
+    Ok(tokio::spawn(traffic_loop(client, nodes.to_vec(), token)))
+}
 
+/// Waits for SIGINT, SIGTERM or a node that exits on its own (returned as the failure).
+async fn wait_for_stop(
+    children: &mut [(String, Child)],
+    dir: &Path,
+) -> Result<Option<String>, LocalnetError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| LocalnetError::Io("signal handler".into(), e))?;
     let exited = async {
@@ -461,21 +478,20 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     };
-    let mut failure = None;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-        (name, status) = exited => {
-            failure = Some(format!("node {name} exited unexpectedly ({status}); see {}/{name}/node.log", options.dir.display()));
-        }
-    }
-    if let Some(t) = traffic {
-        t.abort();
-    }
-    directory_stop.cancel();
-    let _ = directory.await;
+    Ok(tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+        (name, status) = exited => Some(format!(
+            "node {name} exited unexpectedly ({status}); see {}/{name}/node.log",
+            dir.display()
+        )),
+    })
+}
+
+/// SIGTERMs every node (each drains), and kills one that takes longer than 15 s.
+async fn stop_nodes(children: &mut [(String, Child)]) {
     println!("localnet: stopping nodes");
-    for (_, child) in &children {
+    for (_, child) in children.iter() {
         if let Some(pid) = child.id() {
             // SAFETY: signalling our own child by its pid.
             unsafe {
@@ -484,17 +500,13 @@ pub async fn run(options: LocalnetOptions, exe: PathBuf) -> Result<(), LocalnetE
         }
     }
     for (name, child) in children.iter_mut() {
-        match tokio::time::timeout(Duration::from_secs(15), child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                eprintln!("localnet: {name} did not stop in time; killing it");
-                let _ = child.kill().await;
-            }
+        if tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!("localnet: {name} did not stop in time; killing it");
+            let _ = child.kill().await;
         }
-    }
-    match failure {
-        Some(f) => Err(LocalnetError::Other(f)),
-        None => Ok(()),
     }
 }
 

@@ -261,33 +261,12 @@ async fn a_node_killed_at_any_moment_forwards_no_captured_packet_again() {
     let mut child = spawn();
     // Kill points: early, between snapshots, just after one, and while replays are fed in.
     for (round, kill_after_ms) in [150u64, 700, 1100, 420].into_iter().enumerate() {
-        nym_node::localnet::wait_ready(&nodes[1..2], Duration::from_secs(30))
-            .await
-            .unwrap();
-        let mut link = Link::connect(nodes[1].mixnet, &peer, &mix_noise)
-            .await
-            .unwrap();
+        let mut link = ready_link(&nodes[1], &peer, &mix_noise).await;
         // First every packet captured so far (each forwarded before, or lost in a kill),
         // then fresh ones, until the kill.
         feed(&mut link, &captured).await;
-        let killed_at = tokio::time::Instant::now() + Duration::from_millis(kill_after_ms);
-        let mut i = 0u32;
-        while tokio::time::Instant::now() < killed_at {
-            let p = nym_node::client::packet::build_forward(
-                &hops,
-                &KeyBytes([1; 32]),
-                format!("round {round} packet {i}").as_bytes(),
-                &[Duration::ZERO, Duration::ZERO],
-            )
-            .unwrap()
-            .1;
-            if link.send_packet(&p).await.is_err() {
-                break;
-            }
-            captured.push(p);
-            i += 1;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        let kill_at = tokio::time::Instant::now() + Duration::from_millis(kill_after_ms);
+        send_fresh_until(&mut link, &hops, round, kill_at, &mut captured).await;
         sigkill(&child);
         child.wait().await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -295,12 +274,7 @@ async fn a_node_killed_at_any_moment_forwards_no_captured_packet_again() {
         child = spawn();
     }
     // The last restart is fed every capture once more, and left running.
-    nym_node::localnet::wait_ready(&nodes[1..2], Duration::from_secs(30))
-        .await
-        .unwrap();
-    let mut link = Link::connect(nodes[1].mixnet, &peer, &mix_noise)
-        .await
-        .unwrap();
+    let mut link = ready_link(&nodes[1], &peer, &mix_noise).await;
     let forwarded_before = seen.len();
     feed(&mut link, &captured).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -342,6 +316,46 @@ async fn a_node_killed_at_any_moment_forwards_no_captured_packet_again() {
         replays as usize >= forwarded_before,
         "every packet forwarded before was refused as a replay: {replays} of {forwarded_before}"
     );
+}
+
+/// A link from `peer` to `node` once the node is ready.
+async fn ready_link(
+    node: &nym_node::localnet::LocalNode,
+    peer: &nym_node::keys::NodeKeys,
+    noise: &KeyBytes,
+) -> Link {
+    nym_node::localnet::wait_ready(std::slice::from_ref(node), Duration::from_secs(30))
+        .await
+        .unwrap();
+    Link::connect(node.mixnet, peer, noise).await.unwrap()
+}
+
+/// Sends fresh packets along `hops` until `until` (or the link breaks), keeping each sent
+/// one in `captured` as an observer on the link would.
+async fn send_fresh_until(
+    link: &mut Link,
+    hops: &[nym_node::client::route::Hop],
+    round: usize,
+    until: tokio::time::Instant,
+    captured: &mut Vec<nym_node::mixnet::sphinx::PacketBytes>,
+) {
+    let mut i = 0u32;
+    while tokio::time::Instant::now() < until {
+        let p = nym_node::client::packet::build_forward(
+            hops,
+            &KeyBytes([1; 32]),
+            format!("round {round} packet {i}").as_bytes(),
+            &[Duration::ZERO, Duration::ZERO],
+        )
+        .unwrap()
+        .1;
+        if link.send_packet(&p).await.is_err() {
+            return;
+        }
+        captured.push(p);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// Sends `packets` at a pace the node's per-peer queue takes without shedding.

@@ -398,8 +398,8 @@ async fn apply_children(nn: &NymNode, ctx: &Context, ns: &str) -> Result<(), Err
         &ctx.settings.build.metrics_token_secret,
         resources::METRICS_TOKEN_KEY,
         || {
-            nym_node::keys::random_bytes()
-                .map(|b| nym_node::keys::KeyBytes(b).to_base58().into_bytes())
+            nym_node::keys::random_token()
+                .map(String::into_bytes)
                 .map_err(|e| e.to_string())
         },
     )

@@ -50,15 +50,7 @@ impl Describer for HttpDescriber {
             } else {
                 pod_ip
             };
-            let response = client
-                .get(format!("http://{host}:{port}/api/v1/description"))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if !response.status().is_success() {
-                return Err(format!("HTTP {}", response.status()));
-            }
-            response.json().await.map_err(|e| e.to_string())
+            nym_node::directory::fetch_description(&client, &format!("{host}:{port}")).await
         })
     }
 }

@@ -580,6 +580,17 @@ mod tests {
         (settings, keys)
     }
 
+    /// Deletes the replay-state files whose names start with `prefix` and end with `suffix`
+    /// (a data directory that lost them).
+    fn forget_state(dir: &std::path::Path, prefix: &str, suffix: &str) {
+        for e in std::fs::read_dir(dir.join("replay")).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(prefix) && name.ends_with(suffix) {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+    }
+
     fn epochs(ring: &KeyRing) -> Vec<u64> {
         ring.live().iter().map(|k| k.epoch).collect()
     }
@@ -720,14 +731,7 @@ mod tests {
             (key_of(&ring, 100), key_of(&ring, 101))
         };
         // The data directory loses epoch 100's state (snapshot and journal).
-        for e in std::fs::read_dir(dir.path().join("replay"))
-            .unwrap()
-            .flatten()
-        {
-            if e.file_name().to_string_lossy().starts_with("epoch-100-") {
-                std::fs::remove_file(e.path()).unwrap();
-            }
-        }
+        forget_state(dir.path(), "epoch-100-", "");
         let (ring, opened) = open_ring(dir.path(), 1000, 100_600);
         assert_eq!(opened.filters_lost, vec![100]);
         assert_ne!(
@@ -743,14 +747,7 @@ mod tests {
         assert_eq!(keys.key(100).unwrap().public(), key_of(&ring, 100));
         // In the overlap of an epoch that is over, a lost key is dropped, not replaced.
         drop(ring);
-        for e in std::fs::read_dir(dir.path().join("replay"))
-            .unwrap()
-            .flatten()
-        {
-            if e.file_name().to_string_lossy().starts_with("epoch-100-") {
-                std::fs::remove_file(e.path()).unwrap();
-            }
-        }
+        forget_state(dir.path(), "epoch-100-", "");
         let (ring, opened) = open_ring(dir.path(), 1000, 101_100);
         assert_eq!(opened.filters_lost, vec![100]);
         assert_eq!(epochs(&ring), vec![101, 102]);
@@ -785,15 +782,7 @@ mod tests {
             key_of(&ring, 100)
         };
         // Only the snapshot goes: the journal after it remains, but it is not the whole state.
-        for e in std::fs::read_dir(dir.path().join("replay"))
-            .unwrap()
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with("epoch-100-") && name.ends_with(".bloom") {
-                std::fs::remove_file(e.path()).unwrap();
-            }
-        }
+        forget_state(dir.path(), "epoch-100-", ".bloom");
         let (ring, opened) = open_ring(dir.path(), 1000, 100_600);
         assert_eq!(opened.filters_lost, vec![100]);
         assert_ne!(key_of(&ring, 100), key_100);
