@@ -279,14 +279,7 @@ async fn a_node_killed_at_any_moment_forwards_no_captured_packet_again() {
     feed(&mut link, &captured).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     drain(&mut sink, &mut seen);
-    let token = std::fs::read_to_string(dir.path().join("metrics.token")).unwrap();
-    let (_, metrics) = nym_node::http::probe::request(
-        nodes[1].http,
-        "/metrics",
-        &[("Authorization", &format!("Bearer {}", token.trim()))],
-    )
-    .await
-    .unwrap();
+    let replays = replays_refused(&nodes[1], dir.path()).await;
     sigkill(&child);
     let _ = child.wait().await;
     let log = std::fs::read_to_string(nodes[1].dir.join("node.log")).unwrap_or_default();
@@ -305,17 +298,30 @@ async fn a_node_killed_at_any_moment_forwards_no_captured_packet_again() {
         log.contains("replay tags recovered"),
         "the kills came between snapshots: the journal carried tags across"
     );
-    let replays = metrics
+    assert!(
+        replays >= forwarded_before,
+        "every packet forwarded before was refused as a replay: {replays} of {forwarded_before}"
+    );
+}
+
+/// Packets `node` (of the localnet in `dir`) refused as replays since it started, from its
+/// metrics (read with the localnet's token).
+async fn replays_refused(node: &nym_node::localnet::LocalNode, dir: &std::path::Path) -> usize {
+    let token = std::fs::read_to_string(dir.join("metrics.token")).unwrap();
+    let (_, metrics) = nym_node::http::probe::request(
+        node.http,
+        "/metrics",
+        &[("Authorization", &format!("Bearer {}", token.trim()))],
+    )
+    .await
+    .unwrap();
+    metrics
         .lines()
         .find(|l| {
             l.starts_with("nym_node_packets_dropped_total") && l.contains("reason=\"replay\"")
         })
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    assert!(
-        replays as usize >= forwarded_before,
-        "every packet forwarded before was refused as a replay: {replays} of {forwarded_before}"
-    );
+        .unwrap_or(0.0) as usize
 }
 
 /// A link from `peer` to `node` once the node is ready.
