@@ -68,10 +68,11 @@ NODE_PANELS = [
             ("ingress", f'sum(rate(nym_node_network_idle_closed_ingress_mixnet_connections_total{{{SEL}}}[5m]))'),
             ("egress", f'sum(rate(nym_node_network_idle_closed_egress_mixnet_connections_total{{{SEL}}}[5m]))')],
          "Links closed for having no traffic for NYM_NODE_CONNECTION_IDLE_TIMEOUT."),
-        ("Write timeouts and reconnects", "ops", [
+        ("Write timeouts, reconnects, failed connects", "ops", [
             ("write timeouts", f'sum(rate(nym_node_network_egress_write_timeouts_total{{{SEL}}}[5m]))'),
-            ("reconnects", f'sum(rate(nym_node_network_egress_reconnects_total{{{SEL}}}[5m]))')],
-         "Slow or restarting peers."),
+            ("reconnects", f'sum(rate(nym_node_network_egress_reconnects_total{{{SEL}}}[5m]))'),
+            ("failed connects", f'sum(rate(nym_node_network_egress_connect_failures_total{{{SEL}}}[5m]))')],
+         "Slow or restarting peers. A failed connect holds the peer's packets for the retry (up to 5 s)."),
         ("Handshake failures", "ops", [("{{direction}} {{reason}}", f'sum by (direction, reason) (rate(nym_node_network_handshake_failures_total{{{SEL}}}[5m])) > 0')],
          "unknown_key: a peer outside the topology tried to link."),
         ("Refused connections", "ops", [("{{reason}}", f'sum by (reason) (rate(nym_node_network_refused_ingress_mixnet_connections_total{{{SEL}}}[5m]))')],

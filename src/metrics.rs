@@ -40,9 +40,10 @@ pub enum DropReason {
     DelayQueueFull,
     /// Abandoned because a flush to the peer exceeded `NYM_NODE_CONNECTION_WRITE_TIMEOUT`.
     WriteTimeout,
-    /// The peer is backing off after failed connection attempts.
+    /// Held for a peer that could not be reached, and still unsent after 5 s (or beyond the
+    /// egress queue's size) while it is backed off.
     Backoff,
-    /// The connection to the peer failed or broke while the packet was on its way out.
+    /// The connection to the peer broke while the packet was on its way out.
     Unreachable,
     /// Still queued when the node exited and the peer could not take it, or refused because the node's pipeline has stopped.
     Shutdown,
@@ -290,6 +291,7 @@ pub struct Metrics {
     pub idle_closed_egress: IntCounter,
     pub write_timeouts: IntCounter,
     pub egress_reconnects: IntCounter,
+    pub egress_connect_failures: IntCounter,
     handshake_failures: Vec<IntCounter>,
     refused: Vec<IntCounter>,
     client_refused: Vec<IntCounter>,
@@ -630,6 +632,11 @@ impl Metrics {
                 r,
                 "network_egress_reconnects_total",
                 "Egress connections re-established to a peer after a previous connection closed or failed.",
+            ),
+            egress_connect_failures: counter(
+                r,
+                "network_egress_connect_failures_total",
+                "Attempts to connect to a peer (TCP connect and Noise handshake) that failed; each starts or extends that peer's backoff, its packets held meanwhile.",
             ),
             handshake_failures,
             refused: RefusalReason::ALL

@@ -80,6 +80,39 @@ async fn flood(
     }
 }
 
+/// The flood, on threads and a runtime of its own: an attacker is another machine, not a
+/// set of tasks taking turns on the nodes' own worker threads (on which it would starve
+/// the nodes' tasks in a way no outsider can). It still shares the machine's two cores.
+fn start_flooder(
+    sources: Vec<IpAddr>,
+    targets: [SocketAddr; 2],
+    opened: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime for the flood");
+        runtime.block_on(async move {
+            let mut floods = tokio::task::JoinSet::new();
+            for target in targets {
+                for i in 0..PER_TARGET {
+                    floods.spawn(flood(
+                        sources[i % sources.len()],
+                        target,
+                        i % 3 == 0,
+                        opened.clone(),
+                        stop.clone(),
+                    ));
+                }
+            }
+            while floods.join_next().await.is_some() {}
+        });
+    })
+}
+
 struct Outcome {
     opened: u64,
     evicted: u64,
@@ -93,18 +126,8 @@ async fn probe_under_flood(sources: Vec<IpAddr>) -> Outcome {
     let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
     let stop = CancellationToken::new();
     let opened = Arc::new(AtomicU64::new(0));
-    for target in ["mix-1a", "mix-1b"] {
-        let addr = net.mixnet_addr(target);
-        for i in 0..PER_TARGET {
-            tokio::spawn(flood(
-                sources[i % sources.len()],
-                addr,
-                i % 3 == 0,
-                opened.clone(),
-                stop.clone(),
-            ));
-        }
-    }
+    let targets = ["mix-1a", "mix-1b"].map(|t| net.mixnet_addr(t));
+    let flooder = start_flooder(sources, targets, opened.clone(), stop.clone());
     // The flood holds every place before the first link is made.
     let mixes = [
         net.node("mix-1a").metrics.clone(),
@@ -133,6 +156,7 @@ async fn probe_under_flood(sources: Vec<IpAddr>) -> Outcome {
     eprintln!("{}", report.summary());
     client.stop().await;
     stop.cancel();
+    flooder.join().expect("the flooder ends when stopped");
     let outcome = Outcome {
         opened: opened.load(Ordering::Relaxed),
         evicted: mixes

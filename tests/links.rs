@@ -488,14 +488,9 @@ async fn a_full_egress_queue_drops_and_counts_without_blocking() {
     net.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_peer_is_backed_off_and_its_packets_counted() {
-    let mut net = Net::start(&relay(&[]), |_, _| {}, no_hooks).await;
-    // Nobody listens where the topology says "next" is.
-    drop(net.sinks.remove("next"));
-    let m = net.node("mix").metrics.clone();
-    let mut link = net.link("peer", "mix").await;
-    for i in 0..20u32 {
+/// Sends `n` fresh packets `peer` → mix → next on `link`, a few milliseconds apart.
+async fn send_to_next(net: &Net, link: &mut Link, n: u32) {
+    for i in 0..n {
         let p = net.packet(
             &["mix", "next"],
             KeyBytes([1; 32]),
@@ -505,27 +500,54 @@ async fn an_unreachable_peer_is_backed_off_and_its_packets_counted() {
         link.send_packet(&p).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_peer_is_backed_off_and_its_packets_counted() {
+    let mut net = Net::start(&relay(&[]), |_, _| {}, no_hooks).await;
+    // Nobody listens where the topology says "next" is.
+    drop(net.sinks.remove("next"));
+    let m = net.node("mix").metrics.clone();
+    let mut link = net.link("peer", "mix").await;
+    send_to_next(&net, &mut link, 20).await;
+    // Held for the retries, then dropped once they waited too long (5 s).
     assert!(
-        eventually(WAIT, || m.drop_count(DropReason::Unreachable)
-            + m.drop_count(DropReason::Backoff)
-            == 20)
-        .await,
-        "every packet is counted: unreachable {} backoff {}",
-        m.drop_count(DropReason::Unreachable),
-        m.drop_count(DropReason::Backoff)
+        eventually(WAIT, || m.drop_count(DropReason::Backoff) == 20).await,
+        "every packet is counted: backoff {} unreachable {}",
+        m.drop_count(DropReason::Backoff),
+        m.drop_count(DropReason::Unreachable)
     );
+    assert_eq!(m.drop_count(DropReason::Unreachable), 0);
+    let attempts = m.egress_connect_failures.get();
     assert!(
-        m.drop_count(DropReason::Unreachable) >= 1,
-        "the failed attempt's packets"
+        (1..20).contains(&attempts),
+        "it backs off rather than retrying per packet: {attempts} attempts"
     );
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_wait_for_a_peer_that_comes_back_within_the_hold() {
+    let mut net = Net::start(&relay(&[]), |_, _| {}, no_hooks).await;
+    // "next" refuses connections (restarting, say) until its listener is back.
+    let listener = net.sinks.remove("next").unwrap();
+    let address = listener.local_addr().unwrap();
+    drop(listener);
+    let m = net.node("mix").metrics.clone();
+    let mut link = net.link("peer", "mix").await;
+    send_to_next(&net, &mut link, 10).await;
     assert!(
-        m.drop_count(DropReason::Backoff) >= 1,
-        "packets arriving while it backs off are not queued"
+        eventually(WAIT, || m.egress_connect_failures.get() >= 1).await,
+        "the first connect is refused"
     );
-    assert!(
-        m.drop_count(DropReason::Unreachable) < 20,
-        "it does not retry per packet"
+    let mut sink = net.sink_at(
+        "next",
+        tokio::net::TcpListener::bind(address).await.unwrap(),
     );
+    let arrived = sink.collect(10, WAIT).await;
+    assert_eq!(arrived.len(), 10, "every held packet is sent at the retry");
+    assert_eq!(m.drop_count(DropReason::Backoff), 0);
+    assert_eq!(m.drop_count(DropReason::Unreachable), 0);
     net.stop().await;
 }
 

@@ -7,8 +7,12 @@
 //!   queued in order, because Noise nonces are sequential and the peer expects them. Three
 //!   timeouts in a row close the connection; the next packet reconnects.
 //! - Failed connects back off exponentially (`NYM_NODE_RECONNECT_BACKOFF_INITIAL`, doubling,
-//!   capped at `NYM_NODE_RECONNECT_BACKOFF_MAX`, +-20% jitter); packets that arrive while
-//!   a peer is backing off are dropped (`backoff`), never queued without bound.
+//!   capped at `NYM_NODE_RECONNECT_BACKOFF_MAX`, +-20% jitter). The packets of the failed
+//!   attempt, and those that arrive while the peer is backed off, are held for the retry:
+//!   at most `NYM_NODE_EGRESS_QUEUE` of them and none longer than `HOLD_LIMIT`; beyond
+//!   either bound the oldest are dropped (`backoff`). So one refused connect (a peer
+//!   restarting, a handshake lost to a flood) costs a retry's delay, not every packet sent
+//!   meanwhile.
 //! - A link with no traffic for `NYM_NODE_CONNECTION_IDLE_TIMEOUT` closes and its task ends;
 //!   the next packet for that peer starts a new one.
 //! - When the forwarder goes away (shutdown) each link flushes what it holds and closes.
@@ -40,6 +44,9 @@ const CHUNK_BYTES: usize = 16 * WIRE_FRAME_LEN;
 const MAX_CONSECUTIVE_TIMEOUTS: u32 = 3;
 /// How long a link may take to flush what it holds at shutdown when no write timeout is set.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+/// How long a packet may wait for a peer that cannot be reached. Longer, and its sender's
+/// acknowledgement timer has most likely sent it again: it would arrive as a duplicate.
+const HOLD_LIMIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct EgressSettings {
@@ -241,6 +248,10 @@ enum Event {
     Packets(usize),
     Idle,
     PeerClosed,
+    /// Packets added to those held for a backed-off peer.
+    Held(usize),
+    /// A backed-off peer may be tried again.
+    Retry,
 }
 
 impl Link {
@@ -257,39 +268,31 @@ impl Link {
     }
 
     async fn run(mut self) {
+        // Packets taken from the channel and not yet written: one batch, or those held for
+        // a peer being backed off.
         let mut batch = Vec::with_capacity(BATCH);
         loop {
-            let idle = self.ctx.settings.idle_timeout;
-            let event = {
-                let conn = &mut self.conn;
-                let peer_closed = async {
-                    match conn {
-                        Some(c) => c.closed().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let idle_timer = async {
-                    match idle {
-                        Some(t) => tokio::time::sleep(t).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    n = self.rx.recv_many(&mut batch, BATCH) => Event::Packets(n),
-                    _ = idle_timer => Event::Idle,
-                    _ = peer_closed => Event::PeerClosed,
-                }
+            let event = match self.retry_due(&batch) {
+                Some(at) => self.wait_for_retry(&mut batch, at).await,
+                None => self.next_event(&mut batch).await,
             };
             match event {
-                Event::Packets(0) => {
+                Event::Packets(0) | Event::Held(0) => {
+                    // The forwarder is gone and the peer cannot be reached: nothing to wait for.
+                    self.drop_all_held(&mut batch);
                     self.close_for_shutdown().await;
                     return;
                 }
-                Event::Packets(_) => {
-                    let queue = self.ctx.metrics.stage(Stage::EgressQueue);
-                    for p in &batch {
-                        queue.observe(p.released_at.elapsed().as_secs_f64());
-                    }
+                Event::Packets(n) => {
+                    self.observe_queue(&batch[batch.len() - n..]);
+                    self.deliver(&mut batch).await;
+                }
+                Event::Held(n) => {
+                    self.observe_queue(&batch[batch.len() - n..]);
+                    self.drop_beyond_hold(&mut batch);
+                }
+                Event::Retry => {
+                    self.drop_beyond_hold(&mut batch);
                     self.deliver(&mut batch).await;
                 }
                 Event::PeerClosed => {
@@ -308,9 +311,12 @@ impl Link {
                     }
                     if !batch.is_empty() {
                         self.deliver(&mut batch).await;
+                        // Held for a peer backed off meanwhile: this link is ending.
+                        self.drop_all_held(&mut batch);
                     }
                     if self.conn.is_some() {
                         self.ctx.metrics.idle_closed_egress.inc();
+                        let idle = self.ctx.settings.idle_timeout;
                         tracing::info!(
                             exit_reason = "idle_timeout",
                             idle_ms = idle.map_or(0, |d| d.as_millis() as u64),
@@ -324,16 +330,87 @@ impl Link {
         }
     }
 
+    /// What happens next on a link that holds nothing for a backed-off peer: packets, the
+    /// idle timeout, or the peer closing.
+    async fn next_event(&mut self, batch: &mut Vec<Outgoing>) -> Event {
+        let idle = self.ctx.settings.idle_timeout;
+        let conn = &mut self.conn;
+        let peer_closed = async {
+            match conn {
+                Some(c) => c.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let idle_timer = async {
+            match idle {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            n = self.rx.recv_many(batch, BATCH) => Event::Packets(n),
+            _ = idle_timer => Event::Idle,
+            _ = peer_closed => Event::PeerClosed,
+        }
+    }
+
+    /// When packets held for a peer that could not be reached may be tried again; None if
+    /// nothing is held. (Held packets are what a failed connect left in the batch.)
+    fn retry_due(&self, batch: &[Outgoing]) -> Option<Instant> {
+        if self.conn.is_some() || batch.is_empty() {
+            return None;
+        }
+        Some(self.retry_at.unwrap_or_else(Instant::now))
+    }
+
+    /// Keeps taking packets (the channel is drained, so a shutdown is seen at once) until
+    /// the retry is due.
+    async fn wait_for_retry(&mut self, batch: &mut Vec<Outgoing>, at: Instant) -> Event {
+        tokio::select! {
+            n = self.rx.recv_many(batch, BATCH) => Event::Held(n),
+            _ = tokio::time::sleep_until(at) => Event::Retry,
+        }
+    }
+
+    fn observe_queue(&self, taken: &[Outgoing]) {
+        let queue = self.ctx.metrics.stage(Stage::EgressQueue);
+        for p in taken {
+            queue.observe(p.released_at.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Drops the oldest held packets beyond the hold's bounds: more than the queue's size,
+    /// or waiting longer than `HOLD_LIMIT`. Held packets are in release order.
+    fn drop_beyond_hold(&self, batch: &mut Vec<Outgoing>) {
+        let too_many = batch.len().saturating_sub(self.ctx.settings.queue);
+        let too_old = batch.partition_point(|p| p.released_at.elapsed() > HOLD_LIMIT);
+        self.drop_held(batch, too_many.max(too_old));
+    }
+
+    fn drop_all_held(&self, batch: &mut Vec<Outgoing>) {
+        self.drop_held(batch, batch.len());
+    }
+
+    /// Drops the `n` oldest held packets, counted as `backoff`.
+    fn drop_held(&self, batch: &mut Vec<Outgoing>, n: usize) {
+        if n > 0 {
+            self.ctx.metrics.dropped_n(DropReason::Backoff, n as u64);
+            batch.drain(..n);
+        }
+    }
+
     /// Sends one batch, connecting first if needed; every packet is either written or
-    /// counted as dropped with exactly one reason.
+    /// counted as dropped with exactly one reason, or (the peer cannot be reached) left in
+    /// `batch`, held for the retry.
     async fn deliver(&mut self, batch: &mut Vec<Outgoing>) {
+        if batch.is_empty() {
+            return;
+        }
         let metrics = self.ctx.metrics.clone();
         // One reconnect per batch: a peer that restarted gets the rest of the batch.
         for attempt in 0..2 {
             if self.conn.is_none() {
                 if self.retry_at.is_some_and(|t| Instant::now() < t) {
-                    metrics.dropped_n(DropReason::Backoff, batch.len() as u64);
-                    batch.clear();
                     return;
                 }
                 match self.connect().await {
@@ -353,6 +430,7 @@ impl Link {
                         self.conn = Some(conn);
                     }
                     Err(message) => {
+                        metrics.egress_connect_failures.inc();
                         self.failures += 1;
                         let wait = backoff(
                             self.failures,
@@ -365,8 +443,6 @@ impl Link {
                         } else {
                             tracing::debug!(error = %message, failures = self.failures, retry_in_ms = wait.as_millis() as u64, "still cannot connect to peer");
                         }
-                        metrics.dropped_n(DropReason::Unreachable, batch.len() as u64);
-                        batch.clear();
                         return;
                     }
                 }
