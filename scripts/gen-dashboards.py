@@ -153,6 +153,8 @@ NODE_PANELS = [
          "Nodes in the current document, and whether it lists this node as serving (and in which layer); a failed reload keeps the last good one."),
         ("Topology revision", "none", [("{{instance}}", f'nym_node_topology_revision{{{SEL}}}')],
          "Revision of the document each node routes by; the nym-network dashboard compares it with the directory's."),
+        ("Topology validity left", "s", [("{{instance}}", f'nym_node_topology_valid_until_timestamp_seconds{{{SEL}}} - time()')],
+         "Time until the document each node routes by expires. Directories re-sign at half its validity; below zero the node still routes on its last good document."),
         ("Build", "short", [("{{instance}} {{version}} {{commit}}", f'nym_node_build_info{{{SEL}}}')],
          "Version and commit per node."),
     ]),

@@ -8,6 +8,9 @@
 //! A node's identity is pinned the first time it answers (or from the document already
 //! on disk): a node that comes back under another identity is refused, not re-listed. A
 //! node that does not answer keeps its last entry, so a restart does not drop it.
+//!
+//! A new revision is signed when an entry changes, and when half the document's validity
+//! has passed (`topology::DOCUMENT_VALIDITY`), so readers never hold an expired one.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +23,7 @@ use crate::config::Mode;
 use crate::http::description::SignedDescription;
 use crate::keys::{Identity, KeyBytes};
 use crate::localnet::{Advertised, LocalNode, LocalnetError};
-use crate::topology::{NodeEntry, SCHEMA_VERSION, Topology, TopologyDocument};
+use crate::topology::{NodeEntry, Topology, TopologyDocument, unix_now};
 
 /// How long one description fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -37,6 +40,8 @@ pub struct Directory {
     /// The last entry of each node listed.
     listed: HashMap<String, NodeEntry>,
     revision: u64,
+    /// The last document written (for its validity).
+    last: Option<TopologyDocument>,
 }
 
 impl Directory {
@@ -73,7 +78,8 @@ impl Directory {
                 .unwrap_or_default(),
             pinned,
             listed,
-            revision: previous.map_or(0, |t| t.revision()),
+            revision: previous.as_ref().map_or(0, |t| t.revision()),
+            last: previous.map(|t| t.document().clone()),
         }
     }
 
@@ -81,11 +87,16 @@ impl Directory {
         &self.path
     }
 
-    /// Asks every node for its description and writes a new revision if any entry changed.
-    /// Returns how many nodes answered with a description that verified.
+    /// Asks every node for its description and writes a new revision if any entry changed,
+    /// or if the last one is due for re-signing. Returns how many nodes answered with a
+    /// description that verified.
     pub async fn poll(&mut self) -> Result<usize, LocalnetError> {
         let (answered, changed) = self.collect().await;
-        if changed {
+        let due = self
+            .last
+            .as_ref()
+            .is_some_and(|d| d.due_for_resigning(unix_now()));
+        if changed || due {
             self.write()?;
         }
         Ok(answered)
@@ -197,6 +208,10 @@ impl Directory {
             .and_then(|a| a.parse::<ClientAddress>().ok())
             .filter(|a| a.gateway == d.identity_key)
             .map(|a| a.to_string());
+        // The entry lists what the node signed or nothing: a requester elsewhere is refused.
+        if requester != d.network_requester {
+            return Err("publishes a network requester that is not its own".into());
+        }
         let at = (self.advertise)(node);
         Ok(NodeEntry {
             name: node.name.clone(),
@@ -214,6 +229,7 @@ impl Directory {
             http_address: Some(at.http.parse()?),
             network_requester: requester,
             serving: true,
+            statement: signed.statement.clone(),
         })
     }
 
@@ -225,11 +241,7 @@ impl Directory {
             .filter_map(|n| self.listed.get(&n.name).cloned())
             .collect();
         self.revision += 1;
-        let doc = TopologyDocument {
-            schema: SCHEMA_VERSION,
-            revision: self.revision,
-            nodes,
-        };
+        let doc = TopologyDocument::issue(self.revision, nodes);
         let json = crate::topology::sign_document(&doc, &self.signer)
             .map_err(|e| LocalnetError::Other(e.to_string()))?;
         let tmp = self.path.with_file_name(".topology.json.tmp");
@@ -240,6 +252,7 @@ impl Directory {
         std::fs::write(&tmp, json).map_err(io(&tmp))?;
         std::fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
         tracing::info!(revision = self.revision, "directory: topology published");
+        self.last = Some(doc);
         Ok(())
     }
 }

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod mixnet;
 pub mod node;
 pub mod shutdown;
+pub mod statement;
 pub mod stream;
 pub mod telemetry;
 pub mod topology;

@@ -66,7 +66,7 @@ fn entry(name: &str, keys: &NodeKeys, layer: u8, addr: SocketAddr) -> Result<Nod
     Ok(NodeEntry {
         name: name.into(),
         identity_key: p.identity_key,
-        sphinx_keys: p.sphinx_keys,
+        sphinx_keys: p.sphinx_keys.clone(),
         noise_key: p.noise_key,
         mode: Mode::Mixnode,
         layer: Some(layer),
@@ -75,6 +75,7 @@ fn entry(name: &str, keys: &NodeKeys, layer: u8, addr: SocketAddr) -> Result<Nod
         http_address: None,
         network_requester: None,
         serving: true,
+        statement: crate::statement::NodeStatement::of(&p, Mode::Mixnode).sign(&keys.identity),
     })
 }
 
@@ -111,6 +112,9 @@ impl Setup {
         let doc = TopologyDocument {
             schema: crate::topology::SCHEMA_VERSION,
             revision: 1,
+            issued_at: crate::topology::unix_now(),
+            // The node under test runs for as long as the benchmark does.
+            valid_until: crate::topology::unix_now() + 30 * 24 * 3600,
             nodes,
         };
         std::fs::write(&topology, serde_json::to_vec(&doc).map_err(err)?).map_err(err)?;
@@ -135,7 +139,7 @@ impl Setup {
                 let p = k.public();
                 Hop {
                     identity: p.identity_key,
-                    sphinx_keys: p.sphinx_keys,
+                    sphinx_keys: p.sphinx_keys.clone(),
                 }
             })
             .collect()

@@ -298,6 +298,7 @@ pub struct Metrics {
     pub topology_reloads_ok: IntCounter,
     pub topology_reloads_failed: IntCounter,
     pub topology_revision: IntGauge,
+    pub topology_valid_until: IntGauge,
     pub topology_nodes: IntGaugeVec,
     pub topology_serving: IntGaugeVec,
     pub clients_connected: IntGauge,
@@ -654,6 +655,11 @@ impl Metrics {
                 r,
                 "topology_revision",
                 "Revision of the topology document this node routes by (the directory's is nym_operator_topology_revision).",
+            ),
+            topology_valid_until: gauge(
+                r,
+                "topology_valid_until_timestamp_seconds",
+                "When the topology document this node routes by expires (unix seconds). Past it the node still routes on it, the last good one, until its directory signs a newer revision.",
             ),
             topology_nodes: gauge_vec(
                 r,

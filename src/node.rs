@@ -404,7 +404,9 @@ fn start_background(
         );
     }
     let refresh = tokio::spawn(topology::refresh_loop(
-        TopologySource::parse(&config.topology).signed_by(signer),
+        TopologySource::parse(&config.topology)
+            .signed_by(signer)
+            .remembered_in(Some(config.data_dir.join("topology.json"))),
         core.topology.clone(),
         config.topology_refresh.get(),
         Some(core.metrics.clone()),

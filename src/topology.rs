@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +15,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Mode;
 use crate::keys::{EpochKey, KeyBytes, NodeId};
 use crate::metrics::Metrics;
+use crate::statement::SignedStatement;
 
 /// The schema version this node reads and writes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
+
+/// How long a document is valid from its issue. Its producer signs a new revision once half
+/// of it has passed, so readers that miss a few re-signings still hold a valid one.
+pub const DOCUMENT_VALIDITY: Duration = Duration::from_secs(3600);
 
 /// Number of mix layers a route crosses.
 pub const MIX_LAYERS: u8 = 3;
@@ -34,6 +39,18 @@ pub enum TopologyError {
     TooLarge(String),
     #[error("revision {got} is older than the current {have}; keeping the current document")]
     OlderRevision { got: u64, have: u64 },
+    #[error(
+        "revision {revision} expired at {valid_until} (unix seconds; now {now}); keeping the last good document"
+    )]
+    Expired {
+        revision: u64,
+        valid_until: u64,
+        now: u64,
+    },
+    #[error(
+        "the entry of {0} lists keys, a mode or a requester that the node did not sign (its own statement says otherwise)"
+    )]
+    NotVouched(String),
     #[error("the document is not signed, and NYM_NODE_TOPOLOGY_SIGNER requires a signature by {0}")]
     Unsigned(KeyBytes),
     #[error("the document is signed by {got}, not by the configured directory {want}")]
@@ -96,9 +113,50 @@ pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 pub struct TopologyDocument {
     /// Schema version; this node reads [`SCHEMA_VERSION`].
     pub schema: u32,
-    /// Increases with every change; lets readers tell documents apart.
+    /// Increases with every change and every re-signing; readers never go back to a lower
+    /// one (nodes and clients remember the highest across restarts).
     pub revision: u64,
+    /// Unix seconds: when the directory signed this revision.
+    pub issued_at: u64,
+    /// Unix seconds: from here on readers refuse the document (and keep their last good one).
+    pub valid_until: u64,
     pub nodes: Vec<NodeEntry>,
+}
+
+impl TopologyDocument {
+    /// Revision `revision` listing `nodes`, issued now for [`DOCUMENT_VALIDITY`].
+    pub fn issue(revision: u64, nodes: Vec<NodeEntry>) -> Self {
+        let (issued_at, valid_until) = validity_from(unix_now());
+        TopologyDocument {
+            schema: SCHEMA_VERSION,
+            revision,
+            issued_at,
+            valid_until,
+            nodes,
+        }
+    }
+
+    pub fn is_expired(&self, now: u64) -> bool {
+        now >= self.valid_until
+    }
+
+    /// Whether its producer should sign a new revision: half its validity has passed.
+    pub fn due_for_resigning(&self, now: u64) -> bool {
+        let half = self.valid_until.saturating_sub(self.issued_at) / 2;
+        now >= self.issued_at.saturating_add(half)
+    }
+}
+
+/// `(issued_at, valid_until)` for a document signed at `now` (unix seconds).
+pub fn validity_from(now: u64) -> (u64, u64) {
+    (now, now.saturating_add(DOCUMENT_VALIDITY.as_secs()))
+}
+
+/// The clock in unix seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// One node of the network.
@@ -132,6 +190,22 @@ pub struct NodeEntry {
     /// listed so packets already in flight still find them.
     #[serde(default = "yes")]
     pub serving: bool,
+    /// The node's own signed statement of its keys, mode and requester, copied verbatim from
+    /// its description: the fields above must say the same (readers check).
+    pub statement: SignedStatement,
+}
+
+impl NodeEntry {
+    /// Whether the keys, mode and requester listed are the ones the node itself signed.
+    pub fn is_vouched_for(&self) -> bool {
+        let s = &self.statement.statement;
+        s.identity_key == self.identity_key
+            && s.mode == self.mode
+            && s.noise_key == self.noise_key
+            && s.sphinx_keys == self.sphinx_keys
+            && s.network_requester == self.network_requester
+            && self.statement.verify()
+    }
 }
 
 fn yes() -> bool {
@@ -208,9 +282,18 @@ impl Topology {
                 document.schema
             )));
         }
+        if document.valid_until <= document.issued_at {
+            return Err(TopologyError::Invalid(format!(
+                "valid_until {} is not after issued_at {}",
+                document.valid_until, document.issued_at
+            )));
+        }
         let mut by_identity = HashMap::new();
         let mut by_noise_key = HashMap::new();
         for (i, node) in document.nodes.iter().enumerate() {
+            if !node.is_vouched_for() {
+                return Err(TopologyError::NotVouched(node.name.clone()));
+            }
             match (node.mode, node.layer) {
                 (Mode::Mixnode, Some(l)) if (1..=MIX_LAYERS).contains(&l) => {}
                 (Mode::Mixnode, _) => {
@@ -331,11 +414,22 @@ impl Topology {
     }
 }
 
-/// Where the document comes from, and whose signature it must carry.
+/// Where the document comes from, whose signature it must carry, and where the last good
+/// one is kept.
 #[derive(Debug, Clone)]
 pub struct TopologySource {
     location: Location,
     signer: Option<KeyBytes>,
+    memory: Option<Arc<Memory>>,
+}
+
+/// The last good document, kept in a file: a restart starts from it and never accepts a
+/// lower revision (an old signed document replayed by a cache or an attacker).
+#[derive(Debug)]
+struct Memory {
+    path: PathBuf,
+    /// The revision in the file; None before anything was read or written.
+    floor: parking_lot::Mutex<Option<u64>>,
 }
 
 #[derive(Debug, Clone)]
@@ -355,7 +449,83 @@ impl TopologySource {
         TopologySource {
             location,
             signer: None,
+            memory: None,
         }
+    }
+
+    /// Keeps the last good document in `path` (see [`Memory`]); None keeps nothing.
+    pub fn remembered_in(mut self, path: Option<PathBuf>) -> Self {
+        self.memory = path.map(|path| {
+            Arc::new(Memory {
+                path,
+                floor: parking_lot::Mutex::new(None),
+            })
+        });
+        self
+    }
+
+    /// The remembered document, verified as a fetched one is (its expiry is the caller's
+    /// to judge); from now on no lower revision is accepted.
+    pub fn remembered(&self) -> Option<Topology> {
+        let memory = self.memory.as_ref()?;
+        let bytes = match std::fs::read(&memory.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %memory.path.display(), error = %e, "cannot read the remembered topology");
+                return None;
+            }
+        };
+        match Topology::parse_signed(&bytes, self.signer.as_ref()) {
+            Ok(t) => {
+                let mut floor = memory.floor.lock();
+                *floor = Some(floor.unwrap_or(0).max(t.revision()));
+                Some(t)
+            }
+            Err(e) => {
+                tracing::warn!(path = %memory.path.display(), error = %e, "the remembered topology is not usable; ignoring it");
+                None
+            }
+        }
+    }
+
+    /// Refuses what a reader must not take: an expired document, or one below the
+    /// remembered revision. Remembers it otherwise.
+    fn admit(&self, topology: &Topology, bytes: &[u8]) -> Result<(), TopologyError> {
+        let now = unix_now();
+        let doc = topology.document();
+        if doc.is_expired(now) {
+            return Err(TopologyError::Expired {
+                revision: doc.revision,
+                valid_until: doc.valid_until,
+                now,
+            });
+        }
+        let Some(memory) = &self.memory else {
+            return Ok(());
+        };
+        if memory.floor.lock().is_none() {
+            // Not read yet: its revision is the floor all the same.
+            let _ = self.remembered();
+        }
+        let mut floor = memory.floor.lock();
+        match *floor {
+            Some(have) if doc.revision < have => {
+                return Err(TopologyError::OlderRevision {
+                    got: doc.revision,
+                    have,
+                });
+            }
+            Some(have) if doc.revision == have => return Ok(()),
+            _ => {}
+        }
+        match write_atomically(&memory.path, bytes) {
+            Ok(()) => *floor = Some(doc.revision),
+            Err(e) => {
+                tracing::warn!(path = %memory.path.display(), error = %e, "cannot remember the topology; a restart may accept an older revision")
+            }
+        }
+        Ok(())
     }
 
     /// Requires documents signed by the directory key `signer`.
@@ -393,8 +563,24 @@ impl TopologySource {
             }
             Location::Http(url) => fetch(url).await?,
         };
-        Topology::parse_signed(&bytes, self.signer.as_ref())
+        let topology = Topology::parse_signed(&bytes, self.signer.as_ref())?;
+        self.admit(&topology, &bytes)?;
+        Ok(topology)
     }
+}
+
+/// Replaces `path` with `bytes` whole (a crash leaves the old file or the new one).
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl fmt::Display for TopologySource {
@@ -495,6 +681,9 @@ pub fn sample(handle: &TopologyHandle, me: &NodeId, mode: Mode, metrics: &Metric
         return;
     };
     metrics.topology_revision.set(topology.revision() as i64);
+    metrics
+        .topology_valid_until
+        .set(topology.document().valid_until as i64);
     metrics.clear_topology_nodes();
     for n in topology.nodes() {
         let layer = n.layer.map(|l| l.to_string()).unwrap_or_default();
@@ -526,6 +715,8 @@ pub async fn refresh_loop(
     stop: CancellationToken,
 ) {
     let mut last_error: Option<String> = None;
+    restore(&source, &handle);
+    let mut expiry_warned = None;
     loop {
         let span = tracing::info_span!("topology_reload", source = %source);
         let result = {
@@ -576,6 +767,7 @@ pub async fn refresh_loop(
                 }
             }
         }
+        warn_if_expired(&handle, &mut expiry_warned);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
@@ -583,18 +775,65 @@ pub async fn refresh_loop(
     }
 }
 
+/// Starts from the remembered document while it is still valid: a restart during a
+/// directory outage is not an outage of this node.
+fn restore(source: &TopologySource, handle: &TopologyHandle) {
+    let Some(t) = source.remembered() else {
+        return;
+    };
+    if handle.is_loaded() || t.document().is_expired(unix_now()) {
+        return;
+    }
+    tracing::info!(
+        revision = t.revision(),
+        nodes = t.nodes().len(),
+        "topology restored from the last good document"
+    );
+    handle.store(t);
+}
+
+/// Routing goes on with an expired document (the last good one: stopping would turn a
+/// directory outage into a network outage), but once per revision it is said loudly.
+fn warn_if_expired(handle: &TopologyHandle, warned: &mut Option<u64>) {
+    let Some(t) = handle.current() else {
+        return;
+    };
+    let doc = t.document();
+    if doc.is_expired(unix_now()) && *warned != Some(doc.revision) {
+        tracing::error!(
+            revision = doc.revision,
+            valid_until = doc.valid_until,
+            "the topology document has expired and no valid newer one came; still routing on it"
+        );
+        *warned = Some(doc.revision);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The identity key of node `seed` (signing its own statement needs a real key).
+    fn id(seed: u8) -> KeyBytes {
+        crate::keys::Identity::from_secret([seed; 32]).public()
+    }
+
     fn entry(name: &str, seed: u8, mode: Mode, layer: Option<u8>) -> NodeEntry {
-        NodeEntry {
-            name: name.into(),
-            identity_key: KeyBytes([seed; 32]),
+        let node = crate::keys::Identity::from_secret([seed; 32]);
+        let statement = crate::statement::NodeStatement {
+            identity_key: node.public(),
+            mode,
+            noise_key: KeyBytes([seed.wrapping_add(200); 32]),
             sphinx_keys: vec![crate::keys::EpochKey::always(KeyBytes(
                 [seed.wrapping_add(100); 32],
             ))],
-            noise_key: KeyBytes([seed.wrapping_add(200); 32]),
+            network_requester: None,
+        };
+        NodeEntry {
+            name: name.into(),
+            identity_key: statement.identity_key,
+            sphinx_keys: statement.sphinx_keys.clone(),
+            noise_key: statement.noise_key,
             mode,
             layer,
             mixnet_address: "127.0.0.1:1789".parse().unwrap(),
@@ -602,22 +841,22 @@ mod tests {
             http_address: None,
             network_requester: None,
             serving: true,
+            statement: statement.sign(&node),
         }
     }
 
     #[test]
     fn document_round_trips_and_indexes() {
-        let doc = TopologyDocument {
-            schema: crate::topology::SCHEMA_VERSION,
-            revision: 3,
-            nodes: vec![
+        let doc = TopologyDocument::issue(
+            3,
+            vec![
                 entry("mix1", 1, Mode::Mixnode, Some(1)),
                 entry("gw", 2, Mode::EntryGateway, None),
             ],
-        };
+        );
         let json = serde_json::to_vec(&doc).unwrap();
         let t = Topology::parse(&json).unwrap();
-        assert_eq!(t.node(&KeyBytes([1; 32])).unwrap().name, "mix1");
+        assert_eq!(t.node(&id(1)).unwrap().name, "mix1");
         assert_eq!(
             t.node_by_noise_key(&KeyBytes([202; 32])).unwrap().name,
             "gw"
@@ -630,15 +869,14 @@ mod tests {
     fn the_sampled_metrics_count_nodes_by_kind_and_place_this_node() {
         let mut drained = entry("mix2", 2, Mode::Mixnode, Some(2));
         drained.serving = false;
-        let doc = TopologyDocument {
-            schema: crate::topology::SCHEMA_VERSION,
-            revision: 42,
-            nodes: vec![
+        let doc = TopologyDocument::issue(
+            42,
+            vec![
                 entry("mix1", 1, Mode::Mixnode, Some(1)),
                 drained,
                 entry("gw", 3, Mode::ExitGateway, None),
             ],
-        };
+        );
         let handle = TopologyHandle::new();
         handle.store(Topology::from_document(doc).unwrap());
         let m = Metrics::new("mixnode");
@@ -647,7 +885,7 @@ mod tests {
                 .with_label_values(&[mode, layer, serving])
                 .get()
         };
-        sample(&handle, &KeyBytes([2; 32]), Mode::Mixnode, &m);
+        sample(&handle, &id(2), Mode::Mixnode, &m);
         assert_eq!(m.topology_revision.get(), 42);
         assert_eq!(nodes("mixnode", "1", "true"), 1);
         assert_eq!(nodes("mixnode", "2", "false"), 1);
@@ -662,7 +900,7 @@ mod tests {
             "listed as not serving"
         );
         // Absent from the document: one series, at 0, without a layer.
-        sample(&handle, &KeyBytes([9; 32]), Mode::Mixnode, &m);
+        sample(&handle, &id(9), Mode::Mixnode, &m);
         let families = m.registry().gather();
         let serving = families
             .iter()
@@ -673,7 +911,7 @@ mod tests {
             m.topology_serving.with_label_values(&["mixnode", ""]).get(),
             0
         );
-        sample(&handle, &KeyBytes([1; 32]), Mode::Mixnode, &m);
+        sample(&handle, &id(1), Mode::Mixnode, &m);
         assert_eq!(
             m.topology_serving
                 .with_label_values(&["mixnode", "1"])
@@ -684,11 +922,7 @@ mod tests {
 
     #[test]
     fn invalid_documents_are_rejected_with_reason() {
-        let mut doc = TopologyDocument {
-            schema: crate::topology::SCHEMA_VERSION,
-            revision: 1,
-            nodes: vec![entry("mix1", 1, Mode::Mixnode, None)],
-        };
+        let mut doc = TopologyDocument::issue(1, vec![entry("mix1", 1, Mode::Mixnode, None)]);
         let err = Topology::from_document(doc.clone())
             .unwrap_err()
             .to_string();
@@ -721,11 +955,7 @@ mod tests {
     async fn bad_reload_keeps_last_good_document() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.json");
-        let doc = TopologyDocument {
-            schema: crate::topology::SCHEMA_VERSION,
-            revision: 1,
-            nodes: vec![entry("mix1", 1, Mode::Mixnode, Some(1))],
-        };
+        let doc = TopologyDocument::issue(1, vec![entry("mix1", 1, Mode::Mixnode, Some(1))]);
         std::fs::write(&path, serde_json::to_vec(&doc).unwrap()).unwrap();
         let handle = TopologyHandle::new();
         let metrics = Metrics::new("mixnode");
@@ -754,14 +984,93 @@ mod tests {
         stop.cancel();
         task.await.unwrap();
     }
+    #[test]
+    fn an_entry_whose_keys_are_not_what_its_node_signed_is_refused() {
+        let good = entry("gw", 2, Mode::EntryGateway, None);
+        assert!(Topology::from_document(TopologyDocument::issue(1, vec![good.clone()])).is_ok());
+        // The directory's own Noise key in the gateway's entry.
+        let mut rekeyed = good.clone();
+        rekeyed.noise_key = KeyBytes([9; 32]);
+        // Another Sphinx key; a requester the node never named.
+        let mut resphinxed = good.clone();
+        resphinxed.sphinx_keys[0].key = KeyBytes([9; 32]);
+        let mut redirected = good.clone();
+        redirected.network_requester = Some("elsewhere".into());
+        // Some other node's (valid) statement under this identity.
+        let mut borrowed = good.clone();
+        borrowed.statement = entry("other", 3, Mode::EntryGateway, None).statement;
+        for bad in [rekeyed, resphinxed, redirected, borrowed] {
+            let err = Topology::from_document(TopologyDocument::issue(1, vec![bad])).unwrap_err();
+            assert!(
+                matches!(err, TopologyError::NotVouched(ref n) if n == "gw"),
+                "{err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_remembered_revision_outlives_a_restart_and_expired_documents_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        let memory = dir.path().join("last.json");
+        let source = || {
+            TopologySource::parse(&path.display().to_string()).remembered_in(Some(memory.clone()))
+        };
+        let doc = |revision| {
+            TopologyDocument::issue(revision, vec![entry("m", 1, Mode::Mixnode, Some(1))])
+        };
+        let write =
+            |d: &TopologyDocument| std::fs::write(&path, serde_json::to_vec(d).unwrap()).unwrap();
+        write(&doc(5));
+        assert_eq!(source().load().await.unwrap().revision(), 5);
+
+        // A restart (a new source, the same memory) whose source now serves revision 3.
+        write(&doc(3));
+        let restarted = source();
+        assert_eq!(restarted.remembered().unwrap().revision(), 5);
+        let err = restarted.load().await.unwrap_err();
+        assert!(
+            matches!(err, TopologyError::OlderRevision { got: 3, have: 5 }),
+            "{err}"
+        );
+        // Even without reading the memory first.
+        assert!(matches!(
+            source().load().await,
+            Err(TopologyError::OlderRevision { .. })
+        ));
+
+        // Revision 6, expired an hour ago: refused.
+        let mut expired = doc(6);
+        expired.issued_at -= 7200;
+        expired.valid_until = expired.issued_at + 3600;
+        write(&expired);
+        let err = restarted.load().await.unwrap_err();
+        assert!(
+            matches!(err, TopologyError::Expired { revision: 6, .. }),
+            "{err}"
+        );
+
+        // A valid revision 7 is taken and remembered.
+        write(&doc(7));
+        assert_eq!(restarted.load().await.unwrap().revision(), 7);
+        assert_eq!(source().remembered().unwrap().revision(), 7);
+    }
+
+    #[test]
+    fn a_document_is_due_for_re_signing_at_half_its_validity() {
+        let mut d = TopologyDocument::issue(1, vec![]);
+        d.issued_at = 1000;
+        d.valid_until = 1000 + 3600;
+        assert!(!d.due_for_resigning(1000 + 1799));
+        assert!(d.due_for_resigning(1000 + 1800));
+        assert!(!d.is_expired(1000 + 3599));
+        assert!(d.is_expired(1000 + 3600));
+    }
+
     #[tokio::test]
     async fn signed_documents_verify_and_everything_else_is_refused() {
         let directory = crate::keys::Identity::generate().unwrap();
-        let doc = TopologyDocument {
-            schema: SCHEMA_VERSION,
-            revision: 3,
-            nodes: vec![entry("mix1", 1, Mode::Mixnode, Some(1))],
-        };
+        let doc = TopologyDocument::issue(3, vec![entry("mix1", 1, Mode::Mixnode, Some(1))]);
         let signed = sign_document(&doc, &directory).unwrap();
         let me = directory.public();
         let t = Topology::parse_signed(&signed, Some(&me)).unwrap();

@@ -569,16 +569,14 @@ async fn a_peer_removed_from_the_topology_loses_its_links_at_the_next_reload() {
     let mut link2 = net.link("peer2", "mix").await;
 
     // A new revision without `peer` and `next`.
-    let doc = nym_node::topology::TopologyDocument {
-        schema: nym_node::topology::SCHEMA_VERSION,
-        revision: 2,
-        nodes: net
-            .members
+    let doc = nym_node::topology::TopologyDocument::issue(
+        2,
+        net.members
             .iter()
             .filter(|x| x.name != "peer" && x.name != "next")
             .map(|x| x.entry.clone())
             .collect(),
-    };
+    );
     std::fs::write(&net.topology_path, serde_json::to_vec(&doc).unwrap()).unwrap();
 
     // Ingress: the removed peer's open link is closed, though it sent nothing since.

@@ -428,7 +428,7 @@ async fn final_hop_packet_at_a_mix_node_is_dropped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_older_revision_a_bad_signature_or_ten_megabytes_of_junk_is_refused_and_the_last_good_document_kept()
+async fn an_older_revision_an_expired_or_re_keyed_document_a_bad_signature_or_junk_is_refused_and_the_last_good_document_kept()
  {
     let directory = nym_node::keys::Identity::generate().unwrap();
     let mut net = Net::start_signed(&relay_spec(), |_, _| {}, no_hooks, directory).await;
@@ -446,16 +446,14 @@ async fn an_older_revision_a_bad_signature_or_ten_megabytes_of_junk_is_refused_a
     // An older revision that would drop `next`: refused, revision 5 stays.
     let failed = m.topology_reloads_failed.get();
     let next = net.member("next").entry.identity_key;
-    let stale = nym_node::topology::TopologyDocument {
-        schema: nym_node::topology::SCHEMA_VERSION,
-        revision: 3,
-        nodes: net
-            .members
+    let stale = nym_node::topology::TopologyDocument::issue(
+        3,
+        net.members
             .iter()
             .filter(|x| x.entry.identity_key != next)
             .map(|x| x.entry.clone())
             .collect(),
-    };
+    );
     net.write_document(&stale);
     assert!(eventually(WAIT, || m.topology_reloads_failed.get() > failed).await);
     assert_eq!(topology.current().unwrap().revision(), 5);
@@ -464,7 +462,7 @@ async fn an_older_revision_a_bad_signature_or_ten_megabytes_of_junk_is_refused_a
     // then changed: each refused, revision 5 stays.
     let forged = nym_node::topology::TopologyDocument {
         revision: 9,
-        ..stale
+        ..stale.clone()
     };
     let other = nym_node::keys::Identity::generate().unwrap();
     let signed =
@@ -488,6 +486,48 @@ async fn an_older_revision_a_bad_signature_or_ten_megabytes_of_junk_is_refused_a
     let failed = m.topology_reloads_failed.get();
     std::fs::write(&net.topology_path, vec![b'x'; 10 * 1024 * 1024]).unwrap();
     assert!(eventually(WAIT, || m.topology_reloads_failed.get() > failed).await);
+    assert_eq!(topology.current().unwrap().revision(), 5);
+
+    // Signed by the directory itself: a newer revision that expired, and one where the
+    // directory put its own Noise key in `next`'s entry (a man in the middle of the link).
+    // Each refused, revision 5 stays.
+    let whole = || net.members.iter().map(|x| x.entry.clone()).collect();
+    let mut expired = nym_node::topology::TopologyDocument::issue(11, whole());
+    expired.issued_at -= 7200;
+    expired.valid_until = expired.issued_at + 3600;
+    let mut rekeyed = nym_node::topology::TopologyDocument::issue(12, whole());
+    let entry = rekeyed
+        .nodes
+        .iter_mut()
+        .find(|n| n.identity_key == next)
+        .unwrap();
+    entry.noise_key = nym_node::keys::NodeKeys::generate(Duration::from_secs(3600))
+        .unwrap()
+        .public()
+        .noise_key;
+    for (what, doc) in [("expired", &expired), ("re-keyed", &rekeyed)] {
+        let failed = m.topology_reloads_failed.get();
+        net.write_document(doc);
+        assert!(
+            eventually(WAIT, || m.topology_reloads_failed.get() > failed).await,
+            "{what}"
+        );
+        assert_eq!(topology.current().unwrap().revision(), 5, "{what}");
+    }
+
+    // A restart with only an older revision to read (3, validly signed and unexpired): the
+    // node starts from the last good document it kept, revision 5, and refuses 3.
+    net.write_document(&stale);
+    let signer = net.directory.as_ref().unwrap().public().to_base58();
+    net.restart("mix", |_, c| c.topology_signer = signer.clone())
+        .await;
+    let node = net.node("mix");
+    let (topology, m) = (node.topology.clone(), node.metrics.clone());
+    assert_eq!(topology.current().unwrap().revision(), 5, "restored");
+    assert!(
+        eventually(WAIT, || m.topology_reloads_failed.get() > 0).await,
+        "revision 3 refused after the restart"
+    );
     assert_eq!(topology.current().unwrap().revision(), 5);
 
     // The node keeps forwarding on the last good document.

@@ -219,10 +219,9 @@ async fn readiness_waits_for_the_topology() {
     );
 
     let p = keys.public();
-    let doc = nym_node::topology::TopologyDocument {
-        schema: nym_node::topology::SCHEMA_VERSION,
-        revision: 1,
-        nodes: vec![nym_node::topology::NodeEntry {
+    let doc = nym_node::topology::TopologyDocument::issue(
+        1,
+        vec![nym_node::topology::NodeEntry {
             name: "mix".into(),
             identity_key: p.identity_key,
             sphinx_keys: p.sphinx_keys.clone(),
@@ -234,8 +233,9 @@ async fn readiness_waits_for_the_topology() {
             http_address: None,
             network_requester: None,
             serving: true,
+            statement: statement_of(&keys, &p, Mode::Mixnode),
         }],
-    };
+    );
     std::fs::write(&topology, serde_json::to_vec(&doc).unwrap()).unwrap();
     let mut ready = false;
     for _ in 0..100 {

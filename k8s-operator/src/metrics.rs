@@ -288,11 +288,7 @@ mod tests {
     use crate::withdrawal::Withdrawal;
 
     fn document() -> TopologyDocument {
-        TopologyDocument {
-            schema: nym_node::topology::SCHEMA_VERSION,
-            revision: 7,
-            nodes: vec![],
-        }
+        TopologyDocument::issue(7, vec![])
     }
 
     fn withdrawing(pod: &str, since: i64) -> Rollout {

@@ -106,7 +106,12 @@ fn entry(
     else {
         return Ok(None);
     };
-    let Some(signed) = m.verified(place.mode).filter(|_| m.ready) else {
+    let Some(signed) = m
+        .verified(place.mode)
+        .filter(|_| m.ready)
+        // An entry lists what the node signed or nothing: a requester elsewhere is refused.
+        .filter(|s| requester_of(&s.description) == s.description.network_requester)
+    else {
         // Not ready, or its description does not verify: keep what was known, not serving.
         return Ok(previous.map(|n| NodeEntry {
             serving: false,
@@ -132,6 +137,7 @@ fn entry(
         http_address: Some(addr(&place.http_address)?),
         network_requester: requester_of(d),
         serving: m.ready && !withdrawn.contains(&m.pod),
+        statement: signed.statement.clone(),
     }))
 }
 
@@ -225,7 +231,8 @@ mod tests {
     }
 
     #[test]
-    fn an_exit_is_listed_with_its_own_network_requester_and_never_with_another_nodes() {
+    fn an_exit_is_listed_with_its_own_network_requester_and_one_naming_another_nodes_is_not_listed()
+    {
         use nym_node::gateway::network_requester;
         let stranger = NodeKeys::generate(std::time::Duration::from_secs(3600)).unwrap();
         let members = [
@@ -242,9 +249,11 @@ mod tests {
         let own = nodes[0].network_requester.as_deref().unwrap();
         let parsed: nym_node::client::ClientAddress = own.parse().unwrap();
         assert_eq!(parsed.gateway, nodes[0].identity_key);
-        assert_eq!(nodes[1].network_requester, None);
-        assert_eq!(nodes[2].network_requester, None);
-        assert!(nodes.iter().all(|n| n.serving));
+        assert!(nodes[0].serving);
+        // The others signed a requester that is not theirs: their entry cannot drop it
+        // (readers check the entry against what the node signed), so they are not listed.
+        let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["exit-0"]);
     }
 
     #[test]

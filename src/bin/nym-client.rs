@@ -275,6 +275,7 @@ fn config_for(cli: &Cli, dir: Option<&ClientDir>) -> Result<ClientConfig, String
         max_retransmissions: cli.max_retransmissions,
         surb_store: dir.map(ClientDir::surb_store),
         stamps: dir.map(ClientDir::stamps),
+        topology_memory: dir.map(ClientDir::topology),
         topology_signer,
         ..ClientConfig::default()
     })
@@ -500,6 +501,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             let config = config_for(&cli, dir.as_ref())?;
             let topology = TopologySource::parse(&config.topology)
                 .signed_by(config.topology_signer)
+                .remembered_in(config.topology_memory.clone())
                 .load()
                 .await
                 .map_err(|e| e.to_string())?;

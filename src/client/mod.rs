@@ -169,6 +169,9 @@ pub struct ClientConfig {
     /// The directory key the topology must be signed by; `None` accepts any document (a
     /// signed one must still verify under the key it names).
     pub topology_signer: Option<KeyBytes>,
+    /// Where the last good topology document is kept (a client directory's
+    /// `topology.json`): a restart starts from it and never takes an older revision.
+    pub topology_memory: Option<std::path::PathBuf>,
 }
 
 impl Default for ClientConfig {
@@ -189,6 +192,7 @@ impl Default for ClientConfig {
             hold_until_consumed: false,
             gateway_address: None,
             topology_signer: None,
+            topology_memory: None,
             topology_refresh: Duration::from_secs(30),
         }
     }
@@ -296,8 +300,18 @@ pub struct MixClient {
 impl MixClient {
     /// Loads the topology, connects to the gateway and starts the client task.
     pub async fn start(config: ClientConfig, identity: Identity) -> Result<MixClient, ClientError> {
-        let source = TopologySource::parse(&config.topology).signed_by(config.topology_signer);
-        let first = source.load().await?;
+        let source = TopologySource::parse(&config.topology)
+            .signed_by(config.topology_signer)
+            .remembered_in(config.topology_memory.clone());
+        let first = match source.load().await {
+            Ok(t) => t,
+            // The directory is out of reach or serves something refused: the last good
+            // document will do while it is valid.
+            Err(e) => source
+                .remembered()
+                .filter(|t| !t.document().is_expired(topology::unix_now()))
+                .ok_or(e)?,
+        };
         let topology = TopologyHandle::with(first);
         let stop = CancellationToken::new();
         tokio::spawn(topology::refresh_loop(

@@ -82,15 +82,33 @@ pub fn choose_gateway(topology: &Topology) -> Result<&NodeEntry, RouteError> {
 mod tests {
     use super::*;
     use crate::config::Mode;
-    use crate::keys::KeyBytes;
+    use crate::keys::{Identity, KeyBytes};
+    use crate::statement::NodeStatement;
     use crate::topology::TopologyDocument;
 
+    /// The identity key of node `seed` (signing its own statement needs a real key).
+    fn id(seed: u8) -> KeyBytes {
+        Identity::from_secret([seed; 32]).public()
+    }
+
+    fn seed_of(identity: &KeyBytes) -> u8 {
+        (0..=u8::MAX).find(|s| id(*s) == *identity).unwrap()
+    }
+
     fn entry(seed: u8, mode: Mode, layer: Option<u8>, serving: bool) -> NodeEntry {
+        let node = Identity::from_secret([seed; 32]);
+        let statement = NodeStatement {
+            identity_key: node.public(),
+            mode,
+            noise_key: KeyBytes([seed.wrapping_add(100); 32]),
+            sphinx_keys: vec![EpochKey::always(KeyBytes([seed; 32]))],
+            network_requester: None,
+        };
         NodeEntry {
             name: format!("n{seed}"),
-            identity_key: KeyBytes([seed; 32]),
-            sphinx_keys: vec![EpochKey::always(KeyBytes([seed; 32]))],
-            noise_key: KeyBytes([seed.wrapping_add(100); 32]),
+            identity_key: statement.identity_key,
+            sphinx_keys: statement.sphinx_keys.clone(),
+            noise_key: statement.noise_key,
             mode,
             layer,
             mixnet_address: "127.0.0.1:1".parse().unwrap(),
@@ -98,53 +116,49 @@ mod tests {
             http_address: None,
             network_requester: None,
             serving,
+            statement: statement.sign(&node),
         }
     }
 
     #[test]
     fn one_serving_node_per_layer_then_the_gateway() {
-        let t = Topology::from_document(TopologyDocument {
-            schema: crate::topology::SCHEMA_VERSION,
-            revision: 1,
-            nodes: vec![
+        let t = Topology::from_document(TopologyDocument::issue(
+            1,
+            vec![
                 entry(1, Mode::Mixnode, Some(1), true),
                 entry(2, Mode::Mixnode, Some(1), false),
                 entry(3, Mode::Mixnode, Some(2), true),
                 entry(4, Mode::Mixnode, Some(3), true),
                 entry(5, Mode::EntryGateway, None, true),
             ],
-        })
+        ))
         .unwrap();
         for _ in 0..50 {
-            let r = choose(&t, &KeyBytes([5; 32])).unwrap();
-            let ids: Vec<u8> = r.iter().map(|h| h.identity.0[0]).collect();
+            let r = choose(&t, &id(5)).unwrap();
+            let ids: Vec<u8> = r.iter().map(|h| seed_of(&h.identity)).collect();
             assert_eq!(ids, vec![1, 3, 4, 5], "the draining node 2 is never chosen");
         }
-        assert_eq!(
-            choose(&t, &KeyBytes([1; 32])),
-            Err(RouteError::UnknownGateway(KeyBytes([1; 32])))
-        );
+        assert_eq!(choose(&t, &id(1)), Err(RouteError::UnknownGateway(id(1))));
         assert_eq!(choose_gateway(&t).unwrap().name, "n5");
     }
 
     #[test]
     fn a_retry_avoids_the_mixes_of_the_lost_attempt_where_it_can() {
-        let t = Topology::from_document(TopologyDocument {
-            schema: crate::topology::SCHEMA_VERSION,
-            revision: 1,
-            nodes: vec![
+        let t = Topology::from_document(TopologyDocument::issue(
+            1,
+            vec![
                 entry(1, Mode::Mixnode, Some(1), true),
                 entry(2, Mode::Mixnode, Some(1), true),
                 entry(3, Mode::Mixnode, Some(2), true),
                 entry(4, Mode::Mixnode, Some(3), true),
                 entry(5, Mode::EntryGateway, None, true),
             ],
-        })
+        ))
         .unwrap();
-        let avoid = [KeyBytes([1; 32]), KeyBytes([3; 32])];
+        let avoid = [id(1), id(3)];
         for _ in 0..50 {
-            let r = choose_avoiding(&t, &KeyBytes([5; 32]), &avoid).unwrap();
-            let ids: Vec<u8> = r.iter().map(|h| h.identity.0[0]).collect();
+            let r = choose_avoiding(&t, &id(5), &avoid).unwrap();
+            let ids: Vec<u8> = r.iter().map(|h| seed_of(&h.identity)).collect();
             // Layer 1 has another node; layer 2 has none, so node 3 is still used.
             assert_eq!(ids, vec![2, 3, 4, 5]);
         }
@@ -152,18 +166,14 @@ mod tests {
 
     #[test]
     fn empty_layer_is_an_error() {
-        let t = Topology::from_document(TopologyDocument {
-            schema: crate::topology::SCHEMA_VERSION,
-            revision: 1,
-            nodes: vec![
+        let t = Topology::from_document(TopologyDocument::issue(
+            1,
+            vec![
                 entry(1, Mode::Mixnode, Some(1), true),
                 entry(5, Mode::EntryGateway, None, true),
             ],
-        })
+        ))
         .unwrap();
-        assert_eq!(
-            choose(&t, &KeyBytes([5; 32])),
-            Err(RouteError::EmptyLayer(2))
-        );
+        assert_eq!(choose(&t, &id(5)), Err(RouteError::EmptyLayer(2)));
     }
 }

@@ -122,6 +122,11 @@ impl ClientDir {
         self.path.join("client.json")
     }
 
+    /// The last good topology document (a restart never takes an older revision).
+    pub fn topology(&self) -> PathBuf {
+        self.path.join("topology.json")
+    }
+
     pub fn surb_store(&self) -> PathBuf {
         self.path.join("surbs.redb")
     }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Mode;
 use crate::keys::{EpochKey, Identity, KeyBytes, PublicKeys, verify_signature};
+use crate::statement::{NodeStatement, SignedStatement};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Description {
@@ -39,6 +40,9 @@ pub struct SignedDescription {
     pub description: Description,
     /// base58 ed25519 signature over the compact JSON of `description`.
     pub signature: String,
+    /// The keys of `description`, signed apart from what changes with the topology: what
+    /// a directory copies into the node's entry (see [`crate::statement`]).
+    pub statement: SignedStatement,
 }
 
 impl Description {
@@ -84,9 +88,21 @@ impl Description {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
+    /// What no directory may change of this description.
+    pub fn statement(&self) -> NodeStatement {
+        NodeStatement {
+            identity_key: self.identity_key,
+            mode: self.mode,
+            noise_key: self.noise_key,
+            sphinx_keys: self.sphinx_keys.clone(),
+            network_requester: self.network_requester.clone(),
+        }
+    }
+
     pub fn sign(self, identity: &Identity) -> SignedDescription {
         let signature = identity.sign(&self.signed_bytes());
         SignedDescription {
+            statement: self.statement().sign(identity),
             description: self,
             signature: bs58::encode(signature).into_string(),
         }
@@ -94,7 +110,8 @@ impl Description {
 }
 
 impl SignedDescription {
-    /// True when the signature is the described identity's, over this exact description.
+    /// True when the signature is the described identity's, over this exact description,
+    /// and its statement is the same identity's statement of the same keys.
     pub fn verify(&self) -> bool {
         let Ok(sig) = bs58::decode(&self.signature).into_vec() else {
             return false;
@@ -106,7 +123,8 @@ impl SignedDescription {
             &self.description.identity_key,
             &self.description.signed_bytes(),
             &sig,
-        )
+        ) && self.statement.statement == self.description.statement()
+            && self.statement.verify()
     }
 }
 

@@ -178,17 +178,16 @@ impl Net {
                 entry: NodeEntry {
                     name: name.to_string(),
                     identity_key: public.identity_key,
-                    sphinx_keys: public.sphinx_keys,
+                    sphinx_keys: public.sphinx_keys.clone(),
                     noise_key: public.noise_key,
                     mode,
                     layer,
                     mixnet_address: mixnet_address.parse().unwrap(),
                     client_address: client_address.map(|c| c.parse().unwrap()),
                     http_address: http_address.map(|h| h.parse().unwrap()),
-                    network_requester: (mode == Mode::ExitGateway).then(|| {
-                        nym_node::gateway::network_requester::address(&keys.identity).to_string()
-                    }),
+                    network_requester: requester_of(mode, &keys),
                     serving: true,
+                    statement: statement_of(&keys, &public, mode),
                 },
                 keys,
             });
@@ -235,12 +234,8 @@ impl Net {
     /// Writes the topology document from the members' entries (signed when the network
     /// has a directory key).
     pub fn write_topology(&self, revision: u64) {
-        let doc = TopologyDocument {
-            schema: nym_node::topology::SCHEMA_VERSION,
-            revision,
-            nodes: self.members.iter().map(|m| m.entry.clone()).collect(),
-        };
-        self.write_document(&doc);
+        let nodes = self.members.iter().map(|m| m.entry.clone()).collect();
+        self.write_document(&TopologyDocument::issue(revision, nodes));
     }
 
     /// Writes `doc` as the topology (signed when the network has a directory key).
@@ -261,7 +256,9 @@ impl Net {
             if let Ok(keys) = nym_node::keys::SphinxKeys::load(&keys_path) {
                 m.keys.sphinx = keys;
             }
-            m.entry.sphinx_keys = m.keys.public().sphinx_keys;
+            let public = m.keys.public();
+            m.entry.sphinx_keys = public.sphinx_keys.clone();
+            m.entry.statement = statement_of(&m.keys, &public, m.entry.mode);
         }
         self.write_topology(revision);
     }
@@ -867,6 +864,25 @@ pub async fn acknowledged(c: &mut nym_node::client::MixClient, n: usize, t: Dura
     acked
 }
 
+/// An exit's network requester address (none for other modes).
+pub fn requester_of(mode: Mode, keys: &NodeKeys) -> Option<String> {
+    (mode == Mode::ExitGateway)
+        .then(|| nym_node::gateway::network_requester::address(&keys.identity).to_string())
+}
+
+/// The node's own signed statement of `public` in `mode`, as its description carries it.
+pub fn statement_of(
+    keys: &NodeKeys,
+    public: &nym_node::keys::PublicKeys,
+    mode: Mode,
+) -> nym_node::statement::SignedStatement {
+    nym_node::statement::NodeStatement {
+        network_requester: requester_of(mode, keys),
+        ..nym_node::statement::NodeStatement::of(public, mode)
+    }
+    .sign(&keys.identity)
+}
+
 /// Keys for `nodes` (as the localnet makes them) and a topology listing all of them, written
 /// by the test from the key files it made rather than by a directory asking running nodes:
 /// for tests that list nodes they never start, or want the document before any node runs.
@@ -884,7 +900,7 @@ pub fn prepare_from_keys(
             NodeEntry {
                 name: node.name.clone(),
                 identity_key: public.identity_key,
-                sphinx_keys: public.sphinx_keys,
+                sphinx_keys: public.sphinx_keys.clone(),
                 noise_key: public.noise_key,
                 mode: node.mode,
                 layer: node.layer,
@@ -894,18 +910,13 @@ pub fn prepare_from_keys(
                     .is_gateway()
                     .then(|| node.client.to_string().parse().unwrap()),
                 http_address: Some(node.http.to_string().parse().unwrap()),
-                network_requester: (node.mode == Mode::ExitGateway).then(|| {
-                    nym_node::gateway::network_requester::address(&keys.identity).to_string()
-                }),
+                network_requester: requester_of(node.mode, &keys),
                 serving: true,
+                statement: statement_of(&keys, &public, node.mode),
             }
         })
         .collect();
-    let doc = TopologyDocument {
-        schema: nym_node::topology::SCHEMA_VERSION,
-        revision: 1,
-        nodes: entries,
-    };
+    let doc = TopologyDocument::issue(1, entries);
     let signer = nym_node::localnet::directory_identity(dir).unwrap();
     std::fs::write(
         &path,

@@ -1,6 +1,10 @@
 //! Publish: the signed document and the operator's state, in one conditional write of the
 //! topology ConfigMap.
 //!
+//! A new revision is signed when the nodes changed, and when half the last one's validity
+//! has passed (`topology::DOCUMENT_VALIDITY`): readers refuse an expired document, so the
+//! directory re-signs long before, and every re-signing is a revision of its own.
+//!
 //! Revisions only go up. The next one exceeds the revision floor: the highest of the
 //! ConfigMap's revision annotation, what this process published, every node's reported
 //! revision and the document itself; so a deleted or garbled ConfigMap, or a new leader that
@@ -19,7 +23,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
-use nym_node::topology::{SCHEMA_VERSION, Topology, TopologyDocument};
+use nym_node::topology::{SCHEMA_VERSION, Topology, TopologyDocument, validity_from};
 
 use crate::controller::{Context, Error, FIELD_MANAGER};
 use crate::network::observe::{
@@ -74,18 +78,26 @@ pub async fn publish(
 ) -> Result<Publication, Error> {
     let floor = revision_floor(ctx, ns, o, plan);
     let previous = o.published.document.as_ref();
-    let revision = match previous {
-        Some(p) if p.nodes == plan.nodes && p.revision >= floor => p.revision,
-        _ => floor
-            .checked_add(1)
-            .ok_or(Error::RevisionExhausted)?
-            .max(clock_revision(ctx)),
+    let now = u64::try_from((ctx.clock)()).unwrap_or(0);
+    let document = match previous {
+        Some(p) if p.nodes == plan.nodes && p.revision >= floor && !p.due_for_resigning(now) => {
+            p.clone()
+        }
+        _ => {
+            let (issued_at, valid_until) = validity_from(now);
+            TopologyDocument {
+                schema: SCHEMA_VERSION,
+                revision: floor
+                    .checked_add(1)
+                    .ok_or(Error::RevisionExhausted)?
+                    .max(clock_revision(ctx)),
+                issued_at,
+                valid_until,
+                nodes: plan.nodes.clone(),
+            }
+        }
     };
-    let document = TopologyDocument {
-        schema: SCHEMA_VERSION,
-        revision,
-        nodes: plan.nodes.clone(),
-    };
+    let revision = document.revision;
     // What a node would refuse, the operator must not publish.
     Topology::from_document(document.clone()).map_err(crate::topology::RenderError::from)?;
     let published = Publication {

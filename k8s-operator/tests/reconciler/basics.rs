@@ -195,6 +195,37 @@ async fn forged_description_is_left_out_and_revision_moves_only_on_change() {
 }
 
 #[tokio::test]
+async fn the_directory_re_signs_at_half_the_validity_and_each_re_signing_is_a_new_revision() {
+    let (cluster, ctx) = Cluster::start(1).await;
+    cluster.insert_nymnode(&nymnode("mix-l1", NodeMode::Mixnode, Some(1), 2));
+    for _ in 0..4 {
+        step(&cluster, &ctx).await;
+    }
+    let first = cluster.topology().unwrap();
+    assert!(!first.is_expired(cluster.now() as u64));
+    let half = (first.issued_at + (first.valid_until - first.issued_at) / 2) as i64;
+    // Just before half its validity: the same document.
+    cluster.advance(half - 10 - cluster.now());
+    step(&cluster, &ctx).await;
+    assert_eq!(
+        cluster.topology().unwrap(),
+        first,
+        "nothing changed, nothing due"
+    );
+    // Past it: the same nodes, signed again as a higher revision valid for longer.
+    cluster.advance(20);
+    step(&cluster, &ctx).await;
+    let second = cluster.topology().unwrap();
+    assert_eq!(second.nodes, first.nodes);
+    assert!(second.revision > first.revision);
+    assert!(second.issued_at >= half as u64);
+    assert!(second.valid_until > first.valid_until);
+    // And not again until half of the new one has passed.
+    step(&cluster, &ctx).await;
+    assert_eq!(cluster.topology().unwrap(), second);
+}
+
+#[tokio::test]
 async fn upgrade_replaces_one_pod_of_the_network_at_a_time_after_withdrawing_it() {
     let (cluster, ctx) = settled_network().await;
     let before: BTreeMap<String, String> = cluster
