@@ -240,7 +240,9 @@ impl Directory {
             .iter()
             .filter_map(|n| self.listed.get(&n.name).cloned())
             .collect();
-        self.revision += 1;
+        // At least the clock in milliseconds (as the operator's): a directory whose document
+        // was lost still publishes above what nodes remember.
+        self.revision = (self.revision + 1).max(crate::keys::unix_ms());
         let doc = TopologyDocument::issue(self.revision, nodes);
         let json = crate::topology::sign_document(&doc, &self.signer)
             .map_err(|e| LocalnetError::Other(e.to_string()))?;

@@ -327,19 +327,33 @@ impl EpochKey {
     fn contains(&self, unix_ms: u64) -> bool {
         (self.valid_from_ms..self.valid_until_ms).contains(&unix_ms)
     }
+
+    /// Whether its node may still hold the secret at `unix_ms`: it ended less than an epoch
+    /// ago (a node's overlap is always shorter). Past that the secret is erased, and a list
+    /// naming it is stale, or an old statement a directory keeps replaying: encrypting to it
+    /// would only help whoever stole the key back then.
+    fn is_recent_at(&self, unix_ms: u64) -> bool {
+        let length = self.valid_until_ms.saturating_sub(self.valid_from_ms);
+        unix_ms < self.valid_until_ms.saturating_add(length)
+    }
 }
 
 /// The key of `keys` to use for a packet reaching the node at `unix_ms`: the one valid then,
-/// else (a stale list) the newest already started, else the earliest.
+/// else (a stale list) the newest already started if it ended less than an epoch ago, else
+/// the earliest not yet started; None when every key is long over.
 pub fn key_at(keys: &[EpochKey], unix_ms: u64) -> Option<KeyBytes> {
     keys.iter()
         .find(|k| k.contains(unix_ms))
         .or_else(|| {
             keys.iter()
-                .filter(|k| k.valid_from_ms <= unix_ms)
+                .filter(|k| k.valid_from_ms <= unix_ms && k.is_recent_at(unix_ms))
                 .max_by_key(|k| k.valid_from_ms)
         })
-        .or_else(|| keys.iter().min_by_key(|k| k.valid_from_ms))
+        .or_else(|| {
+            keys.iter()
+                .filter(|k| k.valid_from_ms > unix_ms)
+                .min_by_key(|k| k.valid_from_ms)
+        })
         .map(|k| k.key)
 }
 
@@ -841,9 +855,12 @@ mod tests {
         assert_eq!(keys[0].valid_until_ms, keys[1].valid_from_ms);
         assert_eq!(key_at(&keys, e * 10_000 + 9_999), Some(keys[0].key));
         assert_eq!(key_at(&keys, (e + 1) * 10_000), Some(keys[1].key));
-        // Stale or early lists still give the closest key.
-        assert_eq!(key_at(&keys, (e + 5) * 10_000), Some(keys[1].key));
+        // A list a little stale, or early, still gives the closest key...
+        assert_eq!(key_at(&keys, (e + 2) * 10_000 + 9_999), Some(keys[1].key));
         assert_eq!(key_at(&keys, 0), Some(keys[0].key));
+        // ...but not a key over for an epoch or more: its secret is gone (or stolen).
+        assert_eq!(key_at(&keys, (e + 3) * 10_000), None);
+        assert_eq!(key_at(&keys, (e + 5) * 10_000), None);
         assert_eq!(key_at(&[], 0), None);
     }
 

@@ -109,14 +109,7 @@ impl Setup {
             )?);
         }
         let topology = dir.join("topology.json");
-        let doc = TopologyDocument {
-            schema: crate::topology::SCHEMA_VERSION,
-            revision: 1,
-            issued_at: crate::topology::unix_now(),
-            // The node under test runs for as long as the benchmark does.
-            valid_until: crate::topology::unix_now() + 30 * 24 * 3600,
-            nodes,
-        };
+        let doc = TopologyDocument::issue(1, nodes);
         std::fs::write(&topology, serde_json::to_vec(&doc).map_err(err)?).map_err(err)?;
         Ok(Setup {
             dir: dir.to_path_buf(),

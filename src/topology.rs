@@ -24,6 +24,10 @@ pub const SCHEMA_VERSION: u32 = 3;
 /// of it has passed, so readers that miss a few re-signings still hold a valid one.
 pub const DOCUMENT_VALIDITY: Duration = Duration::from_secs(3600);
 
+/// How far ahead of a reader's clock a document's `issued_at` may be (clocks drift): one
+/// issued later is refused, so nobody can sign today what takes effect next week.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
 /// Number of mix layers a route crosses.
 pub const MIX_LAYERS: u8 = 3;
 
@@ -196,6 +200,14 @@ pub struct NodeEntry {
 }
 
 impl NodeEntry {
+    /// Whether a client may route through it at `unix_ms`: one of its Sphinx keys is live or
+    /// only just over. A node whose keys are all long over is listed from a stale statement
+    /// (offline since, or replayed by a directory): its secrets are erased, so a packet
+    /// could only be opened by whoever stole them then.
+    pub fn routable_at(&self, unix_ms: u64) -> bool {
+        crate::keys::key_at(&self.sphinx_keys, unix_ms).is_some()
+    }
+
     /// Whether the keys, mode and requester listed are the ones the node itself signed.
     pub fn is_vouched_for(&self) -> bool {
         let s = &self.statement.statement;
@@ -286,6 +298,15 @@ impl Topology {
             return Err(TopologyError::Invalid(format!(
                 "valid_until {} is not after issued_at {}",
                 document.valid_until, document.issued_at
+            )));
+        }
+        // A longer validity would let one signature (a key held for a moment) outlive
+        // every re-signing.
+        if document.valid_until - document.issued_at > DOCUMENT_VALIDITY.as_secs() {
+            return Err(TopologyError::Invalid(format!(
+                "valid for {} s, longer than the {} s directories sign for",
+                document.valid_until - document.issued_at,
+                DOCUMENT_VALIDITY.as_secs()
             )));
         }
         let mut by_identity = HashMap::new();
@@ -397,20 +418,22 @@ impl Topology {
         self.by_noise_key.get(key).map(|i| &self.document.nodes[*i])
     }
 
-    /// Serving mix nodes of one layer.
+    /// Serving mix nodes of one layer (with a Sphinx key to route by: see
+    /// [`NodeEntry::routable_now`]).
     pub fn serving_layer(&self, layer: u8) -> impl Iterator<Item = &NodeEntry> {
-        self.document
-            .nodes
-            .iter()
-            .filter(move |n| n.serving && n.mode == Mode::Mixnode && n.layer == Some(layer))
+        let now = crate::keys::unix_ms();
+        self.document.nodes.iter().filter(move |n| {
+            n.serving && n.mode == Mode::Mixnode && n.layer == Some(layer) && n.routable_at(now)
+        })
     }
 
-    /// Serving gateways (entry or exit).
+    /// Serving gateways (entry or exit) with a Sphinx key to route by.
     pub fn serving_gateways(&self) -> impl Iterator<Item = &NodeEntry> {
+        let now = crate::keys::unix_ms();
         self.document
             .nodes
             .iter()
-            .filter(|n| n.serving && n.mode.is_gateway())
+            .filter(move |n| n.serving && n.mode.is_gateway() && n.routable_at(now))
     }
 }
 
@@ -489,11 +512,29 @@ impl TopologySource {
         }
     }
 
+    /// Loads the document, or (the source out of reach, or serving something refused) the
+    /// remembered one while it is valid: a client started during a directory outage.
+    pub async fn load_or_remembered(&self) -> Result<Topology, TopologyError> {
+        match self.load().await {
+            Ok(t) => Ok(t),
+            Err(e) => self
+                .remembered()
+                .filter(|t| !t.document().is_expired(unix_now()))
+                .ok_or(e),
+        }
+    }
+
     /// Refuses what a reader must not take: an expired document, or one below the
     /// remembered revision. Remembers it otherwise.
     fn admit(&self, topology: &Topology, bytes: &[u8]) -> Result<(), TopologyError> {
         let now = unix_now();
         let doc = topology.document();
+        if doc.issued_at > now.saturating_add(CLOCK_SKEW.as_secs()) {
+            return Err(TopologyError::Invalid(format!(
+                "issued at {} (unix seconds), ahead of this clock ({now})",
+                doc.issued_at
+            )));
+        }
         if doc.is_expired(now) {
             return Err(TopologyError::Expired {
                 revision: doc.revision,
@@ -1049,6 +1090,24 @@ mod tests {
             matches!(err, TopologyError::Expired { revision: 6, .. }),
             "{err}"
         );
+
+        // Signed to last a week, or issued an hour from now: refused (one signature must not
+        // outlive the re-signings, nor take effect later).
+        let mut long = doc(8);
+        long.valid_until = long.issued_at + 7 * 24 * 3600;
+        write(&long);
+        assert!(matches!(
+            restarted.load().await,
+            Err(TopologyError::Invalid(_))
+        ));
+        let mut ahead = doc(8);
+        ahead.issued_at += 3600;
+        ahead.valid_until += 3600;
+        write(&ahead);
+        assert!(matches!(
+            restarted.load().await,
+            Err(TopologyError::Invalid(_))
+        ));
 
         // A valid revision 7 is taken and remembered.
         write(&doc(7));

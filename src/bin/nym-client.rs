@@ -276,6 +276,7 @@ fn config_for(cli: &Cli, dir: Option<&ClientDir>) -> Result<ClientConfig, String
         surb_store: dir.map(ClientDir::surb_store),
         stamps: dir.map(ClientDir::stamps),
         topology_memory: dir.map(ClientDir::topology),
+        completed_ids: dir.map(ClientDir::completed_ids),
         topology_signer,
         ..ClientConfig::default()
     })
@@ -502,7 +503,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             let topology = TopologySource::parse(&config.topology)
                 .signed_by(config.topology_signer)
                 .remembered_in(config.topology_memory.clone())
-                .load()
+                .load_or_remembered()
                 .await
                 .map_err(|e| e.to_string())?;
             let requester =

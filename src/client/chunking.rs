@@ -304,6 +304,19 @@ impl Reassembler {
         }
     }
 
+    /// Treats message `id` as completed (one taken before a restart): its fragments are
+    /// duplicates from now on.
+    pub fn remember_completed(&mut self, id: MessageId) {
+        if self.completed.insert(id, ()).is_none() {
+            self.completed_order.push_back(id);
+            if self.completed_order.len() > self.limits.remember_completed
+                && let Some(old) = self.completed_order.pop_front()
+            {
+                self.completed.remove(&old);
+            }
+        }
+    }
+
     /// Whether the message was completed (and is still remembered).
     pub fn is_completed(&self, id: &MessageId) -> bool {
         self.completed.contains_key(id)
@@ -373,13 +386,7 @@ impl Reassembler {
         };
         self.bytes -= done.bytes;
         self.partial_order.retain(|x| *x != id);
-        self.completed.insert(id, ());
-        self.completed_order.push_back(id);
-        if self.completed_order.len() > self.limits.remember_completed
-            && let Some(old) = self.completed_order.pop_front()
-        {
-            self.completed.remove(&old);
-        }
+        self.remember_completed(id);
         let message = (0..done.count)
             .filter_map(|i| done.parts.remove(&i))
             .flatten()

@@ -20,6 +20,7 @@
 //!   acknowledged.
 
 pub mod chunking;
+pub mod completed;
 pub mod connection;
 pub mod daemon;
 pub mod e2e;
@@ -160,6 +161,10 @@ pub struct ClientConfig {
     /// Where the gateways' registration stamps are kept across restarts; in memory when
     /// `None` (a new process makes them again).
     pub stamps: Option<std::path::PathBuf>,
+    /// Where the ids of messages taken for good are kept across restarts (a client
+    /// directory's `completed`), so a gateway delivering an old ciphertext again cannot show
+    /// the application a message twice; in memory when `None`.
+    pub completed_ids: Option<std::path::PathBuf>,
     /// Keep a received message at the gateway until the application calls
     /// [`MixClient::consumed`], so a crash between hand-over and use loses nothing.
     pub hold_until_consumed: bool,
@@ -189,6 +194,7 @@ impl Default for ClientConfig {
             receipt_resends: 3,
             surb_store: None,
             stamps: None,
+            completed_ids: None,
             hold_until_consumed: false,
             gateway_address: None,
             topology_signer: None,
@@ -222,6 +228,8 @@ pub enum ClientError {
     Stopped,
     #[error(transparent)]
     Surbs(#[from] surbs::SurbStoreError),
+    #[error(transparent)]
+    Completed(#[from] completed::CompletedError),
     #[error("no reply SURBs from this sender tag")]
     NoReplySurbs,
 }
@@ -303,15 +311,7 @@ impl MixClient {
         let source = TopologySource::parse(&config.topology)
             .signed_by(config.topology_signer)
             .remembered_in(config.topology_memory.clone());
-        let first = match source.load().await {
-            Ok(t) => t,
-            // The directory is out of reach or serves something refused: the last good
-            // document will do while it is valid.
-            Err(e) => source
-                .remembered()
-                .filter(|t| !t.document().is_expired(topology::unix_now()))
-                .ok_or(e)?,
-        };
+        let first = source.load_or_remembered().await?;
         let topology = TopologyHandle::with(first);
         let stop = CancellationToken::new();
         tokio::spawn(topology::refresh_loop(
@@ -335,6 +335,20 @@ impl MixClient {
         let surbs =
             surbs::SurbStore::open(config.surb_store.as_deref(), surbs::SurbLimits::default())?;
         let stamps = Arc::new(registration::Stamps::open(config.stamps.clone()));
+        let limits = chunking::ReassemblyLimits::default();
+        let mut reassembler = Reassembler::new(limits);
+        let completed = match &config.completed_ids {
+            Some(path) => {
+                let log = completed::CompletedLog::open(
+                    path,
+                    limits.remember_completed,
+                    topology::unix_now(),
+                )?;
+                log.ids().for_each(|id| reassembler.remember_completed(*id));
+                Some(log)
+            }
+            None => None,
+        };
         let (sender, receiver) = open_session(
             &current,
             &gateway,
@@ -369,7 +383,8 @@ impl MixClient {
             held: HashMap::new(),
             awaiting: HashMap::new(),
             receipts: HashMap::new(),
-            reassembler: Reassembler::new(chunking::ReassemblyLimits::default()),
+            reassembler,
+            completed,
             pending_acks: HashMap::new(),
             to_ack: Vec::new(),
             loops: HashSet::new(),
@@ -636,6 +651,8 @@ struct Actor {
     awaiting: HashMap<MessageId, AwaitingReceipt>,
     receipts: HashMap<[u8; IDENTIFIER_SIZE], (MessageId, SurbReplyRecovery)>,
     reassembler: Reassembler,
+    /// Ids of messages taken for good, on disk (see [`completed`]).
+    completed: Option<completed::CompletedLog>,
     /// Gateway mailbox ids of fragments of incomplete messages: acked once the message is
     /// handed to the application.
     pending_acks: HashMap<MessageId, Vec<u64>>,
@@ -753,8 +770,9 @@ impl Actor {
                 Ok(())
             }
             Command::Consumed(id) => {
-                self.to_ack
-                    .extend(self.held.remove(&id).unwrap_or_default());
+                if let Some(ids) = self.held.remove(&id) {
+                    self.take_for_good(id, ids);
+                }
                 Ok(())
             }
         };
@@ -1403,6 +1421,18 @@ impl Actor {
         let _ = self.events.send(Event::Confirmed { id }).await;
     }
 
+    /// The application has message `id`: remember that on disk, then let the gateway delete
+    /// its fragments (stored as `mailbox_ids`). In that order, so a restart in between shows
+    /// the message again rather than losing it, and a later copy is never shown.
+    fn take_for_good(&mut self, id: MessageId, mailbox_ids: Vec<u64>) {
+        if let Some(log) = &mut self.completed
+            && let Err(e) = log.record(id, topology::unix_now())
+        {
+            tracing::warn!(error = %e, "cannot remember a completed message: a copy delivered after a restart would be shown again");
+        }
+        self.to_ack.extend(mailbox_ids);
+    }
+
     /// Sends a delivery receipt for message `id` through the SURB its sender attached. The
     /// receipt is the message id, which only the recipient of the sealed message knows.
     fn send_receipt(&mut self, id: MessageId, surb: &[u8]) {
@@ -1456,7 +1486,7 @@ impl Actor {
                             if self.config.hold_until_consumed {
                                 self.held.insert(id, ids);
                             } else {
-                                self.to_ack.extend(ids);
+                                self.take_for_good(id, ids);
                             }
                             if let Some(surb) = message.receipt {
                                 self.send_receipt(id, &surb);

@@ -127,6 +127,11 @@ impl ClientDir {
         self.path.join("topology.json")
     }
 
+    /// Ids of messages taken for good (see `client::completed`).
+    pub fn completed_ids(&self) -> PathBuf {
+        self.path.join("completed")
+    }
+
     pub fn surb_store(&self) -> PathBuf {
         self.path.join("surbs.redb")
     }

@@ -47,12 +47,19 @@ pub struct Publication {
     pub retiring: Retirements,
 }
 
+/// How far above the clock (in milliseconds) a pod's reported revision may be and still
+/// count: revisions follow the clock, so one far above it is a pod's lie, which must not
+/// push the revisions to their end (and stop every re-signing).
+const MAX_REPORTED_AHEAD_MS: u64 = 24 * 3600 * 1000;
+
 /// The highest revision anything has seen: the next one must be above it.
 fn revision_floor(ctx: &Context, ns: &str, o: &Observed, plan: &Plan) -> u64 {
+    let believable = clock_revision(ctx).saturating_add(MAX_REPORTED_AHEAD_MS);
     let reported = plan
         .pods
         .iter()
         .filter_map(|p| p.reported_revision)
+        .filter(|r| *r <= believable)
         .max()
         .unwrap_or(0);
     let document = o.published.document.as_ref().map_or(0, |d| d.revision);
