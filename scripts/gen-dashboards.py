@@ -95,6 +95,10 @@ NODE_PANELS = [
          "Clients registered here (each paid a stamp once), and registrations per minute by outcome: registered, stamp_required (a new client told the price), expired (lapsed without a session). A surge of registered with the mailbox near its cap is someone buying identities."),
         ("SURB-ACKs sent", "pps", [("{{instance}}", f'sum by (instance) (rate(nym_node_gateway_acks_sent_total{{{SEL}}}[$__rate_interval]))')],
          "Acknowledgements sent back for stored payloads."),
+        ("Client cover traffic", "pps", [
+            ("dummy frames {{instance}}", f'sum by (instance) (rate(nym_node_gateway_client_dummy_frames_total{{{SEL}}}[$__rate_interval]))'),
+            ("drop cover ended {{instance}}", f'sum by (instance) (rate(nym_node_gateway_drop_cover_total{{{SEL}}}[$__rate_interval]))')],
+         "Dummy frames: sent to paced client sessions with nothing stored to fill their slot, the bandwidth constant-rate downstream costs (each frame 2,447 bytes); near zero with clients connected means their downstream is saturated and their payloads wait in the mailbox. Drop cover: clients' cover packets that ended here and were discarded."),
         ("Refused client sessions", "ops", [
             ("bad messages {{instance}}", f'sum by (instance) (rate(nym_node_gateway_client_messages_refused_total{{{SEL}}}[5m]))'),
             ("before authenticating: {{reason}}", f'sum by (reason) (rate(nym_node_gateway_client_connections_refused_total{{{SEL}}}[5m]))')],

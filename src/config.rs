@@ -189,6 +189,8 @@ knobs! {
     client_rate: u32 = "500";
     /// Gateways: packets one client session may send in a burst above its rate.
     client_burst: u32 = "1000";
+    /// Gateways: the highest downstream rate (frames per second) a client may ask for. A client's session gets frames at the Poisson rate it asks for, up to this: a stored payload when one waits, else a dummy frame, so its link shows the same rate whether it receives or not (each frame is 2,447 bytes: 1 frame/s is 211 MB a day). What arrives faster waits in the mailbox. The exit's own services are not paced.
+    client_downstream_max_rate: u32 = "50";
     /// Gateways: client API connections not yet authenticated, at once; when full, the oldest that has not sent a valid first handshake message is closed for a newcomer (else the oldest past it: a newcomer is never refused).
     client_max_pending_sessions: usize = "1024";
     /// Gateways: client API connections from one address group (an IPv4 address, an IPv6 /64) past their first handshake message and not yet authenticated; a newer one closes the oldest.
@@ -311,6 +313,9 @@ impl Config {
         }
         if self.client_max_pending_per_address == 0 {
             return invalid("client_max_pending_per_address", "must be at least 1");
+        }
+        if self.client_downstream_max_rate == 0 {
+            return invalid("client_downstream_max_rate", "must be at least 1");
         }
         if self.client_rate == 0 {
             return invalid("client_rate", "must be at least 1");

@@ -9,7 +9,13 @@
 //! kind = 1 (data):  [1][ack_len: u16 BE][SURB-ACK: ack_len bytes][sealed fragment ...]
 //! ```
 
+use crate::keys::KeyBytes;
 use crate::mixnet::sphinx::PAYLOAD_SIZE;
+
+/// The destination of drop cover (Loopix's): the final-hop gateway discards a packet for
+/// it unread, unstored and unacknowledged. It learns that the packet was cover, never whose:
+/// it came through the mixnet like any other.
+pub const DROP_COVER_DESTINATION: KeyBytes = KeyBytes([0u8; 32]);
 
 /// Sphinx's own overhead inside a payload (16 zero bytes and a padding marker).
 pub const SPHINX_PAYLOAD_OVERHEAD: usize = 17;

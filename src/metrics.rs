@@ -304,6 +304,8 @@ pub struct Metrics {
     pub clients_connected: IntGauge,
     pub mailbox_payloads: IntGauge,
     pub client_messages_refused: IntCounter,
+    pub client_dummy_frames: IntCounter,
+    pub drop_cover_received: IntCounter,
     pub acks_sent: IntCounter,
     pub dns_cache_hits: IntCounter,
     pub dns_queries: IntCounter,
@@ -687,6 +689,16 @@ impl Metrics {
                 r,
                 "gateway_client_messages_refused_total",
                 "Client API connections closed for a bad message or failed authentication.",
+            ),
+            client_dummy_frames: counter(
+                r,
+                "gateway_client_dummy_frames_total",
+                "Dummy frames sent to paced client sessions: downstream slots with nothing stored to fill them (the cost of constant-rate downstream).",
+            ),
+            drop_cover_received: counter(
+                r,
+                "gateway_drop_cover_total",
+                "Drop cover packets that ended here: discarded unread, unstored and unacknowledged.",
             ),
             acks_sent: counter(
                 r,

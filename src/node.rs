@@ -578,6 +578,7 @@ fn start_gateway(
         shutdown: core.shutdown.clone(),
         rate: config.client_rate,
         burst: config.client_burst,
+        downstream_max_rate: config.client_downstream_max_rate,
         admission: {
             let m = core.metrics.clone();
             Admission::new(

@@ -445,6 +445,7 @@ async fn a_client_with_a_bad_signature_is_refused() {
         identity: me.public(),
         signature,
         stamp: stamp(gw, &me),
+        downstream: nym_node::gateway::protocol::Rate::UNPACED,
     };
     ws.send(Message::Binary(tx.seal(&auth.encode()).unwrap().into()))
         .await
@@ -763,10 +764,11 @@ async fn cover_and_messages_look_the_same_at_the_gateway() {
     let net = Net::start(&three_layers(), |_, _| {}, no_hooks).await;
     let gw = net.member("gateway").entry.identity_key;
 
-    // 1,000 loop cover packets and nothing else.
+    // 1,000 loop cover packets and (nearly) nothing else.
     let looping = MixClient::start(
         ClientConfig {
-            cover_rate: 200.0,
+            cover_rate: 1.0,
+            loop_rate: 200.0,
             ..client_config(&net.topology_path, gw)
         },
         Identity::generate().unwrap(),
@@ -788,12 +790,13 @@ async fn cover_and_messages_look_the_same_at_the_gateway() {
     .await;
 
     // 1,000 one-packet messages to an offline client of the same gateway, at the same
-    // pace (idle slots carry loops, which count the same way).
+    // pace (idle slots carry drop cover, and a few loops go out, which count the same way).
     let recipient = Identity::generate().unwrap();
     let to = ClientAddress::of(&recipient, gw);
     let mut sender = MixClient::start(
         ClientConfig {
             cover_rate: 200.0,
+            loop_rate: 1.0,
             ..client_config(&net.topology_path, gw)
         },
         Identity::generate().unwrap(),
@@ -819,12 +822,19 @@ async fn cover_and_messages_look_the_same_at_the_gateway() {
         // counted after the stop, which may still send what was queued.
         let stats = sender.stats_handle();
         sender.stop().await;
-        let packets = stats
-            .packets_sent
-            .load(std::sync::atomic::Ordering::Relaxed);
-        (packets, packets)
+        // Drop cover in the idle slots ends at the gateway, discarded and unacknowledged.
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        let packets = stats.packets_sent.load(relaxed) - stats.drop_cover_sent.load(relaxed);
+        ((packets, stats.drop_cover_sent.load(relaxed)), packets)
     })
     .await;
+    let (packets, drops) = packets;
+    let discarded = net.node("gateway").metrics.drop_cover_received.get();
+    assert!(drops > 0, "idle slots carried drop cover");
+    assert!(
+        discarded >= drops,
+        "every drop cover ended at the gateway, discarded ({discarded} of {drops})"
+    );
 
     // Both kinds: every packet stored, acknowledged once, and its ack stored for its sender.
     println!(
@@ -872,7 +882,8 @@ async fn loops_dropped_in_the_network_are_reported_missing() {
         let gw = net.member("gateway").entry.identity_key;
         let c = MixClient::start(
             ClientConfig {
-                cover_rate: 50.0,
+                cover_rate: 1.0,
+                loop_rate: 50.0,
                 // Generous, so a busy test machine does not make a healthy loop late.
                 ack_slack: Duration::from_secs(3),
                 ..client_config(&net.topology_path, gw)

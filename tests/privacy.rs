@@ -201,9 +201,7 @@ async fn a_payload_altered_at_the_gateway_is_rejected_and_the_sender_resends_it(
     drop(store);
     net.start_gateway().await;
 
-    let mut back = MixClient::start(client_config(&net.topology, net.gateway), recipient)
-        .await
-        .unwrap();
+    let mut back = MixClient::start(consenting(&net), recipient).await.unwrap();
     // The altered fragment is counted and dropped; no receipt goes back, so the sender
     // sends the message again, and that copy is what the application gets, once.
     let got = receive(&mut back, 1, Duration::from_secs(60)).await;
@@ -245,48 +243,86 @@ async fn a_message_whose_receipt_never_comes_is_reported_failed() {
     net.stop().await;
 }
 
+/// A recipient that sends delivery receipts, after a delay of up to 1 s.
+fn consenting(net: &Network) -> ClientConfig {
+    ClientConfig {
+        send_receipts: true,
+        receipt_delay: Duration::from_secs(1),
+        ..client_config(&net.topology, net.gateway)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resent_copy_of_a_message_already_held_is_confirmed_again_not_delivered_twice() {
+async fn receipts_come_only_from_a_consenting_recipient_once_and_never_for_a_resent_copy() {
     let net = Network::start().await;
+    let asks_receipts = || ClientConfig {
+        receipt_timeout: Some(Duration::from_secs(1)),
+        receipt_resends: 20,
+        ..client_config(&net.topology, net.gateway)
+    };
+    let mut sender = MixClient::start(asks_receipts(), Identity::generate().unwrap())
+        .await
+        .unwrap();
+
+    // By default a recipient sends none: the message arrives, its sender is never told.
+    let quiet = Identity::generate().unwrap();
+    let mut quiet_client =
+        MixClient::start(client_config(&net.topology, net.gateway), quiet.clone())
+            .await
+            .unwrap();
+    let id = sender
+        .send(ClientAddress::of(&quiet, net.gateway), b"read?".to_vec(), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        receive(&mut quiet_client, 1, Duration::from_secs(30)).await,
+        vec![b"read?".to_vec()]
+    );
+    assert!(!confirmed(&mut sender, id, Duration::from_secs(4)).await);
+    assert_eq!(
+        quiet_client.stats().receipts_sent.load(Ordering::Relaxed),
+        0
+    );
+    assert!(
+        quiet_client
+            .stats()
+            .duplicates_dropped
+            .load(Ordering::Relaxed)
+            >= 1,
+        "the sender's resent copies reached it, unanswered"
+    );
+    quiet_client.stop().await;
+
+    // A consenting recipient away until the sender has sent a second copy (as far as the
+    // sender knows, the receipt for the first was lost).
     let recipient = Identity::generate().unwrap();
     let to = ClientAddress::of(&recipient, net.gateway);
-    let mut sender = MixClient::start(
-        ClientConfig {
-            receipt_timeout: Some(Duration::from_secs(1)),
-            receipt_resends: 20,
-            ..client_config(&net.topology, net.gateway)
-        },
-        Identity::generate().unwrap(),
-    )
-    .await
-    .unwrap();
     let body: Vec<u8> = (0..4000u32).map(|i| (i % 241) as u8).collect();
+    let resends_before = sender.stats().resends.load(Ordering::Relaxed);
     let id = sender.send(to, body.clone(), 0).await.unwrap();
-    // The recipient is away until the sender has sent a second copy: as far as the sender
-    // knows, the receipt for the first was lost.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while sender.stats().resends.load(Ordering::Relaxed) == 0 {
+    while sender.stats().resends.load(Ordering::Relaxed) < resends_before + 2 {
         assert!(tokio::time::Instant::now() < deadline, "no resend");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut back = MixClient::start(client_config(&net.topology, net.gateway), recipient)
-        .await
-        .unwrap();
+    let mut back = MixClient::start(consenting(&net), recipient).await.unwrap();
     assert_eq!(
         receive(&mut back, 1, Duration::from_secs(30)).await,
         vec![body]
     );
     assert!(confirmed(&mut sender, id, Duration::from_secs(30)).await);
-    // The second copy reaches a recipient that already handed the message over: it is
-    // confirmed through its own receipt SURB and not handed over again.
+    // Every copy reached the recipient; one receipt went back, for the first, and the
+    // message was handed over once.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while back.stats().receipts_sent.load(Ordering::Relaxed) < 2 {
+    while back.stats().duplicates_dropped.load(Ordering::Relaxed) == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the resent copy was not confirmed"
+            "the copies never came"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    tokio::time::sleep(Duration::from_secs(2)).await; // past any receipt's delay
+    assert_eq!(back.stats().receipts_sent.load(Ordering::Relaxed), 1);
     assert!(
         receive(&mut back, 1, Duration::from_secs(2))
             .await
@@ -294,6 +330,82 @@ async fn a_resent_copy_of_a_message_already_held_is_confirmed_again_not_delivere
     );
     back.stop().await;
     sender.stop().await;
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_ciphertext_delivered_again_after_a_client_restart_is_not_shown_again() {
+    let mut net = Network::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let recipient = Identity::generate().unwrap();
+    let to = ClientAddress::of(&recipient, net.gateway);
+    let (topology, gateway) = (net.topology.clone(), net.gateway);
+    let remembering = || ClientConfig {
+        completed_ids: Some(dir.path().join("completed")),
+        ..client_config(&topology, gateway)
+    };
+    let mut sender = MixClient::start(
+        client_config(&net.topology, net.gateway),
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
+    sender.send(to, b"transfer 10".to_vec(), 0).await.unwrap();
+    assert_eq!(
+        acknowledged(&mut sender, 1, Duration::from_secs(30)).await,
+        1
+    );
+    sender.stop().await;
+
+    // What a dishonest gateway keeps: the stored ciphertext, as it was delivered.
+    net.stop_gateway().await;
+    let store = Mailbox::open(&net.mailbox_path(), 1 << 30).unwrap();
+    let kept = store.fetch_after(&to.identity, 0, 10).unwrap();
+    assert_eq!(kept.len(), 1);
+    drop(store);
+    net.start_gateway().await;
+
+    let mut client = MixClient::start(remembering(), recipient.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        receive(&mut client, 1, Duration::from_secs(30)).await,
+        vec![b"transfer 10".to_vec()]
+    );
+    client.stop().await;
+
+    // The gateway delivers the same ciphertext again, to the restarted client.
+    net.stop_gateway().await;
+    let store = Mailbox::open(&net.mailbox_path(), 1 << 30).unwrap();
+    assert!(
+        store.fetch_after(&to.identity, 0, 10).unwrap().is_empty(),
+        "the client acknowledged it before stopping"
+    );
+    store
+        .store(&[Incoming {
+            client: to.identity,
+            identifier: kept[0].identifier,
+            body: kept[0].body.clone(),
+        }])
+        .unwrap();
+    drop(store);
+    net.start_gateway().await;
+    let mut client = MixClient::start(remembering(), recipient).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while client.stats().duplicates_dropped.load(Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the copy never came"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        receive(&mut client, 1, Duration::from_secs(2))
+            .await
+            .is_empty(),
+        "a message taken before the restart was shown again"
+    );
+    client.stop().await;
     net.stop().await;
 }
 
@@ -367,5 +479,151 @@ async fn fragments_stay_at_the_gateway_until_their_message_is_handed_over() {
         "handed over, so all four acknowledged and deleted"
     );
     drop(store);
+    net.stop().await;
+}
+
+/// A recipient that spends every reply SURB it was given asking its sender for 100 more.
+/// The sender hands out at most a minute's budget more, and its own traffic to others is
+/// not slowed: top-ups only take slots its own packets leave empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_flooding_surb_requests_gets_a_bounded_top_up_and_slows_nobody() {
+    use nym_node::client::chunking::{self, Message, MessageKind, Reassembler, ReassemblyLimits};
+    use nym_node::client::{connection, e2e, packet, top_up};
+    use nym_node::gateway::protocol::{ClientMessage, ServerMessage};
+    use nym_node::message::Envelope;
+    use nym_node::topology::TopologySource;
+
+    const ATTACHED: usize = 100;
+    let net = Network::start().await;
+    let topology = TopologySource::parse(&net.topology.display().to_string())
+        .load()
+        .await
+        .unwrap();
+    let gateway = topology.node(&net.gateway).unwrap().clone();
+    // The attacker registers once as an ordinary client, then speaks the protocol itself.
+    let attacker = Identity::generate().unwrap();
+    MixClient::start(client_config(&net.topology, net.gateway), attacker.clone())
+        .await
+        .unwrap()
+        .stop()
+        .await;
+    let friend = Identity::generate().unwrap();
+    let mut friend_client =
+        MixClient::start(client_config(&net.topology, net.gateway), friend.clone())
+            .await
+            .unwrap();
+    // The sender sends in Poisson slots (20/s), where top-ups would compete.
+    let sender = MixClient::start(
+        ClientConfig {
+            cover_rate: 20.0,
+            loop_rate: 0.0,
+            ..client_config(&net.topology, net.gateway)
+        },
+        Identity::generate().unwrap(),
+    )
+    .await
+    .unwrap();
+    sender
+        .send(
+            ClientAddress::of(&attacker, net.gateway),
+            b"hi".to_vec(),
+            ATTACHED,
+        )
+        .await
+        .unwrap();
+
+    // The attacker collects the message and its SURBs...
+    let (mut tx, mut rx) = connection::connect(
+        gateway.client_address.as_ref().unwrap(),
+        &gateway.noise_key,
+        &attacker,
+        0,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let key = e2e::EncryptionKey::derive(&attacker);
+    let mut reassembler = Reassembler::new(ReassemblyLimits::default());
+    let message = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("the message with its SURBs")
+            .unwrap();
+        let ServerMessage::Deliver { body, .. } = msg else {
+            continue;
+        };
+        let fragment = key.open(&body).unwrap();
+        if let Some((_, bytes)) = reassembler
+            .add(&fragment, tokio::time::Instant::now())
+            .unwrap()
+        {
+            break Message::decode(&bytes).unwrap();
+        }
+    };
+    assert_eq!(message.reply_surbs.len(), ATTACHED);
+    // ... and spends each on a request for 100 more.
+    for surb in &message.reply_surbs {
+        let request = Message {
+            kind: MessageKind::SurbRequest,
+            body: 100u16.to_be_bytes().to_vec(),
+            ..Message::data(Vec::new())
+        };
+        let mut fragments = chunking::split(
+            random_bytes().unwrap()[..16].try_into().unwrap(),
+            &request.encode(),
+            Envelope::fragment_capacity(0),
+        )
+        .unwrap();
+        let envelope = Envelope::Data {
+            ack: None,
+            fragment: fragments.pop().unwrap(),
+        }
+        .encode()
+        .unwrap();
+        let (first_hop, packet) = packet::use_surb(surb, &envelope).unwrap();
+        tx.send(&ClientMessage::Send { first_hop, packet })
+            .await
+            .unwrap();
+    }
+
+    // Meanwhile the sender writes to a friend: all of it arrives.
+    let sent_at = tokio::time::Instant::now();
+    for i in 0..40u8 {
+        sender
+            .send(ClientAddress::of(&friend, net.gateway), vec![i; 500], 0)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        receive(&mut friend_client, 40, Duration::from_secs(60))
+            .await
+            .len(),
+        40
+    );
+    let took = sent_at.elapsed();
+    // Give the requests time to have all arrived.
+    let stats = sender.stats_handle();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stats.surb_requests_refused.load(Ordering::Relaxed) < (ATTACHED - 2) as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requests refused: {}",
+            stats.surb_requests_refused.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let handed_out = stats.surbs_handed_out.load(Ordering::Relaxed) as usize;
+    println!(
+        "40 messages to a friend in {took:?} during the flood; SURBs handed out {handed_out}, requests refused {}",
+        stats.surb_requests_refused.load(Ordering::Relaxed)
+    );
+    assert!(
+        handed_out <= ATTACHED + top_up::PER_ASKER_PER_MINUTE,
+        "{handed_out} SURBs handed out"
+    );
+    assert!(handed_out > ATTACHED, "the first requests were answered");
+    drop((tx, rx));
+    friend_client.stop().await;
+    sender.stop().await;
     net.stop().await;
 }

@@ -64,16 +64,33 @@ struct Cli {
     /// Clients made by init always use their own.
     #[arg(long, global = true)]
     gateway: Option<NodeId>,
+    /// Reach the gateway's client API at HOST:PORT instead of the address the topology gives
+    /// (a port forward, a proxy); the gateway is still authenticated by its key.
+    #[arg(long, global = true)]
+    gateway_address: Option<nym_node::topology::PeerAddress>,
     /// Mean per-hop delay of our packets (e.g. 50ms).
     #[arg(long, default_value = "50ms", value_parser = config::parse_duration, global = true)]
     mean_delay: Duration,
-    /// Poisson rate (packets/s) of outgoing packets; idle slots carry loop cover. 0 disables cover traffic.
-    #[arg(long, default_value_t = 20.0, value_parser = non_negative, global = true)]
-    cover_rate: f64,
-    /// Share (0 to 1) of cover slots that carry drop cover to a made-up client of a random
-    /// gateway instead of a loop back to this client.
-    #[arg(long, default_value_t = 0.0, value_parser = share, global = true)]
-    drop_cover_ratio: f64,
+    /// Poisson rate (frames/s) of the upstream stream: each slot carries a packet of ours, acks
+    /// to the gateway or drop cover. It bounds how fast we send. 0 disables cover traffic
+    /// (loops and downstream pacing too): packets leave at once and show when we talk
+    /// [default: 0.5; socks5 and probe: 20].
+    #[arg(long, value_parser = non_negative, global = true)]
+    cover_rate: Option<f64>,
+    /// Poisson rate (frames/s) of loop cover, a stream of its own that real traffic never
+    /// replaces [default: a fifth of --cover-rate].
+    #[arg(long, value_parser = non_negative, global = true)]
+    loop_rate: Option<f64>,
+    /// Poisson rate (frames/s) at which our gateway sends us frames, real or dummy, so the
+    /// link shows nothing of what we receive; the gateway may grant less. It bounds how fast
+    /// we receive (acks of what we send and loops included) [default: --cover-rate plus
+    /// --loop-rate; 0 with --cover-rate 0].
+    #[arg(long, value_parser = non_negative, global = true)]
+    downstream_rate: Option<f64>,
+    /// Send a delivery receipt (after a random delay of up to 10 s, once per message) to a
+    /// sender that asks for one. Off by default: a receipt tells the sender when we read.
+    #[arg(long, global = true)]
+    send_receipts: bool,
     /// Do not ask for acknowledgements (and so never retransmit).
     #[arg(long, global = true)]
     no_acks: bool,
@@ -93,10 +110,33 @@ fn non_negative(s: &str) -> Result<f64, String> {
     }
 }
 
-fn share(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
-        _ => Err(format!("expected a share from 0 to 1, got {s:?}")),
+/// Upstream slots a second by default: with the loops and the downstream that follow from
+/// it, 0.6 frames/s each way of 2,447 bytes, about 250 MB a day in all (see README).
+const DEFAULT_COVER_RATE: f64 = 0.5;
+/// The SOCKS5 proxy's and the prober's: browsing needs bandwidth, and a probe measures the
+/// network, not the client's slots.
+const FAST_COVER_RATE: f64 = 20.0;
+
+impl Cli {
+    fn cover_rate(&self) -> f64 {
+        let default = match self.command {
+            Command::Socks5 { .. } | Command::Probe { .. } => FAST_COVER_RATE,
+            _ => DEFAULT_COVER_RATE,
+        };
+        self.cover_rate.unwrap_or(default)
+    }
+
+    fn loop_rate(&self) -> f64 {
+        self.loop_rate.unwrap_or(self.cover_rate() / 5.0)
+    }
+
+    fn downstream_rate(&self) -> f64 {
+        match self.cover_rate() > 0.0 {
+            true => self
+                .downstream_rate
+                .unwrap_or(self.cover_rate() + self.loop_rate()),
+            false => self.downstream_rate.unwrap_or(0.0),
+        }
     }
 }
 
@@ -269,8 +309,11 @@ fn config_for(cli: &Cli, dir: Option<&ClientDir>) -> Result<ClientConfig, String
         topology,
         gateway: stored.as_ref().map(|s| s.gateway).or(cli.gateway),
         mean_delay: cli.mean_delay,
-        cover_rate: cli.cover_rate,
-        drop_cover_ratio: cli.drop_cover_ratio,
+        cover_rate: cli.cover_rate(),
+        loop_rate: cli.loop_rate(),
+        downstream_rate: cli.downstream_rate(),
+        send_receipts: cli.send_receipts,
+        gateway_address: cli.gateway_address.clone(),
         acks: !cli.no_acks,
         max_retransmissions: cli.max_retransmissions,
         surb_store: dir.map(ClientDir::surb_store),

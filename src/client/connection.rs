@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::gateway::channel::{self, ChannelHalf, Initiator};
-use crate::gateway::protocol::{ClientMessage, ServerMessage};
+use crate::gateway::protocol::{ClientMessage, Rate, ServerMessage};
 use crate::keys::{Identity, KeyBytes};
 use crate::topology::PeerAddress;
 
@@ -47,17 +47,41 @@ pub struct Sender {
 pub struct Receiver {
     stream: SplitStream<Ws>,
     channel: ChannelHalf,
+    /// The downstream rate the gateway agreed to (unpaced: payloads as they arrive).
+    pub downstream: Rate,
 }
 
 /// Connects to the gateway at `address` whose Noise key (from the topology) is
 /// `gateway_noise`, and proves `identity`, with `stamp` to pay for its registration if the
 /// gateway does not know it yet (see [`crate::gateway::stamp`]). A gateway that cannot
-/// complete the handshake for that key is refused.
+/// complete the handshake for that key is refused. The session is unpaced (see
+/// [`connect_paced`]).
 pub async fn connect(
     address: &PeerAddress,
     gateway_noise: &KeyBytes,
     identity: &Identity,
     stamp: u64,
+    timeout: Duration,
+) -> Result<(Sender, Receiver), ConnectionError> {
+    connect_paced(
+        address,
+        gateway_noise,
+        identity,
+        stamp,
+        Rate::UNPACED,
+        timeout,
+    )
+    .await
+}
+
+/// [`connect`], asking the gateway to send frames at the Poisson rate `downstream` (it may
+/// grant less: [`Receiver::downstream`] says what it agreed to).
+pub async fn connect_paced(
+    address: &PeerAddress,
+    gateway_noise: &KeyBytes,
+    identity: &Identity,
+    stamp: u64,
+    downstream: Rate,
     timeout: Duration,
 ) -> Result<(Sender, Receiver), ConnectionError> {
     let run = async {
@@ -80,16 +104,21 @@ pub async fn connect(
         let mut receiver = Receiver {
             stream,
             channel: rx,
+            downstream: Rate::UNPACED,
         };
         sender
             .send(&ClientMessage::Auth {
                 identity: identity.public(),
                 signature,
                 stamp,
+                downstream,
             })
             .await?;
         match receiver.recv().await? {
-            ServerMessage::AuthOk => Ok((sender, receiver)),
+            ServerMessage::AuthOk { rate } => {
+                receiver.downstream = rate;
+                Ok((sender, receiver))
+            }
             ServerMessage::StampRequired { bits } => Err(ConnectionError::StampRequired { bits }),
             _ => Err(ConnectionError::Unexpected),
         }

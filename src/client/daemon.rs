@@ -154,7 +154,7 @@ impl Daemon {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 event = client.next_event(), if self.waiting.len() < MAX_WAITING => match event {
-                    Some(Event::Received { id, body, sender_tag }) => {
+                    Some(Event::Received { id, body, sender_tag, .. }) => {
                         let response = Response::Received { message: body, sender_tag };
                         self.waiting.push_back(Waiting { id, response });
                         self.hand_over();

@@ -9,7 +9,13 @@
 //!
 //! ```text
 //! sealed = enc (32) || HPKE-seal(len:u16 || fragment || zero padding) (+16)
+//! associated data = recipient identity (32) || recipient encryption key (32)
 //! ```
+//!
+//! The associated data binds each ciphertext to the address it was sealed for; the message
+//! id and fragment index travel in the fragment's header, inside the authenticated plaintext,
+//! so a ciphertext cannot be relabelled as part of another message either (and one delivered
+//! again is recognised by its id: see [`super::completed`]).
 //!
 //! A client's encryption key pair is derived from its identity secret (HPKE's own
 //! `DeriveKeyPair` over a domain-separated input), so one identity file holds both keys and
@@ -26,7 +32,7 @@ use crate::keys::{Identity, KeyBytes};
 pub const OVERHEAD: usize = 32 + 16 + 2;
 
 /// HPKE `info`: binds every ciphertext to this protocol and its purpose.
-const INFO: &[u8] = b"nym-node-rs/fragment/1";
+const INFO: &[u8] = b"nym-node-rs/fragment/2";
 /// Domain separation of the key derivation from the identity secret.
 const DERIVE_LABEL: &[u8] = b"nym-node-rs/client-encryption-key/1";
 
@@ -51,6 +57,16 @@ pub enum E2eError {
 pub struct EncryptionKey {
     secret: <X25519HkdfSha256 as hpke::Kem>::PrivateKey,
     public: KeyBytes,
+    /// The identity it belongs to (half of the associated data).
+    identity: KeyBytes,
+}
+
+/// The associated data of a fragment sealed for `identity`'s `encryption` key.
+fn associated_data(identity: &KeyBytes, encryption: &KeyBytes) -> [u8; 64] {
+    let mut ad = [0u8; 64];
+    ad[..32].copy_from_slice(&identity.0);
+    ad[32..].copy_from_slice(&encryption.0);
+    ad
 }
 
 impl EncryptionKey {
@@ -63,6 +79,7 @@ impl EncryptionKey {
         EncryptionKey {
             secret,
             public: KeyBytes(key),
+            identity: identity.public(),
         }
     }
 
@@ -84,7 +101,7 @@ impl EncryptionKey {
             &enc,
             INFO,
             ciphertext,
-            &[],
+            &associated_data(&self.identity, &self.public),
         )
         .map_err(|_| E2eError::Open)?;
         let [hi, lo, ..] = padded[..] else {
@@ -98,9 +115,14 @@ impl EncryptionKey {
     }
 }
 
-/// Seals a fragment to a recipient's encryption key, padded so the result is exactly
-/// `sealed_len` bytes.
-pub fn seal(to: &KeyBytes, fragment: &[u8], sealed_len: usize) -> Result<Vec<u8>, E2eError> {
+/// Seals a fragment for the client `identity` whose encryption key is `to`, padded so the
+/// result is exactly `sealed_len` bytes.
+pub fn seal(
+    identity: &KeyBytes,
+    to: &KeyBytes,
+    fragment: &[u8],
+    sealed_len: usize,
+) -> Result<Vec<u8>, E2eError> {
     if fragment.len() + OVERHEAD > sealed_len || sealed_len - OVERHEAD + 2 > u16::MAX as usize {
         return Err(E2eError::TooLarge(fragment.len(), sealed_len));
     }
@@ -115,7 +137,7 @@ pub fn seal(to: &KeyBytes, fragment: &[u8], sealed_len: usize) -> Result<Vec<u8>
             &public,
             INFO,
             &plaintext,
-            &[],
+            &associated_data(identity, to),
         )
         .map_err(|_| E2eError::Seal)?;
     let mut out = Vec::with_capacity(sealed_len);
@@ -134,17 +156,26 @@ mod tests {
         let key = EncryptionKey::derive(&me);
         // Derivation is deterministic: the address can be recomputed from the identity.
         assert_eq!(key.public(), EncryptionKey::derive(&me).public());
-        let sealed = seal(&key.public(), b"a fragment", 500).unwrap();
+        let sealed = seal(&me.public(), &key.public(), b"a fragment", 500).unwrap();
         assert_eq!(sealed.len(), 500, "padded to the fixed size");
         assert_eq!(key.open(&sealed).unwrap(), b"a fragment");
-        assert_eq!(seal(&key.public(), &[7; 450], 500).unwrap().len(), 500);
         assert_eq!(
-            key.open(&seal(&key.public(), &[], 500).unwrap()).unwrap(),
+            seal(&me.public(), &key.public(), &[7; 450], 500)
+                .unwrap()
+                .len(),
+            500
+        );
+        assert_eq!(
+            key.open(&seal(&me.public(), &key.public(), &[], 500).unwrap())
+                .unwrap(),
             b""
         );
-        assert!(seal(&key.public(), &[7; 451], 500).is_err());
+        assert!(seal(&me.public(), &key.public(), &[7; 451], 500).is_err());
         // Two seals of the same plaintext differ (fresh encapsulation each time).
-        assert_ne!(sealed, seal(&key.public(), b"a fragment", 500).unwrap());
+        assert_ne!(
+            sealed,
+            seal(&me.public(), &key.public(), b"a fragment", 500).unwrap()
+        );
         for i in [0, 31, 32, sealed.len() - 1] {
             let mut bad = sealed.clone();
             bad[i] ^= 1;
@@ -152,6 +183,9 @@ mod tests {
         }
         let other = EncryptionKey::derive(&Identity::generate().unwrap());
         assert_eq!(other.open(&sealed), Err(E2eError::Open));
+        // Sealed to the right key for another identity: the associated data differs.
+        let elsewhere = seal(&other.identity, &key.public(), b"a fragment", 500).unwrap();
+        assert_eq!(key.open(&elsewhere), Err(E2eError::Open));
         assert_eq!(key.open(&sealed[..10]), Err(E2eError::Truncated(10)));
     }
 }

@@ -119,6 +119,11 @@ pub async fn serve(
                 }
             },
             event = client.next_event() => match event {
+                // Only the exit's answers, through the SURBs we sent it: anyone may write to
+                // this client, and a guessed stream id must not let them into a stream.
+                Some(Event::Received { reply_from, .. }) if reply_from != Some(requester) => {
+                    tracing::debug!("a message not from the exit; ignored");
+                }
                 Some(Event::Received { body, .. }) => match Frame::decode(&body) {
                     Ok(frame) => {
                         let tx = streams.lock().get(&frame.stream).cloned();

@@ -21,7 +21,7 @@ use crate::mixnet::sphinx::PACKET_SIZE;
 
 pub const NOISE_PARAMS: &str = "Noise_NK_25519_ChaChaPoly_BLAKE2s";
 /// Bound into the handshake hash (and so into the client's signature).
-pub const PROLOGUE: &[u8] = b"nym-node-rs/client-link/2";
+pub const PROLOGUE: &[u8] = b"nym-node-rs/client-link/3";
 /// Domain separation of the client's signature over the handshake hash.
 pub const AUTH_CONTEXT: &[u8] = b"nym-node-rs/client-auth/2";
 /// Largest protocol message: a `Send` (type, first hop, Sphinx packet).

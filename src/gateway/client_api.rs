@@ -5,7 +5,9 @@
 //! signing the handshake hash. After that it sends Sphinx packets (forwarded to their first
 //! hop at once) and receives the payloads stored for it, which it acknowledges so the
 //! mailbox can delete them. What was not acknowledged is delivered again on the next
-//! session. Every frame after the handshake has the same size.
+//! session. Every frame after the handshake has the same size, and the gateway sends them
+//! at the Poisson rate the client asked for (capped by `NYM_NODE_CLIENT_DOWNSTREAM_MAX_RATE`,
+//! see [`super::downstream`]), so its link shows nothing of what it receives.
 //!
 //! A client not registered here must attach a registration stamp ([`super::stamp`]) to
 //! its authentication; one without gets the bits wanted and is closed, to come back with
@@ -33,9 +35,10 @@ use tracing::Instrument;
 use crate::admission::{Admission, Place};
 use crate::gateway::channel::{self, ChannelHalf};
 use crate::gateway::client_listener::{AdmittingListener, ClientConn};
+use crate::gateway::downstream::Downstream;
 use crate::gateway::mailbox::Mailbox;
 use crate::gateway::mailbox::registry::Attendance;
-use crate::gateway::protocol::{ClientMessage, ServerMessage, close};
+use crate::gateway::protocol::{ClientMessage, Rate, ServerMessage, close};
 use crate::gateway::rate_limit::TokenBucket;
 use crate::gateway::sessions::{Session, Sessions};
 use crate::gateway::{stamp, surb_ack};
@@ -48,8 +51,11 @@ use crate::shutdown::Shutdown;
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to take one frame off the socket once the kernel's buffers are full.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
-/// Stored payloads pushed per mailbox read.
+/// Stored payloads pushed per mailbox read (unpaced sessions).
 const PUSH_BATCH: usize = 64;
+/// How far behind its schedule a paced session may fall and catch up (slots missed while a
+/// write was slow are sent back to back, up to this much of them, then dropped).
+const SLOT_CATCH_UP: Duration = Duration::from_secs(1);
 /// A session's acknowledgements are deleted together, one transaction per interval...
 const ACK_FLUSH: Duration = Duration::from_millis(200);
 /// ... and at most this many ids per interval: more are ignored (those payloads are simply
@@ -72,6 +78,8 @@ pub struct ClientApi {
     pub shutdown: Shutdown,
     pub rate: u32,
     pub burst: u32,
+    /// The highest downstream rate (frames a second) a client may ask for.
+    pub downstream_max_rate: u32,
     /// Places for connections not yet authenticated.
     pub admission: Arc<Admission>,
 }
@@ -151,12 +159,13 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>, place: Place) {
         _ = place.closed() => None,
     };
     drop(place);
-    let Some((session, attendance, mut tx, mut rx)) = authenticated else {
+    let Some((session, attendance, mut tx, mut rx, rate)) = authenticated else {
         return;
     };
-    tracing::debug!(client = %session.client.short(), "client session opened");
+    tracing::debug!(client = %session.client.short(), rate = rate.as_per_second(), "client session opened");
     let mut bucket = TokenBucket::new(api.rate, api.burst);
-    let mut cursor = 0u64;
+    let mut downstream = Downstream::new(session.client, rate);
+    let mut next_slot = downstream.next_slot(tokio::time::Instant::now());
     let mut acked: Vec<u64> = Vec::new();
     let mut ack_flush = tokio::time::interval(ACK_FLUSH);
     ack_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -174,9 +183,22 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>, place: Place) {
             }
             _ = ack_flush.tick() => flush_acks(&api, &session, &mut acked).await,
             _ = session.notify.notified() => {
-                if !push_stored(&mut socket, &mut tx, &api, &session, &mut cursor).await {
+                if downstream.is_paced() {
+                    downstream.stored();
+                } else if !push_stored(&mut socket, &mut tx, &api, &mut downstream).await {
                     break;
                 }
+            }
+            _ = sleep_until_opt(next_slot) => {
+                let frame = downstream.fill_slot(&api.mailbox).await;
+                if matches!(frame, ServerMessage::Dummy) {
+                    api.metrics.client_dummy_frames.inc();
+                }
+                if !send(&mut socket, &mut tx, frame).await {
+                    break;
+                }
+                // Counted from the slot, not from now: a slow write must not lower the rate.
+                next_slot = next_slot.and_then(|slot| downstream.next_slot(catch_up_from(slot)));
             }
             msg = next_binary(&mut socket) => {
                 let bytes = match msg {
@@ -267,6 +289,7 @@ async fn flush_acks(api: &ClientApi, session: &Session, acked: &mut Vec<u64>) {
 struct Authenticated {
     identity: KeyBytes,
     stamp: u64,
+    downstream: Rate,
     tx: ChannelHalf,
     rx: ChannelHalf,
 }
@@ -277,7 +300,7 @@ async fn authenticate(
     socket: &mut WebSocket,
     api: &ClientApi,
     place: &Place,
-) -> Option<(Session, Attendance, ChannelHalf, ChannelHalf)> {
+) -> Option<(Session, Attendance, ChannelHalf, ChannelHalf, Rate)> {
     let Ok(Some(auth)) = tokio::time::timeout(AUTH_TIMEOUT, handshake(socket, api, place)).await
     else {
         api.metrics.client_messages_refused.inc();
@@ -288,9 +311,15 @@ async fn authenticate(
     let Authenticated {
         identity,
         stamp,
+        downstream,
         mut tx,
         rx,
     } = auth;
+    // The exit's own services are not observed from outside: no pacing for them.
+    let rate = match api.exempt.contains(&identity) {
+        true => Rate::UNPACED,
+        false => downstream.capped(api.downstream_max_rate),
+    };
     let attendance = match register(api, identity, stamp).await {
         Ok(Some(attendance)) => attendance,
         Ok(None) => {
@@ -308,10 +337,10 @@ async fn authenticate(
         }
     };
     let session = api.sessions.attach(identity);
-    if !send(socket, &mut tx, ServerMessage::AuthOk).await {
+    if !send(socket, &mut tx, ServerMessage::AuthOk { rate }).await {
         return None;
     }
-    Some((session, attendance, tx, rx))
+    Some((session, attendance, tx, rx, rate))
 }
 
 /// The Noise handshake, then the client's signature over its hash.
@@ -336,9 +365,11 @@ async fn handshake(
             identity,
             signature,
             stamp,
+            downstream,
         }) if verify_signature(&identity, &expected, &signature) => Some(Authenticated {
             identity,
             stamp,
+            downstream,
             tx,
             rx,
         }),
@@ -373,41 +404,39 @@ async fn register(
     }))
 }
 
-/// Sends every stored payload after `cursor`; false if the socket failed.
+/// Sends an unpaced session every stored payload not yet sent; false if the socket failed.
 async fn push_stored(
     socket: &mut WebSocket,
     tx: &mut ChannelHalf,
     api: &ClientApi,
-    session: &Session,
-    cursor: &mut u64,
+    downstream: &mut Downstream,
 ) -> bool {
     loop {
-        let mailbox = api.mailbox.clone();
-        let (client, after) = (session.client, *cursor);
-        let fetched =
-            tokio::task::spawn_blocking(move || mailbox.fetch_after(&client, after, PUSH_BATCH))
-                .await;
-        let items = match fetched {
-            Ok(Ok(items)) => items,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "mailbox read failed");
-                return true;
-            }
-            Err(_) => return true,
-        };
-        if items.is_empty() {
+        let batch = downstream.take_all(&api.mailbox, PUSH_BATCH).await;
+        if batch.is_empty() {
             return true;
         }
-        for item in items {
-            *cursor = item.id;
-            let msg = ServerMessage::Deliver {
-                id: item.id,
-                identifier: item.identifier,
-                body: item.body,
-            };
+        for msg in batch {
             if !send(socket, tx, msg).await {
                 return false;
             }
         }
+    }
+}
+
+/// Where the next slot is counted from: the last slot's time, unless the session fell
+/// more than [`SLOT_CATCH_UP`] behind it.
+fn catch_up_from(slot: tokio::time::Instant) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    match now.checked_sub(SLOT_CATCH_UP) {
+        Some(floor) => slot.max(floor),
+        None => slot,
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }

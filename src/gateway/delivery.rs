@@ -17,7 +17,7 @@ use crate::gateway::mailbox::{Incoming, Mailbox, Outcome};
 use crate::gateway::sessions::Sessions;
 use crate::gateway::surb_ack;
 use crate::keys::KeyBytes;
-use crate::message::Envelope;
+use crate::message::{DROP_COVER_DESTINATION, Envelope};
 use crate::metrics::{DropReason, Metrics};
 use crate::mixnet::intake::ForwardItem;
 use crate::mixnet::sphinx::{FinalHop, IDENTIFIER_SIZE};
@@ -104,6 +104,10 @@ impl Delivery {
     }
 
     fn parse(&self, hop: FinalHop) -> Option<Parsed> {
+        if hop.destination == DROP_COVER_DESTINATION {
+            self.metrics.drop_cover_received.inc();
+            return None;
+        }
         if hop.identifier != [0u8; IDENTIFIER_SIZE] {
             // A reply or an acknowledgement sent with a SURB: only its client can open it.
             return Some(Parsed {

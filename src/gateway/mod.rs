@@ -5,6 +5,7 @@ pub mod channel;
 pub mod client_api;
 pub mod client_listener;
 pub mod delivery;
+pub mod downstream;
 pub mod exit_policy;
 pub mod mailbox;
 pub mod network_requester;

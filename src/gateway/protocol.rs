@@ -3,15 +3,22 @@
 //!
 //! ```text
 //! client → server  0x02 Auth       [client identity: 32][ed25519 signature: 64][stamp: u64 BE]
-//! server → client  0x03 AuthOk
+//!                                   [downstream rate wanted: u32 BE, frames per 1000 s]
+//! server → client  0x03 AuthOk     [downstream rate agreed: u32 BE, frames per 1000 s]
 //! server → client  0x04 StampRequired [bits: u8]
 //! client → server  0x10 Send       [first hop identity: 32][Sphinx packet]
 //! server → client  0x20 Deliver    [id: u64 BE][SURB identifier: 16][body ...]
 //! client → server  0x21 Ack        [id: u64 BE]{1..=MAX_ACK_IDS}
+//! server → client  0x22 Dummy      (a downstream slot with nothing in it)
 //! ```
 //! The signature covers the channel's handshake hash ([`super::channel::Channel::auth_message`]),
 //! so it authenticates that one channel and cannot be replayed on another. The stamp
 //! ([`super::stamp`]) pays for a registration; a registered client's is not checked.
+//!
+//! The downstream rate is the Poisson rate at which the gateway sends this session frames
+//! (a stored payload when one waits, else a `Dummy`), so an observer of the link sees the
+//! same rate whether the client receives or not; the gateway caps what a client asks for.
+//! 0 asks for no pacing: payloads are pushed as they arrive.
 
 use crate::keys::{KeyBytes, NodeId};
 use crate::mixnet::sphinx::{IDENTIFIER_SIZE, PACKET_SIZE, PacketBytes};
@@ -41,6 +48,7 @@ const STAMP_REQUIRED: u8 = 0x04;
 const SEND: u8 = 0x10;
 const DELIVER: u8 = 0x20;
 const ACK: u8 = 0x21;
+const DUMMY: u8 = 0x22;
 
 /// Largest message a client may send (a Send message).
 pub const MAX_CLIENT_MESSAGE: usize = 1 + 32 + PACKET_SIZE;
@@ -49,16 +57,51 @@ pub const MAX_ACK_IDS: usize = (MAX_CLIENT_MESSAGE - 1) / 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerMessage {
-    AuthOk,
-    /// Registration needs a stamp of this many bits (the session closes next).
-    StampRequired {
-        bits: u8,
+    AuthOk {
+        /// The downstream rate the gateway keeps to, per [`Rate`].
+        rate: Rate,
     },
+    /// Registration needs a stamp of this many bits (the session closes next).
+    StampRequired { bits: u8 },
     Deliver {
         id: u64,
         identifier: [u8; IDENTIFIER_SIZE],
         body: Vec<u8>,
     },
+    /// A downstream slot with nothing stored to fill it.
+    Dummy,
+}
+
+/// A frame rate on the wire: frames per 1000 seconds, so rates below one a second fit an
+/// integer. 0 means unpaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Rate(pub u32);
+
+impl Rate {
+    pub const UNPACED: Rate = Rate(0);
+
+    /// `per_second` frames a second, rounded to the wire's precision (negative and
+    /// non-finite values are unpaced; very large ones saturate).
+    pub fn per_second(per_second: f64) -> Rate {
+        if !per_second.is_finite() || per_second <= 0.0 {
+            return Rate::UNPACED;
+        }
+        Rate((per_second * 1000.0).round().min(u32::MAX as f64) as u32)
+    }
+
+    pub fn as_per_second(self) -> f64 {
+        self.0 as f64 / 1000.0
+    }
+
+    pub fn is_paced(self) -> bool {
+        self.0 > 0
+    }
+
+    /// What a gateway grants when a client asks for `self` and it allows at most `max`
+    /// frames a second: the smaller, and unpaced stays unpaced.
+    pub fn capped(self, max: u32) -> Rate {
+        Rate(self.0.min(max.saturating_mul(1000)))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +111,8 @@ pub enum ClientMessage {
         signature: [u8; 64],
         /// Registration stamp nonce (any value from a registered client).
         stamp: u64,
+        /// The downstream rate the client asks for.
+        downstream: Rate,
     },
     Send {
         first_hop: NodeId,
@@ -98,7 +143,8 @@ fn key(bytes: &[u8]) -> KeyBytes {
 impl ServerMessage {
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            ServerMessage::AuthOk => vec![AUTH_OK],
+            ServerMessage::AuthOk { rate } => [&[AUTH_OK][..], &rate.0.to_be_bytes()].concat(),
+            ServerMessage::Dummy => vec![DUMMY],
             ServerMessage::StampRequired { bits } => vec![STAMP_REQUIRED, *bits],
             ServerMessage::Deliver {
                 id,
@@ -111,7 +157,10 @@ impl ServerMessage {
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
         let (&t, rest) = bytes.split_first().ok_or(ProtocolError::Empty)?;
         match t {
-            AUTH_OK if rest.is_empty() => Ok(ServerMessage::AuthOk),
+            AUTH_OK if rest.len() == 4 => Ok(ServerMessage::AuthOk {
+                rate: Rate(u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]])),
+            }),
+            DUMMY if rest.is_empty() => Ok(ServerMessage::Dummy),
             STAMP_REQUIRED if rest.len() == 1 => Ok(ServerMessage::StampRequired { bits: rest[0] }),
             DELIVER if rest.len() >= 8 + IDENTIFIER_SIZE => {
                 let mut id = [0u8; 8];
@@ -124,7 +173,9 @@ impl ServerMessage {
                     body: rest[8 + IDENTIFIER_SIZE..].to_vec(),
                 })
             }
-            AUTH_OK | STAMP_REQUIRED | DELIVER => Err(ProtocolError::BadLength(t, bytes.len())),
+            AUTH_OK | STAMP_REQUIRED | DELIVER | DUMMY => {
+                Err(ProtocolError::BadLength(t, bytes.len()))
+            }
             other => Err(ProtocolError::UnknownType(other)),
         }
     }
@@ -137,11 +188,13 @@ impl ClientMessage {
                 identity,
                 signature,
                 stamp,
+                downstream,
             } => [
                 &[AUTH][..],
                 identity.as_bytes(),
                 signature,
                 &stamp.to_be_bytes(),
+                &downstream.0.to_be_bytes(),
             ]
             .concat(),
             ClientMessage::Send { first_hop, packet } => {
@@ -161,15 +214,18 @@ impl ClientMessage {
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
         let (&t, rest) = bytes.split_first().ok_or(ProtocolError::Empty)?;
         match t {
-            AUTH if rest.len() == 104 => {
+            AUTH if rest.len() == 108 => {
                 let mut signature = [0u8; 64];
                 signature.copy_from_slice(&rest[32..96]);
                 let mut stamp = [0u8; 8];
-                stamp.copy_from_slice(&rest[96..]);
+                stamp.copy_from_slice(&rest[96..104]);
+                let r = &rest[104..108];
+                let downstream = Rate(u32::from_be_bytes([r[0], r[1], r[2], r[3]]));
                 Ok(ClientMessage::Auth {
                     identity: key(rest),
                     signature,
                     stamp: u64::from_be_bytes(stamp),
+                    downstream,
                 })
             }
             SEND if rest.len() == 32 + PACKET_SIZE => {
@@ -204,7 +260,8 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let server = [
-            ServerMessage::AuthOk,
+            ServerMessage::AuthOk { rate: Rate(500) },
+            ServerMessage::Dummy,
             ServerMessage::StampRequired { bits: 22 },
             ServerMessage::Deliver {
                 id: 9,
@@ -220,6 +277,7 @@ mod tests {
                 identity: KeyBytes([1; 32]),
                 signature: [2; 64],
                 stamp: u64::MAX - 1,
+                downstream: Rate::per_second(2.5),
             },
             ClientMessage::Send {
                 first_hop: KeyBytes([3; 32]),
@@ -234,6 +292,16 @@ mod tests {
             assert!(bytes.len() <= MAX_CLIENT_MESSAGE);
             assert_eq!(ClientMessage::decode(&bytes).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn a_gateway_caps_the_rate_asked_for() {
+        assert_eq!(Rate::per_second(2.5), Rate(2500));
+        assert_eq!(Rate::per_second(-1.0), Rate::UNPACED);
+        assert_eq!(Rate::per_second(f64::NAN), Rate::UNPACED);
+        assert_eq!(Rate::per_second(1e12).capped(50), Rate(50_000));
+        assert_eq!(Rate(2500).capped(50), Rate(2500));
+        assert_eq!(Rate::UNPACED.capped(50), Rate::UNPACED);
     }
 
     #[test]

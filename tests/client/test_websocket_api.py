@@ -114,9 +114,9 @@ class Daemon:
 
     def start(self):
         env = dict(os.environ, NYM_CLIENT_DATA_DIR=self.data_dir)
+        rate = [] if "--cover-rate" in self.args else ["--cover-rate", "5"]
         self.proc = subprocess.Popen([os.path.join(binaries(), "nym-client"), "run", "--id", self.name,
-                                      "--listen", f"127.0.0.1:{self.port}", "--cover-rate", "5",
-                                      *self.args],
+                                      "--listen", f"127.0.0.1:{self.port}", *rate, *self.args],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 30
         while time.time() < deadline:
