@@ -1320,7 +1320,8 @@ async fn a_stalled_mailbox_never_stalls_the_packets_a_gateway_forwards() {
     }
     .encode()
     .unwrap();
-    for i in 0..100u8 {
+    for i in 1..=100u8 {
+        // (Not the all-zero destination: that is drop cover, discarded.)
         let p = net.packet(
             &["gateway"],
             nym_node::keys::KeyBytes([i; 32]),

@@ -327,254 +327,28 @@ fn config_for(cli: &Cli, dir: Option<&ClientDir>) -> Result<ClientConfig, String
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
     match &cli.command {
-        Command::Init => {
-            let dir = need_client(&cli)?;
-            if settings(&dir)?.is_some() {
-                return Err(format!(
-                    "{}: a client already exists here",
-                    dir.path.display()
-                ));
-            }
-            let identity = match dir.identity() {
-                Ok(id) => id, // made by an older init: keep it
-                Err(_) => Identity::generate().map_err(|e| e.to_string())?,
-            };
-            let mut config = config_for(&cli, None)?;
-            // A file given by a relative path is remembered by its full path.
-            if let Ok(full) = std::fs::canonicalize(&config.topology) {
-                config.topology = full.display().to_string();
-            }
-            // Connecting registers the client with the gateway; the gateway it picked
-            // (or was given) is its gateway from now on.
-            let client = MixClient::start(config.clone(), identity.clone())
-                .await
-                .map_err(|e| e.to_string())?;
-            let address = client.address();
-            client.stop().await;
-            dir.create(
-                &identity,
-                &Settings {
-                    gateway: address.gateway,
-                    topology: Some(config.topology),
-                    topology_signer: config.topology_signer,
-                    unsigned_topology: config.topology_signer.is_none(),
-                },
-            )
-            .map_err(|e| e.to_string())?;
-            println!("{address}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Address => {
-            let dir = need_client(&cli)?;
-            let identity = dir.identity().map_err(|e| e.to_string())?;
-            let Some(settings) = settings(&dir)? else {
-                return Err(format!(
-                    "{}: no gateway chosen yet; run `nym-client init` with this client first",
-                    dir.path.display()
-                ));
-            };
-            println!("{}", ClientAddress::of(&identity, settings.gateway));
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Init => init(&cli).await,
+        Command::Address => address(&cli).await,
         Command::Run {
             listen,
             allow_remote,
             allow_origins,
             require_token,
-        } => {
-            let listen = websocket::check_listen(*listen, *allow_remote)?;
-            let dir = need_client(&cli)?;
-            let config = config_for(&cli, Some(&dir))?;
-            let stop = CancellationToken::new();
-            tokio::spawn(stop_on_signals(stop.clone()));
-            let access = daemon::ApiAccess {
-                origins: websocket::AllowedOrigins::new(allow_origins.iter().cloned()),
-                require_token: *require_token,
-            };
-            daemon::run(config, dir, listen, access, stop, None)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(ExitCode::SUCCESS)
-        }
+        } => serve_api(&cli, listen, allow_remote, allow_origins, require_token).await,
         Command::Send {
             to,
             message,
             reply_surbs,
             receipt,
             timeout,
-        } => {
-            let dir = client_dir(&cli)?;
-            if let Some(dir) = &dir
-                && let Some(running) = dir.running().map_err(|e| e.to_string())?
-            {
-                if receipt.is_some() {
-                    return Err("--receipt needs the client's own session; `nym-client run` holds it for this client".into());
-                }
-                let request = if *reply_surbs > 0 {
-                    Request::SendAnonymous {
-                        recipient: to.to_string(),
-                        message: message.clone(),
-                        reply_surbs: *reply_surbs as u32,
-                        connection_id: None,
-                    }
-                } else {
-                    Request::Send {
-                        recipient: to.to_string(),
-                        message: message.clone(),
-                        with_reply_surb: false,
-                        connection_id: None,
-                    }
-                };
-                send_through_running(&running, &request).await?;
-                println!("queued by the running client");
-                return Ok(ExitCode::SUCCESS);
-            }
-            let _lock = match &dir {
-                Some(d) => Some(
-                    d.try_lock()
-                        .map_err(|e| e.to_string())?
-                        .ok_or("another nym-client holds this client's session")?,
-                ),
-                None => None,
-            };
-            let mut config = config_for(&cli, dir.as_ref())?;
-            config.receipt_timeout = *receipt;
-            let identity = match &dir {
-                Some(d) => d.identity().map_err(|e| e.to_string())?,
-                None => Identity::generate().map_err(|e| e.to_string())?,
-            };
-            let mut client = MixClient::start(config, identity)
-                .await
-                .map_err(|e| e.to_string())?;
-            let msg_id = client
-                .send(*to, message.clone().into_bytes(), *reply_surbs)
-                .await
-                .map_err(|e| e.to_string())?;
-            let outcome = tokio::time::timeout(*timeout, async {
-                loop {
-                    match client.next_event().await {
-                        Some(Event::Delivered { id }) if id == msg_id && receipt.is_none() => {
-                            return true;
-                        }
-                        Some(Event::Confirmed { id }) if id == msg_id => return true,
-                        Some(Event::Failed { id }) if id == msg_id => return false,
-                        Some(_) => {}
-                        None => return false,
-                    }
-                }
-            })
-            .await
-            .unwrap_or(false);
-            client.stop().await;
-            if outcome {
-                println!(
-                    "{}",
-                    if receipt.is_some() {
-                        "confirmed by the recipient"
-                    } else {
-                        "delivered"
-                    }
-                );
-                Ok(ExitCode::SUCCESS)
-            } else {
-                println!("not acknowledged");
-                Ok(ExitCode::FAILURE)
-            }
-        }
-        Command::Receive { count, timeout } => {
-            let dir = need_client(&cli)?;
-            if let Some(running) = dir.running().map_err(|e| e.to_string())? {
-                let got = receive_through_running(&running, *count, *timeout).await?;
-                return Ok(if count.is_none_or(|c| got >= c) {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
-            }
-            let _lock = dir
-                .try_lock()
-                .map_err(|e| e.to_string())?
-                .ok_or("another nym-client holds this client's session")?;
-            let identity = dir.identity().map_err(|e| e.to_string())?;
-            let mut client = MixClient::start(config_for(&cli, Some(&dir))?, identity)
-                .await
-                .map_err(|e| e.to_string())?;
-            eprintln!("receiving as {}", client.address());
-            let mut got = 0;
-            let _ = tokio::time::timeout(*timeout, async {
-                while count.is_none_or(|c| got < c) {
-                    match client.next_event().await {
-                        Some(Event::Received { body, .. }) => {
-                            println!("{}", String::from_utf8_lossy(&body));
-                            got += 1;
-                        }
-                        Some(_) => {}
-                        None => break,
-                    }
-                }
-            })
-            .await;
-            client.stop().await;
-            Ok(if count.is_none_or(|c| got >= c) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        } => send(&cli, to, message, reply_surbs, receipt, timeout).await,
+        Command::Receive { count, timeout } => receive(&cli, count, timeout).await,
         Command::Socks5 {
             listen,
             allow_remote,
             exit,
             ready_file,
-        } => {
-            let listen = socks5::check_listen(*listen, *allow_remote)?;
-            let dir = client_dir(&cli)?;
-            let _lock = match &dir {
-                Some(d) => Some(d.try_lock().map_err(|e| e.to_string())?.ok_or_else(|| {
-                    format!(
-                        "{}: another process (`nym-client run`?) holds this client",
-                        d.path.display()
-                    )
-                })?),
-                None => None,
-            };
-            let identity = match &dir {
-                Some(d) => d.identity().map_err(|e| e.to_string())?,
-                None => Identity::from_secret(random_bytes().map_err(|e| e.to_string())?),
-            };
-            let config = config_for(&cli, dir.as_ref())?;
-            let topology = TopologySource::parse(&config.topology)
-                .signed_by(config.topology_signer)
-                .remembered_in(config.topology_memory.clone())
-                .load_or_remembered()
-                .await
-                .map_err(|e| e.to_string())?;
-            let requester =
-                socks5::choose_exit(&topology, exit.as_deref()).map_err(|e| e.to_string())?;
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|e| format!("--listen {listen}: {e}"))?;
-            let client = MixClient::start(config, identity)
-                .await
-                .map_err(|e| e.to_string())?;
-            eprintln!(
-                "SOCKS5 proxy on {} (exit {}); try: curl --socks5-hostname {} http://example.org/",
-                listener.local_addr().map_err(|e| e.to_string())?,
-                requester.gateway,
-                listen
-            );
-            let stop = CancellationToken::new();
-            tokio::spawn(stop_on_signals(stop.clone()));
-            if let Some(path) = ready_file {
-                std::fs::write(path, b"serving\n")
-                    .map_err(|e| format!("--ready-file {}: {e}", path.display()))?;
-            }
-            socks5::serve(listener, client, requester, stop).await;
-            if let Some(path) = ready_file {
-                let _ = std::fs::remove_file(path);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => serve_socks5(&cli, listen, allow_remote, exit, ready_file).await,
         Command::Probe {
             count,
             size,
@@ -582,32 +356,305 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             every,
             metrics_listen,
             ok_file,
-        } => {
-            let id = Identity::from_secret(random_bytes().map_err(|e| e.to_string())?);
-            let mut client = MixClient::start(config_for(&cli, None)?, id)
-                .await
-                .map_err(|e| e.to_string())?;
-            let Some(interval) = every else {
-                let report = probe::run(&mut client, *count, *size, *timeout).await;
-                client.stop().await;
-                println!("{}", report.summary());
-                return Ok(if report.ok() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
-            };
-            let settings = prober::ProberSettings {
-                count: *count,
-                size: *size,
-                timeout: *timeout,
-                interval: *interval,
-                ok_file: ok_file.clone(),
-            };
-            probe_forever(client, settings, *metrics_listen).await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        } => probe_network(&cli, count, size, timeout, every, metrics_listen, ok_file).await,
     }
+}
+
+/// `init`: a new client, its identity and its gateway, registered once.
+async fn init(cli: &Cli) -> Result<ExitCode, String> {
+    let dir = need_client(cli)?;
+    if settings(&dir)?.is_some() {
+        return Err(format!(
+            "{}: a client already exists here",
+            dir.path.display()
+        ));
+    }
+    let identity = match dir.identity() {
+        Ok(id) => id, // made by an older init: keep it
+        Err(_) => Identity::generate().map_err(|e| e.to_string())?,
+    };
+    let mut config = config_for(cli, None)?;
+    // A file given by a relative path is remembered by its full path.
+    if let Ok(full) = std::fs::canonicalize(&config.topology) {
+        config.topology = full.display().to_string();
+    }
+    // Connecting registers the client with the gateway; the gateway it picked
+    // (or was given) is its gateway from now on.
+    let client = MixClient::start(config.clone(), identity.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let address = client.address();
+    client.stop().await;
+    dir.create(
+        &identity,
+        &Settings {
+            gateway: address.gateway,
+            topology: Some(config.topology),
+            topology_signer: config.topology_signer,
+            unsigned_topology: config.topology_signer.is_none(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    println!("{address}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `address`: the client's address, from its identity and its gateway.
+async fn address(cli: &Cli) -> Result<ExitCode, String> {
+    let dir = need_client(cli)?;
+    let identity = dir.identity().map_err(|e| e.to_string())?;
+    let Some(settings) = settings(&dir)? else {
+        return Err(format!(
+            "{}: no gateway chosen yet; run `nym-client init` with this client first",
+            dir.path.display()
+        ));
+    };
+    println!("{}", ClientAddress::of(&identity, settings.gateway));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `run`: the long-running client serving Nym's WebSocket API.
+async fn serve_api(
+    cli: &Cli,
+    listen: &SocketAddr,
+    allow_remote: &bool,
+    allow_origins: &[String],
+    require_token: &bool,
+) -> Result<ExitCode, String> {
+    let listen = websocket::check_listen(*listen, *allow_remote)?;
+    let dir = need_client(cli)?;
+    let config = config_for(cli, Some(&dir))?;
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signals(stop.clone()));
+    let access = daemon::ApiAccess {
+        origins: websocket::AllowedOrigins::new(allow_origins.iter().cloned()),
+        require_token: *require_token,
+    };
+    daemon::run(config, dir, listen, access, stop, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `send`: one message, through the running client when one serves this client.
+async fn send(
+    cli: &Cli,
+    to: &ClientAddress,
+    message: &str,
+    reply_surbs: &usize,
+    receipt: &Option<Duration>,
+    timeout: &Duration,
+) -> Result<ExitCode, String> {
+    let dir = client_dir(cli)?;
+    if let Some(dir) = &dir
+        && let Some(running) = dir.running().map_err(|e| e.to_string())?
+    {
+        if receipt.is_some() {
+            return Err("--receipt needs the client's own session; `nym-client run` holds it for this client".into());
+        }
+        let request = if *reply_surbs > 0 {
+            Request::SendAnonymous {
+                recipient: to.to_string(),
+                message: message.to_string(),
+                reply_surbs: *reply_surbs as u32,
+                connection_id: None,
+            }
+        } else {
+            Request::Send {
+                recipient: to.to_string(),
+                message: message.to_string(),
+                with_reply_surb: false,
+                connection_id: None,
+            }
+        };
+        send_through_running(&running, &request).await?;
+        println!("queued by the running client");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _lock = match &dir {
+        Some(d) => Some(
+            d.try_lock()
+                .map_err(|e| e.to_string())?
+                .ok_or("another nym-client holds this client's session")?,
+        ),
+        None => None,
+    };
+    let mut config = config_for(cli, dir.as_ref())?;
+    config.receipt_timeout = *receipt;
+    let identity = match &dir {
+        Some(d) => d.identity().map_err(|e| e.to_string())?,
+        None => Identity::generate().map_err(|e| e.to_string())?,
+    };
+    let mut client = MixClient::start(config, identity)
+        .await
+        .map_err(|e| e.to_string())?;
+    let msg_id = client
+        .send(*to, message.as_bytes().to_vec(), *reply_surbs)
+        .await
+        .map_err(|e| e.to_string())?;
+    let outcome = tokio::time::timeout(*timeout, async {
+        loop {
+            match client.next_event().await {
+                Some(Event::Delivered { id }) if id == msg_id && receipt.is_none() => {
+                    return true;
+                }
+                Some(Event::Confirmed { id }) if id == msg_id => return true,
+                Some(Event::Failed { id }) if id == msg_id => return false,
+                Some(_) => {}
+                None => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    client.stop().await;
+    if outcome {
+        println!(
+            "{}",
+            if receipt.is_some() {
+                "confirmed by the recipient"
+            } else {
+                "delivered"
+            }
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("not acknowledged");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `receive`: messages printed as they arrive.
+async fn receive(cli: &Cli, count: &Option<usize>, timeout: &Duration) -> Result<ExitCode, String> {
+    let dir = need_client(cli)?;
+    if let Some(running) = dir.running().map_err(|e| e.to_string())? {
+        let got = receive_through_running(&running, *count, *timeout).await?;
+        return Ok(if count.is_none_or(|c| got >= c) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let _lock = dir
+        .try_lock()
+        .map_err(|e| e.to_string())?
+        .ok_or("another nym-client holds this client's session")?;
+    let identity = dir.identity().map_err(|e| e.to_string())?;
+    let mut client = MixClient::start(config_for(cli, Some(&dir))?, identity)
+        .await
+        .map_err(|e| e.to_string())?;
+    eprintln!("receiving as {}", client.address());
+    let mut got = 0;
+    let _ = tokio::time::timeout(*timeout, async {
+        while count.is_none_or(|c| got < c) {
+            match client.next_event().await {
+                Some(Event::Received { body, .. }) => {
+                    println!("{}", String::from_utf8_lossy(&body));
+                    got += 1;
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+    })
+    .await;
+    client.stop().await;
+    Ok(if count.is_none_or(|c| got >= c) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `socks5`: the proxy whose streams leave at an exit gateway.
+async fn serve_socks5(
+    cli: &Cli,
+    listen: &SocketAddr,
+    allow_remote: &bool,
+    exit: &Option<String>,
+    ready_file: &Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let listen = socks5::check_listen(*listen, *allow_remote)?;
+    let dir = client_dir(cli)?;
+    let _lock = match &dir {
+        Some(d) => Some(d.try_lock().map_err(|e| e.to_string())?.ok_or_else(|| {
+            format!(
+                "{}: another process (`nym-client run`?) holds this client",
+                d.path.display()
+            )
+        })?),
+        None => None,
+    };
+    let identity = match &dir {
+        Some(d) => d.identity().map_err(|e| e.to_string())?,
+        None => Identity::from_secret(random_bytes().map_err(|e| e.to_string())?),
+    };
+    let config = config_for(cli, dir.as_ref())?;
+    let topology = TopologySource::parse(&config.topology)
+        .signed_by(config.topology_signer)
+        .remembered_in(config.topology_memory.clone())
+        .load_or_remembered()
+        .await
+        .map_err(|e| e.to_string())?;
+    let requester = socks5::choose_exit(&topology, exit.as_deref()).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("--listen {listen}: {e}"))?;
+    let client = MixClient::start(config, identity)
+        .await
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "SOCKS5 proxy on {} (exit {}); try: curl --socks5-hostname {} http://example.org/",
+        listener.local_addr().map_err(|e| e.to_string())?,
+        requester.gateway,
+        listen
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signals(stop.clone()));
+    if let Some(path) = ready_file {
+        std::fs::write(path, b"serving\n")
+            .map_err(|e| format!("--ready-file {}: {e}", path.display()))?;
+    }
+    socks5::serve(listener, client, requester, stop).await;
+    if let Some(path) = ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `probe`: messages through the mixnet back to a fresh client, once or `--every`.
+async fn probe_network(
+    cli: &Cli,
+    count: &usize,
+    size: &usize,
+    timeout: &Duration,
+    every: &Option<Duration>,
+    metrics_listen: &Option<SocketAddr>,
+    ok_file: &Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let id = Identity::from_secret(random_bytes().map_err(|e| e.to_string())?);
+    let mut client = MixClient::start(config_for(cli, None)?, id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(interval) = every else {
+        let report = probe::run(&mut client, *count, *size, *timeout).await;
+        client.stop().await;
+        println!("{}", report.summary());
+        return Ok(if report.ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    };
+    let settings = prober::ProberSettings {
+        count: *count,
+        size: *size,
+        timeout: *timeout,
+        interval: *interval,
+        ok_file: ok_file.clone(),
+    };
+    probe_forever(client, settings, *metrics_listen).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `probe --every`: rounds until a signal, their results served as metrics.
