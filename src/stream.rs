@@ -251,13 +251,24 @@ impl Reorder {
 /// One direction's sending side: numbers frames, keeps each until the other side's `ack`
 /// covers it, and says which are due again. A window bounds how many may be unacknowledged
 /// (flow control: a stalled reader stops the writer instead of growing a queue).
+///
+/// When a frame is due again adapts to the path, as TCP's timer does (RFC 6298): the
+/// round trips of frames acknowledged after one send give a smoothed estimate, the timeout
+/// is that plus four deviations (never below the configured one), and each resend of a frame
+/// doubles its wait. A client's paced link can hold frames for seconds; a fixed timeout
+/// would resend a whole window each time and choke that link with copies.
 #[derive(Debug)]
 pub struct Outbound {
     stream: StreamId,
     next: u32,
     unacked: BTreeMap<u32, Unacked>,
     window: usize,
+    srtt: Option<std::time::Duration>,
+    rttvar: std::time::Duration,
 }
+
+/// The longest a frame waits before it is sent again, however slow the path looked.
+pub const MAX_RTO: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug)]
 struct Unacked {
@@ -273,6 +284,34 @@ impl Outbound {
             next: 0,
             unacked: BTreeMap::new(),
             window,
+            srtt: None,
+            rttvar: std::time::Duration::ZERO,
+        }
+    }
+
+    /// The timeout for a first resend: the estimate, at least `floor`.
+    pub fn rto(&self, floor: std::time::Duration) -> std::time::Duration {
+        let estimate = self.srtt.map_or(floor, |srtt| srtt + 4 * self.rttvar);
+        estimate.max(floor).min(MAX_RTO)
+    }
+
+    /// How long a frame sent `sends` times waits before it is due again.
+    fn wait(&self, sends: u32, floor: std::time::Duration) -> std::time::Duration {
+        let doubled = 1u32 << sends.saturating_sub(1).min(16);
+        self.rto(floor).saturating_mul(doubled).min(MAX_RTO)
+    }
+
+    fn sample(&mut self, rtt: std::time::Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(srtt) => {
+                let deviation = srtt.abs_diff(rtt);
+                self.rttvar = (self.rttvar * 3 + deviation) / 4;
+                self.srtt = Some((srtt * 7 + rtt) / 8);
+            }
         }
     }
 
@@ -314,14 +353,27 @@ impl Outbound {
         frame
     }
 
-    /// The other side has taken every frame below `ack`.
-    pub fn acked(&mut self, ack: u32) {
-        self.unacked.retain(|seq, _| *seq >= ack);
+    /// The other side has taken every frame below `ack`, as of `now`: the newest of them
+    /// sent only once gives a round-trip sample (a resent one could answer either copy).
+    pub fn acked(&mut self, ack: u32, now: std::time::Instant) {
+        let mut newest_once = None;
+        while let Some(entry) = self.unacked.first_entry() {
+            if *entry.key() >= ack {
+                break;
+            }
+            let u = entry.remove();
+            if u.sends == 1 {
+                newest_once = Some(u.sent_at);
+            }
+        }
+        if let Some(sent_at) = newest_once {
+            self.sample(now.saturating_duration_since(sent_at));
+        }
     }
 
-    /// Frames unacknowledged for `rto` since they were last sent, oldest first, stamped with
-    /// the current `ack` and marked sent again; `None` when one was already sent
-    /// `max_sends` times (the stream is dead).
+    /// Frames unacknowledged for their wait (see the type's doc; `rto` is its floor) since
+    /// they were last sent, oldest first, stamped with the current `ack` and marked sent
+    /// again; `None` when one was already sent `max_sends` times (the stream is dead).
     pub fn due(
         &mut self,
         now: std::time::Instant,
@@ -330,8 +382,13 @@ impl Outbound {
         max_sends: u32,
     ) -> Option<Vec<Frame>> {
         let mut again = Vec::new();
-        for u in self.unacked.values_mut() {
-            if now.duration_since(u.sent_at) < rto {
+        let waits: Vec<std::time::Duration> = self
+            .unacked
+            .values()
+            .map(|u| self.wait(u.sends, rto))
+            .collect();
+        for (u, wait) in self.unacked.values_mut().zip(waits) {
+            if now.saturating_duration_since(u.sent_at) < wait {
                 continue;
             }
             if u.sends >= max_sends {
@@ -347,7 +404,10 @@ impl Outbound {
 
     /// When the oldest unacknowledged frame is next due, if any is.
     pub fn next_due(&self, rto: std::time::Duration) -> Option<std::time::Instant> {
-        self.unacked.values().map(|u| u.sent_at + rto).min()
+        self.unacked
+            .values()
+            .map(|u| u.sent_at + self.wait(u.sends, rto))
+            .min()
     }
 }
 
@@ -459,13 +519,46 @@ mod tests {
             again.iter().map(|f| (f.seq, f.ack)).collect::<Vec<_>>(),
             [(0, 9), (1, 9)]
         );
-        out.acked(2);
+        // Acked after a resend: no round-trip sample, the timeout stays the floor.
+        out.acked(2, t0 + Duration::from_secs(2));
+        assert_eq!(out.rto(rto), rto);
         assert_eq!(out.in_flight(), 1);
         assert!(out.has_room());
         assert_eq!(out.next_due(rto), Some(t0 + Duration::from_secs(3)));
-        // A frame sent max_sends times without an ack kills the stream.
-        assert!(out.due(t0 + Duration::from_secs(3), rto, 0, 2).is_some());
-        assert_eq!(out.due(t0 + Duration::from_secs(5), rto, 0, 2), None);
+        // A frame sent max_sends times without an ack kills the stream; each resend waits
+        // twice as long as the one before.
+        assert!(out.due(t0 + Duration::from_secs(3), rto, 0, 3).is_some());
+        assert_eq!(out.next_due(rto), Some(t0 + Duration::from_secs(3 + 4)));
+        assert_eq!(
+            out.due(t0 + Duration::from_secs(6), rto, 0, 3),
+            Some(vec![])
+        );
+        assert!(out.due(t0 + Duration::from_secs(7), rto, 0, 3).is_some());
+        assert_eq!(out.due(t0 + Duration::from_secs(7 + 8), rto, 0, 3), None);
+    }
+
+    #[test]
+    fn the_resend_timeout_follows_the_round_trips_it_measures() {
+        use std::time::{Duration, Instant};
+        let floor = Duration::from_secs(1);
+        let mut t = Instant::now();
+        let mut out = Outbound::new(5, 64);
+        // A slow path: every frame answered 4 s after it left.
+        for _ in 0..20 {
+            out.send(Body::Data(b"x".to_vec()), 0, t);
+            t += Duration::from_secs(4);
+            out.acked(out.next, t);
+        }
+        let rto = out.rto(floor);
+        assert!(rto >= Duration::from_secs(4), "{rto:?}");
+        assert!(rto < Duration::from_secs(6), "{rto:?}");
+        // So a frame in flight for 3 s is not resent, where the floor alone would have.
+        out.send(Body::Data(b"y".to_vec()), 0, t);
+        assert_eq!(
+            out.due(t + Duration::from_secs(3), floor, 0, 5),
+            Some(vec![])
+        );
+        assert_eq!(out.rto(Duration::from_secs(600)), MAX_RTO);
     }
 
     /// Both directions over a channel that loses and reorders frames: every byte arrives, in
@@ -502,7 +595,7 @@ mod tests {
                     }
                     // The receiver's ack comes back (and may be lost too).
                     if rng.random_bool(0.8) {
-                        tx.acked(rx.acked());
+                        tx.acked(rx.acked(), now);
                     }
                 }
             }

@@ -84,7 +84,7 @@ struct Cli {
     /// Poisson rate (frames/s) at which our gateway sends us frames, real or dummy, so the
     /// link shows nothing of what we receive; the gateway may grant less. It bounds how fast
     /// we receive (acks of what we send and loops included) [default: --cover-rate plus
-    /// --loop-rate; 0 with --cover-rate 0].
+    /// --loop-rate; socks5: 50; 0 with --cover-rate 0].
     #[arg(long, value_parser = non_negative, global = true)]
     downstream_rate: Option<f64>,
     /// Send a delivery receipt (after a random delay of up to 10 s, once per message) to a
@@ -116,6 +116,8 @@ const DEFAULT_COVER_RATE: f64 = 0.5;
 /// The SOCKS5 proxy's and the prober's: browsing needs bandwidth, and a probe measures the
 /// network, not the client's slots.
 const FAST_COVER_RATE: f64 = 20.0;
+/// The SOCKS5 proxy's downstream: a gateway's default cap (NYM_NODE_CLIENT_DOWNSTREAM_MAX_RATE).
+const SOCKS5_DOWNSTREAM_RATE: f64 = 50.0;
 
 impl Cli {
     fn cover_rate(&self) -> f64 {
@@ -131,12 +133,13 @@ impl Cli {
     }
 
     fn downstream_rate(&self) -> f64 {
-        match self.cover_rate() > 0.0 {
-            true => self
-                .downstream_rate
-                .unwrap_or(self.cover_rate() + self.loop_rate()),
-            false => self.downstream_rate.unwrap_or(0.0),
-        }
+        let default = match (&self.command, self.cover_rate() > 0.0) {
+            (_, false) => 0.0,
+            // Browsing takes in far more than it sends.
+            (Command::Socks5 { .. }, true) => SOCKS5_DOWNSTREAM_RATE,
+            (_, true) => self.cover_rate() + self.loop_rate(),
+        };
+        self.downstream_rate.unwrap_or(default)
     }
 }
 

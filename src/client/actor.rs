@@ -286,11 +286,11 @@ impl Actor {
                 _ = sleep_until_opt(receipt_due) => self.send_receipts_due(),
                 _ = sleep_until_opt(next_slot), if connected => {
                     self.send_slot().await;
-                    next_slot = self.upstream.next(Instant::now());
+                    next_slot = self.upstream.next(catch_up_from(next_slot));
                 }
                 _ = sleep_until_opt(next_loop), if connected => {
                     self.send_loop().await;
-                    next_loop = self.loop_clock.next(Instant::now());
+                    next_loop = self.loop_clock.next(catch_up_from(next_loop));
                 }
                 _ = sleep_until_opt(reconnect_at), if !connected => {
                     match self.reconnect().await {
@@ -313,6 +313,11 @@ impl Actor {
                 self.flush_outbox().await;
                 self.flush_acks().await;
             }
+            // A write that failed dropped the session: reconnect as after a failed read.
+            if self.session.is_none() && reconnect_at.is_none() {
+                tracing::info!("gateway session lost; reconnecting");
+                reconnect_at = Some(Instant::now());
+            }
         }
         self.drain_at_stop().await;
         if let Some(session) = self.session.take() {
@@ -331,11 +336,20 @@ impl Actor {
                 self.flush_acks().await;
                 return;
             }
+            // Both streams keep their rates: loops stopping would show something was pending.
             let mut next_slot = self.upstream.next(Instant::now());
+            let mut next_loop = self.loop_clock.next(Instant::now());
             while self.session.is_some() && (!self.outbox.is_empty() || !self.to_ack.is_empty()) {
-                sleep_until_opt(next_slot).await;
-                self.send_slot().await;
-                next_slot = self.upstream.next(Instant::now());
+                tokio::select! {
+                    _ = sleep_until_opt(next_slot) => {
+                        self.send_slot().await;
+                        next_slot = self.upstream.next(catch_up_from(next_slot));
+                    }
+                    _ = sleep_until_opt(next_loop) => {
+                        self.send_loop().await;
+                        next_loop = self.loop_clock.next(catch_up_from(next_loop));
+                    }
+                }
             }
         };
         let _ = tokio::time::timeout(STOP_GRACE, drain).await;
@@ -441,6 +455,19 @@ async fn recv(
         Some((_, rx)) => rx.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// How far behind its schedule a stream may fall and catch up: slots missed while a slot's
+/// work was slow are sent back to back, up to this much of them.
+const SLOT_CATCH_UP: Duration = Duration::from_millis(250);
+
+/// Where a stream's next slot is counted from: the slot just served (so the time its work
+/// took does not lower the rate an observer sees), unless that is more than
+/// [`SLOT_CATCH_UP`] ago.
+fn catch_up_from(slot: Option<Instant>) -> Instant {
+    let now = Instant::now();
+    let floor = now.checked_sub(SLOT_CATCH_UP).unwrap_or(now);
+    slot.map_or(now, |slot| slot.max(floor))
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -55,7 +55,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const PUSH_BATCH: usize = 64;
 /// How far behind its schedule a paced session may fall and catch up (slots missed while a
 /// write was slow are sent back to back, up to this much of them, then dropped).
-const SLOT_CATCH_UP: Duration = Duration::from_secs(1);
+const SLOT_CATCH_UP: Duration = Duration::from_millis(250);
 /// A session's acknowledgements are deleted together, one transaction per interval...
 const ACK_FLUSH: Duration = Duration::from_millis(200);
 /// ... and at most this many ids per interval: more are ignored (those payloads are simply

@@ -195,7 +195,7 @@ impl Stream {
     fn take(&mut self, frame: Frame) -> Vec<Body> {
         self.received += 1;
         self.last_activity = Instant::now();
-        self.outbound.acked(frame.ack);
+        self.outbound.acked(frame.ack, std::time::Instant::now());
         let sequenced = frame.is_sequenced();
         let ready = match self.reorder.push(frame) {
             Pushed::Ready(frames) => frames.into_iter().map(|f| f.body).collect(),

@@ -57,9 +57,11 @@ impl Actor {
         self.messages.remove(&id);
         if let Err(e) = self.send_awaiting(id) {
             tracing::warn!(error = %e, "cannot resend a message; will retry");
+            // Under the identifier the failed attempt may have made newest, so it counts.
+            let latest = self.awaiting.get(&id).map_or(identifier, |a| a.latest);
             if let Some(timeout) = self.config.receipt_timeout {
                 self.deadlines
-                    .push(Instant::now() + timeout, (identifier, (id, RECEIPT_INDEX)));
+                    .push(Instant::now() + timeout, (latest, (id, RECEIPT_INDEX)));
             }
         }
     }
@@ -106,6 +108,12 @@ impl Actor {
     pub(super) fn send_receipts_due(&mut self) {
         let now = Instant::now();
         while let Some((_, (id, surb))) = self.receipts_due.pop_due(now) {
+            // Receipts can come due faster than free slots take them: bounded, the rest
+            // are not sent (their senders resend, and are told the message failed).
+            if let Err(e) = self.outbox.make_room(Priority::Background, 1) {
+                tracing::debug!(error = %e, "receipt not sent");
+                continue;
+            }
             match self.send_through_surb(&surb, id.to_vec(), Priority::Background) {
                 Ok(()) => {
                     self.stats.receipts_sent.fetch_add(1, Ordering::Relaxed);

@@ -14,6 +14,8 @@ impl Actor {
         kind: MessageKind,
     ) -> Result<(), ClientError> {
         let topology = self.topology.current().ok_or(ClientError::Stopped)?;
+        // A full outbox refuses before any SURB is made and kept for nothing.
+        self.outbox.make_room(Self::priority_of(kind), 1)?;
         let mut surbs = Vec::with_capacity(reply_surbs);
         for _ in 0..reply_surbs {
             let (surb, identifier, recovery) = self.surb_to_self(&topology)?;
@@ -40,9 +42,24 @@ impl Actor {
                         latest: [0; IDENTIFIER_SIZE],
                     },
                 );
-                self.send_awaiting(id)
+                let queued = self.send_awaiting(id);
+                if queued.is_err() {
+                    // Refused (the outbox is full): nothing of it is kept.
+                    self.awaiting.remove(&id);
+                    self.receipts.retain(|_, (m, _)| *m != id);
+                }
+                queued
             }
             _ => self.queue_fragments(id, to, &message),
+        }
+    }
+
+    /// Which queue a message's fragments wait in: what we send on a recipient's behalf
+    /// only takes slots the application leaves.
+    fn priority_of(kind: MessageKind) -> Priority {
+        match kind {
+            MessageKind::SurbTopUp => Priority::Background,
+            MessageKind::Data | MessageKind::SurbRequest => Priority::Application,
         }
     }
 
@@ -54,11 +71,7 @@ impl Actor {
         message: &Message,
     ) -> Result<(), ClientError> {
         let fragments = chunking::split(id, &message.encode(), self.sealed_len() - e2e::OVERHEAD)?;
-        // What we send on a recipient's behalf only takes slots the application leaves.
-        let priority = match message.kind {
-            MessageKind::SurbTopUp => Priority::Background,
-            MessageKind::Data | MessageKind::SurbRequest => Priority::Application,
-        };
+        let priority = Self::priority_of(message.kind);
         self.outbox.make_room(priority, fragments.len())?;
         self.messages.insert(
             id,
@@ -236,7 +249,7 @@ impl Actor {
         self.ack_turn = acks_waiting;
         if let Some((priority, ready)) = self.next_packet() {
             if let Err(ready) = self.transmit(ready).await {
-                self.outbox.put_back(priority, Queued::Packet(ready));
+                self.put_back_unsent(priority, ready);
             }
             return;
         }
@@ -265,15 +278,27 @@ impl Actor {
         }
         self.stats.cover_sent.fetch_add(1, Ordering::Relaxed);
         self.stats.loops_sent.fetch_add(1, Ordering::Relaxed);
-        if let Some((identifier, _)) = built.ack {
-            self.cover_acks.insert(identifier);
+        let ack = built
+            .ack
+            .map_or([0; IDENTIFIER_SIZE], |(identifier, _)| identifier);
+        if built.ack.is_some() {
+            self.cover_acks.insert(ack);
         }
         self.loops.insert(id);
         // Back in our mailbox after its forward delays; the slack covers the rest.
         self.deadlines.push(
             Instant::now() + built.forward_delay + self.slack(),
-            ([0; IDENTIFIER_SIZE], (id, LOOP_INDEX)),
+            (ack, (id, LOOP_INDEX)),
         );
+    }
+
+    /// A packet whose write failed waits for the next session: a fragment's is built anew
+    /// then (keys and route of that moment), a reply's (fixed by its SURB) as it is.
+    fn put_back_unsent(&mut self, priority: Priority, ready: Ready) {
+        match ready.tracked {
+            Some((key, _, _)) => self.outbox.put_back(priority, Queued::Fragment(key)),
+            None => self.outbox.put_back(priority, Queued::Packet(ready)),
+        }
     }
 
     /// An empty fragment (one piece of an empty message) under a fresh id.
@@ -319,7 +344,7 @@ impl Actor {
     pub(super) async fn flush_outbox(&mut self) {
         while let Some((priority, ready)) = self.next_packet() {
             if let Err(ready) = self.transmit(ready).await {
-                self.outbox.put_back(priority, Queued::Packet(ready));
+                self.put_back_unsent(priority, ready);
                 break;
             }
         }
@@ -372,6 +397,8 @@ impl Actor {
                 if self.loops.remove(&key.0) {
                     self.stats.loops_missing.fetch_add(1, Ordering::Relaxed);
                 }
+                // Its ack, had it been coming, would be in by now too.
+                self.cover_acks.remove(&identifier);
                 continue;
             }
             if key.1 == RECEIPT_INDEX {
