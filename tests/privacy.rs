@@ -411,7 +411,26 @@ async fn a_stored_ciphertext_delivered_again_after_a_client_restart_is_not_shown
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fragments_stay_at_the_gateway_until_their_message_is_handed_over() {
+    incomplete_message_across_a_restart(None).await;
+}
+
+/// With an inbox, each fragment is acknowledged as it comes (the gateway does not learn
+/// which fragments make one message), and a restart loses none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_inbox_each_fragment_is_acknowledged_as_it_comes_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    incomplete_message_across_a_restart(Some(dir.path().join("inbox.redb"))).await;
+}
+
+/// A four-fragment message whose third fragment arrives only after the recipient stopped
+/// and started again; `inbox` is the recipient's (none: fragments wait at the gateway).
+async fn incomplete_message_across_a_restart(inbox: Option<std::path::PathBuf>) {
     let mut net = Network::start().await;
+    let (topology, gateway) = (net.topology.clone(), net.gateway);
+    let recipient_config = || ClientConfig {
+        inbox: inbox.clone(),
+        ..client_config(&topology, gateway)
+    };
     let recipient = Identity::generate().unwrap();
     let to = ClientAddress::of(&recipient, net.gateway);
     let body: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
@@ -435,8 +454,9 @@ async fn fragments_stay_at_the_gateway_until_their_message_is_handed_over() {
     drop(store);
     net.start_gateway().await;
 
-    // The recipient gets three fragments: no message, so it acknowledges none of them.
-    let mut back = MixClient::start(client_config(&net.topology, net.gateway), recipient.clone())
+    // The recipient gets three fragments: no message. Without an inbox it acknowledges
+    // none of them; with one, each as soon as it is kept.
+    let mut back = MixClient::start(recipient_config(), recipient.clone())
         .await
         .unwrap();
     assert!(
@@ -447,11 +467,11 @@ async fn fragments_stay_at_the_gateway_until_their_message_is_handed_over() {
     back.stop().await;
     net.stop_gateway().await;
     let store = Mailbox::open(&net.mailbox_path(), 1 << 30).unwrap();
-    assert_eq!(
-        store.fetch_after(&to.identity, 0, 100).unwrap().len(),
-        3,
-        "still at the gateway"
-    );
+    let left = store.fetch_after(&to.identity, 0, 100).unwrap().len();
+    match inbox {
+        None => assert_eq!(left, 3, "still at the gateway"),
+        Some(_) => assert_eq!(left, 0, "each acknowledged once kept in the inbox"),
+    }
     // The missing fragment arrives after all.
     store
         .store(&[Incoming {
@@ -463,7 +483,7 @@ async fn fragments_stay_at_the_gateway_until_their_message_is_handed_over() {
     drop(store);
     net.start_gateway().await;
 
-    let mut back = MixClient::start(client_config(&net.topology, net.gateway), recipient)
+    let mut back = MixClient::start(recipient_config(), recipient)
         .await
         .unwrap();
     assert_eq!(
@@ -479,6 +499,10 @@ async fn fragments_stay_at_the_gateway_until_their_message_is_handed_over() {
         "handed over, so all four acknowledged and deleted"
     );
     drop(store);
+    if let Some(path) = &inbox {
+        let kept = nym_node::client::inbox::Inbox::open(path).unwrap();
+        assert!(kept.load().unwrap().is_empty(), "the inbox forgot them");
+    }
     net.stop().await;
 }
 

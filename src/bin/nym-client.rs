@@ -323,6 +323,7 @@ fn config_for(cli: &Cli, dir: Option<&ClientDir>) -> Result<ClientConfig, String
         stamps: dir.map(ClientDir::stamps),
         topology_memory: dir.map(ClientDir::topology),
         completed_ids: dir.map(ClientDir::completed_ids),
+        inbox: dir.map(ClientDir::inbox),
         topology_signer,
         ..ClientConfig::default()
     })

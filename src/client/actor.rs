@@ -31,8 +31,8 @@ use super::outbox::{FragmentKey, Outbox, Priority, Queued, Ready};
 use super::slots::PoissonClock;
 use super::{
     ClientAddress, ClientConfig, ClientError, ClientStats, Command, Event, SURB_ACK_SIZE,
-    SenderTag, completed, connection, e2e, new_id, new_identifier, packet, registration, route,
-    surbs, top_up,
+    SenderTag, completed, connection, e2e, inbox, new_id, new_identifier, packet, registration,
+    route, surbs, top_up,
 };
 
 /// Packets queued on others' behalf (SURB top-ups) at most.
@@ -120,7 +120,13 @@ struct Fragment {
     last_mixes: Vec<NodeId>,
     /// Which queue it waits in for its slots.
     priority: Priority,
+    /// Times its deadline was put off for a backlog downstream (at most
+    /// [`MAX_POSTPONEMENTS`]: a downstream saturated for good must not stop retransmission).
+    postponed: u32,
 }
+
+/// Times a fragment's retransmission may be put off while our downstream is backlogged.
+const MAX_POSTPONEMENTS: u32 = 10;
 
 struct Outgoing {
     remaining: usize,
@@ -154,6 +160,8 @@ pub(super) struct Parts {
     pub surbs: surbs::SurbStore,
     pub reassembler: Reassembler,
     pub completed: Option<completed::CompletedLog>,
+    pub inbox: Option<inbox::Inbox>,
+    pub reply_origin: HashMap<MessageId, ClientAddress>,
 }
 
 pub(super) struct Actor {
@@ -200,6 +208,8 @@ pub(super) struct Actor {
     reassembler: Reassembler,
     /// Ids of messages taken for good, on disk (see [`completed`]).
     completed: Option<completed::CompletedLog>,
+    /// Fragments of incomplete messages, on disk (see [`inbox`]).
+    inbox: Option<inbox::Inbox>,
     /// Gateway mailbox ids of fragments of incomplete messages: acked once the message is
     /// handed to the application.
     pending_acks: HashMap<MessageId, Vec<u64>>,
@@ -243,7 +253,8 @@ impl Actor {
             deadlines: DelayQueue::new(),
             messages: HashMap::new(),
             surbs: parts.surbs,
-            reply_origin: HashMap::new(),
+            reply_origin: parts.reply_origin,
+            inbox: parts.inbox,
             pending_replies: HashMap::new(),
             requested: HashMap::new(),
             held: HashMap::new(),

@@ -29,6 +29,7 @@ pub mod completed;
 pub mod connection;
 pub mod daemon;
 pub mod e2e;
+pub mod inbox;
 pub mod outbox;
 pub mod packet;
 pub mod probe;
@@ -181,6 +182,11 @@ pub struct ClientConfig {
     /// directory's `completed`), so a gateway delivering an old ciphertext again cannot show
     /// the application a message twice; in memory when `None`.
     pub completed_ids: Option<std::path::PathBuf>,
+    /// Where fragments of incomplete messages are kept (a client directory's
+    /// `inbox.redb`), so each is acknowledged to the gateway as it comes rather than all of
+    /// a message's together (which shows the gateway where messages begin and end); without
+    /// it they stay at the gateway until their message completes.
+    pub inbox: Option<std::path::PathBuf>,
     /// Keep a received message at the gateway until the application calls
     /// [`MixClient::consumed`], so a crash between hand-over and use loses nothing.
     pub hold_until_consumed: bool,
@@ -215,6 +221,7 @@ impl Default for ClientConfig {
             surb_store: None,
             stamps: None,
             completed_ids: None,
+            inbox: None,
             hold_until_consumed: false,
             gateway_address: None,
             topology_signer: None,
@@ -254,6 +261,8 @@ pub enum ClientError {
     NoReplySurbs,
     #[error(transparent)]
     Outbox(#[from] OutboxFull),
+    #[error(transparent)]
+    Inbox(#[from] inbox::InboxError),
 }
 
 /// [`ClientConfig::max_outbox`]'s default: 4096 packets, about 10 MB.
@@ -382,6 +391,7 @@ impl MixClient {
             }
             None => None,
         };
+        let (inbox, reply_origin) = restore_inbox(config.inbox.as_deref(), &mut reassembler)?;
         let (sender, receiver) = open_session(
             &current,
             &gateway,
@@ -409,6 +419,8 @@ impl MixClient {
                 surbs,
                 reassembler,
                 completed,
+                inbox,
+                reply_origin,
             },
             stop.clone(),
         );
@@ -534,6 +546,36 @@ impl MixSender {
 /// Most bytes of one reply that travel in a single fragment, so through a single SURB.
 pub const SINGLE_FRAGMENT_REPLY: usize =
     Envelope::fragment_capacity(0) - chunking::FRAGMENT_HEADER - chunking::MESSAGE_HEADER_PLAIN;
+
+/// Opens the inbox (when the client has one) and puts the fragments it kept back into
+/// reassembly; gives back who each message answers, for those that came through our SURBs.
+fn restore_inbox(
+    path: Option<&std::path::Path>,
+    reassembler: &mut Reassembler,
+) -> Result<
+    (
+        Option<inbox::Inbox>,
+        std::collections::HashMap<MessageId, ClientAddress>,
+    ),
+    ClientError,
+> {
+    let mut reply_origin = std::collections::HashMap::new();
+    let Some(path) = path else {
+        return Ok((None, reply_origin));
+    };
+    let inbox = inbox::Inbox::open(path)?;
+    let now = tokio::time::Instant::now();
+    for kept in inbox.load()? {
+        if let (Ok((id, _, _)), Some(origin)) =
+            (chunking::fragment_header(&kept.fragment), kept.reply_from)
+        {
+            reply_origin.insert(id, origin);
+        }
+        // None completes: the fragment that completes a message is never kept.
+        let _ = reassembler.add(&kept.fragment, now);
+    }
+    Ok((Some(inbox), reply_origin))
+}
 
 fn new_id() -> Result<MessageId, ClientError> {
     let b = random_bytes().map_err(|e| ClientError::Random(e.to_string()))?;

@@ -132,6 +132,11 @@ impl ClientDir {
         self.path.join("completed")
     }
 
+    /// Fragments of incomplete messages (see [`super::inbox`]).
+    pub fn inbox(&self) -> PathBuf {
+        self.path.join("inbox.redb")
+    }
+
     pub fn surb_store(&self) -> PathBuf {
         self.path.join("surbs.redb")
     }

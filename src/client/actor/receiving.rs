@@ -122,7 +122,42 @@ impl Actor {
         {
             tracing::warn!(error = %e, "cannot remember a completed message: a copy delivered after a restart would be shown again");
         }
+        self.done_with(&id);
         self.to_ack.extend(mailbox_ids);
+    }
+
+    /// Message `id` needs none of its kept fragments any more.
+    fn done_with(&mut self, id: &MessageId) {
+        if let Some(inbox) = &self.inbox
+            && let Err(e) = inbox.forget(id)
+        {
+            tracing::warn!(error = %e, "cannot forget a message's kept fragments");
+        }
+    }
+
+    /// A fragment of a message not complete yet: kept in the inbox and acknowledged in the
+    /// next ack slot, or, without an inbox (or when it cannot be written), left at the
+    /// gateway until its message completes.
+    fn hold_fragment(&mut self, fragment: &[u8], mailbox_id: u64) {
+        let Ok((id, index, _)) = chunking::fragment_header(fragment) else {
+            return;
+        };
+        if let Some(inbox) = &self.inbox {
+            let kept = inbox::Kept {
+                fragment: fragment.to_vec(),
+                reply_from: self.reply_origin.get(&id).copied(),
+            };
+            match inbox.keep(&id, index, &kept) {
+                Ok(()) => {
+                    self.to_ack.push(mailbox_id);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot keep a fragment; the gateway keeps it")
+                }
+            }
+        }
+        self.pending_acks.entry(id).or_default().push(mailbox_id);
     }
 
     /// True (and the loop forgotten) when an opened fragment is one of our loops.
@@ -137,9 +172,9 @@ impl Actor {
     }
 
     /// Adds a fragment to its message. The gateway is told to delete the fragment (acked)
-    /// only once its whole message was handed to the application, or when it can never
-    /// complete (malformed, a duplicate, or a message given up on): until then it stays
-    /// stored at the gateway and comes again next session.
+    /// once it is safe here: kept in the inbox, or its whole message handed to the
+    /// application, or when it can never complete (malformed, a duplicate, or a message
+    /// given up on). Until then it stays stored at the gateway and comes again next session.
     pub(super) async fn receive_fragment(&mut self, fragment: &[u8], mailbox_id: u64) {
         let before = self.reassembler.duplicates;
         match self.reassembler.add(fragment, Instant::now()) {
@@ -176,11 +211,13 @@ impl Actor {
                         }
                     }
                     Ok(message) => {
+                        self.done_with(&id);
                         self.to_ack.extend(ids);
                         self.handle_control(message, origin);
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "malformed message");
+                        self.done_with(&id);
                         self.to_ack.extend(ids);
                     }
                 }
@@ -190,17 +227,14 @@ impl Actor {
                 // the sender, as often as it likes, whether we are online.
                 self.to_ack.push(mailbox_id);
             }
-            Ok(None) => {
-                if let Ok((id, _, _)) = chunking::fragment_header(fragment) {
-                    self.pending_acks.entry(id).or_default().push(mailbox_id);
-                }
-            }
+            Ok(None) => self.hold_fragment(fragment, mailbox_id),
             Err(e) => {
                 tracing::debug!(error = %e, "malformed fragment");
                 self.to_ack.push(mailbox_id);
             }
         }
         for gone in self.reassembler.take_abandoned() {
+            self.done_with(&gone);
             self.to_ack
                 .extend(self.pending_acks.remove(&gone).unwrap_or_default());
         }

@@ -91,6 +91,7 @@ impl Actor {
                     identifiers: Vec::new(),
                     last_mixes: Vec::new(),
                     priority,
+                    postponed: 0,
                 },
             );
             self.prepare(key)?;
@@ -389,7 +390,7 @@ impl Actor {
         // Acks and loops wait in our downstream's backlog at the gateway: late, not lost.
         let backlogged = self.downstream_backlogged();
         while let Some((_, (identifier, key))) = self.deadlines.pop_due(now) {
-            if backlogged && key.1 != RECEIPT_INDEX {
+            if backlogged && self.postpone(key) {
                 self.deadlines.push(now + self.slack(), (identifier, key));
                 continue;
             }
@@ -423,6 +424,23 @@ impl Actor {
                 self.deadlines
                     .push(now + self.config.ack_slack, (identifier, key));
             }
+        }
+    }
+
+    /// Whether a deadline due while our downstream is backlogged is put off: a loop's
+    /// always, a fragment's up to [`MAX_POSTPONEMENTS`] times, a receipt's never (its wait
+    /// is the sender's to choose).
+    fn postpone(&mut self, key: FragmentKey) -> bool {
+        match key.1 {
+            LOOP_INDEX => true,
+            RECEIPT_INDEX => false,
+            _ => match self.fragments.get_mut(&key) {
+                Some(f) if f.postponed < MAX_POSTPONEMENTS => {
+                    f.postponed += 1;
+                    true
+                }
+                _ => false,
+            },
         }
     }
 
