@@ -456,22 +456,7 @@ async fn send(
         if receipt.is_some() {
             return Err("--receipt needs the client's own session; `nym-client run` holds it for this client".into());
         }
-        let request = if *reply_surbs > 0 {
-            Request::SendAnonymous {
-                recipient: to.to_string(),
-                message: message.to_string(),
-                reply_surbs: *reply_surbs as u32,
-                connection_id: None,
-            }
-        } else {
-            Request::Send {
-                recipient: to.to_string(),
-                message: message.to_string(),
-                with_reply_surb: false,
-                connection_id: None,
-            }
-        };
-        send_through_running(&running, &request).await?;
+        send_through_running(&running, &send_request(to, message, *reply_surbs)).await?;
         println!("queued by the running client");
         return Ok(ExitCode::SUCCESS);
     }
@@ -525,6 +510,24 @@ async fn send(
     } else {
         println!("not acknowledged");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// The WebSocket request `send` hands a running client.
+fn send_request(to: &ClientAddress, message: &str, reply_surbs: usize) -> Request {
+    match reply_surbs {
+        0 => Request::Send {
+            recipient: to.to_string(),
+            message: message.to_string(),
+            with_reply_surb: false,
+            connection_id: None,
+        },
+        n => Request::SendAnonymous {
+            recipient: to.to_string(),
+            message: message.to_string(),
+            reply_surbs: n as u32,
+            connection_id: None,
+        },
     }
 }
 

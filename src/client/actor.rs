@@ -28,12 +28,12 @@ use crate::topology::{self, Topology, TopologyHandle};
 
 use super::chunking::{self, Message, MessageId, MessageKind, Reassembler};
 use super::outbox::{FragmentKey, Outbox, Priority, Queued, Ready};
-use super::slots::PoissonClock;
 use super::{
     ClientAddress, ClientConfig, ClientError, ClientStats, Command, Event, SURB_ACK_SIZE,
     SenderTag, completed, connection, e2e, inbox, new_id, new_identifier, packet, registration,
     route, surbs, top_up,
 };
+use crate::slots::{PoissonClock, catch_up_from, sleep_until};
 
 /// Packets queued on others' behalf (SURB top-ups) at most.
 const MAX_BACKGROUND: usize = 512;
@@ -293,17 +293,17 @@ impl Actor {
                         reconnect_at = Some(Instant::now());
                     }
                 },
-                _ = sleep_until_opt(deadline) => self.retransmit_due(),
-                _ = sleep_until_opt(receipt_due) => self.send_receipts_due(),
-                _ = sleep_until_opt(next_slot), if connected => {
+                _ = sleep_until(deadline) => self.retransmit_due(),
+                _ = sleep_until(receipt_due) => self.send_receipts_due(),
+                _ = sleep_until(next_slot), if connected => {
                     self.send_slot().await;
                     next_slot = self.upstream.next(catch_up_from(next_slot));
                 }
-                _ = sleep_until_opt(next_loop), if connected => {
+                _ = sleep_until(next_loop), if connected => {
                     self.send_loop().await;
                     next_loop = self.loop_clock.next(catch_up_from(next_loop));
                 }
-                _ = sleep_until_opt(reconnect_at), if !connected => {
+                _ = sleep_until(reconnect_at), if !connected => {
                     match self.reconnect().await {
                         Ok(()) => {
                             self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -352,11 +352,11 @@ impl Actor {
             let mut next_loop = self.loop_clock.next(Instant::now());
             while self.session.is_some() && (!self.outbox.is_empty() || !self.to_ack.is_empty()) {
                 tokio::select! {
-                    _ = sleep_until_opt(next_slot) => {
+                    _ = sleep_until(next_slot) => {
                         self.send_slot().await;
                         next_slot = self.upstream.next(catch_up_from(next_slot));
                     }
-                    _ = sleep_until_opt(next_loop) => {
+                    _ = sleep_until(next_loop) => {
                         self.send_loop().await;
                         next_loop = self.loop_clock.next(catch_up_from(next_loop));
                     }
@@ -464,26 +464,6 @@ async fn recv(
 ) -> Result<ServerMessage, connection::ConnectionError> {
     match session {
         Some((_, rx)) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// How far behind its schedule a stream may fall and catch up: slots missed while a slot's
-/// work was slow are sent back to back, up to this much of them.
-const SLOT_CATCH_UP: Duration = Duration::from_millis(250);
-
-/// Where a stream's next slot is counted from: the slot just served (so the time its work
-/// took does not lower the rate an observer sees), unless that is more than
-/// [`SLOT_CATCH_UP`] ago.
-fn catch_up_from(slot: Option<Instant>) -> Instant {
-    let now = Instant::now();
-    let floor = now.checked_sub(SLOT_CATCH_UP).unwrap_or(now);
-    slot.map_or(now, |slot| slot.max(floor))
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
 }

@@ -47,12 +47,7 @@ fn key(id: &MessageId, index: u16) -> [u8; 18] {
 impl Inbox {
     /// Opens (or creates) the inbox at `path`, readable by its owner only.
     pub fn open(path: &Path) -> Result<Inbox, InboxError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let db = Database::create(path).map_err(err)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        let db = crate::private_store::open(path).map_err(err)?;
         let txn = db.begin_write().map_err(err)?;
         txn.open_table(FRAGMENTS).map_err(err)?;
         txn.commit().map_err(err)?;

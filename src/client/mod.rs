@@ -8,7 +8,7 @@
 //!   (the delays the client itself drew, plus `ack_slack`) is sent again through a new
 //!   route, at most `max_retransmissions` times, after which the message is reported failed;
 //! - with cover traffic on, frames leave in the slots of two Poisson streams (see
-//!   [`slots`]): upstream slots (`cover_rate` a second) carry the application's packets,
+//!   [`crate::slots`]): upstream slots (`cover_rate` a second) carry the application's packets,
 //!   acknowledgements to the gateway and drop cover when there is nothing else, loop slots
 //!   (`loop_rate`) carry loop cover only; the gateway sends frames back at the rate the
 //!   client asked for (`downstream_rate`, see [`crate::gateway::downstream`]), so an
@@ -36,7 +36,6 @@ pub mod probe;
 pub mod prober;
 pub mod registration;
 pub mod route;
-pub mod slots;
 pub mod socks5;
 pub mod state;
 pub mod surbs;

@@ -80,16 +80,7 @@ impl SurbStore {
     /// Opens (or creates) the store at `path` (mode 0600), or an in-memory one.
     pub fn open(path: Option<&Path>, limits: SurbLimits) -> Result<Self, SurbStoreError> {
         let db = match path {
-            Some(path) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(err)?;
-                }
-                let db = Database::create(path).map_err(err)?;
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                    .map_err(err)?;
-                db
-            }
+            Some(path) => crate::private_store::open(path).map_err(err)?,
             None => Database::builder()
                 .create_with_backend(redb::backends::InMemoryBackend::new())
                 .map_err(err)?,

@@ -46,6 +46,7 @@ use crate::keys::{KeyBytes, NodeId, verify_signature};
 use crate::metrics::{DropReason, Metrics};
 use crate::mixnet::intake::ForwardItem;
 use crate::shutdown::Shutdown;
+use crate::slots::{catch_up_from, sleep_until};
 
 /// Time a client has for the handshake and its authentication.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,9 +54,6 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Stored payloads pushed per mailbox read (unpaced sessions).
 const PUSH_BATCH: usize = 64;
-/// How far behind its schedule a paced session may fall and catch up (slots missed while a
-/// write was slow are sent back to back, up to this much of them, then dropped).
-const SLOT_CATCH_UP: Duration = Duration::from_millis(250);
 /// A session's acknowledgements are deleted together, one transaction per interval...
 const ACK_FLUSH: Duration = Duration::from_millis(200);
 /// ... and at most this many ids per interval: more are ignored (those payloads are simply
@@ -189,7 +187,7 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>, place: Place) {
                     break;
                 }
             }
-            _ = sleep_until_opt(next_slot) => {
+            _ = sleep_until(next_slot) => {
                 let frame = downstream.fill_slot(&api.mailbox).await;
                 if matches!(frame, ServerMessage::Dummy) {
                     api.metrics.client_dummy_frames.inc();
@@ -198,7 +196,7 @@ async fn run_session(mut socket: WebSocket, api: Arc<ClientApi>, place: Place) {
                     break;
                 }
                 // Counted from the slot, not from now: a slow write must not lower the rate.
-                next_slot = next_slot.and_then(|slot| downstream.next_slot(catch_up_from(slot)));
+                next_slot = next_slot.and_then(|slot| downstream.next_slot(catch_up_from(Some(slot))));
             }
             msg = next_binary(&mut socket) => {
                 let bytes = match msg {
@@ -421,22 +419,5 @@ async fn push_stored(
                 return false;
             }
         }
-    }
-}
-
-/// Where the next slot is counted from: the last slot's time, unless the session fell
-/// more than [`SLOT_CATCH_UP`] behind it.
-fn catch_up_from(slot: tokio::time::Instant) -> tokio::time::Instant {
-    let now = tokio::time::Instant::now();
-    match now.checked_sub(SLOT_CATCH_UP) {
-        Some(floor) => slot.max(floor),
-        None => slot,
-    }
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }

@@ -7,14 +7,13 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 
-use rand_distr::{Distribution, Exp};
 use tokio::time::Instant;
 
 use crate::gateway::mailbox::{Mailbox, Stored};
 use crate::gateway::protocol::{Rate, ServerMessage};
 use crate::keys::KeyBytes;
+use crate::slots::PoissonClock;
 
 /// Stored payloads a paced session reads ahead per mailbox read: few, as they wait in
 /// memory for their slots.
@@ -23,7 +22,7 @@ const READ_AHEAD: usize = 8;
 /// A session's downstream: its rate and the payloads read ahead of their slots.
 pub struct Downstream {
     rate: Rate,
-    gaps: Option<Exp<f64>>,
+    clock: PoissonClock,
     client: KeyBytes,
     /// Mailbox id of the newest payload read: the next read starts after it.
     cursor: u64,
@@ -36,9 +35,7 @@ impl Downstream {
     pub fn new(client: KeyBytes, rate: Rate) -> Downstream {
         Downstream {
             rate,
-            gaps: Exp::new(rate.as_per_second())
-                .ok()
-                .filter(|_| rate.is_paced()),
+            clock: PoissonClock::new(rate.as_per_second()),
             client,
             cursor: 0,
             ahead: VecDeque::new(),
@@ -48,7 +45,7 @@ impl Downstream {
     }
 
     pub fn is_paced(&self) -> bool {
-        self.gaps.is_some()
+        self.clock.is_running()
     }
 
     pub fn rate(&self) -> Rate {
@@ -57,8 +54,7 @@ impl Downstream {
 
     /// When the next slot is, counted from `after`; `None` when unpaced.
     pub fn next_slot(&self, after: Instant) -> Option<Instant> {
-        let gap = self.gaps.as_ref()?.sample(&mut rand::rng());
-        Some(after + Duration::from_secs_f64(gap.min(3600.0)))
+        self.clock.next(after)
     }
 
     /// A payload was stored for the client.

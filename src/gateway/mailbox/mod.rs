@@ -265,16 +265,9 @@ impl Mailbox {
 
     /// Opens (or creates) the store at `path`.
     pub fn open_with(path: &Path, limits: Limits) -> Result<Self, MailboxError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let db = Database::create(path).map_err(err)?;
         // Only the node may read what it stores for its clients (ciphertext, but also who
         // receives how much and when).
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-        }
+        let db = crate::private_store::open(path).map_err(err)?;
         let txn = db.begin_write().map_err(err)?;
         {
             txn.open_table(MESSAGES).map_err(err)?;

@@ -1,13 +1,35 @@
-//! The client's Poisson clocks, as Loopix has them: the upstream stream, whose slots carry
-//! the application's packets, acknowledgements to the gateway and drop cover when there
-//! is nothing else, and the loop stream, whose slots carry loop cover and nothing else, so
-//! real traffic never replaces a loop. Both run whether the client talks or not: an
-//! observer of its link sees the sum of two Poisson rates, always the same.
+//! Poisson clocks of slots, as Loopix has them, for both ends of a client's link. The
+//! client runs two: the upstream stream, whose slots carry the application's packets,
+//! acknowledgements to the gateway and drop cover when there is nothing else, and the loop
+//! stream, whose slots carry loop cover and nothing else, so real traffic never replaces a
+//! loop. The gateway runs one per session for the downstream (`gateway::downstream`). All
+//! run whether the client talks or not: an observer of the link sees rates that never change.
 
 use std::time::Duration;
 
 use rand_distr::{Distribution, Exp};
 use tokio::time::Instant;
+
+/// How far behind its schedule a clock may fall and catch up: slots missed while a slot's
+/// work (or its write) was slow are served back to back, up to this much of them.
+pub const SLOT_CATCH_UP: Duration = Duration::from_millis(250);
+
+/// Where the next slot is counted from: the slot just served (so the time its work took
+/// does not lower the rate an observer sees), unless that is more than [`SLOT_CATCH_UP`]
+/// ago; now when there was none.
+pub fn catch_up_from(slot: Option<Instant>) -> Instant {
+    let now = Instant::now();
+    let floor = now.checked_sub(SLOT_CATCH_UP).unwrap_or(now);
+    slot.map_or(now, |slot| slot.max(floor))
+}
+
+/// Sleeps until the slot, forever when there is none.
+pub async fn sleep_until(slot: Option<Instant>) {
+    match slot {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// A Poisson process of slots; a rate of 0 has none.
 pub struct PoissonClock {
