@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod directory;
 pub mod dns;
+pub mod exit;
 pub mod gateway;
 pub mod health;
 pub mod http;

@@ -16,9 +16,9 @@ use tracing::Instrument;
 use crate::admission::Admission;
 use crate::config::{Config, Mode};
 use crate::dns::{DnsSettings, Resolver};
-use crate::gateway::exit_policy::ExitPolicy;
-use crate::gateway::network_requester::{self, Exit, NetworkRequester};
-use crate::gateway::own_addresses::{self, OwnAddresses};
+use crate::exit::network_requester::{self, Exit, NetworkRequester};
+use crate::exit::own_addresses::{self, OwnAddresses};
+use crate::exit::policy::ExitPolicy;
 use crate::gateway::{
     self, client_api::ClientApi, delivery::Delivery, mailbox::Mailbox, sessions::Sessions,
 };
@@ -53,7 +53,7 @@ pub enum NodeError {
     #[error(transparent)]
     Mailbox(#[from] crate::gateway::mailbox::MailboxError),
     #[error(transparent)]
-    ExitPolicy(#[from] crate::gateway::exit_policy::LoadError),
+    ExitPolicy(#[from] crate::exit::policy::LoadError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("Sphinx keys: {0}")]
@@ -184,7 +184,7 @@ async fn load_exit_policy(
     let mut now = listening.clone();
     now.extend(own_addresses::interface_addresses());
     let own = OwnAddresses::from(now);
-    let policy = gateway::exit_policy::load(&config.exit_policy, own.clone()).await?;
+    let policy = crate::exit::policy::load(&config.exit_policy, own.clone()).await?;
     Ok((policy, own, listening))
 }
 

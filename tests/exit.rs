@@ -250,7 +250,7 @@ async fn accept_everything_still_refuses_the_exits_own_addresses_and_translated_
         format!("http://[::7f00:1]:{}/file/0", server.port()),
     ];
     // Every address of this host's interfaces (loopback among them).
-    for ip in nym_node::gateway::own_addresses::interface_addresses() {
+    for ip in nym_node::exit::own_addresses::interface_addresses() {
         if let std::net::IpAddr::V4(v4) = ip {
             urls.push(format!("http://{v4}:{}/file/0", server.port() ^ 1));
         }

@@ -233,7 +233,7 @@ mod tests {
     #[test]
     fn an_exit_is_listed_with_its_own_network_requester_and_one_naming_another_nodes_is_not_listed()
     {
-        use nym_node::gateway::network_requester;
+        use nym_node::exit::network_requester;
         let stranger = NodeKeys::generate(std::time::Duration::from_secs(3600)).unwrap();
         let members = [
             exit("exit-0", |k| {

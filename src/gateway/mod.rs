@@ -6,15 +6,11 @@ pub mod client_api;
 pub mod client_listener;
 pub mod delivery;
 pub mod downstream;
-pub mod exit_policy;
 pub mod mailbox;
-pub mod network_requester;
-pub mod own_addresses;
 pub mod protocol;
 pub mod rate_limit;
 pub mod sessions;
 pub mod stamp;
-pub mod stream_admission;
 pub mod surb_ack;
 
 use std::sync::Arc;

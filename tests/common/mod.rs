@@ -867,7 +867,7 @@ pub async fn acknowledged(c: &mut nym_node::client::MixClient, n: usize, t: Dura
 /// An exit's network requester address (none for other modes).
 pub fn requester_of(mode: Mode, keys: &NodeKeys) -> Option<String> {
     (mode == Mode::ExitGateway)
-        .then(|| nym_node::gateway::network_requester::address(&keys.identity).to_string())
+        .then(|| nym_node::exit::network_requester::address(&keys.identity).to_string())
 }
 
 /// The node's own signed statement of `public` in `mode`, as its description carries it.

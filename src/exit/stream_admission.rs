@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use tokio::time::Instant;
 
 use crate::client::SenderTag;
-use crate::gateway::network_requester::{Limits, Refused, reply};
+use crate::exit::network_requester::{Limits, Refused, reply};
 use crate::gateway::rate_limit::TokenBucket;
 
 /// Stream opens one tag may ask for per second, on average.

@@ -26,7 +26,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
-use crate::gateway::own_addresses::OwnAddresses;
+use crate::exit::own_addresses::OwnAddresses;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {

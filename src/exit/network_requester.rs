@@ -20,8 +20,8 @@ use crate::client::{
     ClientAddress, ClientConfig, Event, MixClient, MixSender, SINGLE_FRAGMENT_REPLY, SenderTag,
 };
 use crate::dns::Resolver;
-use crate::gateway::exit_policy::ExitPolicy;
-use crate::gateway::stream_admission::{Decision, StreamAdmission};
+use crate::exit::policy::ExitPolicy;
+use crate::exit::stream_admission::{Decision, StreamAdmission};
 use crate::keys::{Identity, KeyBytes};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
