@@ -64,7 +64,7 @@ FROM ${RUNTIME_IMAGE} AS runtime
 # tini forwards SIGTERM to the node (which then drains) and reaps zombies; ca-certificates
 # lets the node fetch a topology over https.
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tini ca-certificates \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tini ca-certificates nftables \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log /usr/share/doc/* /usr/share/man/* \
  && useradd --system --uid 10001 --user-group --home-dir /var/lib/nym-node --create-home nym
 COPY --from=build /out/nym-node /out/nym-client /usr/local/bin/

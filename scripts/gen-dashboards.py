@@ -118,6 +118,16 @@ NODE_PANELS = [
             ("p90", f'histogram_quantile(0.9, sum by (le) (rate(nym_node_exit_time_to_first_byte_seconds_bucket{{{SEL}}}[5m])))')],
          "From an open request reaching the exit to the target's first byte (includes the client's request crossing the mixnet)."),
     ]),
+    ("IP packet router", [
+        ("Router clients", "short", [("{{instance}}", f'sum by (instance) (nym_node_ipr_clients{{{SEL}}})')],
+         "Clients of the exit's IP packet router holding addresses (nym-client tun). Near NYM_NODE_IPR_MAX_CLIENTS, newcomers take the leases of clients silent a minute, or are refused (pool_full)."),
+        ("Router packets", "pps", [("{{direction}}", f'sum by (direction) (rate(nym_node_ipr_packets_total{{{SEL}}}[$__rate_interval]))')],
+         "IP packets out of the node's uplink (to_internet) and back through the mixnet (to_clients)."),
+        ("Router bytes", "Bps", [("{{direction}}", f'sum by (direction) (rate(nym_node_ipr_bytes_total{{{SEL}}}[$__rate_interval]))')],
+         "Bytes of those packets."),
+        ("Router refusals", "pps", [("{{reason}}", f'sum by (reason) (rate(nym_node_ipr_refused_total{{{SEL}}}[5m]))')],
+         "Packets the router dropped and connects it refused: the exit policy (policy_reject, internal_address, no_rule), spoofed_source, rate_limited, malformed, no_lease, unknown_destination, queue_full, too_large; pool_full and busy for connects."),
+    ]),
     ("Keys and replay protection", [
         ("Sphinx key epoch", "short", [
             ("epoch {{instance}}", f'nym_node_sphinx_key_epoch{{{SEL}}}'),

@@ -13,6 +13,10 @@ need_apt=()
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v curl >/dev/null || need_apt+=(curl)
+# The IP tunnel test (tests/client/test_tun.py): namespaces, the router's NAT, ping.
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v nft >/dev/null || need_apt+=(nftables)
+command -v ping >/dev/null || need_apt+=(iputils-ping)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} (Debian packages)"
   $SUDO apt-get update -qq

@@ -203,6 +203,22 @@ knobs! {
     exit_max_streams_per_client: usize = "64";
     /// Exit gateways: streams open at once in all; more are refused.
     exit_max_streams: usize = "4096";
+    /// Exit gateways: run the IP packet router, which carries whole IP packets (TCP, UDP, ICMP) of `nym-client tun` between the mixnet and a TUN device, checked against the exit policy per packet and source-NATed out of the node's uplink. The node then needs CAP_NET_ADMIN, /dev/net/tun, the `nft` command and IP forwarding on (it turns forwarding on where it may), and refuses to start without them.
+    ipr_enabled: bool = "false";
+    /// Exit gateways: the IP packet router's TUN device.
+    ipr_device: String = "nymipr0";
+    /// Exit gateways: the IPv4 network the router's clients get their addresses from (the router takes the first); prefix /8 to /30. Pick one no network the node reaches uses.
+    ipr_ipv4_pool: Ipv4Pool = "10.64.0.0/16";
+    /// Exit gateways: the IPv6 network the router's clients get their addresses from (the router takes the first); prefix /96 to /126.
+    ipr_ipv6_pool: Ipv6Pool = "fd6e:796d:6970::/112";
+    /// Exit gateways: clients of the IP packet router holding addresses at once (a client is known only by its reply tag, and holds one IPv4 and one IPv6 address); at most what the smaller pool holds; when full, a newcomer takes the addresses of the client silent longest if it has been silent a minute, else it is refused.
+    ipr_max_clients: usize = "1024";
+    /// Exit gateways: a router client's addresses return to the pool after this long without a message from it (clients send a keep-alive every 30 s).
+    ipr_idle_timeout: DurationKnob = "3m";
+    /// Exit gateways: IP packets a second one router client may send, and receive, on average (bursts of two seconds' worth); more are dropped and counted.
+    ipr_client_packet_rate: u32 = "500";
+    /// Exit gateways: bytes a second one router client may send, and receive, on average (bursts of two seconds' worth).
+    ipr_client_byte_rate: u32 = "1048576";
     /// Bearer token required on `GET /metrics`. With no token (here or in NYM_NODE_METRICS_TOKEN_FILE), `/metrics` answers 401 to everyone unless NYM_NODE_METRICS_PUBLIC is true.
     metrics_token: String = "";
     /// A file holding the bearer token for `GET /metrics` (a Docker secret, a mounted Secret), read at start; used when NYM_NODE_METRICS_TOKEN is empty.
@@ -334,6 +350,30 @@ impl Config {
         }
         if self.exit_max_streams == 0 {
             return invalid("exit_max_streams", "must be at least 1");
+        }
+        if !crate::tun::valid_name(&self.ipr_device) {
+            return invalid(
+                "ipr_device",
+                "must be an interface name: 1 to 15 characters, no '/', ':' or spaces",
+            );
+        }
+        if self.ipr_max_clients == 0 {
+            return invalid("ipr_max_clients", "must be at least 1");
+        }
+        if self.ipr_idle_timeout.0 < crate::ip_tunnel::KEEP_ALIVE * 2 {
+            return invalid(
+                "ipr_idle_timeout",
+                "must be at least 1m (two of the clients' keep-alive intervals)",
+            );
+        }
+        if self.ipr_client_packet_rate == 0 {
+            return invalid("ipr_client_packet_rate", "must be at least 1");
+        }
+        if self.ipr_client_byte_rate < 1500 {
+            return invalid(
+                "ipr_client_byte_rate",
+                "must be at least 1500 (one packet a second)",
+            );
         }
         if self.registration_expiry.0.is_zero() {
             return invalid("registration_expiry", "must be greater than 0");
@@ -743,6 +783,104 @@ impl KnobValue for Percent {
             Ok(p) if p <= 90 => Ok(Percent(p)),
             _ => Err(String::new()),
         }
+    }
+}
+
+/// An IPv4 network to lease addresses from, `a.b.c.d/p` with p from 8 to 30.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Pool {
+    pub network: std::net::Ipv4Addr,
+    pub prefix: u8,
+}
+
+/// An IPv6 network to lease addresses from, `x::/p` with p from 96 to 126.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Pool {
+    pub network: std::net::Ipv6Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Pool {
+    /// Addresses a client may get: all but the first two (the network, the router) and the last.
+    pub fn client_addresses(&self) -> u64 {
+        (1u64 << (32 - self.prefix)) - 3
+    }
+
+    /// The `n`th address of the network (0 is the network address itself).
+    pub fn nth(&self, n: u32) -> std::net::Ipv4Addr {
+        (u32::from(self.network) + n).into()
+    }
+
+    pub fn contains(&self, ip: std::net::Ipv4Addr) -> bool {
+        u32::from(ip) >> (32 - self.prefix) == u32::from(self.network) >> (32 - self.prefix)
+    }
+}
+
+impl Ipv6Pool {
+    /// Addresses a client may get: all but the first two (the network, the router) and the last.
+    pub fn client_addresses(&self) -> u64 {
+        (1u64 << (128 - self.prefix)) - 3
+    }
+
+    /// The `n`th address of the network.
+    pub fn nth(&self, n: u32) -> std::net::Ipv6Addr {
+        (u128::from(self.network) + u128::from(n)).into()
+    }
+
+    pub fn contains(&self, ip: std::net::Ipv6Addr) -> bool {
+        u128::from(ip) >> (128 - self.prefix) == u128::from(self.network) >> (128 - self.prefix)
+    }
+}
+
+fn parse_network<A: std::str::FromStr>(
+    raw: &str,
+    bits: u8,
+    min: u8,
+    max: u8,
+) -> Result<(A, u8), String> {
+    let (ip, prefix) = raw.split_once('/').ok_or("no /prefix")?;
+    let ip = ip
+        .parse::<A>()
+        .map_err(|_| format!("'{ip}' is not an address"))?;
+    let prefix = prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| (min..=max).contains(p) && *p <= bits)
+        .ok_or_else(|| format!("the prefix must be from {min} to {max}"))?;
+    Ok((ip, prefix))
+}
+
+impl KnobValue for Ipv4Pool {
+    const EXPECTED: &'static str = "an IPv4 network such as 10.64.0.0/16 (prefix 8 to 30)";
+    const SCHEMA: &'static str =
+        r#"{"type": "string", "pattern": "^[0-9]{1,3}(\\.[0-9]{1,3}){3}/[0-9]{1,2}$"}"#;
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        let (ip, prefix) = parse_network::<std::net::Ipv4Addr>(raw, 32, 8, 30)?;
+        let host_bits = u32::MAX >> prefix;
+        if u32::from(ip) & host_bits != 0 {
+            return Err(format!("{ip} has host bits set for /{prefix}"));
+        }
+        Ok(Ipv4Pool {
+            network: ip,
+            prefix,
+        })
+    }
+}
+
+impl KnobValue for Ipv6Pool {
+    const EXPECTED: &'static str =
+        "an IPv6 network such as fd6e:796d:6970::/112 (prefix 96 to 126)";
+    const SCHEMA: &'static str = r#"{"type": "string", "pattern": "^[0-9a-fA-F:]+/[0-9]{2,3}$"}"#;
+    fn parse_knob(raw: &str) -> Result<Self, String> {
+        let (ip, prefix) = parse_network::<std::net::Ipv6Addr>(raw, 128, 96, 126)?;
+        let host_bits = u128::MAX >> prefix;
+        if u128::from(ip) & host_bits != 0 {
+            return Err(format!("{ip} has host bits set for /{prefix}"));
+        }
+        Ok(Ipv6Pool {
+            network: ip,
+            prefix,
+        })
     }
 }
 

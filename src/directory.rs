@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::client::ClientAddress;
 use crate::config::Mode;
 use crate::http::description::SignedDescription;
 use crate::keys::{Identity, KeyBytes};
@@ -200,17 +199,18 @@ impl Directory {
             tracing::warn!(node = %node.name, "directory: a node answered under another identity; not listed");
             return Err("another identity than the one pinned".into());
         }
-        // An exit's requester is a client of the exit itself, and only exits list one.
-        let requester = d
-            .network_requester
-            .as_deref()
-            .filter(|_| node.mode == Mode::ExitGateway)
-            .and_then(|a| a.parse::<ClientAddress>().ok())
-            .filter(|a| a.gateway == d.identity_key)
-            .map(|a| a.to_string());
-        // The entry lists what the node signed or nothing: a requester elsewhere is refused.
+        // An exit's services are clients of the exit itself, and only exits list them.
+        let own = |address: &Option<String>| {
+            crate::statement::service_at(address.as_deref(), &d.identity_key)
+                .filter(|_| node.mode == Mode::ExitGateway)
+        };
+        let (requester, router) = (own(&d.network_requester), own(&d.ip_packet_router));
+        // The entry lists what the node signed or nothing: a service elsewhere is refused.
         if requester != d.network_requester {
             return Err("publishes a network requester that is not its own".into());
+        }
+        if router != d.ip_packet_router {
+            return Err("publishes an IP packet router that is not its own".into());
         }
         let at = (self.advertise)(node);
         Ok(NodeEntry {
@@ -228,6 +228,7 @@ impl Directory {
             },
             http_address: Some(at.http.parse()?),
             network_requester: requester,
+            ip_packet_router: router,
             serving: true,
             statement: signed.statement.clone(),
         })

@@ -13,6 +13,7 @@ pub mod exit;
 pub mod gateway;
 pub mod health;
 pub mod http;
+pub mod ip_tunnel;
 pub mod keys;
 pub mod loadgen;
 pub mod localnet;
@@ -27,6 +28,7 @@ pub mod statement;
 pub mod stream;
 pub mod telemetry;
 pub mod topology;
+pub mod tun;
 
 /// Commit this binary was built from (see `build.rs`).
 pub const BUILD_COMMIT: &str = env!("NYM_BUILD_COMMIT");

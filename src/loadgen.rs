@@ -74,6 +74,7 @@ fn entry(name: &str, keys: &NodeKeys, layer: u8, addr: SocketAddr) -> Result<Nod
         client_address: None,
         http_address: None,
         network_requester: None,
+        ip_packet_router: None,
         serving: true,
         statement: crate::statement::NodeStatement::of(&p, Mode::Mixnode).sign(&keys.identity),
     })

@@ -268,7 +268,10 @@ pub fn node_env(node: &LocalNode, topology: &Path) -> Vec<(String, String)> {
     if node.mode == Mode::ExitGateway {
         // The exit knobs (its policy above all) pass from localnet's own environment, so a
         // local test server can be allowed without editing anything.
-        env.extend(std::env::vars().filter(|(k, _)| k.starts_with("NYM_NODE_EXIT_")));
+        env.extend(
+            std::env::vars()
+                .filter(|(k, _)| k.starts_with("NYM_NODE_EXIT_") || k.starts_with("NYM_NODE_IPR_")),
+        );
     }
     env
 }

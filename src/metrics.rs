@@ -252,6 +252,22 @@ pub const EXIT_REFUSAL_REASONS: [&str; 9] = [
     "too_many_clients",
 ];
 
+/// Why the IP packet router refused a packet or a client (`nym_node_ipr_refused_total`).
+pub const IPR_REFUSAL_REASONS: [&str; 12] = [
+    "policy_reject",
+    "internal_address",
+    "no_rule",
+    "spoofed_source",
+    "rate_limited",
+    "malformed",
+    "no_lease",
+    "unknown_destination",
+    "queue_full",
+    "too_large",
+    "pool_full",
+    "busy",
+];
+
 /// Every kind of node a topology document lists, as (mode, layer) labels: each keeps a
 /// series in the node's and the operator's node counts, so a layer that empties reads 0.
 pub const TOPOLOGY_NODE_KINDS: [(&str, &str); 5] = [
@@ -321,6 +337,13 @@ pub struct Metrics {
     pub exit_bytes_to_target: IntCounter,
     pub exit_bytes_from_target: IntCounter,
     pub exit_first_byte: Histogram,
+    /// The IP packet router: clients holding addresses, and packets and bytes each way.
+    pub ipr_clients: IntGauge,
+    pub ipr_packets_to_internet: IntCounter,
+    pub ipr_packets_to_clients: IntCounter,
+    pub ipr_bytes_to_internet: IntCounter,
+    pub ipr_bytes_to_clients: IntCounter,
+    ipr_refused: IntCounterVec,
     pub tokio_workers: IntGauge,
     pub tokio_alive_tasks: IntGauge,
     pub tokio_global_queue_depth: IntGauge,
@@ -511,6 +534,28 @@ impl Metrics {
             exit_streams_refused.with_label_values(&[reason]);
         }
 
+        let ipr_packets = counter_vec(
+            r,
+            "ipr_packets_total",
+            "IP packets the exit's IP packet router passed on, by direction (to_internet: from clients out of the node's uplink; to_clients: answers back through the mixnet).",
+            &["direction"],
+        );
+        let ipr_bytes = counter_vec(
+            r,
+            "ipr_bytes_total",
+            "Bytes of IP packets the exit's IP packet router passed on, by direction (to_internet, to_clients).",
+            &["direction"],
+        );
+        let ipr_refused = counter_vec(
+            r,
+            "ipr_refused_total",
+            "Packets and connects the IP packet router refused, by reason: policy_reject, internal_address, no_rule (the exit policy), spoofed_source (a source that is not the client's address), rate_limited (over the client's packet or byte rate), malformed, no_lease (data from a client holding no addresses), unknown_destination (an answer for an address nobody holds), queue_full (a client's answers waiting beyond their bound), too_large (a packet over the tunnel MTU), pool_full and busy (connects).",
+            &["reason"],
+        );
+        for reason in IPR_REFUSAL_REASONS {
+            ipr_refused.with_label_values(&[reason]);
+        }
+
         let registrations = counter_vec(
             r,
             "gateway_registrations_total",
@@ -542,6 +587,16 @@ impl Metrics {
             exit_bytes_to_target: exit_bytes.with_label_values(&["to_target"]),
             exit_bytes_from_target: exit_bytes.with_label_values(&["from_target"]),
             exit_first_byte: exit_first_byte.with_label_values(&[] as &[&str]),
+            ipr_clients: gauge(
+                r,
+                "ipr_clients",
+                "Clients of the exit's IP packet router holding addresses.",
+            ),
+            ipr_packets_to_internet: ipr_packets.with_label_values(&["to_internet"]),
+            ipr_packets_to_clients: ipr_packets.with_label_values(&["to_clients"]),
+            ipr_bytes_to_internet: ipr_bytes.with_label_values(&["to_internet"]),
+            ipr_bytes_to_clients: ipr_bytes.with_label_values(&["to_clients"]),
+            ipr_refused,
             packets_received,
             packets_forwarded,
             packets_delivered,
@@ -786,6 +841,15 @@ impl Metrics {
 
     pub fn registration_count(&self, outcome: &str) -> u64 {
         self.registrations.with_label_values(&[outcome]).get()
+    }
+
+    /// A packet or connect the IP packet router refused (one of [`IPR_REFUSAL_REASONS`]).
+    pub fn ipr_refused(&self, reason: &str) {
+        debug_assert!(
+            IPR_REFUSAL_REASONS.contains(&reason),
+            "unknown reason {reason}"
+        );
+        self.ipr_refused.with_label_values(&[reason]).inc();
     }
 
     pub fn exit_refused_count(&self, reason: &str) -> u64 {

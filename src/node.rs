@@ -16,9 +16,11 @@ use tracing::Instrument;
 use crate::admission::Admission;
 use crate::config::{Config, Mode};
 use crate::dns::{DnsSettings, Resolver};
+use crate::exit::ip_router::{self, IpPacketRouter, Plumbing};
 use crate::exit::network_requester::{self, Exit, NetworkRequester};
 use crate::exit::own_addresses::{self, OwnAddresses};
 use crate::exit::policy::ExitPolicy;
+use crate::exit::service::Loopback;
 use crate::gateway::{
     self, client_api::ClientApi, delivery::Delivery, mailbox::Mailbox, sessions::Sessions,
 };
@@ -54,6 +56,8 @@ pub enum NodeError {
     Mailbox(#[from] crate::gateway::mailbox::MailboxError),
     #[error(transparent)]
     ExitPolicy(#[from] crate::exit::policy::LoadError),
+    #[error(transparent)]
+    Router(#[from] crate::exit::ip_router::RouterError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("Sphinx keys: {0}")]
@@ -260,6 +264,11 @@ pub async fn start(
         ),
         _ => None,
     };
+    // A router that cannot have its device, forwarding and NAT stops the start, saying why.
+    let router = match (config.mode, config.ipr_enabled) {
+        (Mode::ExitGateway, true) => Some(Plumbing::set_up(&router_settings(&config)).await?),
+        _ => None,
+    };
     // The key ring takes the Sphinx secrets: no copy outlives their erasure.
     let core = open_core(&config, &keys.identity, keys.sphinx.take())?;
     let signer = config.topology_signer()?;
@@ -281,6 +290,7 @@ pub async fn start(
                 client_listener,
                 forward: pipeline.forward.clone(),
                 exit: exit_policy.map(|(policy, ..)| (policy, dns, signer)),
+                router,
                 client_addr: bound.client,
             };
             start_gateway(&config, &keys, &core, &hooks, gateway)?
@@ -537,6 +547,8 @@ struct GatewayParts {
     forward: mpsc::Sender<ForwardItem>,
     /// Exit gateways: the policy, resolver settings to copy and the directory key.
     exit: Option<(ExitPolicy, DnsSettings, Option<KeyBytes>)>,
+    /// Exit gateways running the IP packet router: its device and NAT table, set up.
+    router: Option<Plumbing>,
     client_addr: Option<SocketAddr>,
 }
 
@@ -563,12 +575,13 @@ fn start_gateway(
         .run(),
     )];
     let requester_identity = network_requester::identity(&keys.identity);
+    let router_identity = ip_router::identity(&keys.identity);
     let api = Arc::new(ClientApi {
         identity: keys.identity.public(),
         noise_secret: keys.noise.secret_bytes(),
         stamp_bits: config.registration_stamp_bits.0,
         exempt: match parts.exit {
-            Some(_) => vec![requester_identity.public()],
+            Some(_) => vec![requester_identity.public(), router_identity.public()],
             None => Vec::new(),
         },
         forward: parts.forward,
@@ -595,13 +608,20 @@ fn start_gateway(
         }
     }));
     if let (Some((policy, dns, signer)), Some(api_addr)) = (parts.exit, parts.client_addr) {
+        if let Some(plumbing) = parts.router {
+            let router = IpPacketRouter {
+                settings: router_settings(config),
+                policy: policy.clone(),
+                metrics: core.metrics.clone(),
+                loopback: loopback(config, keys, router_identity, signer, api_addr),
+            };
+            tasks.push(tokio::spawn(router.run(plumbing, core.shutdown.clone())));
+        }
         let requester = network_requester_for(
             config,
-            keys,
             core,
-            requester_identity,
-            (policy, dns, signer),
-            api_addr,
+            (policy, dns),
+            loopback(config, keys, requester_identity, signer, api_addr),
         )?;
         tasks.push(tokio::spawn(requester.run(core.shutdown.clone())));
     }
@@ -640,22 +660,54 @@ fn open_mailbox(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<Mailbox>,
     Ok(mailbox)
 }
 
-/// The exit's network requester: a client of this gateway over loopback, exempt from the
-/// registration stamp, with a resolver of its own so clients' unique names cannot push out
-/// the peers' cached addresses.
-fn network_requester_for(
+/// How an exit service reaches this gateway: its client API over loopback.
+fn loopback(
     config: &Config,
     keys: &NodeKeys,
-    core: &Core,
     identity: crate::keys::Identity,
-    (policy, dns, signer): (ExitPolicy, DnsSettings, Option<KeyBytes>),
+    signer: Option<KeyBytes>,
     api_addr: SocketAddr,
-) -> Result<NetworkRequester, NodeError> {
+) -> Loopback {
     let ip = match api_addr.ip() {
         ip if !ip.is_unspecified() => ip,
         IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
         IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
     };
+    Loopback {
+        identity,
+        topology: config.topology.clone(),
+        topology_signer: signer,
+        gateway: keys.identity.public(),
+        gateway_address: PeerAddress {
+            host: ip.to_string(),
+            port: api_addr.port(),
+        },
+    }
+}
+
+/// The IP packet router's settings, from `NYM_NODE_IPR_*`.
+fn router_settings(config: &Config) -> ip_router::Settings {
+    ip_router::Settings {
+        device: config.ipr_device.clone(),
+        ipv4_pool: config.ipr_ipv4_pool,
+        ipv6_pool: config.ipr_ipv6_pool,
+        limits: ip_router::leases::Limits {
+            max_clients: config.ipr_max_clients,
+            idle: config.ipr_idle_timeout.get(),
+            packet_rate: config.ipr_client_packet_rate,
+            byte_rate: config.ipr_client_byte_rate,
+        },
+    }
+}
+
+/// The exit's network requester, exempt from the registration stamp, with a resolver of
+/// its own so clients' unique names cannot push out the peers' cached addresses.
+fn network_requester_for(
+    config: &Config,
+    core: &Core,
+    (policy, dns): (ExitPolicy, DnsSettings),
+    loopback: Loopback,
+) -> Result<NetworkRequester, NodeError> {
     let resolver = Resolver::new(
         DnsSettings {
             max_entries: EXIT_DNS_CACHE_ENTRIES,
@@ -674,14 +726,7 @@ fn network_requester_for(
                 total: config.exit_max_streams,
             },
         }),
-        identity,
-        topology: config.topology.clone(),
-        topology_signer: signer,
-        gateway: keys.identity.public(),
-        gateway_address: PeerAddress {
-            host: ip.to_string(),
-            port: api_addr.port(),
-        },
+        loopback,
     })
 }
 
@@ -791,6 +836,7 @@ fn describer(
     bound: &Bound,
 ) -> http::Describe {
     let (mixnet_addr, http_addr, client_addr) = (bound.mixnet, bound.http, bound.client);
+    let router = config.ipr_enabled;
     let (name, mode, keys, topology, ring) = (
         config.id.clone(),
         config.mode,
@@ -823,6 +869,11 @@ fn describer(
         let description = if mode == Mode::ExitGateway {
             description
                 .with_network_requester(network_requester::address(&keys.identity).to_string())
+        } else {
+            description
+        };
+        let description = if mode == Mode::ExitGateway && router {
+            description.with_ip_packet_router(ip_router::address(&keys.identity).to_string())
         } else {
             description
         };

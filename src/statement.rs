@@ -29,6 +29,15 @@ pub struct NodeStatement {
     pub sphinx_keys: Vec<EpochKey>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_requester: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_packet_router: Option<String>,
+}
+
+/// An exit service's address as a node publishes it, if it is an address at that very node
+/// (a node cannot send clients' streams or packets to someone else's exit).
+pub fn service_at(address: Option<&str>, node: &KeyBytes) -> Option<String> {
+    let address: crate::client::ClientAddress = address?.parse().ok()?;
+    (address.gateway == *node).then(|| address.to_string())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -49,6 +58,7 @@ impl NodeStatement {
             noise_key: keys.noise_key,
             sphinx_keys: keys.sphinx_keys.clone(),
             network_requester: None,
+            ip_packet_router: None,
         }
     }
 
@@ -98,6 +108,7 @@ mod tests {
             noise_key: KeyBytes([2; 32]),
             sphinx_keys: vec![EpochKey::always(KeyBytes([3; 32]))],
             network_requester: Some("requester".into()),
+            ip_packet_router: None,
         }
     }
 

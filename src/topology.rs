@@ -190,6 +190,10 @@ pub struct NodeEntry {
     /// requester that carries SOCKS5 streams out of the mixnet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_requester: Option<String>,
+    /// Exit gateways running one: the client address of the IP packet router that carries
+    /// `nym-client tun`'s packets out of the mixnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_packet_router: Option<String>,
     /// Whether clients should route through this node. Draining nodes are `false` but stay
     /// listed so packets already in flight still find them.
     #[serde(default = "yes")]
@@ -216,6 +220,7 @@ impl NodeEntry {
             && s.noise_key == self.noise_key
             && s.sphinx_keys == self.sphinx_keys
             && s.network_requester == self.network_requester
+            && s.ip_packet_router == self.ip_packet_router
             && self.statement.verify()
     }
 }
@@ -434,6 +439,22 @@ impl Topology {
             .nodes
             .iter()
             .filter(move |n| n.serving && n.mode.is_gateway() && n.routable_at(now))
+    }
+
+    /// A serving exit that runs the service `service` reads from its entry: the one
+    /// `named` (by name or identity key), or one at random.
+    pub fn choose_exit_service(
+        &self,
+        named: Option<&str>,
+        service: impl Fn(&NodeEntry) -> Option<&str>,
+    ) -> Option<&NodeEntry> {
+        use rand::prelude::IndexedRandom;
+        let exits: Vec<_> = self
+            .serving_gateways()
+            .filter(|n| service(n).is_some())
+            .filter(|n| named.is_none_or(|x| n.name == x || n.identity_key.to_string() == x))
+            .collect();
+        exits.choose(&mut rand::rng()).copied()
     }
 }
 
@@ -869,6 +890,7 @@ mod tests {
                 [seed.wrapping_add(100); 32],
             ))],
             network_requester: None,
+            ip_packet_router: None,
         };
         NodeEntry {
             name: name.into(),
@@ -881,6 +903,7 @@ mod tests {
             client_address: None,
             http_address: None,
             network_requester: None,
+            ip_packet_router: None,
             serving: true,
             statement: statement.sign(&node),
         }

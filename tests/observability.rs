@@ -232,6 +232,7 @@ async fn readiness_waits_for_the_topology() {
             client_address: None,
             http_address: None,
             network_requester: None,
+            ip_packet_router: None,
             serving: true,
             statement: statement_of(&keys, &p, Mode::Mixnode),
         }],

@@ -64,8 +64,12 @@ impl Member {
 /// The exit's network requester as its description publishes it, if it is an address at
 /// that very node (a description cannot send clients' streams to someone else's exit).
 fn requester_of(d: &nym_node::http::description::Description) -> Option<String> {
-    let address: nym_node::client::ClientAddress = d.network_requester.as_deref()?.parse().ok()?;
-    (address.gateway == d.identity_key).then(|| address.to_string())
+    nym_node::statement::service_at(d.network_requester.as_deref(), &d.identity_key)
+}
+
+/// The exit's IP packet router, on the same terms as its requester.
+fn router_of(d: &nym_node::http::description::Description) -> Option<String> {
+    nym_node::statement::service_at(d.ip_packet_router.as_deref(), &d.identity_key)
 }
 
 /// Why a rendered document could not be produced.
@@ -111,6 +115,7 @@ fn entry(
         .filter(|_| m.ready)
         // An entry lists what the node signed or nothing: a requester elsewhere is refused.
         .filter(|s| requester_of(&s.description) == s.description.network_requester)
+        .filter(|s| router_of(&s.description) == s.description.ip_packet_router)
     else {
         // Not ready, or its description does not verify: keep what was known, not serving.
         return Ok(previous.map(|n| NodeEntry {
@@ -136,6 +141,7 @@ fn entry(
         client_address: place.client_address.as_deref().map(addr).transpose()?,
         http_address: Some(addr(&place.http_address)?),
         network_requester: requester_of(d),
+        ip_packet_router: router_of(d),
         serving: m.ready && !withdrawn.contains(&m.pod),
         statement: signed.statement.clone(),
     }))

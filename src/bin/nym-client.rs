@@ -1,6 +1,6 @@
 //! `nym-client`: send and receive messages through the mixnet, or probe it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use nym_node::client::state::{self, ClientDir, Running, Settings};
 use nym_node::client::websocket::{self, Request, TextResponse};
 use nym_node::client::{
-    ClientAddress, ClientConfig, Event, MixClient, daemon, probe, prober, socks5,
+    ClientAddress, ClientConfig, Event, MixClient, daemon, probe, prober, socks5, tunnel,
 };
 use nym_node::config::{self, LogFormat};
 use nym_node::keys::{Identity, NodeId, random_bytes};
@@ -32,6 +32,7 @@ use nym_node::topology::TopologySource;
   nym-client --topology T --topology-signer K probe --count 20 --cover-rate 0
   nym-client --topology T --topology-signer K probe --every 5s --metrics-listen 0.0.0.0:9100
   nym-client --topology T --topology-signer K socks5   then: curl --socks5-hostname 127.0.0.1:1080 URL
+  sudo nym-client tun --id alice --route 198.51.100.0/24   IP packets to that network via an exit
 
 T is the topology (a file or URL), K the directory key it must be signed by (base58 or a file,
 such as the localnet's directory.pub); init stores both with the client.
@@ -74,7 +75,7 @@ struct Cli {
     /// Poisson rate (frames/s) of the upstream stream: each slot carries a packet of ours, acks
     /// to the gateway or drop cover. It bounds how fast we send. 0 disables cover traffic
     /// (loops and downstream pacing too): packets leave at once and show when we talk
-    /// [default: 0.5; socks5 and probe: 20].
+    /// [default: 0.5; socks5, tun and probe: 20].
     #[arg(long, value_parser = non_negative, global = true)]
     cover_rate: Option<f64>,
     /// Poisson rate (frames/s) of loop cover, a stream of its own that real traffic never
@@ -84,7 +85,7 @@ struct Cli {
     /// Poisson rate (frames/s) at which our gateway sends us frames, real or dummy, so the
     /// link shows nothing of what we receive; the gateway may grant less. It bounds how fast
     /// we receive (acks of what we send and loops included) [default: --cover-rate plus
-    /// --loop-rate; socks5: 50; 0 with --cover-rate 0].
+    /// --loop-rate; socks5 and tun: 50; 0 with --cover-rate 0].
     #[arg(long, value_parser = non_negative, global = true)]
     downstream_rate: Option<f64>,
     /// Send a delivery receipt (after a random delay of up to 10 s, once per message) to a
@@ -122,7 +123,7 @@ const SOCKS5_DOWNSTREAM_RATE: f64 = 50.0;
 impl Cli {
     fn cover_rate(&self) -> f64 {
         let default = match self.command {
-            Command::Socks5 { .. } | Command::Probe { .. } => FAST_COVER_RATE,
+            Command::Socks5 { .. } | Command::Tun { .. } | Command::Probe { .. } => FAST_COVER_RATE,
             _ => DEFAULT_COVER_RATE,
         };
         self.cover_rate.unwrap_or(default)
@@ -136,7 +137,7 @@ impl Cli {
         let default = match (&self.command, self.cover_rate() > 0.0) {
             (_, false) => 0.0,
             // Browsing takes in far more than it sends.
-            (Command::Socks5 { .. }, true) => SOCKS5_DOWNSTREAM_RATE,
+            (Command::Socks5 { .. } | Command::Tun { .. }, true) => SOCKS5_DOWNSTREAM_RATE,
             (_, true) => self.cover_rate() + self.loop_rate(),
         };
         self.downstream_rate.unwrap_or(default)
@@ -212,6 +213,32 @@ enum Command {
         exit: Option<String>,
         /// Create this file once the proxy serves (connected to its gateway, listening),
         /// and remove it at exit: a readiness signal for containers.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Carry IP packets through the mixnet: a TUN device whose packets leave at an exit
+    /// gateway's IP packet router (TCP, UDP and ICMP alike), until SIGTERM or Ctrl-C, which
+    /// remove the device and its routes. Needs CAP_NET_ADMIN (root, or `setcap
+    /// cap_net_admin+ep` on the binary). With --id or --identity, as that client (while no
+    /// `run` holds it); otherwise from a fresh throwaway identity.
+    Tun {
+        /// Name of the device [default: nym-NAME for --id NAME, else nymtun0].
+        #[arg(long)]
+        device: Option<String>,
+        /// Route everything into the tunnel (as 0.0.0.0/1, 128.0.0.0/1, ::/1 and 8000::/1);
+        /// the gateway's own address keeps the path it has now.
+        #[arg(long)]
+        default_route: bool,
+        /// Route this network into the tunnel (e.g. 198.51.100.0/24 or 2001:db8::/32);
+        /// repeat for more.
+        #[arg(long = "route", value_name = "PREFIX", value_parser = parse_prefix)]
+        routes: Vec<(IpAddr, u8)>,
+        /// Exit gateway to leave through, by name or identity key; a random serving one
+        /// with an IP packet router when omitted.
+        #[arg(long)]
+        exit: Option<String>,
+        /// Write the device's name and addresses (JSON) to this file once the tunnel
+        /// carries packets, and remove it at exit: a readiness signal.
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
@@ -353,6 +380,13 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             exit,
             ready_file,
         } => serve_socks5(&cli, listen, allow_remote, exit, ready_file).await,
+        Command::Tun {
+            device,
+            default_route,
+            routes,
+            exit,
+            ready_file,
+        } => serve_tun(&cli, device, *default_route, routes, exit, ready_file).await,
         Command::Probe {
             count,
             size,
@@ -573,15 +607,18 @@ async fn receive(cli: &Cli, count: &Option<usize>, timeout: &Duration) -> Result
     })
 }
 
-/// `socks5`: the proxy whose streams leave at an exit gateway.
-async fn serve_socks5(
-    cli: &Cli,
-    listen: &SocketAddr,
-    allow_remote: &bool,
-    exit: &Option<String>,
-    ready_file: &Option<PathBuf>,
-) -> Result<ExitCode, String> {
-    let listen = socks5::check_listen(*listen, *allow_remote)?;
+/// What a subcommand that holds the client's session itself (`socks5`, `tun`) starts from.
+struct Own {
+    /// Held while the subcommand runs, so no `run` takes the same client meanwhile.
+    _lock: Option<state::SessionLock>,
+    identity: Identity,
+    config: ClientConfig,
+    topology: nym_node::topology::Topology,
+}
+
+/// The client named by --id or --identity (locked), or a throwaway identity; its
+/// configuration, and the topology it starts from.
+async fn own_session(cli: &Cli) -> Result<Own, String> {
     let dir = client_dir(cli)?;
     let _lock = match &dir {
         Some(d) => Some(d.try_lock().map_err(|e| e.to_string())?.ok_or_else(|| {
@@ -603,6 +640,29 @@ async fn serve_socks5(
         .load_or_remembered()
         .await
         .map_err(|e| e.to_string())?;
+    Ok(Own {
+        _lock,
+        identity,
+        config,
+        topology,
+    })
+}
+
+/// `socks5`: the proxy whose streams leave at an exit gateway.
+async fn serve_socks5(
+    cli: &Cli,
+    listen: &SocketAddr,
+    allow_remote: &bool,
+    exit: &Option<String>,
+    ready_file: &Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let listen = socks5::check_listen(*listen, *allow_remote)?;
+    let Own {
+        _lock,
+        identity,
+        config,
+        topology,
+    } = own_session(cli).await?;
     let requester = socks5::choose_exit(&topology, exit.as_deref()).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -627,6 +687,121 @@ async fn serve_socks5(
         let _ = std::fs::remove_file(path);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tun`'s outbox: a few seconds of upstream slots. A deeper queue would only add delay
+/// for TCP inside the tunnel to mistake for a slow path; what does not fit is dropped,
+/// as a router's full queue drops.
+const TUN_OUTBOX: usize = 64;
+
+fn parse_prefix(s: &str) -> Result<(IpAddr, u8), String> {
+    let (ip, len) = s.split_once('/').unwrap_or((s, ""));
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| format!("{s:?}: expected an IP network such as 198.51.100.0/24"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = if len.is_empty() {
+        max
+    } else {
+        len.parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("{s:?}: prefix length 0 to {max}"))?
+    };
+    Ok((ip, len))
+}
+
+/// `tun`: a TUN device carried through the mixnet to an exit's IP packet router.
+async fn serve_tun(
+    cli: &Cli,
+    device: &Option<String>,
+    default_route: bool,
+    routes: &[(IpAddr, u8)],
+    exit: &Option<String>,
+    ready_file: &Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    if !default_route && routes.is_empty() {
+        return Err(
+            "nothing to route: pass --route PREFIX (repeat for more) or --default-route".into(),
+        );
+    }
+    let name = device.clone().unwrap_or_else(|| match &cli.id {
+        Some(id) => format!("nym-{id}")
+            .chars()
+            .take(nym_node::tun::MAX_NAME)
+            .collect(),
+        None => "nymtun0".into(),
+    });
+    if !nym_node::tun::valid_name(&name) {
+        return Err(format!(
+            "--device {name:?}: 1 to 15 characters, no '/', ':' or spaces"
+        ));
+    }
+    let Own {
+        _lock,
+        identity,
+        mut config,
+        topology,
+    } = own_session(cli).await?;
+    config.max_outbox = TUN_OUTBOX;
+    let router = tunnel::choose_router(&topology, exit.as_deref()).map_err(|e| e.to_string())?;
+    let mut client = MixClient::start(config, identity)
+        .await
+        .map_err(|e| e.to_string())?;
+    let gateway_ip = gateway_ip(cli, &topology, client.address().gateway).await;
+    let lease = tunnel::connect(&mut client, router)
+        .await
+        .map_err(|e| e.to_string())?;
+    let routes = tunnel::Routes {
+        default: default_route,
+        prefixes: routes.to_vec(),
+    };
+    let (device, pinned) = tunnel::open_device(&name, &lease, &routes, gateway_ip)
+        .await
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "tunnel {name}: {} and {} (MTU {}) through exit {}",
+        lease.ipv4, lease.ipv6, lease.mtu, router.gateway
+    );
+    if let Some(path) = ready_file {
+        let ready = serde_json::json!({"device": name, "ipv4": lease.ipv4, "ipv6": lease.ipv6, "mtu": lease.mtu});
+        std::fs::write(path, ready.to_string())
+            .map_err(|e| format!("--ready-file {}: {e}", path.display()))?;
+    }
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signals(stop.clone()));
+    let stats = tunnel::pump(&mut client, router, &lease, &device, stop.cancelled()).await;
+    if let Some(route) = pinned {
+        device.unpin_route(route).await;
+    }
+    drop(device);
+    client.stop().await;
+    if let Some(path) = ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    eprintln!(
+        "tunnel {name} closed: {} packets ({} bytes) out, {} ({} bytes) in, {} dropped at a full outbox",
+        stats.packets_out, stats.bytes_out, stats.packets_in, stats.bytes_in, stats.dropped
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The IP our gateway link goes to (pinned outside a default route into the tunnel).
+async fn gateway_ip(
+    cli: &Cli,
+    topology: &nym_node::topology::Topology,
+    gateway: NodeId,
+) -> Option<IpAddr> {
+    let address = cli.gateway_address.clone().or_else(|| {
+        topology
+            .node(&gateway)
+            .and_then(|n| n.client_address.clone())
+    })?;
+    tokio::net::lookup_host((address.host.as_str(), address.port))
+        .await
+        .ok()?
+        .next()
+        .map(|a| a.ip())
 }
 
 /// `probe`: messages through the mixnet back to a fresh client, once or `--every`.

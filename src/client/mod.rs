@@ -40,6 +40,7 @@ pub mod socks5;
 pub mod state;
 pub mod surbs;
 pub mod top_up;
+pub mod tunnel;
 pub mod websocket;
 
 use std::fmt;

@@ -103,6 +103,7 @@ mod tests {
             noise_key: KeyBytes([seed.wrapping_add(100); 32]),
             sphinx_keys: vec![EpochKey::always(KeyBytes([seed; 32]))],
             network_requester: None,
+            ip_packet_router: None,
         };
         NodeEntry {
             name: format!("n{seed}"),
@@ -115,6 +116,7 @@ mod tests {
             client_address: None,
             http_address: None,
             network_requester: None,
+            ip_packet_router: None,
             serving,
             statement: statement.sign(&node),
         }

@@ -45,16 +45,7 @@ pub enum ProxyError {
 /// The network requester to use: the exit gateway named (by name or identity key), or a
 /// random serving one.
 pub fn choose_exit(topology: &Topology, named: Option<&str>) -> Result<ClientAddress, ProxyError> {
-    let exits: Vec<_> = topology
-        .serving_gateways()
-        .filter(|n| n.network_requester.is_some())
-        .filter(|n| named.is_none_or(|x| n.name == x || n.identity_key.to_string() == x))
-        .collect();
-    let chosen = {
-        use rand::prelude::IndexedRandom;
-        exits.choose(&mut rand::rng()).copied()
-    };
-    let Some(exit) = chosen else {
+    let Some(exit) = topology.choose_exit_service(named, |n| n.network_requester.as_deref()) else {
         return Err(match named {
             Some(n) => ProxyError::UnknownExit(n.to_string()),
             None => ProxyError::NoExit,

@@ -1,11 +1,6 @@
 //! The exit gateway's network requester: it carries clients' streams (see [`crate::stream`])
-//! out of the mixnet to TCP targets on the internet, behind the exit policy.
-//!
-//! It is a mixnet client of its own gateway, connected over the client API like any other
-//! client, with an identity derived from the node's (so its address is known to whoever
-//! knows the node's keys, and is published in the node's description and the topology).
-//! Clients reach it with messages carrying reply SURBs; it answers through those SURBs, so
-//! it never learns who a client is: a client is only its sender tag.
+//! out of the mixnet to TCP targets on the internet, behind the exit policy. It is an exit
+//! service ([`crate::exit::service`]): a client is only its sender tag.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -16,18 +11,16 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::client::{
-    ClientAddress, ClientConfig, Event, MixClient, MixSender, SINGLE_FRAGMENT_REPLY, SenderTag,
-};
+use crate::client::{ClientAddress, Event, MixClient, MixSender, SINGLE_FRAGMENT_REPLY, SenderTag};
 use crate::dns::Resolver;
 use crate::exit::policy::ExitPolicy;
+use crate::exit::service::{self, Loopback};
 use crate::exit::stream_admission::{Decision, StreamAdmission};
-use crate::keys::{Identity, KeyBytes};
+use crate::keys::Identity;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::stream::relay::{ByteCounters, End, Outgoing, Settings as RelaySettings, Stream};
 use crate::stream::{self, Body, Frame, StreamId, Target};
-use crate::topology::PeerAddress;
 
 /// Label under which the requester's identity is derived from the node's.
 const IDENTITY_LABEL: &str = "network-requester";
@@ -53,12 +46,12 @@ pub mod reply {
 
 /// The requester's identity, derived from the node's.
 pub fn identity(node: &Identity) -> Identity {
-    node.derive(IDENTITY_LABEL)
+    service::identity(node, IDENTITY_LABEL)
 }
 
 /// The requester's client address at the node whose identity is `node`.
 pub fn address(node: &Identity) -> ClientAddress {
-    ClientAddress::of(&identity(node), node.public())
+    service::address(node, IDENTITY_LABEL)
 }
 
 /// How the exit relays a stream: the requester sends through SURBs, one per frame, so a
@@ -161,60 +154,26 @@ impl Exit {
 /// The requester of one exit gateway.
 pub struct NetworkRequester {
     pub exit: Arc<Exit>,
-    pub identity: Identity,
-    pub topology: String,
-    /// The directory key the node's topology is signed by.
-    pub topology_signer: Option<KeyBytes>,
-    pub gateway: crate::keys::NodeId,
-    /// The gateway's own client API, reached over loopback.
-    pub gateway_address: PeerAddress,
+    pub loopback: Loopback,
 }
 
 impl NetworkRequester {
     /// Serves streams until the node stops, reconnecting to the gateway if its session ends.
     pub async fn run(self, shutdown: Shutdown) {
-        let mut wait = Duration::from_millis(200);
-        loop {
-            let config = ClientConfig {
-                topology: self.topology.clone(),
-                topology_signer: self.topology_signer,
-                gateway: Some(self.gateway),
-                gateway_address: Some(self.gateway_address.clone()),
-                // It answers at once: its packets are replies through clients' SURBs, whose
-                // delays the clients chose.
-                cover_rate: 0.0,
-                ..ClientConfig::default()
-            };
-            let started = tokio::select! {
-                _ = shutdown.draining() => return,
-                c = MixClient::start(config, self.identity.clone()) => c,
-            };
-            match started {
-                Ok(client) => {
-                    tracing::info!(address = %client.address(), "network requester serving");
-                    wait = Duration::from_millis(200);
-                    let stopped = serve(client, self.exit.clone(), &shutdown).await;
-                    if stopped {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "network requester cannot reach its gateway; retrying");
-                }
-            }
-            tokio::select! {
-                _ = shutdown.draining() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
-            wait = (wait * 2).min(Duration::from_secs(5));
-        }
+        let exit = self.exit;
+        let serving = shutdown.clone();
+        self.loopback
+            .run("network-requester", shutdown, move |client| {
+                serve(client, exit.clone(), serving.clone())
+            })
+            .await;
     }
 }
 
 type Key = (SenderTag, StreamId);
 
 /// Dispatches frames to stream tasks until the node drains (true) or the client stops (false).
-async fn serve(mut client: MixClient, exit: Arc<Exit>, shutdown: &Shutdown) -> bool {
+async fn serve(mut client: MixClient, exit: Arc<Exit>, shutdown: Shutdown) -> bool {
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>(1024);
     let (done_tx, mut done_rx) = mpsc::channel::<(Key, bool)>(1024);
     let sender = tokio::spawn(send_frames(client.sender(), out_rx));

@@ -1,5 +1,6 @@
 //! The exit policy: which addresses and ports an exit gateway's network requester may open
-//! streams to, checked on the **resolved** address just before connecting.
+//! streams to, checked on the **resolved** address just before connecting, and which
+//! packets the IP packet router may send on, checked on every packet.
 //!
 //! A policy is an ordered list of rules, one per line, in the style of Tor's exit policies;
 //! the first rule that matches decides, and an address no rule matches is refused:
@@ -10,12 +11,19 @@
 //! reject *:25                      # no SMTP
 //! accept 127.0.0.1:8080            # a named internal address must be named to be allowed
 //! accept [2001:db8::]/32:80,443
+//! accept udp *:53                  # DNS over UDP (IP packet router only)
+//! accept icmp *                    # ping (IP packet router only)
 //! accept *:1-65535
 //! ```
 //!
 //! Addresses: `*`, an IP, a CIDR network (IPv6 in brackets when a port follows), `internal`
 //! (every address in [`is_internal`]) or `own` (the node's own addresses). Ports: `*`, a
 //! port, a range `a-b`, or a comma-separated list of those.
+//!
+//! Protocols: a rule may name one, `tcp`, `udp` or `icmp` (ICMP and ICMPv6), before its
+//! address; it then matches only that protocol, and an `icmp` rule has no ports (`:*` is
+//! allowed). A rule without a protocol matches every protocol when its ports are `*`, and
+//! only TCP and UDP on those ports otherwise. Streams are TCP.
 //!
 //! **`*` matches only public addresses.** Loopback, private, shared (CGNAT), link-local
 //! (cloud metadata at 169.254.169.254 among them), multicast, unspecified and broadcast
@@ -46,9 +54,22 @@ enum AddrSpec {
     },
 }
 
+/// The transport of a packet, as far as the policy cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    /// ICMP and ICMPv6.
+    Icmp,
+    /// Any other IP protocol, by number: only rules without protocol or ports match it.
+    Other(u8),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Rule {
     action: Action,
+    /// `None`: every protocol (see the module doc).
+    protocol: Option<Protocol>,
     addr: AddrSpec,
     /// Inclusive ranges; empty means any port.
     ports: Vec<(u16, u16)>,
@@ -124,6 +145,7 @@ impl ExitPolicy {
         ExitPolicy {
             rules: vec![Rule {
                 action: Action::Accept,
+                protocol: None,
                 addr: AddrSpec::Any,
                 ports: Vec::new(),
             }],
@@ -153,6 +175,16 @@ impl ExitPolicy {
 
     /// Whether a stream to `ip:port` may be opened.
     pub fn check(&self, ip: IpAddr, port: u16) -> Result<(), Refusal> {
+        self.check_packet(ip, Protocol::Tcp, Some(port))
+    }
+
+    /// Whether a packet of `protocol` to `ip` (and `port`, for TCP and UDP) may be sent.
+    pub fn check_packet(
+        &self,
+        ip: IpAddr,
+        protocol: Protocol,
+        port: Option<u16>,
+    ) -> Result<(), Refusal> {
         let ip = canonical(ip);
         let own = self.own.contains(ip)
             || matches!(ip, IpAddr::V6(v6) if embedded_ipv4(v6).is_some_and(|v4| self.own.contains(v4.into())));
@@ -164,9 +196,11 @@ impl ExitPolicy {
                 AddrSpec::Own => own,
                 AddrSpec::Net { base, prefix } => in_network(ip, *base, *prefix),
             };
-            let port_matches =
-                rule.ports.is_empty() || rule.ports.iter().any(|(a, b)| (*a..=*b).contains(&port));
-            if addr_matches && port_matches {
+            let protocol_matches = rule.protocol.is_none_or(|p| p == protocol);
+            let port_matches = rule.ports.is_empty()
+                || port
+                    .is_some_and(|port| rule.ports.iter().any(|(a, b)| (*a..=*b).contains(&port)));
+            if protocol_matches && addr_matches && port_matches {
                 return match rule.action {
                     Action::Accept => Ok(()),
                     Action::Reject => Err(Refusal::Rejected),
@@ -189,25 +223,44 @@ fn parse_rule(line: &str) -> Result<Rule, String> {
         Some(other) => return Err(format!("expected accept or reject, got {other:?}")),
         None => return Err("empty rule".into()),
     };
-    let target = words
+    let mut target = words
         .next()
         .ok_or("expected ADDRESS:PORTS after the action")?;
+    let protocol = match target {
+        "tcp" => Some(Protocol::Tcp),
+        "udp" => Some(Protocol::Udp),
+        "icmp" => Some(Protocol::Icmp),
+        _ => None,
+    };
+    if protocol.is_some() {
+        target = words
+            .next()
+            .ok_or_else(|| format!("expected ADDRESS after {target:?}"))?;
+    }
     if let Some(extra) = words.next() {
         return Err(format!("unexpected {extra:?} after {target:?}"));
     }
     // The port part follows the last ':' outside brackets.
     let split = match target.rfind(']') {
         Some(close) => target[close..].find(':').map(|i| close + i),
+        None if target.parse::<IpAddr>().is_ok() => None,
         None => target.rfind(':'),
     };
-    let (addr, ports) = match split {
-        Some(i) => (&target[..i], &target[i + 1..]),
-        None => return Err(format!("{target:?}: expected ADDRESS:PORTS (e.g. *:443)")),
+    let (addr, ports) = match (split, protocol) {
+        (Some(i), _) => (&target[..i], &target[i + 1..]),
+        // ICMP has no ports.
+        (None, Some(Protocol::Icmp)) => (target, "*"),
+        (None, _) => return Err(format!("{target:?}: expected ADDRESS:PORTS (e.g. *:443)")),
     };
+    let ports = parse_ports(ports)?;
+    if protocol == Some(Protocol::Icmp) && !ports.is_empty() {
+        return Err(format!("{target:?}: ICMP has no ports"));
+    }
     Ok(Rule {
         action,
+        protocol,
         addr: parse_addr(addr)?,
-        ports: parse_ports(ports)?,
+        ports,
     })
 }
 
@@ -463,10 +516,79 @@ mod tests {
             ("accept *:0", "port from 1 to 65535"),
             ("accept *:90-80", "backwards"),
             ("accept *:80 extra", "unexpected"),
+            ("accept icmp *:80", "ICMP has no ports"),
+            ("accept udp *", "expected ADDRESS:PORTS"),
+            ("accept tcp", "expected ADDRESS after"),
         ] {
             let e = ExitPolicy::parse(&format!("# header\n{text}"), HashSet::new()).unwrap_err();
             assert_eq!(e.line, 2, "{text}");
             assert!(e.message.contains(expect), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn packets_are_judged_by_protocol_and_port() {
+        let p = ExitPolicy::parse(
+            "reject udp *:25\n\
+             accept udp 198.51.100.0/24:53,7\n\
+             accept icmp 198.51.100.0/24\n\
+             accept icmp [2001:db8::]/32:*\n\
+             accept 203.0.113.0/24:443\n\
+             accept 192.0.2.0/24:*\n",
+            HashSet::new(),
+        )
+        .unwrap();
+        let net = ip("198.51.100.2");
+        assert_eq!(p.check_packet(net, Protocol::Udp, Some(7)), Ok(()));
+        assert_eq!(
+            p.check_packet(net, Protocol::Udp, Some(8)),
+            Err(Refusal::NoRule)
+        );
+        assert_eq!(
+            p.check_packet(net, Protocol::Tcp, Some(7)),
+            Err(Refusal::NoRule)
+        );
+        assert_eq!(p.check_packet(net, Protocol::Icmp, None), Ok(()));
+        assert_eq!(
+            p.check_packet(ip("2001:db8::2"), Protocol::Icmp, None),
+            Ok(())
+        );
+        assert_eq!(
+            p.check_packet(ip("203.0.113.1"), Protocol::Icmp, None),
+            Err(Refusal::NoRule)
+        );
+        // A rule without protocol: TCP and UDP on its ports, everything when its ports are `*`.
+        assert_eq!(
+            p.check_packet(ip("203.0.113.1"), Protocol::Udp, Some(443)),
+            Ok(())
+        );
+        assert_eq!(
+            p.check_packet(ip("203.0.113.1"), Protocol::Tcp, Some(443)),
+            Ok(())
+        );
+        assert_eq!(
+            p.check_packet(ip("192.0.2.1"), Protocol::Other(47), None),
+            Ok(())
+        );
+        assert_eq!(
+            p.check_packet(ip("192.0.2.1"), Protocol::Icmp, None),
+            Ok(())
+        );
+        assert_eq!(
+            p.check_packet(ip("93.184.216.34"), Protocol::Udp, Some(25)),
+            Err(Refusal::Rejected)
+        );
+        // Streams are TCP: the UDP rule opens no stream.
+        assert_eq!(p.check(net, 53), Err(Refusal::NoRule));
+        // Internal addresses stay closed to `*` for every protocol.
+        let open = ExitPolicy::parse("accept *:*", HashSet::new()).unwrap();
+        assert_eq!(
+            open.check_packet(ip("10.0.0.1"), Protocol::Icmp, None),
+            Err(Refusal::Internal)
+        );
+        assert_eq!(
+            open.check_packet(ip("8.8.8.8"), Protocol::Udp, Some(53)),
+            Ok(())
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! A token bucket per client session: `rate` packets per second on average, bursts of up
-//! to `burst`. Runs on tokio's clock so tests can drive it with paused time.
+//! A token bucket: `rate` tokens (packets, bytes) per second on average, bursts of up to
+//! `burst`. Runs on tokio's clock so tests can drive it with paused time.
 
 use tokio::time::Instant;
 
@@ -22,12 +22,17 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn take(&mut self) -> bool {
+        self.take_n(1)
+    }
+
+    /// Takes `n` tokens if there are that many (a packet's bytes, say).
+    pub fn take_n(&mut self, n: u32) -> bool {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= f64::from(n) {
+            self.tokens -= f64::from(n);
             true
         } else {
             false

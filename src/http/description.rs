@@ -28,6 +28,10 @@ pub struct Description {
     /// streams out (its identity is derived from this node's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_requester: Option<String>,
+    /// Exit gateways running one: the client address of the IP packet router that carries
+    /// `nym-client tun`'s packets out (its identity is derived from this node's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_packet_router: Option<String>,
     pub version: String,
     /// Revision of the topology document this node runs on (0 before one is loaded). An
     /// operator rolling the network waits until every serving node reports a revision at
@@ -66,6 +70,7 @@ impl Description {
             client_address,
             http_address,
             network_requester: None,
+            ip_packet_router: None,
             version: env!("CARGO_PKG_VERSION").to_string(),
             topology_revision: 0,
         }
@@ -74,6 +79,12 @@ impl Description {
     /// Publishes the address of this exit's network requester.
     pub fn with_network_requester(mut self, address: String) -> Self {
         self.network_requester = Some(address);
+        self
+    }
+
+    /// Publishes the address of this exit's IP packet router.
+    pub fn with_ip_packet_router(mut self, address: String) -> Self {
+        self.ip_packet_router = Some(address);
         self
     }
 
@@ -96,6 +107,7 @@ impl Description {
             noise_key: self.noise_key,
             sphinx_keys: self.sphinx_keys.clone(),
             network_requester: self.network_requester.clone(),
+            ip_packet_router: self.ip_packet_router.clone(),
         }
     }
 

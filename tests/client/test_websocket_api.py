@@ -26,6 +26,9 @@ _BIN = None
 def binaries():
     """Where `cargo test` left nym-node and nym-client (built once per session if needed)."""
     global _BIN
+    if _BIN is None and os.environ.get("NYM_BIN_DIR"):
+        # Measurements: the release binaries (target/release), built beforehand.
+        _BIN = os.environ["NYM_BIN_DIR"]
     if _BIN is None:
         build = subprocess.run(["cargo", "test", "--workspace", "--locked", "--no-run"], cwd=ROOT,
                                capture_output=True, text=True)

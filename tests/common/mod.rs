@@ -186,6 +186,7 @@ impl Net {
                     client_address: client_address.map(|c| c.parse().unwrap()),
                     http_address: http_address.map(|h| h.parse().unwrap()),
                     network_requester: requester_of(mode, &keys),
+                    ip_packet_router: None,
                     serving: true,
                     statement: statement_of(&keys, &public, mode),
                 },
@@ -911,6 +912,7 @@ pub fn prepare_from_keys(
                     .then(|| node.client.to_string().parse().unwrap()),
                 http_address: Some(node.http.to_string().parse().unwrap()),
                 network_requester: requester_of(node.mode, &keys),
+                ip_packet_router: None,
                 serving: true,
                 statement: statement_of(&keys, &public, node.mode),
             }

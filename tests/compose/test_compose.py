@@ -179,6 +179,10 @@ def test_testnet_comes_up_and_delivers():
     doc = json.loads(compose("exec", "-T", "mix-1a", "cat", "/data/topology.json").stdout)
     signer = compose("exec", "-T", "mix-1a", "cat", "/data/directory.pub").stdout.strip()
     assert doc["signed_by"] == signer and doc["signature"], doc.keys()
+    # The exit runs the IP packet router: published in its entry, counted by Prometheus.
+    exit_entry = next(n for n in doc["document"]["nodes"] if n["name"] == "exit-gw")
+    assert exit_entry.get("ip_packet_router", "").endswith("@" + exit_entry["identity_key"]), exit_entry
+    assert metric_sum('sum(nym_node_ipr_clients{instance="exit-gw"})') == 0
     assert "running" in compose("ps", "--format", "{{.State}}", "directory").stdout
     log(f"topology revision {doc['document']['revision']} signed by the directory {signer[:8]}")
 

@@ -95,6 +95,8 @@ NYM_NODE_CLIENT_BIND: {{ printf "0.0.0.0:%v" .Values.ports.client | quote }}
 NYM_NODE_TOPOLOGY: /etc/nym-node/topology/topology.json
 {{- else if and (eq $key "NYM_NODE_EXIT_POLICY") (eq (toString $value) "") (include "nym-node.exitPolicy" $) }}
 NYM_NODE_EXIT_POLICY: /etc/nym-node/exit-policy/exit-policy.txt
+{{- else if and (eq $key "NYM_NODE_IPR_ENABLED") $.Values.ipPacketRouter.enabled }}
+NYM_NODE_IPR_ENABLED: "true"
 {{- else }}
 {{ $key }}: {{ include "nym-node.envValue" $value | quote }}
 {{- end }}
