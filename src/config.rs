@@ -211,7 +211,7 @@ knobs! {
     ipr_ipv4_pool: Ipv4Pool = "10.64.0.0/16";
     /// Exit gateways: the IPv6 network the router's clients get their addresses from (the router takes the first); prefix /96 to /126.
     ipr_ipv6_pool: Ipv6Pool = "fd6e:796d:6970::/112";
-    /// Exit gateways: clients of the IP packet router holding addresses at once (a client is known only by its reply tag, and holds one IPv4 and one IPv6 address); at most what the smaller pool holds; when full, a newcomer takes the addresses of the client silent longest if it has been silent a minute, else it is refused.
+    /// Exit gateways: clients of the IP packet router holding addresses at once (a client is known only by its reply tag, and holds one IPv4 and one IPv6 address); at most what the smaller pool holds; when full, a newcomer takes the addresses of the client silent longest if it has been silent 90 s, else it is refused.
     ipr_max_clients: usize = "1024";
     /// Exit gateways: a router client's addresses return to the pool after this long without a message from it (clients send a keep-alive every 30 s).
     ipr_idle_timeout: DurationKnob = "3m";

@@ -259,6 +259,26 @@ pub enum PacketError {
 }
 
 impl PacketHeader {
+    /// The header of the packet an ICMP or ICMPv6 error message quotes, when `packet` is
+    /// one (destination unreachable, time exceeded, parameter problem; ICMPv4's source
+    /// quench and redirect too, and ICMPv6's packet too big).
+    pub fn quoted(
+        packet: &[u8],
+        header: &PacketHeader,
+    ) -> Option<Result<PacketHeader, PacketError>> {
+        let transport = match header.source {
+            IpAddr::V4(_) => usize::from(packet[0] & 0x0f) * 4,
+            IpAddr::V6(_) => 40,
+        };
+        let icmp = packet.get(transport..)?;
+        let error = match header.protocol {
+            PROTOCOL_ICMP => matches!(icmp.first(), Some(3 | 4 | 5 | 11 | 12)),
+            PROTOCOL_ICMPV6 => matches!(icmp.first(), Some(1..=4)),
+            _ => false,
+        };
+        error.then(|| Self::parse(icmp.get(8..).unwrap_or_default()))
+    }
+
     pub fn parse(packet: &[u8]) -> Result<Self, PacketError> {
         match packet.first().map(|b| b >> 4) {
             Some(4) => Self::parse_v4(packet),
@@ -297,7 +317,7 @@ impl PacketHeader {
             a.copy_from_slice(&p[at..at + 16]);
             Ipv6Addr::from(a)
         };
-        let (mut next, mut at, mut first_fragment) = (p[6], 40, true);
+        let (mut next, mut at, mut first_fragment, mut fragment_headers) = (p[6], 40, true, 0);
         // Hop-by-hop, routing, fragment and destination options headers precede the
         // transport; a packet whose chain runs past its end has no port to read.
         loop {
@@ -308,6 +328,11 @@ impl PacketHeader {
                     at += 8 + usize::from(ext[1]) * 8;
                 }
                 44 => {
+                    // A second fragment header only serves to hide what the first says.
+                    fragment_headers += 1;
+                    if fragment_headers > 1 {
+                        return Err(PacketError::Truncated);
+                    }
                     let ext = p.get(at..at + 4).ok_or(PacketError::Truncated)?;
                     next = ext[0];
                     first_fragment = u16::from_be_bytes([ext[2], ext[3]]) >> 3 == 0;

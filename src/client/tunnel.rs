@@ -182,7 +182,9 @@ pub async fn pump(
 ) -> TunnelStats {
     let mut up = Upstream::new(router);
     let mut buf = vec![0u8; 65_536];
-    let mut keep_alive = tokio::time::interval(ip_tunnel::KEEP_ALIVE);
+    // Ticks at half the interval: a keep-alive goes when a whole tick passed silent, so the
+    // router never waits more than the interval between two messages.
+    let mut keep_alive = tokio::time::interval(ip_tunnel::KEEP_ALIVE / 2);
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -199,7 +201,7 @@ pub async fn pump(
                 Some(Event::Received { body, reply_from: Some(from), .. }) if from == router => {
                     up.surbs -= 1;
                     if let Ok(Message::Data(packets)) = Message::decode(&body) {
-                        deliver(device, packets, &mut up.stats).await;
+                        deliver(device, lease, packets, &mut up.stats).await;
                     }
                 }
                 Some(_) => {}
@@ -213,9 +215,21 @@ pub async fn pump(
     up.stats
 }
 
-/// Hands the router's packets to the kernel.
-async fn deliver(device: &TunDevice, packets: Vec<Vec<u8>>, stats: &mut TunnelStats) {
+/// Hands the router's packets to the kernel: only those to our own addresses, so an exit
+/// cannot reach past this machine into its networks.
+async fn deliver(
+    device: &TunDevice,
+    lease: &Lease,
+    packets: Vec<Vec<u8>>,
+    stats: &mut TunnelStats,
+) {
     for p in packets {
+        let to_us = PacketHeader::parse(&p).is_ok_and(|h| {
+            h.destination == IpAddr::V4(lease.ipv4) || h.destination == IpAddr::V6(lease.ipv6)
+        });
+        if !to_us {
+            continue;
+        }
         stats.packets_in += 1;
         stats.bytes_in += p.len() as u64;
         if let Err(e) = device.send(&p).await {

@@ -86,7 +86,7 @@ def test_the_ip_packet_router_opt_in_grants_exactly_what_the_router_needs():
     pod = statefulset_pod(objects)
     node = next(c for c in pod["containers"] if c["name"] == "nym-node")
     sc = node["securityContext"]
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "MKNOD"]}
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "MKNOD", "DAC_OVERRIDE", "FOWNER"]}
     assert sc["runAsUser"] == 0 and sc["runAsNonRoot"] is False
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     # Only the node container: the init containers keep the restricted context.
@@ -97,6 +97,20 @@ def test_the_ip_packet_router_opt_in_grants_exactly_what_the_router_needs():
     data = env_configmap(objects)["data"]
     assert data["NYM_NODE_IPR_ENABLED"] == "true"
     assert check_env(data).returncode == 0
+    # Sysctls of the operator's own are kept beside the router's; the opt-in holds even with
+    # the knob dropped from config (a null in values) or no pod security context at all.
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump({"mode": "exit-gateway", "ipPacketRouter": {"enabled": True},
+                        "config": {"NYM_NODE_IPR_ENABLED": None},
+                        "podSecurityContext": {"sysctls": [{"name": "net.ipv4.tcp_syncookies", "value": "1"}]}}, f)
+        f.flush()
+        objects = render(NODE_CHART, "-f", f.name)
+    names = [s["name"] for s in statefulset_pod(objects)["securityContext"]["sysctls"]]
+    assert names == ["net.ipv4.tcp_syncookies", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"]
+    assert env_configmap(objects)["data"]["NYM_NODE_IPR_ENABLED"] == "true"
+    bare = render(NODE_CHART, "--set", "mode=exit-gateway", "--set", "ipPacketRouter.enabled=true",
+                  "--set", "podSecurityContext=null")
+    assert len(statefulset_pod(bare)["securityContext"]["sysctls"]) == 2
 
 
 def test_errors_point_at_the_check_not_at_the_checksum_line():

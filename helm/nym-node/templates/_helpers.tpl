@@ -101,6 +101,9 @@ NYM_NODE_IPR_ENABLED: "true"
 {{ $key }}: {{ include "nym-node.envValue" $value | quote }}
 {{- end }}
 {{- end }}
+{{- if and .Values.ipPacketRouter.enabled (not (hasKey .Values.config "NYM_NODE_IPR_ENABLED")) }}
+NYM_NODE_IPR_ENABLED: "true"
+{{- end }}
 {{- end }}
 
 {{/* NYM_NODE_DRAIN_GRACE in whole seconds (forms: 500ms, 5s, 5m, 1h). */}}

@@ -26,8 +26,13 @@ use crate::ip_tunnel::RefusedReason;
 /// New leases a second, across all tags.
 pub const CONNECT_RATE: u32 = 20;
 pub const CONNECT_BURST: u32 = 100;
-/// A full pool takes back the lease of a client silent at least this long.
-pub const MIN_SILENCE_TO_TAKE: Duration = Duration::from_secs(60);
+/// A full pool takes back the lease of a client silent at least this long: three
+/// keep-alive intervals, so an honest client's jitter never costs it its addresses.
+pub const MIN_SILENCE_TO_TAKE: Duration = Duration::from_secs(90);
+/// A freed address is not leased again for this long while others are free, so the
+/// kernel's connection tracking of its last holder (answers still on their way, NAT
+/// entries) has lapsed before someone else holds it.
+pub const QUARANTINE: Duration = Duration::from_secs(600);
 
 /// The limits a lease is held to.
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +102,8 @@ pub struct Leases {
     last: u32,
     by_tag: HashMap<SenderTag, Held>,
     by_index: HashMap<u32, SenderTag>,
+    /// Freed indexes and when (at most one entry per index of the pool).
+    freed: HashMap<u32, Instant>,
     connects: TokenBucket,
     queue: usize,
 }
@@ -118,6 +125,7 @@ impl Leases {
             last: u32::try_from(addresses + 1).unwrap_or(u32::MAX),
             by_tag: HashMap::new(),
             by_index: HashMap::new(),
+            freed: HashMap::new(),
             connects: TokenBucket::new(CONNECT_RATE, CONNECT_BURST),
             queue,
         }
@@ -156,7 +164,7 @@ impl Leases {
         if !self.connects.take() {
             return Err(RefusedReason::Busy);
         }
-        let index = self.free_index();
+        let index = self.free_index(now);
         let (tx, rx) = mpsc::channel(self.queue);
         self.by_tag.insert(
             tag,
@@ -183,13 +191,18 @@ impl Leases {
         oldest.is_some_and(|tag| self.release(&tag))
     }
 
-    /// A random free index, so addresses say nothing of how many clients came before.
-    fn free_index(&self) -> u32 {
+    /// A random free index, so addresses say nothing of how many clients came before; one
+    /// out of quarantine when there is one.
+    fn free_index(&mut self, now: Instant) -> u32 {
+        self.freed
+            .retain(|_, at| now.saturating_duration_since(*at) < QUARANTINE);
         let span = self.last - 1;
         let start = rand::rng().random_range(0..span);
-        (0..span)
-            .map(|i| 2 + (start + i) % span)
-            .find(|i| !self.by_index.contains_key(i))
+        let free = |i: &u32| !self.by_index.contains_key(i);
+        let candidates = || (0..span).map(|i| 2 + (start + i) % span);
+        candidates()
+            .find(|i| free(i) && !self.freed.contains_key(i))
+            .or_else(|| candidates().find(free))
             // connect checked there is room: max_clients ≤ the pool's client addresses.
             .unwrap_or(2)
     }
@@ -239,6 +252,7 @@ impl Leases {
         match self.by_tag.remove(tag) {
             Some(held) => {
                 self.by_index.remove(&held.index);
+                self.freed.insert(held.index, Instant::now());
                 true
             }
             None => false,
@@ -362,6 +376,32 @@ mod tests {
         tokio::time::advance(Duration::from_secs(181)).await;
         assert_eq!(l.expire(Instant::now()), 5);
         assert!(l.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freed_address_rests_before_anyone_else_gets_it_while_others_are_free() {
+        // A /29: five client addresses.
+        let mut l = leases(100, 29);
+        let first = addresses(l.connect(tag(0), Instant::now()).unwrap());
+        assert!(l.release(&tag(0)));
+        // The next four take the other four, never the one just freed.
+        let mut held = Vec::new();
+        for n in 1..5 {
+            let a = addresses(l.connect(tag(n), Instant::now()).unwrap());
+            assert_ne!(a.ipv4, first.ipv4, "tag {n} got the resting address");
+            held.push(a.ipv4);
+        }
+        // With nothing else free it is leased again rather than refusing anyone.
+        assert_eq!(
+            addresses(l.connect(tag(5), Instant::now()).unwrap()).ipv4,
+            first.ipv4
+        );
+        // One address rested its ten minutes, another was just freed: the rested one goes.
+        l.release(&tag(1));
+        tokio::time::advance(QUARANTINE).await;
+        l.release(&tag(2));
+        let next = addresses(l.connect(tag(6), Instant::now()).unwrap());
+        assert_eq!(next.ipv4, held[0]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -99,7 +99,7 @@ impl Plumbing {
                 "IPv6 is disabled in the node's network namespace: the IP packet router carries IPv4 only"
             );
         }
-        nat::enable_forwarding(ipv6)?;
+        let turned_on = nat::enable_forwarding(ipv6)?;
         let router = Leases::new(settings.ipv4_pool, settings.ipv6_pool, settings.limits, 1)
             .router_addresses();
         let mut addresses = vec![(IpAddr::V4(router.ipv4), settings.ipv4_pool.prefix)];
@@ -107,7 +107,13 @@ impl Plumbing {
             addresses.push((IpAddr::V6(router.ipv6), settings.ipv6_pool.prefix));
         }
         let tun = TunDevice::create(&settings.device, mtu(), &addresses).await?;
-        let nat = Nat::install(&settings.device, settings.ipv4_pool, settings.ipv6_pool).await?;
+        let nat = Nat::install(
+            &settings.device,
+            settings.ipv4_pool,
+            settings.ipv6_pool,
+            turned_on,
+        )
+        .await?;
         tracing::info!(
             device = %settings.device,
             ipv4 = %router.ipv4,
@@ -293,6 +299,15 @@ fn judge(
     let header = PacketHeader::parse(packet).map_err(|_| "malformed")?;
     if header.source != IpAddr::V4(own.ipv4) && header.source != IpAddr::V6(own.ipv6) {
         return Err("spoofed_source");
+    }
+    // An ICMP error speaks of a packet the client received, so of a packet to its own
+    // address: one quoting anything else would reset or throttle someone else's traffic.
+    if let Some(quoted) = PacketHeader::quoted(packet, &header) {
+        let quoted = quoted.map_err(|_| "malformed")?;
+        if quoted.destination != IpAddr::V4(own.ipv4) && quoted.destination != IpAddr::V6(own.ipv6)
+        {
+            return Err("spoofed_source");
+        }
     }
     let in_pools = match header.destination {
         IpAddr::V4(ip) => v4.contains(ip),
@@ -544,6 +559,16 @@ mod tests {
             )),
             Err("spoofed_source")
         );
+        // An ICMP error (port unreachable) about a packet to us passes; one about a packet
+        // to someone else does not.
+        let mut unreachable = v4(me, host, ip_tunnel::PROTOCOL_ICMP, 0, 60);
+        unreachable[20] = 3;
+        let quoted = v4(host, me, ip_tunnel::PROTOCOL_UDP, 5353, 28);
+        unreachable[28..56].copy_from_slice(&quoted);
+        assert_eq!(judged(unreachable.clone()), Ok(()));
+        let other = v4(host, [10, 64, 0, 9], ip_tunnel::PROTOCOL_UDP, 5353, 28);
+        unreachable[28..56].copy_from_slice(&other);
+        assert_eq!(judged(unreachable), Err("spoofed_source"));
         // Over the MTU, or not IP at all.
         let too_large = usize::from(mtu()) + 1;
         assert_eq!(

@@ -4,7 +4,13 @@
 //! - source-NATs (masquerades) the pools' addresses out of whichever interface the kernel
 //!   routes them to, other than the router's device, so answers find their way back;
 //! - lets nothing into the router's device that is not an answer to what a client sent
-//!   (conntrack `established`/`related`), so no host beside the node can reach a client.
+//!   (conntrack `established`/`related`), so no host beside the node, and no connection the
+//!   node itself opens, can reach a client;
+//! - delivers nothing from the device to the host itself (its addresses, broadcasts,
+//!   anycast: whatever the policy's list of own addresses missed), and forwards nothing
+//!   conntrack calls invalid, which masquerading would let out with a pool address;
+//! - where the node turned forwarding on itself, forwards nothing that neither comes from
+//!   nor goes to the device: the host does not become a router for its neighbours.
 //!
 //! The rules are written with the `nftables` crate: typed objects for the `nft` command's
 //! JSON interface, applied in one atomic batch (the crate runs `nft -j`, the interface
@@ -55,8 +61,9 @@ pub fn ipv6_available() -> bool {
 }
 
 /// Turns IPv4 (and with `ipv6`, IPv6) forwarding on in the node's network namespace where
-/// it is off.
-pub fn enable_forwarding(ipv6: bool) -> Result<(), NatError> {
+/// it is off; true when it was off (the node, not the host's operator, made it a router).
+pub fn enable_forwarding(ipv6: bool) -> Result<bool, NatError> {
+    let mut turned_on = false;
     for (sysctl, path) in FORWARDING.into_iter().take(if ipv6 { 2 } else { 1 }) {
         let now = std::fs::read_to_string(path).map_err(|e| NatError::Forwarding {
             sysctl,
@@ -70,8 +77,9 @@ pub fn enable_forwarding(ipv6: bool) -> Result<(), NatError> {
             error: e.to_string(),
         })?;
         tracing::info!(sysctl, "turned IP forwarding on for the IP packet router");
+        turned_on = true;
     }
-    Ok(())
+    Ok(turned_on)
 }
 
 impl Nat {
@@ -84,8 +92,13 @@ impl Nat {
         format!("nym_node_ipr_{clean}")
     }
 
-    /// Installs (or replaces) the table.
-    pub async fn install(device: &str, v4: Ipv4Pool, v6: Ipv6Pool) -> Result<Nat, NatError> {
+    /// Installs (or replaces) the table; `only_device` when forwarding was the node's doing.
+    pub async fn install(
+        device: &str,
+        v4: Ipv4Pool,
+        v6: Ipv6Pool,
+        only_device: bool,
+    ) -> Result<Nat, NatError> {
         let table = Self::table_name(device);
         let mut batch = Batch::new();
         // Add, delete and add again: the delete cannot fail on a missing table, and the
@@ -93,7 +106,7 @@ impl Nat {
         batch.add(NfListObject::Table(self::table(&table)));
         batch.delete(NfListObject::Table(self::table(&table)));
         batch.add(NfListObject::Table(self::table(&table)));
-        for object in rules(&table, device, v4, v6) {
+        for object in rules(&table, device, v4, v6, only_device) {
             batch.add(object);
         }
         apply(batch).await?;
@@ -188,9 +201,23 @@ fn text(s: &str) -> Expression<'static> {
 }
 
 /// The chains and rules of the table (see the module doc).
-fn rules(table: &str, device: &str, v4: Ipv4Pool, v6: Ipv6Pool) -> Vec<NfListObject<'static>> {
+fn rules(
+    table: &str,
+    device: &str,
+    v4: Ipv4Pool,
+    v6: Ipv6Pool,
+    only_device: bool,
+) -> Vec<NfListObject<'static>> {
     // srcnat and filter priorities, as `nft` names them.
     let mut out = vec![
+        NfListObject::Chain(chain(table, "input", NfChainType::Filter, NfHook::Input, 0)),
+        NfListObject::Chain(chain(
+            table,
+            "output",
+            NfChainType::Filter,
+            NfHook::Output,
+            0,
+        )),
         NfListObject::Chain(chain(
             table,
             "postrouting",
@@ -226,11 +253,7 @@ fn rules(table: &str, device: &str, v4: Ipv4Pool, v6: Ipv6Pool) -> Vec<NfListObj
         vec![
             matches(meta(MetaKey::Oifname), Operator::EQ, text(device)),
             matches(
-                Expression::Named(NamedExpression::CT(CT {
-                    key: Cow::Borrowed("state"),
-                    family: None,
-                    dir: None,
-                })),
+                ct_state(),
                 Operator::IN,
                 Expression::List(vec![text("established"), text("related")]),
             ),
@@ -245,7 +268,60 @@ fn rules(table: &str, device: &str, v4: Ipv4Pool, v6: Ipv6Pool) -> Vec<NfListObj
             Statement::Drop(None),
         ],
     )));
+    out.push(NfListObject::Rule(rule(
+        table,
+        "forward",
+        vec![
+            matches(meta(MetaKey::Iifname), Operator::EQ, text(device)),
+            matches(
+                ct_state(),
+                Operator::IN,
+                Expression::List(vec![text("invalid")]),
+            ),
+            Statement::Drop(None),
+        ],
+    )));
+    if only_device {
+        out.push(NfListObject::Rule(rule(
+            table,
+            "forward",
+            vec![
+                matches(meta(MetaKey::Iifname), Operator::NEQ, text(device)),
+                matches(meta(MetaKey::Oifname), Operator::NEQ, text(device)),
+                Statement::Drop(None),
+            ],
+        )));
+    }
+    out.push(NfListObject::Rule(rule(
+        table,
+        "input",
+        vec![
+            matches(meta(MetaKey::Iifname), Operator::EQ, text(device)),
+            Statement::Drop(None),
+        ],
+    )));
+    out.push(NfListObject::Rule(rule(
+        table,
+        "output",
+        vec![
+            matches(meta(MetaKey::Oifname), Operator::EQ, text(device)),
+            matches(
+                ct_state(),
+                Operator::IN,
+                Expression::List(vec![text("new")]),
+            ),
+            Statement::Drop(None),
+        ],
+    )));
     out
+}
+
+fn ct_state() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: Cow::Borrowed("state"),
+        family: None,
+        dir: None,
+    }))
 }
 
 #[cfg(test)]
@@ -263,7 +339,7 @@ mod tests {
             network: "fd6e:796d:6970::".parse().unwrap(),
             prefix: 112,
         };
-        let json = serde_json::to_string(&rules("t", "nymipr0", v4, v6)).unwrap();
+        let json = serde_json::to_string(&rules("t", "nymipr0", v4, v6, true)).unwrap();
         for expected in [
             "10.64.0.0",
             "fd6e:796d:6970::",
