@@ -243,6 +243,9 @@ pub struct PacketHeader {
     pub protocol: u8,
     /// The destination port of a TCP or UDP packet that carries its transport header.
     pub destination_port: Option<u16>,
+    /// Where the transport header starts, in a packet that carries it (not a later
+    /// fragment); IPv6: past the extension headers.
+    pub transport: Option<usize>,
 }
 
 pub const PROTOCOL_ICMP: u8 = 1;
@@ -266,11 +269,7 @@ impl PacketHeader {
         packet: &[u8],
         header: &PacketHeader,
     ) -> Option<Result<PacketHeader, PacketError>> {
-        let transport = match header.source {
-            IpAddr::V4(_) => usize::from(packet[0] & 0x0f) * 4,
-            IpAddr::V6(_) => 40,
-        };
-        let icmp = packet.get(transport..)?;
+        let icmp = packet.get(header.transport?..)?;
         let error = match header.protocol {
             PROTOCOL_ICMP => matches!(icmp.first(), Some(3 | 4 | 5 | 11 | 12)),
             PROTOCOL_ICMPV6 => matches!(icmp.first(), Some(1..=4)),
@@ -295,16 +294,14 @@ impl PacketHeader {
         let octets = |at: usize| Ipv4Addr::new(p[at], p[at + 1], p[at + 2], p[at + 3]);
         let fragment_offset = u16::from_be_bytes([p[6], p[7]]) & 0x1fff;
         let protocol = p[9];
+        // Only the first fragment carries the transport header.
+        let transport = (fragment_offset == 0).then_some(header_len);
         Ok(PacketHeader {
             source: octets(12).into(),
             destination: octets(16).into(),
             protocol,
-            // Only the first fragment carries the transport header.
-            destination_port: if fragment_offset == 0 {
-                port(protocol, &p[header_len..])
-            } else {
-                None
-            },
+            destination_port: transport.and_then(|at| port(protocol, &p[at..])),
+            transport,
         })
     }
 
@@ -341,15 +338,15 @@ impl PacketHeader {
                 _ => break,
             }
         }
+        let transport = first_fragment.then_some(at);
         Ok(PacketHeader {
             source: address(8).into(),
             destination: address(24).into(),
             protocol: next,
-            destination_port: if first_fragment {
-                p.get(at..).and_then(|rest| port(next, rest))
-            } else {
-                None
-            },
+            destination_port: transport
+                .and_then(|at| p.get(at..))
+                .and_then(|rest| port(next, rest)),
+            transport,
         })
     }
 }

@@ -192,6 +192,31 @@ async fn load_exit_policy(
     Ok((policy, own, listening))
 }
 
+/// What an exit needs before anything starts: a bad policy is a start-up error, not a
+/// silent open exit, and a router that cannot have its device, forwarding and NAT stops the
+/// start, saying why.
+async fn prepare_exit(
+    config: &Config,
+    bound: &Bound,
+) -> Result<
+    (
+        Option<(ExitPolicy, OwnAddresses, HashSet<IpAddr>)>,
+        Option<Plumbing>,
+    ),
+    NodeError,
+> {
+    if config.mode != Mode::ExitGateway {
+        return Ok((None, None));
+    }
+    let listeners = [Some(bound.mixnet), Some(bound.http), bound.client];
+    let policy = load_exit_policy(config, listeners).await?;
+    let router = match config.ipr_enabled {
+        true => Some(Plumbing::set_up(&router_settings(config)).await?),
+        false => None,
+    };
+    Ok((Some(policy), router))
+}
+
 /// The handles every part of the node is wired with.
 struct Core {
     metrics: Arc<Metrics>,
@@ -253,22 +278,7 @@ pub async fn start(
     hooks: TestHooks,
 ) -> Result<RunningNode, NodeError> {
     let bound = Bound::of(&config, &listeners)?;
-    // Before anything starts: a bad policy is a start-up error, not a silent open exit.
-    let exit_policy = match config.mode {
-        Mode::ExitGateway => Some(
-            load_exit_policy(
-                &config,
-                [Some(bound.mixnet), Some(bound.http), bound.client],
-            )
-            .await?,
-        ),
-        _ => None,
-    };
-    // A router that cannot have its device, forwarding and NAT stops the start, saying why.
-    let router = match (config.mode, config.ipr_enabled) {
-        (Mode::ExitGateway, true) => Some(Plumbing::set_up(&router_settings(&config)).await?),
-        _ => None,
-    };
+    let (exit_policy, router) = prepare_exit(&config, &bound).await?;
     // The key ring takes the Sphinx secrets: no copy outlives their erasure.
     let core = open_core(&config, &keys.identity, keys.sphinx.take())?;
     let signer = config.topology_signer()?;

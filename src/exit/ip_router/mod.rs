@@ -220,12 +220,11 @@ impl Router {
                 return;
             }
         };
-        if let Some(tx) = self.leases.lock().downstream(&tag) {
+        let leases = self.leases.lock();
+        if let Some(tx) = leases.downstream(&tag) {
             let _ = tx.try_send(Down::Message(answer));
         }
-        self.metrics
-            .ipr_clients
-            .set(self.leases.lock().len() as i64);
+        self.metrics.ipr_clients.set(leases.len() as i64);
     }
 
     fn connected(&self, tag: SenderTag, request: u64, addresses: Addresses) -> Vec<u8> {
@@ -569,6 +568,29 @@ mod tests {
         let other = v4(host, [10, 64, 0, 9], ip_tunnel::PROTOCOL_UDP, 5353, 28);
         unreachable[28..56].copy_from_slice(&other);
         assert_eq!(judged(unreachable), Err("spoofed_source"));
+        // The same behind an IPv6 destination options header: still found, still refused.
+        let mut behind = v6(own().ipv6, "2001:db8::1", 60);
+        behind.resize(40 + 8 + 8 + 40, 0);
+        behind[40] = ip_tunnel::PROTOCOL_ICMPV6;
+        behind[48] = 1; // destination unreachable
+        let quoted = v6(
+            "2001:db8::1".parse().unwrap(),
+            "fd6e:796d:6970::9",
+            ip_tunnel::PROTOCOL_UDP,
+        );
+        behind[56..96].copy_from_slice(&quoted[..40]);
+        let policy_v6 = ExitPolicy::parse("accept icmp [2001:db8::1]", HashSet::new()).unwrap();
+        assert_eq!(
+            judge(&policy_v6, pools, own(), &behind),
+            Err("spoofed_source")
+        );
+        let ours = v6(
+            "2001:db8::1".parse().unwrap(),
+            "fd6e:796d:6970::2",
+            ip_tunnel::PROTOCOL_UDP,
+        );
+        behind[56..96].copy_from_slice(&ours[..40]);
+        assert_eq!(judge(&policy_v6, pools, own(), &behind), Ok(()));
         // Over the MTU, or not IP at all.
         let too_large = usize::from(mtu()) + 1;
         assert_eq!(

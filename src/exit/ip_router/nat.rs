@@ -200,7 +200,7 @@ fn text(s: &str) -> Expression<'static> {
     Expression::String(Cow::Owned(s.to_string()))
 }
 
-/// The chains and rules of the table (see the module doc).
+/// The chains and rules of the table (see the module doc), chain by chain.
 fn rules(
     table: &str,
     device: &str,
@@ -209,111 +209,104 @@ fn rules(
     only_device: bool,
 ) -> Vec<NfListObject<'static>> {
     // srcnat and filter priorities, as `nft` names them.
-    let mut out = vec![
-        NfListObject::Chain(chain(table, "input", NfChainType::Filter, NfHook::Input, 0)),
-        NfListObject::Chain(chain(
-            table,
-            "output",
-            NfChainType::Filter,
-            NfHook::Output,
-            0,
-        )),
-        NfListObject::Chain(chain(
-            table,
-            "postrouting",
-            NfChainType::NAT,
-            NfHook::Postrouting,
-            100,
-        )),
-        NfListObject::Chain(chain(
-            table,
-            "forward",
-            NfChainType::Filter,
-            NfHook::Forward,
-            0,
-        )),
+    let chains = [
+        ("input", NfChainType::Filter, NfHook::Input, 0),
+        ("output", NfChainType::Filter, NfHook::Output, 0),
+        ("postrouting", NfChainType::NAT, NfHook::Postrouting, 100),
+        ("forward", NfChainType::Filter, NfHook::Forward, 0),
     ];
-    for (family, pool) in [
+    let mut out: Vec<_> = chains
+        .into_iter()
+        .map(|(name, kind, hook, prio)| NfListObject::Chain(chain(table, name, kind, hook, prio)))
+        .collect();
+    let rules = masquerade(device, v4, v6)
+        .into_iter()
+        .map(|r| ("postrouting", r))
+        .chain(
+            forwarding(device, only_device)
+                .into_iter()
+                .map(|r| ("forward", r)),
+        )
+        .chain(host(device));
+    out.extend(rules.map(|(chain, expr)| NfListObject::Rule(rule(table, chain, expr))));
+    out
+}
+
+/// postrouting: the pools leave NATed by any interface but the device.
+fn masquerade(device: &str, v4: Ipv4Pool, v6: Ipv6Pool) -> Vec<Vec<Statement<'static>>> {
+    [
         ("ip", prefix(v4.network.to_string(), v4.prefix)),
         ("ip6", prefix(v6.network.to_string(), v6.prefix)),
-    ] {
-        out.push(NfListObject::Rule(rule(
-            table,
-            "postrouting",
-            vec![
-                matches(field(family, "saddr"), Operator::EQ, pool),
-                matches(meta(MetaKey::Oifname), Operator::NEQ, text(device)),
-                Statement::Masquerade(None),
-            ],
-        )));
-    }
-    out.push(NfListObject::Rule(rule(
-        table,
-        "forward",
+    ]
+    .into_iter()
+    .map(|(family, pool)| {
         vec![
-            matches(meta(MetaKey::Oifname), Operator::EQ, text(device)),
-            matches(
-                ct_state(),
-                Operator::IN,
-                Expression::List(vec![text("established"), text("related")]),
-            ),
+            matches(field(family, "saddr"), Operator::EQ, pool),
+            interface(MetaKey::Oifname, Operator::NEQ, device),
+            Statement::Masquerade(None),
+        ]
+    })
+    .collect()
+}
+
+/// forward: into the device only answers; out of it nothing invalid; and, when the node
+/// made the host a router, nothing that does not touch the device.
+fn forwarding(device: &str, only_device: bool) -> Vec<Vec<Statement<'static>>> {
+    let into = || interface(MetaKey::Oifname, Operator::EQ, device);
+    let mut out = vec![
+        vec![
+            into(),
+            in_states(&["established", "related"]),
             Statement::Accept(None),
         ],
-    )));
-    out.push(NfListObject::Rule(rule(
-        table,
-        "forward",
+        vec![into(), Statement::Drop(None)],
         vec![
-            matches(meta(MetaKey::Oifname), Operator::EQ, text(device)),
+            interface(MetaKey::Iifname, Operator::EQ, device),
+            in_states(&["invalid"]),
             Statement::Drop(None),
         ],
-    )));
-    out.push(NfListObject::Rule(rule(
-        table,
-        "forward",
-        vec![
-            matches(meta(MetaKey::Iifname), Operator::EQ, text(device)),
-            matches(
-                ct_state(),
-                Operator::IN,
-                Expression::List(vec![text("invalid")]),
-            ),
-            Statement::Drop(None),
-        ],
-    )));
+    ];
     if only_device {
-        out.push(NfListObject::Rule(rule(
-            table,
-            "forward",
+        out.push(vec![
+            interface(MetaKey::Iifname, Operator::NEQ, device),
+            interface(MetaKey::Oifname, Operator::NEQ, device),
+            Statement::Drop(None),
+        ]);
+    }
+    out
+}
+
+/// input and output: nothing from the device to the host, nothing the host opens into it.
+fn host(device: &str) -> [(&'static str, Vec<Statement<'static>>); 2] {
+    [
+        (
+            "input",
             vec![
-                matches(meta(MetaKey::Iifname), Operator::NEQ, text(device)),
-                matches(meta(MetaKey::Oifname), Operator::NEQ, text(device)),
+                interface(MetaKey::Iifname, Operator::EQ, device),
                 Statement::Drop(None),
             ],
-        )));
-    }
-    out.push(NfListObject::Rule(rule(
-        table,
-        "input",
-        vec![
-            matches(meta(MetaKey::Iifname), Operator::EQ, text(device)),
-            Statement::Drop(None),
-        ],
-    )));
-    out.push(NfListObject::Rule(rule(
-        table,
-        "output",
-        vec![
-            matches(meta(MetaKey::Oifname), Operator::EQ, text(device)),
-            matches(
-                ct_state(),
-                Operator::IN,
-                Expression::List(vec![text("new")]),
-            ),
-            Statement::Drop(None),
-        ],
-    )));
-    out
+        ),
+        (
+            "output",
+            vec![
+                interface(MetaKey::Oifname, Operator::EQ, device),
+                in_states(&["new"]),
+                Statement::Drop(None),
+            ],
+        ),
+    ]
+}
+
+fn interface(key: MetaKey, op: Operator, device: &str) -> Statement<'static> {
+    matches(meta(key), op, text(device))
+}
+
+fn in_states(states: &[&str]) -> Statement<'static> {
+    matches(
+        ct_state(),
+        Operator::IN,
+        Expression::List(states.iter().map(|s| text(s)).collect()),
+    )
 }
 
 fn ct_state() -> Expression<'static> {
